@@ -1,0 +1,257 @@
+"""The one scheduling engine behind run_on_each, run_all, amap and run_any.
+
+Items flow like this::
+
+    source --pull--> acquire limiters --> call --> release permits --> deliver to the sink
+
+With ``max_at_once`` set, the engine starts ``max_at_once`` long-lived workers; each one pulls
+the next item, takes the remaining limiters (user limiters, then the local rate), runs the
+task and starts over. A pool is the local concurrency limit itself and costs a few
+microseconds per item where spawning a task costs about twenty. Without ``max_at_once`` there
+is no bound to size a pool by, so a single loop pulls items, takes the limiters and spawns one
+task per item.
+
+Either way an item is pulled only when a worker is free (or, unbounded, right before its task
+is spawned), so a generator of any length runs in memory bounded by ``max_at_once``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from typing import Any, Generic, TypeVar
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from ._limiters import Limiter, Permit, RateLimiter
+from ._validation import check_max_at_once, check_max_per_second
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["Deliver", "Engine", "Source", "check_limiters", "reraise_single"]
+
+T = TypeVar("T")
+Source = Iterable[T] | AsyncIterable[T]
+Deliver = Callable[[int, Any], Awaitable[None] | None]
+
+_DONE: Any = object()
+
+
+def check_limiters(limiter: Limiter | Sequence[Limiter] | None) -> list[Limiter]:
+    """Return ``limiter=`` as a list, raising TypeError for anything that is not a limiter."""
+    if limiter is None:
+        return []
+    limiters = list(limiter) if isinstance(limiter, Sequence) else [limiter]
+    for item in limiters:
+        if not callable(getattr(item, "acquire", None)):
+            raise TypeError(
+                f"limiter must be an aiometer.Limiter or a sequence of them, "
+                f"got {type(item).__name__}"
+            )
+    return limiters
+
+
+def reraise_single(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """Return the only exception of a task group's *group*, or None if it holds several.
+
+    A task group wraps even a single failure in an exception group; the run functions raise
+    that failure as itself so that ``except SomeError`` works as with aiometer 1.0.
+    """
+    if len(group.exceptions) == 1:
+        return group.exceptions[0]
+    return None
+
+
+_NO_PERMITS: tuple[Permit, ...] = ()
+
+
+async def _release_all(permits: Sequence[Permit]) -> None:
+    for permit in reversed(permits):
+        await permit.release()
+
+
+class Engine(Generic[T]):
+    """Runs ``fn(item)`` (or ``item()`` when *fn* is None) for every item of *source*.
+
+    Args:
+        fn: the async function applied to each item, or None to call each item.
+        source: the items, pulled lazily.
+        max_at_once: size of the worker pool, or None for one task per item.
+        max_per_second: local rate limit, taken after *limiters*.
+        limiters: user limiters, taken in order after the local concurrency slot.
+        deliver: called with ``(index, result)`` after the task's permits are released; may
+            return an awaitable, which is awaited (this is how amap applies backpressure).
+        on_error: called with ``(index, exception)`` for a task that raised an Exception;
+            None means the exception propagates and fails the run.
+        gate: awaited with the next index before each pull (ordered amap uses it to bound
+            its reorder buffer).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[T], Awaitable[Any]] | None,
+        source: Source[T],
+        *,
+        max_at_once: int | None,
+        max_per_second: float | None,
+        limiters: list[Limiter],
+        deliver: Deliver | None,
+        on_error: Deliver | None = None,
+        gate: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        if max_at_once is not None:
+            check_max_at_once(max_at_once)
+        self._limiters = list(limiters)
+        if max_per_second is not None:
+            check_max_per_second(max_per_second)
+            self._limiters.append(RateLimiter(max_per_second))
+        self._fn = fn
+        self._max_at_once = max_at_once
+        self._deliver = deliver
+        self._on_error = on_error
+        self._gate = gate
+        self._index = 0
+        self._async_source: AsyncIterator[T] | None = None
+        self._sync_source: Iterator[T] | None = None
+        self._closable: Any = None
+        self._size_hint: int | None = None
+        if isinstance(source, AsyncIterable):
+            self._async_source = aiter(source)
+            if inspect.isasyncgen(source):
+                self._closable = source
+        elif isinstance(source, Iterable):
+            if isinstance(source, Sequence):
+                self._size_hint = len(source)
+            self._sync_source = iter(source)
+        else:
+            raise TypeError(
+                f"args must be an iterable or an async iterable, got {type(source).__name__}"
+            )
+        self._pull_lock = anyio.Lock() if self._async_source is not None else None
+
+    async def run(self) -> None:
+        """Run every item; raise the first failure as itself (several as a group)."""
+        failure: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                if self._max_at_once is None:
+                    await self._spawn_loop(tg)
+                else:
+                    workers = self._max_at_once
+                    if self._size_hint is not None:
+                        workers = min(workers, self._size_hint)
+                    for _ in range(workers):
+                        tg.start_soon(self._worker)
+        except BaseExceptionGroup as group:
+            failure = reraise_single(group)
+            if failure is None:
+                raise
+        finally:
+            if self._closable is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._closable.aclose()
+        if failure is not None:
+            raise failure
+
+    async def _pull(self) -> tuple[int, Any]:
+        if self._gate is not None:
+            await self._gate(self._index)
+        if self._sync_source is not None:
+            item = next(self._sync_source, _DONE)
+        else:
+            assert self._async_source is not None
+            assert self._pull_lock is not None
+            async with self._pull_lock:
+                try:
+                    item = await self._async_source.__anext__()
+                except StopAsyncIteration:
+                    item = _DONE
+        index = self._index
+        if item is not _DONE:
+            self._index = index + 1
+        return index, item
+
+    async def _acquire(self) -> list[Permit]:
+        permits: list[Permit] = []
+        try:
+            for limiter in self._limiters:
+                permits.append(await limiter.acquire())
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _release_all(permits)
+            raise
+        return permits
+
+    async def _run_one(self, index: int, item: Any, permits: Sequence[Permit]) -> None:
+        fn = self._fn
+        try:
+            result = await (item() if fn is None else fn(item))
+        except Exception as exc:
+            if permits:
+                await _release_all(permits)
+            if self._on_error is None:
+                raise
+            delivered = self._on_error(index, exc)
+        except BaseException:
+            if permits:
+                await _release_all(permits)
+            raise
+        else:
+            if permits:
+                await _release_all(permits)
+            if self._deliver is None:
+                return
+            delivered = self._deliver(index, result)
+        if delivered is not None:
+            await delivered
+
+    async def _worker(self) -> None:
+        sync_source = self._sync_source if self._gate is None else None
+        limiters = self._limiters
+        run_one = self._run_one
+        checkpoint = anyio.lowlevel.checkpoint
+        while True:
+            if sync_source is not None:
+                # Fast path: pulling from a plain iterator needs no await.
+                item = next(sync_source, _DONE)
+                if item is _DONE:
+                    return
+                index = self._index
+                self._index = index + 1
+            else:
+                index, item = await self._pull()
+                if item is _DONE:
+                    return
+            await run_one(index, item, await self._acquire() if limiters else _NO_PERMITS)
+            # A task that never awaits would otherwise keep this worker from yielding.
+            await checkpoint()
+
+    async def _spawn_loop(self, tg: anyio.abc.TaskGroup) -> None:
+        limiters = self._limiters
+        run_one = self._run_one
+        start_soon = tg.start_soon
+        sync_source = self._sync_source if self._gate is None else None
+        while True:
+            if sync_source is not None:
+                item = next(sync_source, _DONE)
+                if item is _DONE:
+                    return
+                index = self._index
+                self._index = index + 1
+            else:
+                index, item = await self._pull()
+                if item is _DONE:
+                    return
+            start_soon(run_one, index, item, await self._acquire() if limiters else _NO_PERMITS)

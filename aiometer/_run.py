@@ -1,0 +1,460 @@
+"""The four run functions: thin sinks on top of the engine."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import LambdaType
+from typing import Any, Literal, TypeVar, overload
+
+import anyio
+
+from ._engine import Engine, Source, check_limiters, reraise_single
+from ._limiters import Limiter
+from ._validation import check_callable, check_max_at_once, check_max_per_second
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup, ExceptionGroup
+
+__all__ = ["amap", "run_all", "run_any", "run_on_each"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+AsyncFns = Iterable[Callable[[], Awaitable[R]]] | AsyncIterable[Callable[[], Awaitable[R]]]
+LimiterArg = Limiter | Sequence[Limiter] | None
+
+
+def _check_limits(
+    max_at_once: int | None, max_per_second: float | None, limiter: LimiterArg
+) -> list[Limiter]:
+    if max_at_once is not None:
+        check_max_at_once(max_at_once)
+    if max_per_second is not None:
+        check_max_per_second(max_per_second)
+    return check_limiters(limiter)
+
+
+def _is_lambda(fn: object) -> bool:
+    return isinstance(fn, LambdaType) and fn.__name__ == "<lambda>"
+
+
+def _check_fns(async_fns: object, entrypoint: str) -> None:
+    """Check a Sequence of functions up front; other iterables are checked as they are pulled."""
+    if isinstance(async_fns, Sequence):
+        for fn in async_fns:
+            _check_fn(fn, entrypoint)
+
+
+def _check_fn(fn: object, entrypoint: str) -> None:
+    check_callable(fn, f"every item of {entrypoint}()'s async_fns")
+    if _is_lambda(fn):
+        raise ValueError(
+            f"{entrypoint}() got a lambda in async_fns. A lambda made in a loop sees the loop "
+            f"variable's last value, so every call would get the same argument. Use "
+            f"functools.partial(async_fn, value) instead."
+        )
+
+
+def _checked_fns(async_fns: Any, entrypoint: str) -> Any:
+    if isinstance(async_fns, Sequence):
+        return async_fns
+    if isinstance(async_fns, AsyncIterable):
+
+        async def checked_async() -> AsyncIterator[Any]:
+            async for fn in async_fns:
+                _check_fn(fn, entrypoint)
+                yield fn
+
+        return _Closing(checked_async(), async_fns)
+
+    def checked() -> Iterable[Any]:
+        for fn in async_fns:
+            _check_fn(fn, entrypoint)
+            yield fn
+
+    return checked()
+
+
+class _Closing:
+    """An async iterable wrapper that closes the wrapped async generator when closed."""
+
+    def __init__(self, inner: AsyncIterator[Any], wrapped: object) -> None:
+        self._inner = inner
+        self._wrapped = wrapped
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._inner
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()  # type: ignore[attr-defined]
+        finally:
+            aclose = getattr(self._wrapped, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def run_on_each(
+    async_fn: Callable[[T], Awaitable[Any]],
+    args: Source[T],
+    *,
+    max_at_once: int | None = None,
+    max_per_second: float | None = None,
+    limiter: LimiterArg = None,
+) -> None:
+    """Run ``async_fn(arg)`` for every item of *args*; return when all are done.
+
+    Args:
+        async_fn: the async function to call on each item.
+        args: a sequence, any iterable (a generator, say) or an async iterable; pulled lazily,
+            one item ahead of a free slot.
+        max_at_once: at most this many calls run at the same time.
+        max_per_second: at most this many calls start per second (burst 1).
+        limiter: an :class:`aiometer.Limiter` or a sequence of them, taken after the local
+            ``max_at_once`` slot and before the local ``max_per_second`` start.
+
+    Raises:
+        TypeError, ValueError: a bad argument, before anything runs.
+        Exception: the first exception raised by a call, as itself, after the other calls
+            were cancelled; an ExceptionGroup if several failed at the same moment.
+    """
+    check_callable(async_fn, "async_fn")
+    limiters = _check_limits(max_at_once, max_per_second, limiter)
+    engine = Engine(
+        async_fn,
+        args,
+        max_at_once=max_at_once,
+        max_per_second=max_per_second,
+        limiters=limiters,
+        deliver=None,
+    )
+    await engine.run()
+
+
+@overload
+async def run_all(
+    async_fns: AsyncFns[R],
+    *,
+    max_at_once: int | None = ...,
+    max_per_second: float | None = ...,
+    limiter: LimiterArg = ...,
+    return_exceptions: Literal[False] = ...,
+) -> list[R]: ...
+
+
+@overload
+async def run_all(
+    async_fns: AsyncFns[R],
+    *,
+    max_at_once: int | None = ...,
+    max_per_second: float | None = ...,
+    limiter: LimiterArg = ...,
+    return_exceptions: Literal[True],
+) -> list[R | Exception]: ...
+
+
+async def run_all(
+    async_fns: AsyncFns[R],
+    *,
+    max_at_once: int | None = None,
+    max_per_second: float | None = None,
+    limiter: LimiterArg = None,
+    return_exceptions: bool = False,
+) -> list[R] | list[R | Exception]:
+    """Call every function of *async_fns* and return their results in input order.
+
+    Args:
+        async_fns: functions taking no argument (use :func:`functools.partial`); a lambda is
+            refused, since lambdas made in a loop all see the loop variable's last value.
+        max_at_once, max_per_second, limiter: as for :func:`run_on_each`.
+        return_exceptions: if true, an exception raised by a function takes the place of its
+            result and the others keep running.
+
+    Raises:
+        ValueError: *async_fns* holds a lambda (checked before anything runs for a sequence,
+            as each item is pulled otherwise).
+        Exception: as for :func:`run_on_each`, unless ``return_exceptions`` is true.
+    """
+    _check_fns(async_fns, "run_all")
+    limiters = _check_limits(max_at_once, max_per_second, limiter)
+    results: list[Any] = [None] * len(async_fns) if isinstance(async_fns, Sequence) else []
+
+    def deliver(index: int, value: Any) -> None:
+        if index >= len(results):
+            results.extend([None] * (index + 1 - len(results)))
+        results[index] = value
+
+    engine = Engine(
+        None,
+        _checked_fns(async_fns, "run_all"),
+        max_at_once=max_at_once,
+        max_per_second=max_per_second,
+        limiters=limiters,
+        deliver=deliver,
+        on_error=deliver if return_exceptions else None,
+    )
+    await engine.run()
+    return results
+
+
+class _OrderedSink:
+    """Sends results in input order while keeping the reorder buffer bounded.
+
+    A result that finishes ahead of its turn waits in ``pending``; the gate keeps workers from
+    pulling items more than ``window`` ahead of the next result to send, so ``pending`` never
+    holds more than ``window`` results however slow one task is.
+    """
+
+    def __init__(self, send: Callable[[Any], Awaitable[None]], window: int) -> None:
+        self._send = send
+        self._window = window
+        self._next = 0
+        self._pending: dict[int, Any] = {}
+        self._advanced: anyio.Event | None = None
+
+    async def gate(self, index: int) -> None:
+        while index - self._next >= self._window:
+            if self._advanced is None:
+                self._advanced = anyio.Event()
+            await self._advanced.wait()
+
+    async def deliver(self, index: int, value: Any) -> None:
+        if index != self._next:
+            self._pending[index] = value
+            return
+        while True:
+            await self._send(value)
+            self._next += 1
+            if self._advanced is not None:
+                self._advanced.set()
+                self._advanced = None
+            if self._next not in self._pending:
+                return
+            value = self._pending.pop(self._next)
+
+
+@overload
+def amap(
+    async_fn: Callable[[T], Awaitable[R]],
+    args: Source[T],
+    *,
+    max_at_once: int | None = ...,
+    max_per_second: float | None = ...,
+    limiter: LimiterArg = ...,
+    ordered: bool = ...,
+    include_index: Literal[False] = ...,
+    return_exceptions: Literal[False] = ...,
+) -> AbstractAsyncContextManager[AsyncIterator[R]]: ...
+
+
+@overload
+def amap(
+    async_fn: Callable[[T], Awaitable[R]],
+    args: Source[T],
+    *,
+    max_at_once: int | None = ...,
+    max_per_second: float | None = ...,
+    limiter: LimiterArg = ...,
+    ordered: bool = ...,
+    include_index: Literal[True],
+    return_exceptions: Literal[False] = ...,
+) -> AbstractAsyncContextManager[AsyncIterator[tuple[int, R]]]: ...
+
+
+@overload
+def amap(
+    async_fn: Callable[[T], Awaitable[R]],
+    args: Source[T],
+    *,
+    max_at_once: int | None = ...,
+    max_per_second: float | None = ...,
+    limiter: LimiterArg = ...,
+    ordered: bool = ...,
+    include_index: Literal[False] = ...,
+    return_exceptions: Literal[True],
+) -> AbstractAsyncContextManager[AsyncIterator[R | Exception]]: ...
+
+
+@overload
+def amap(
+    async_fn: Callable[[T], Awaitable[R]],
+    args: Source[T],
+    *,
+    max_at_once: int | None = ...,
+    max_per_second: float | None = ...,
+    limiter: LimiterArg = ...,
+    ordered: bool = ...,
+    include_index: Literal[True],
+    return_exceptions: Literal[True],
+) -> AbstractAsyncContextManager[AsyncIterator[tuple[int, R | Exception]]]: ...
+
+
+def amap(
+    async_fn: Callable[[T], Awaitable[R]],
+    args: Source[T],
+    *,
+    max_at_once: int | None = None,
+    max_per_second: float | None = None,
+    limiter: LimiterArg = None,
+    ordered: bool = False,
+    include_index: bool = False,
+    return_exceptions: bool = False,
+) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
+    """Run ``async_fn(arg)`` for every item of *args* and iterate over the results.
+
+    Use it as ``async with amap(fn, args) as results: async for result in results: ...``.
+
+    Args:
+        async_fn, args, max_at_once, max_per_second, limiter: as for :func:`run_on_each`.
+        ordered: yield results in input order (default: as they finish). Backpressure still
+            holds: workers run at most ``max_at_once`` items ahead of the next result due.
+        include_index: yield ``(index, result)`` pairs, *index* being the item's position.
+        return_exceptions: yield an exception raised by ``async_fn`` in place of its result
+            instead of failing the whole block.
+
+    The result buffer is bounded (``max_at_once`` results, or none when unbounded): a slow
+    consumer slows the workers. Leaving the ``async with`` block, by ``break``, ``return`` or an
+    exception, cancels the calls still running and closes an async generator passed as *args*.
+
+    Raises:
+        TypeError, ValueError: a bad argument, raised by this call before anything runs.
+        Exception: the first exception raised by a call, from the ``async with`` block.
+    """
+    check_callable(async_fn, "async_fn")
+    limiters = _check_limits(max_at_once, max_per_second, limiter)
+    return _amap(
+        async_fn,
+        args,
+        max_at_once=max_at_once,
+        max_per_second=max_per_second,
+        limiters=limiters,
+        ordered=ordered,
+        include_index=include_index,
+        return_exceptions=return_exceptions,
+    )
+
+
+@asynccontextmanager
+async def _amap(
+    async_fn: Callable[[Any], Awaitable[Any]],
+    args: Source[Any],
+    *,
+    max_at_once: int | None,
+    max_per_second: float | None,
+    limiters: list[Limiter],
+    ordered: bool,
+    include_index: bool,
+    return_exceptions: bool,
+) -> AsyncIterator[AsyncIterator[Any]]:
+    send, receive = anyio.create_memory_object_stream[Any](max_at_once or 0)
+    gate = None
+    if ordered:
+        sink = _OrderedSink(send.send, window=max_at_once or 2**62)
+        deliver_ordered = sink.deliver
+        gate = sink.gate
+        if include_index:
+
+            async def deliver(index: int, value: Any) -> None:
+                await deliver_ordered(index, (index, value))
+
+        else:
+            deliver = deliver_ordered
+    elif include_index:
+
+        async def deliver(index: int, value: Any) -> None:
+            await send.send((index, value))
+
+    else:
+
+        async def deliver(index: int, value: Any) -> None:
+            await send.send(value)
+
+    engine = Engine(
+        async_fn,
+        args,
+        max_at_once=max_at_once,
+        max_per_second=max_per_second,
+        limiters=limiters,
+        deliver=deliver,
+        on_error=deliver if return_exceptions else None,
+        gate=gate,
+    )
+
+    async def produce() -> None:
+        async with send:
+            await engine.run()
+
+    failure: BaseException | None = None
+    try:
+        async with receive, anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            try:
+                yield receive
+            finally:
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        failure = reraise_single(group)
+        if failure is None:
+            raise
+    if failure is not None:
+        raise failure
+
+
+async def run_any(
+    async_fns: AsyncFns[R],
+    *,
+    max_at_once: int | None = None,
+    max_per_second: float | None = None,
+    limiter: LimiterArg = None,
+) -> R:
+    """Return the result of the first function of *async_fns* to succeed.
+
+    The other calls are cancelled as soon as one succeeds. A call that raises does not end the
+    run while others may still succeed.
+
+    Args:
+        async_fns: functions taking no argument; lambdas are refused as in :func:`run_all`.
+        max_at_once, max_per_second, limiter: as for :func:`run_on_each`.
+
+    Raises:
+        ValueError: *async_fns* is empty or holds a lambda.
+        Exception: every call failed: the one failure as itself, or an ExceptionGroup of all
+            of them in input order.
+    """
+    _check_fns(async_fns, "run_any")
+    if isinstance(async_fns, Sequence) and not async_fns:
+        raise ValueError("run_any() needs at least one function, got an empty sequence")
+    limiters = _check_limits(max_at_once, max_per_second, limiter)
+    results: list[R] = []
+    errors: dict[int, Exception] = {}
+
+    with anyio.CancelScope() as scope:
+
+        def deliver(index: int, value: Any) -> None:
+            if not results:
+                results.append(value)
+                scope.cancel()
+
+        def on_error(index: int, exc: Exception) -> None:
+            errors[index] = exc
+
+        engine = Engine(
+            None,
+            _checked_fns(async_fns, "run_any"),
+            max_at_once=max_at_once,
+            max_per_second=max_per_second,
+            limiters=limiters,
+            deliver=deliver,
+            on_error=on_error,
+        )
+        await engine.run()
+    if results:
+        return results[0]
+    if not errors:
+        raise ValueError("run_any() needs at least one function, got none")
+    failures = [errors[index] for index in sorted(errors)]
+    if len(failures) == 1:
+        raise failures[0]
+    raise ExceptionGroup(f"run_any(): all {len(failures)} functions failed", failures)
