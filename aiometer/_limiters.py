@@ -255,8 +255,15 @@ class RateLimiter(SlotMixin):
 
     @max_per_second.setter
     def max_per_second(self, value: float) -> None:
-        self._max_per_second = check_max_per_second(value)
-        self._interval = 1.0 / self._max_per_second
+        rate = check_max_per_second(value)
+        interval = 1.0 / rate
+        # Rescale the reserved backlog so that the new rate applies from now on, not only
+        # after the starts reserved at the old rate have drained.
+        now = anyio.current_time()
+        if self._tat > now:
+            self._tat = now + (self._tat - now) * interval / self._interval
+        self._max_per_second = rate
+        self._interval = interval
 
     @property
     def burst(self) -> int:
