@@ -1,1 +1,28 @@
-"""Placeholder."""
+"""aiometer's limits across a fleet: every process sharing one Redis obeys one ``max_at_once``
+and one ``max_per_second``.
+
+The decisions are made by atomic Lua scripts on the Redis server's clock; held slots are
+leases renewed in the background, so a crashed worker gives its slots back within
+``lease_ttl``. See :class:`RedisLimiter`.
+"""
+
+from ._exceptions import (
+    AcquireTimeoutError,
+    ConfigurationError,
+    LeaseLostError,
+    RedisLimiterError,
+    RedisUnavailableError,
+)
+from ._limiter import Holder, RedisLimiter, RedisLimiterStatistics, RedisPermit
+
+__all__ = [
+    "AcquireTimeoutError",
+    "ConfigurationError",
+    "Holder",
+    "LeaseLostError",
+    "RedisLimiter",
+    "RedisLimiterError",
+    "RedisLimiterStatistics",
+    "RedisPermit",
+    "RedisUnavailableError",
+]

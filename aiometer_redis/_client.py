@@ -1,0 +1,278 @@
+"""A narrow async adapter over the supported Redis clients.
+
+The limiters need only a handful of operations from a client: run a Lua script, block
+on a list, ping, delete keys. :class:`ScriptClient` names exactly those, and
+:func:`adapt` wraps a user's client in the matching implementation:
+
+* :class:`RedisPyClient` for ``redis.asyncio.Redis`` and ``redis.asyncio.RedisCluster``
+  (asyncio only);
+* :class:`CoredisClient` for ``coredis.Redis`` and ``coredis.RedisCluster`` (anyio based,
+  so it also runs on trio).
+
+Both client libraries are optional and are never imported here at run time: a client
+object can only be an instance of a class whose module is already imported.
+
+Every reply is normalised with :func:`normalize_reply` (bytes become str, recursively),
+so callers see the same shapes whatever ``decode_responses`` the client was built with.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
+
+from ._scripts import Script
+
+if TYPE_CHECKING:
+    import coredis
+    import redis.asyncio
+
+__all__ = [
+    "CoredisClient",
+    "RedisPyClient",
+    "ScriptArg",
+    "ScriptClient",
+    "adapt",
+    "normalize_reply",
+]
+
+#: A value accepted in a script's ARGV.
+ScriptArg = str | int | float
+
+
+@runtime_checkable
+class ScriptClient(Protocol):
+    """What the Redis limiters need from a client.
+
+    Implementations return replies normalised by :func:`normalize_reply` and let the
+    client library's own exceptions propagate (the limiter maps them).
+    """
+
+    async def run_script(
+        self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]
+    ) -> Any:
+        """Run ``script`` with EVALSHA, falling back to EVAL once on NOSCRIPT."""
+        ...
+
+    async def blpop(self, key: str, timeout: float) -> str | None:
+        """Pop the head of list ``key``, waiting up to ``timeout`` seconds; None on timeout."""
+        ...
+
+    async def ping(self) -> None:
+        """Round-trip a PING; raise the client's error if the server does not answer."""
+        ...
+
+    async def delete(self, *keys: str) -> int:
+        """Delete ``keys``; return how many existed."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the underlying client if this adapter owns it, else do nothing."""
+        ...
+
+
+def normalize_reply(reply: Any) -> Any:
+    """Return ``reply`` with bytes decoded as UTF-8 and lists/tuples turned into lists.
+
+    Applied recursively, so a script reply such as ``[b"id", [b"a", 1]]`` becomes
+    ``["id", ["a", 1]]``. Other values (int, None, str) are returned unchanged.
+    """
+    if isinstance(reply, bytes):
+        return reply.decode("utf-8")
+    if isinstance(reply, (list, tuple)):
+        return [normalize_reply(item) for item in reply]
+    return reply
+
+
+def _encode_args(args: Sequence[ScriptArg]) -> list[str]:
+    # Encode here rather than leaving it to each client library, so that both
+    # adapters send byte-identical ARGV (floats as repr: exact round trip).
+    encoded: list[str] = []
+    for arg in args:
+        if isinstance(arg, bool) or not isinstance(arg, (str, int, float)):
+            raise TypeError(f"script arguments must be str, int or float, got {arg!r}")
+        encoded.append(repr(arg) if isinstance(arg, float) else str(arg))
+    return encoded
+
+
+def _check_timeout(timeout: float) -> float:
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout >= 0):
+        raise ValueError(f"timeout must be a finite number >= 0, got {timeout!r}")
+    return float(timeout)
+
+
+def _popped_value(reply: Any) -> str | None:
+    if reply is None:
+        return None
+    value = normalize_reply(reply)[1]
+    assert isinstance(value, str)
+    return value
+
+
+class RedisPyClient:
+    """:class:`ScriptClient` over ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster``.
+
+    Args:
+        client: the redis-py asyncio client.
+        owned: close ``client`` in :meth:`aclose` (set when the caller created the
+            client for the limiter, e.g. from a URL).
+
+    Note that :meth:`blpop` is subject to the client's ``socket_timeout``: a timeout
+    longer than that raises the client's ``TimeoutError``.
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis | redis.asyncio.RedisCluster,
+        *,
+        owned: bool = False,
+    ) -> None:
+        # Any from here on: redis-py's annotations mix sync and async return types.
+        self._client: Any = client
+        self._owned = owned
+
+    @property
+    def client(self) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
+        """The wrapped redis-py client."""
+        wrapped: redis.asyncio.Redis | redis.asyncio.RedisCluster = self._client
+        return wrapped
+
+    async def run_script(
+        self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]
+    ) -> Any:
+        """Run ``script`` with EVALSHA; on NOSCRIPT run it with EVAL (which caches it)."""
+        from redis.exceptions import NoScriptError
+
+        argv = _encode_args(args)
+        try:
+            reply = await self._client.evalsha(script.sha1, len(keys), *keys, *argv)
+        except NoScriptError:
+            # EVAL goes to the node that owns the keys' slot and leaves the script
+            # cached there, so this also repairs the cache after a flush or failover.
+            reply = await self._client.eval(script.source, len(keys), *keys, *argv)
+        return normalize_reply(reply)
+
+    async def blpop(self, key: str, timeout: float) -> str | None:
+        """Pop the head of list ``key``, waiting up to ``timeout`` seconds; None on timeout.
+
+        ``timeout`` may be fractional; 0 waits forever (Redis semantics).
+        """
+        reply = await self._client.blpop([key], timeout=_check_timeout(timeout))
+        return _popped_value(reply)
+
+    async def ping(self) -> None:
+        """Round-trip a PING."""
+        await self._client.ping()
+
+    async def delete(self, *keys: str) -> int:
+        """Delete ``keys``; return how many existed."""
+        if not keys:
+            return 0
+        return int(await self._client.delete(*keys))
+
+    async def aclose(self) -> None:
+        """Close the client if this adapter owns it."""
+        if not self._owned:
+            return
+        close = getattr(self._client, "aclose", None) or self._client.close
+        await close()
+
+    def __repr__(self) -> str:
+        return f"RedisPyClient({self._client!r})"
+
+
+class CoredisClient:
+    """:class:`ScriptClient` over ``coredis.Redis`` or ``coredis.RedisCluster``.
+
+    coredis is built on anyio, so this adapter works on asyncio and trio. coredis 6
+    clients must be entered (``async with client:``) by their creator before use, and
+    are closed when that block exits; :meth:`aclose` therefore does nothing.
+    """
+
+    def __init__(self, client: coredis.Redis[Any] | coredis.RedisCluster[Any]) -> None:
+        self._client: Any = client
+
+    @property
+    def client(self) -> coredis.Redis[Any] | coredis.RedisCluster[Any]:
+        """The wrapped coredis client."""
+        wrapped: coredis.Redis[Any] | coredis.RedisCluster[Any] = self._client
+        return wrapped
+
+    async def run_script(
+        self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]
+    ) -> Any:
+        """Run ``script`` with EVALSHA; on NOSCRIPT run it with EVAL (which caches it)."""
+        from coredis.exceptions import NoScriptError
+
+        key_list = list(keys)
+        argv = _encode_args(args)
+        try:
+            reply = await self._client.evalsha(script.sha1, keys=key_list, args=argv)
+        except NoScriptError:
+            reply = await self._client.eval(script.source, keys=key_list, args=argv)
+        return normalize_reply(reply)
+
+    async def blpop(self, key: str, timeout: float) -> str | None:
+        """Pop the head of list ``key``, waiting up to ``timeout`` seconds; None on timeout.
+
+        ``timeout`` may be fractional; 0 waits forever (Redis semantics).
+        """
+        reply = await self._client.blpop([key], timeout=_check_timeout(timeout))
+        return _popped_value(reply)
+
+    async def ping(self) -> None:
+        """Round-trip a PING."""
+        await self._client.ping()
+
+    async def delete(self, *keys: str) -> int:
+        """Delete ``keys``; return how many existed."""
+        if not keys:
+            return 0
+        return int(await self._client.delete(list(keys)))
+
+    async def aclose(self) -> None:
+        """Do nothing: the coredis client is closed by the ``async with`` that opened it."""
+
+    def __repr__(self) -> str:
+        return f"CoredisClient({self._client!r})"
+
+
+def _is_instance_from(client: object, module_name: str, class_names: Sequence[str]) -> bool:
+    module = sys.modules.get(module_name)
+    if module is None:
+        return False
+    classes = tuple(
+        cls for name in class_names if isinstance(cls := getattr(module, name, None), type)
+    )
+    return bool(classes) and isinstance(client, classes)
+
+
+def adapt(client: object) -> ScriptClient:
+    """Wrap a Redis client in the matching :class:`ScriptClient`.
+
+    Accepts ``redis.asyncio.Redis``, ``redis.asyncio.RedisCluster``, ``coredis.Redis``,
+    ``coredis.RedisCluster``, or an adapter from this module (returned as is). The
+    adapter does not own the client: closing it stays the caller's job.
+
+    Raises:
+        TypeError: ``client`` is of any other type, including redis-py's synchronous
+            ``redis.Redis``.
+    """
+    if isinstance(client, (RedisPyClient, CoredisClient)):
+        return client
+    if _is_instance_from(client, "redis.asyncio", ("Redis", "RedisCluster")):
+        return RedisPyClient(cast("redis.asyncio.Redis", client))
+    if _is_instance_from(client, "coredis", ("Redis", "RedisCluster")):
+        return CoredisClient(cast("coredis.Redis[Any]", client))
+    if _is_instance_from(client, "redis", ("Redis", "RedisCluster")):
+        raise TypeError(
+            f"{type(client).__module__}.{type(client).__qualname__} is synchronous; "
+            "pass a redis.asyncio.Redis or redis.asyncio.RedisCluster instead"
+        )
+    raise TypeError(
+        "expected a redis.asyncio.Redis, redis.asyncio.RedisCluster, coredis.Redis or "
+        f"coredis.RedisCluster client, got {type(client).__module__}."
+        f"{type(client).__qualname__}"
+    )

