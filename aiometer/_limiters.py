@@ -88,6 +88,9 @@ class _NullPermit:
 
 _NULL_PERMIT = _NullPermit()
 
+# How late the event loops may wake a sleeper (asyncio's epoll waits whole milliseconds).
+_TIMER_SLACK = 0.001
+
 
 @dataclass(frozen=True)
 class ConcurrencyStatistics:
@@ -222,15 +225,21 @@ class RateStatistics:
 class RateLimiter(SlotMixin):
     """At most ``max_per_second`` starts per second, with bursts of up to ``burst`` starts.
 
-    This is the generic cell rate algorithm (GCRA): each ``acquire()`` reserves the next start
-    time in one step and then sleeps exactly until it, so waiters start in the order they
-    called and a late wake-up does not shift the schedule of the others. With ``burst=1`` two
-    starts are never closer than ``1 / max_per_second`` apart (the meaning of aiometer 1.0's
-    ``max_per_second``); with ``burst=b`` up to ``b`` starts may happen at once after an idle
-    period, and over any window of ``w`` seconds at most ``b + max_per_second * w`` start.
+    This is the generic cell rate algorithm (GCRA) applied to the moments tasks really start.
+    With ``burst=1`` starts are spaced ``1 / max_per_second`` apart (the meaning of aiometer
+    1.0's ``max_per_second``); with ``burst=b`` up to ``b`` starts may happen at once after an
+    idle period. Over any window of ``w`` seconds at most ``burst + max_per_second * w + 1``
+    tasks start: the ``+ 1`` is the one start that may be caught up after the event loop woke a
+    waiter late, and it is never more than one, however long the stall. Above 1000 starts per
+    second, faster than the event loops' timers (about a millisecond), up to a millisecond's
+    worth of starts may be caught up at once instead, which keeps the achieved rate at the
+    limit.
 
-    A waiter cancelled while sleeping gives its reserved start back if nobody reserved a later
-    one. The permit has nothing to release: a rate limit does not care how long a task runs.
+    Waiters are served first come, first served: only the oldest sleeps until its start is
+    allowed, and it hands over to the next when it starts or is cancelled. So a late wake-up
+    neither shifts the schedule (no drift, the achieved rate stays at the limit) nor releases
+    a bunch of starts at once. The permit has nothing to release: a rate limit does not care
+    how long a task runs.
 
     Raises:
         TypeError: ``max_per_second`` is not a number or ``burst`` is not an int.
@@ -243,7 +252,8 @@ class RateLimiter(SlotMixin):
         self._interval = 1.0 / self._max_per_second
         # Theoretical arrival time of the next start (GCRA); -inf means "idle forever".
         self._tat = -math.inf
-        self._waiting = 0
+        # Waiting tasks in arrival order; the first one is the head, the only one sleeping.
+        self._waiters: dict[anyio.Event, None] = {}
 
     def __repr__(self) -> str:
         return f"RateLimiter(max_per_second={self._max_per_second}, burst={self._burst})"
@@ -257,8 +267,7 @@ class RateLimiter(SlotMixin):
     def max_per_second(self, value: float) -> None:
         rate = check_max_per_second(value)
         interval = 1.0 / rate
-        # Rescale the reserved backlog so that the new rate applies from now on, not only
-        # after the starts reserved at the old rate have drained.
+        # Rescale the backlog so that the new rate applies from now on.
         now = anyio.current_time()
         if self._tat > now:
             self._tat = now + (self._tat - now) * interval / self._interval
@@ -274,40 +283,52 @@ class RateLimiter(SlotMixin):
     def burst(self, value: int) -> None:
         self._burst = check_burst(value)
 
-    def _delay(self, now: float) -> tuple[float, float]:
-        tat = self._tat if self._tat > now else now
-        return tat - (self._burst - 1) * self._interval - now, tat
+    def _delay(self, now: float) -> float:
+        """Seconds until a start is allowed (<= 0: now)."""
+        return self._tat - (self._burst - 1) * self._interval - now
 
     def statistics(self) -> RateStatistics:
-        """Return the limit, the number of sleeping waiters and the time to the next start."""
-        delay, _ = self._delay(anyio.current_time())
-        return RateStatistics(self._max_per_second, self._burst, self._waiting, max(delay, 0.0))
+        """Return the limit, the number of waiting tasks and the time to the next start."""
+        delay = self._delay(anyio.current_time())
+        return RateStatistics(
+            self._max_per_second, self._burst, len(self._waiters), max(delay, 0.0)
+        )
 
     def acquire_nowait(self) -> Permit:
-        """Take a start that is allowed now, without sleeping.
+        """Take a start that is allowed now, without waiting.
 
         Raises:
-            anyio.WouldBlock: the next start is not allowed yet.
+            anyio.WouldBlock: the next start is not allowed yet, or tasks are waiting.
         """
-        delay, tat = self._delay(anyio.current_time())
-        if delay > 0:
+        now = anyio.current_time()
+        if self._waiters or self._delay(now) > 0:
             raise anyio.WouldBlock
-        self._tat = tat + self._interval
+        self._tat = max(self._tat, now) + self._interval
         return _NULL_PERMIT
 
     async def acquire(self) -> Permit:
-        """Reserve the next allowed start and sleep until it."""
+        """Wait until a start is allowed, in arrival order, and take it."""
         await anyio.lowlevel.checkpoint_if_cancelled()
-        delay, tat = self._delay(anyio.current_time())
-        reserved = self._tat = tat + self._interval
-        if delay > 0:
-            self._waiting += 1
-            try:
+        now = anyio.current_time()
+        if not self._waiters and self._delay(now) <= 0:
+            self._tat = max(self._tat, now) + self._interval
+            return _NULL_PERMIT
+        event = anyio.Event()
+        self._waiters[event] = None
+        try:
+            if next(iter(self._waiters)) is not event:
+                await event.wait()
+            while (delay := self._delay(anyio.current_time())) > 0:
                 await anyio.sleep(delay)
-            except BaseException:
-                if self._tat == reserved:
-                    self._tat = reserved - self._interval
-                raise
-            finally:
-                self._waiting -= 1
+            # A queued waiter keeps the schedule (no drift from a late wake-up) but catches up
+            # at most one interval of lateness, or one millisecond (the timer precision of the
+            # event loops) at rates above 1000/s: a long stall releases one extra start, not a
+            # bunch.
+            now = anyio.current_time() - max(self._interval, _TIMER_SLACK)
+            self._tat = max(self._tat, now) + self._interval
+        finally:
+            head = next(iter(self._waiters)) is event
+            del self._waiters[event]
+            if head and self._waiters:
+                next(iter(self._waiters)).set()
         return _NULL_PERMIT

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import LambdaType
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
+import anyio.lowlevel
 
 from ._engine import Engine, Source, check_limiters, reraise_single
 from ._limiters import Limiter
@@ -336,6 +338,65 @@ def amap(
     )
 
 
+class _Results:
+    """The result buffer between amap's workers and its consumer.
+
+    Holds at most *capacity* results: a worker delivering into a full buffer waits, which is
+    how a slow consumer slows the workers down. ``capacity=None`` (amap without max_at_once,
+    where nothing bounds the number of tasks anyway) never makes a worker wait. A deque with
+    two wake-up events costs much less per item than a memory object stream.
+    """
+
+    def __init__(self, capacity: int | None) -> None:
+        self._items: deque[Any] = deque()
+        self._capacity = capacity
+        self._not_empty: anyio.Event | None = None
+        self._not_full: anyio.Event | None = None
+        self._closed = False
+        self._since_checkpoint = 0
+
+    def put_nowait(self, value: Any) -> None:
+        self._items.append(value)
+        if self._not_empty is not None:
+            self._not_empty.set()
+            self._not_empty = None
+
+    async def put(self, value: Any) -> None:
+        assert self._capacity is not None
+        while len(self._items) >= self._capacity:
+            if self._not_full is None:
+                self._not_full = anyio.Event()
+            await self._not_full.wait()
+        self.put_nowait(value)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._not_empty is not None:
+            self._not_empty.set()
+            self._not_empty = None
+
+    def __aiter__(self) -> _Results:
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._items:
+            if self._closed:
+                raise StopAsyncIteration
+            self._since_checkpoint = 0
+            event = self._not_empty = anyio.Event()
+            await event.wait()
+        value = self._items.popleft()
+        if self._not_full is not None:
+            self._not_full.set()
+            self._not_full = None
+        # Taking buffered results needs no await; still let cancellation in now and then.
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= 64:
+            self._since_checkpoint = 0
+            await anyio.lowlevel.checkpoint()
+        return value
+
+
 @asynccontextmanager
 async def _amap(
     async_fn: Callable[[Any], Awaitable[Any]],
@@ -348,28 +409,41 @@ async def _amap(
     include_index: bool,
     return_exceptions: bool,
 ) -> AsyncIterator[AsyncIterator[Any]]:
-    send, receive = anyio.create_memory_object_stream[Any](max_at_once or 0)
+    results = _Results(max_at_once)
+    put: Callable[[Any], Awaitable[None] | None] = (
+        results.put_nowait if max_at_once is None else results.put
+    )
     gate = None
+    deliver: Callable[[int, Any], Awaitable[None] | None]
     if ordered:
-        sink = _OrderedSink(send.send, window=max_at_once or 2**62)
-        deliver_ordered = sink.deliver
+
+        async def send(value: Any) -> None:
+            delivered = put(value)
+            if delivered is not None:
+                await delivered
+
+        sink = _OrderedSink(send, window=max_at_once or 2**62)
         gate = sink.gate
         if include_index:
 
-            async def deliver(index: int, value: Any) -> None:
-                await deliver_ordered(index, (index, value))
+            async def deliver_pair(index: int, value: Any) -> None:
+                await sink.deliver(index, (index, value))
 
+            deliver = deliver_pair
         else:
-            deliver = deliver_ordered
+            deliver = sink.deliver
     elif include_index:
 
-        async def deliver(index: int, value: Any) -> None:
-            await send.send((index, value))
+        def deliver_index(index: int, value: Any) -> Awaitable[None] | None:
+            return put((index, value))
 
+        deliver = deliver_index
     else:
 
-        async def deliver(index: int, value: Any) -> None:
-            await send.send(value)
+        def deliver_value(index: int, value: Any) -> Awaitable[None] | None:
+            return put(value)
+
+        deliver = deliver_value
 
     engine = Engine(
         async_fn,
@@ -383,15 +457,17 @@ async def _amap(
     )
 
     async def produce() -> None:
-        async with send:
+        try:
             await engine.run()
+        finally:
+            results.close()
 
     failure: BaseException | None = None
     try:
-        async with receive, anyio.create_task_group() as tg:
+        async with anyio.create_task_group() as tg:
             tg.start_soon(produce)
             try:
-                yield receive
+                yield results
             finally:
                 tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
