@@ -1,5 +1,8 @@
 """The test command: ``python3 tests/run.py`` (extra arguments go to pytest).
 
+``python3 tests/run.py --ensure-venv`` only prepares ``.venv`` and prints its interpreter (the
+demo launcher ``examples/fleet_demo.py`` uses it, so both share one environment).
+
 Creates ``.venv`` on first use and installs the project with its ``dev`` extra into it, then runs,
 in order, ruff check, ruff format --check, mypy --strict and pytest (asyncio and trio). Stops at
 the first step that fails and exits with its status. Set ``AIOMETER_PYTHON`` to an interpreter
@@ -8,6 +11,7 @@ that already has ``.[dev]`` installed to skip the virtualenv.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -38,6 +42,11 @@ def _python() -> str:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--ensure-venv"]:
+        with contextlib.redirect_stdout(sys.stderr):
+            python = _python()
+        print(python)
+        return 0
     python = _python()
     steps = [
         [python, "-m", "ruff", "check", "."],

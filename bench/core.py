@@ -1,0 +1,820 @@
+"""Core benchmarks of aiometer: per-task overhead, rate accuracy and peak memory.
+
+Run ``python bench/core.py`` (about three minutes on two idle cores) or ``python bench/core.py
+--quick`` for a smoke run with ~10x smaller sizes (under twenty seconds; its numbers are noisy
+and its verdicts mean little, since the floors are cheaper with fewer tasks alive).
+``--json FILE`` also writes the JSON document printed at the very end.
+
+Everything runs on asyncio and on trio in the same run, and every verdict is a ratio against a
+reference measured side by side on the same backend, so verdicts carry over between machines even
+though absolute times do not. The script always exits 0: it reports, it does not gate.
+
+1. Per-task overhead: 50,000 no-op tasks through run_on_each, run_all, amap (consuming every
+   result) and run_any, in microseconds per task, in two modes.
+
+   * capped, ``max_at_once=100``. The floor is what one writes by hand: a task group spawning
+     every task, each doing ``async with limiter: await noop(x)`` on one
+     ``anyio.CapacityLimiter(100)``. Target: ours / floor <= 0.35.
+   * unbounded, no limit. The floor is a task group doing ``tg.start_soon(noop, x)`` for every
+     item, the least any scheduler can do. Target: ours / floor <= 1.15.
+
+   run_on_each and amap call ``noop(x)`` over ``range(n)``; run_all calls a list of ``n`` times
+   the same zero-argument no-op. run_any returns at its first success, so over ``n`` succeeding
+   functions it would run only about ``max_at_once`` of them. It is given instead ``n - 1``
+   functions that raise a cheap exception and a last one that succeeds, which makes it run all
+   ``n``. Capped, it shares the floor above (raising costs a few percent of that floor);
+   unbounded, where the target is tight, it gets a "catching floor" that does the same work by
+   hand in each spawned task (``try: await fn() except Exception as exc: errors[i] = exc``), so
+   that its ratio measures scheduling, not raising.
+
+   Each round times every case once; within a round each floor is timed first (even rounds) or
+   last (odd rounds) next to the functions compared with it, whose order rotates, and the two
+   backends alternate. gc.collect() runs before every measurement and the median over three
+   rounds is reported (five would not fit in three minutes: a capped floor alone takes ~4 s), so
+   slow drift of the machine hits the floor and ours alike. The "per-round" column is the range
+   of the ratios within single rounds: a wide range means a noisy machine.
+
+2. Rate accuracy: run_on_each with ``max_at_once=200`` and ``limiter=RateLimiter(rate,
+   burst=b)`` at 50, 500 and 5000 starts/s, burst 1 and 50, over ``b + rate`` items (about one
+   second). Each task records ``anyio.current_time()`` when it starts. achieved = (n - b) /
+   (last start - time of the call); "ratio" is achieved / rate. Target: >= 0.95 at 500/s burst 1
+   and at 5000/s burst 50. The window columns give the most starts seen in any closed window of
+   1/rate, 0.1 s and 1 s against the bound ``b + rate * w + 1`` the limiter promises.
+
+3. Peak memory over 10**6 items pulled from a generator with ``max_at_once=100``: amap
+   (consuming and dropping every result), run_on_each and run_all (keeping its result list),
+   plus a baseline, the plain list a comprehension of the same values builds. Each is run in a
+   fresh interpreter (this file with a hidden ``--memory-probe NAME BACKEND`` argument) that
+   reports its peak RSS growth (``ru_maxrss`` after the run minus before it). Targets: amap and
+   run_on_each grow by less than 10 MiB, run_all by at most 1.5x the plain list. The probes run
+   before the other sections, while this process is still small, because a child's
+   ``ru_maxrss`` starts at its parent's peak (see measure_memory); a probe that finds it did
+   anyway is flagged "inherited peak!". Probes run one per CPU at a time (RSS does not depend on
+   CPU contention), so their "seconds" column is only indicative.
+
+Reading the output: an overhead ratio below 1 means aiometer costs less per task than the
+hand-written floor; a rate ratio of 1.00 means the limit was reached exactly. The summary lists
+every target with PASS or FAIL, and the JSON document holds every number, including the
+per-round samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+import aiometer
+
+CAP = 100
+"""``max_at_once`` of the capped overhead mode and of the memory probes."""
+RATE_WORKERS = 200
+"""``max_at_once`` of the rate runs: enough workers that the limiter alone sets the pace."""
+
+CAPPED_TARGET = 0.35
+UNBOUNDED_TARGET = 1.15
+RATE_TARGET = 0.95
+STREAMING_TARGET_MIB = 10.0
+RUN_ALL_TARGET = 1.5
+
+FUNCTIONS = ("run_on_each", "run_all", "amap", "run_any")
+RATE_CASES = ((50.0, 1), (50.0, 50), (500.0, 1), (500.0, 50), (5000.0, 1), (5000.0, 50))
+RATE_TARGET_CASES = ((500.0, 1), (5000.0, 50))
+PROBES = ("amap", "run_on_each", "run_all", "plain_list")
+
+Runner = Callable[[], Awaitable[None]]
+ZeroArg = Callable[[], Awaitable[None]]
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    tasks: int
+    rounds: int
+    rate_seconds: float
+    memory_items: int
+
+
+FULL = Sizes(tasks=50_000, rounds=3, rate_seconds=1.0, memory_items=10**6)
+QUICK = Sizes(tasks=5_000, rounds=3, rate_seconds=0.1, memory_items=10**5)
+
+
+def progress(message: str) -> None:
+    """Say what is running, on stderr so that stdout holds only the report."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+async def noop(x: int) -> None:
+    """The task of the overhead runs: nothing at all."""
+
+
+async def noop0() -> None:
+    """The zero-argument no-op of run_all and the one winner of run_any."""
+
+
+class Miss(Exception):
+    """The cheap failure of the run_any functions that must not win."""
+
+
+async def miss() -> None:
+    raise Miss
+
+
+async def identity(x: int) -> int:
+    return x
+
+
+def numbers(count: int) -> Iterator[int]:
+    """The memory probes' items: a generator, so that nobody knows its length in advance."""
+    yield from range(count)
+
+
+def identity_calls(count: int) -> Iterator[Callable[[], Awaitable[int]]]:
+    for x in range(count):
+        yield functools.partial(identity, x)
+
+
+# --------------------------------------------------------------------------- 1. overhead
+
+
+async def ours_run_on_each(n: int, limit: int | None) -> None:
+    await aiometer.run_on_each(noop, range(n), max_at_once=limit)
+
+
+async def ours_run_all(fns: list[ZeroArg], limit: int | None) -> None:
+    await aiometer.run_all(fns, max_at_once=limit)
+
+
+async def ours_amap(n: int, limit: int | None) -> None:
+    async with aiometer.amap(noop, range(n), max_at_once=limit) as results:
+        async for _ in results:
+            pass
+
+
+async def ours_run_any(fns: list[ZeroArg], limit: int | None) -> None:
+    await aiometer.run_any(fns, max_at_once=limit)
+
+
+async def floor_capped(n: int) -> None:
+    limiter = anyio.CapacityLimiter(CAP)
+
+    async def task(x: int) -> None:
+        async with limiter:
+            await noop(x)
+
+    async with anyio.create_task_group() as tg:
+        for x in range(n):
+            tg.start_soon(task, x)
+
+
+async def floor_unbounded(n: int) -> None:
+    async with anyio.create_task_group() as tg:
+        for x in range(n):
+            tg.start_soon(noop, x)
+
+
+async def floor_catching(fns: list[ZeroArg]) -> None:
+    """run_any's unbounded floor: spawn every call and keep each failure, as run_any must."""
+    errors: dict[int, Exception] = {}
+
+    async def call(index: int, fn: ZeroArg) -> None:
+        try:
+            await fn()
+        except Exception as exc:
+            errors[index] = exc
+
+    async with anyio.create_task_group() as tg:
+        for index, fn in enumerate(fns):
+            tg.start_soon(call, index, fn)
+
+
+def floor_of(mode: str, function: str) -> str:
+    """The name of the floor *function* is compared with in *mode*."""
+    return "catching floor" if mode == "unbounded" and function == "run_any" else "floor"
+
+
+async def seconds_per_task(run: Runner, n: int) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    await run()
+    return (time.perf_counter() - start) / n
+
+
+async def overhead_round(n: int, round_index: int) -> dict[str, float]:
+    """Time every case once on the running backend.
+
+    Returns seconds per task keyed by ``"mode/case"``, *case* being a function name or the name
+    of a floor. Each floor is timed next to the functions compared with it: first in even
+    rounds, last in odd ones, the functions rotating from round to round.
+    """
+    all_succeed: list[ZeroArg] = [noop0] * n
+    last_succeeds: list[ZeroArg] = [miss] * (n - 1)
+    last_succeeds.append(noop0)
+    seconds: dict[str, float] = {}
+    for mode, limit in (("capped", CAP), ("unbounded", None)):
+        runners: dict[str, Runner] = {
+            "run_on_each": functools.partial(ours_run_on_each, n, limit),
+            "run_all": functools.partial(ours_run_all, all_succeed, limit),
+            "amap": functools.partial(ours_amap, n, limit),
+            "run_any": functools.partial(ours_run_any, last_succeeds, limit),
+            "floor": functools.partial(floor_unbounded if limit is None else floor_capped, n),
+            "catching floor": functools.partial(floor_catching, last_succeeds),
+        }
+        groups: dict[str, list[str]] = defaultdict(list)
+        for function in FUNCTIONS:
+            groups[floor_of(mode, function)].append(function)
+        for floor, functions in groups.items():
+            turn = round_index % len(functions)
+            plan = functions[turn:] + functions[:turn]
+            if round_index % 2 == 0:
+                plan.insert(0, floor)
+            else:
+                plan.append(floor)
+            for case in plan:
+                seconds[f"{mode}/{case}"] = await seconds_per_task(runners[case], n)
+    return seconds
+
+
+def measure_overhead(sizes: Sizes, backends: Sequence[str]) -> list[Json]:
+    samples: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for round_index in range(sizes.rounds):
+        order = backends if round_index % 2 == 0 else list(reversed(backends))
+        for backend in order:
+            progress(f"overhead round {round_index + 1}/{sizes.rounds} on {backend}")
+            got = anyio.run(overhead_round, sizes.tasks, round_index, backend=backend)
+            for key, value in got.items():
+                samples[backend, key].append(value)
+
+    rows: list[Json] = []
+    for backend in backends:
+        for mode, target in (("capped", CAPPED_TARGET), ("unbounded", UNBOUNDED_TARGET)):
+            for function in FUNCTIONS:
+                floor_case = floor_of(mode, function)
+                ours = samples[backend, f"{mode}/{function}"]
+                floor = samples[backend, f"{mode}/{floor_case}"]
+                per_round = [o / f for o, f in zip(ours, floor, strict=True)]
+                ratio = statistics.median(ours) / statistics.median(floor)
+                rows.append(
+                    {
+                        "backend": backend,
+                        "mode": mode,
+                        "function": function,
+                        "floor": floor_case,
+                        "ours_us": statistics.median(ours) * 1e6,
+                        "floor_us": statistics.median(floor) * 1e6,
+                        "ratio": ratio,
+                        "per_round_ratio_min": min(per_round),
+                        "per_round_ratio_max": max(per_round),
+                        "target": target,
+                        "passed": ratio <= target,
+                        "ours_us_samples": [s * 1e6 for s in ours],
+                        "floor_us_samples": [s * 1e6 for s in floor],
+                    }
+                )
+    return rows
+
+
+# --------------------------------------------------------------------------- 2. rate
+
+
+def max_in_window(times: Sequence[float], width: float) -> int:
+    """The most *times* that fall in one closed window ``[t, t + width]``."""
+    ordered = sorted(times)
+    best = 0
+    first = 0
+    for last, end in enumerate(ordered):
+        while end - ordered[first] > width:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
+
+
+async def rate_case(rate: float, burst: int, seconds: float) -> Json:
+    n = burst + max(1, round(rate * seconds))
+    starts: list[float] = []
+
+    async def record(_: int) -> None:
+        starts.append(anyio.current_time())
+
+    limiter = aiometer.RateLimiter(rate, burst=burst)
+    gc.collect()
+    called = anyio.current_time()
+    await aiometer.run_on_each(record, range(n), max_at_once=RATE_WORKERS, limiter=limiter)
+    achieved = (n - burst) / (max(starts) - called)
+    windows: list[Json] = []
+    for label, width in (("1/rate", 1.0 / rate), ("0.1 s", 0.1), ("1 s", 1.0)):
+        seen = max_in_window(starts, width)
+        # The small epsilon keeps rate * (1 / rate) from rounding down to just below 1.
+        bound = math.floor(burst + rate * width + 1 + 1e-9)
+        windows.append(
+            {
+                "window": label,
+                "width_s": width,
+                "max_seen": seen,
+                "bound": bound,
+                "ok": seen <= bound,
+            }
+        )
+    return {
+        "rate": rate,
+        "burst": burst,
+        "n": n,
+        "achieved": achieved,
+        "ratio": achieved / rate,
+        "windows": windows,
+    }
+
+
+async def rate_cases(seconds: float) -> list[Json]:
+    return [await rate_case(rate, burst, seconds) for rate, burst in RATE_CASES]
+
+
+def measure_rate(sizes: Sizes, backends: Sequence[str]) -> list[Json]:
+    rows: list[Json] = []
+    for backend in backends:
+        progress(f"rate on {backend}")
+        for row in anyio.run(rate_cases, sizes.rate_seconds, backend=backend):
+            target = (row["rate"], row["burst"]) in RATE_TARGET_CASES
+            rows.append(
+                {
+                    "backend": backend,
+                    **row,
+                    "target": RATE_TARGET if target else None,
+                    "passed": row["ratio"] >= RATE_TARGET if target else None,
+                }
+            )
+    return rows
+
+
+# --------------------------------------------------------------------------- 3. memory
+
+
+def peak_rss_kib() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS
+
+
+def image_peak_kib() -> int | None:
+    """The peak RSS of this process image alone (Linux's VmHWM), or None where unknown.
+
+    Unlike ``ru_maxrss`` it does not carry over the peak of the process that exec'd us.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+async def probe_amap(count: int) -> object:
+    async with aiometer.amap(identity, numbers(count), max_at_once=CAP) as results:
+        async for _ in results:
+            pass
+    return None
+
+
+async def probe_run_on_each(count: int) -> object:
+    await aiometer.run_on_each(identity, numbers(count), max_at_once=CAP)
+    return None
+
+
+async def probe_run_all(count: int) -> object:
+    return await aiometer.run_all(identity_calls(count), max_at_once=CAP)
+
+
+async def probe_plain_list(count: int) -> object:
+    # The baseline is, literally, the list a comprehension over the same values builds.
+    return [x for x in numbers(count)]  # noqa: C416
+
+
+PROBE_FUNCTIONS: dict[str, Callable[[int], Awaitable[object]]] = {
+    "amap": probe_amap,
+    "run_on_each": probe_run_on_each,
+    "run_all": probe_run_all,
+    "plain_list": probe_plain_list,
+}
+
+
+def memory_probe(name: str, backend: str, count: int) -> Json:
+    """Run one probe in this (fresh) process and measure its peak RSS growth."""
+
+    async def probe() -> Json:
+        image_before = image_peak_kib()
+        before = peak_rss_kib()
+        start = time.perf_counter()
+        kept = await PROBE_FUNCTIONS[name](count)
+        elapsed = time.perf_counter() - start
+        after = peak_rss_kib()
+        return {
+            "before_kib": before,
+            "after_kib": after,
+            "growth_kib": after - before,
+            "seconds": elapsed,
+            "kept_result": kept is not None,
+            # ru_maxrss before the run above this image's own peak means that it still holds
+            # the parent's peak, which would hide part of the growth.
+            "inherited_peak": image_before is not None and before > image_before,
+        }
+
+    return anyio.run(probe, backend=backend)
+
+
+def run_probe(name: str, backend: str, items: int, quick: bool) -> Json:
+    """Run one memory probe in a fresh interpreter and return its report."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", name, backend]
+    if quick:
+        command.append("--quick")
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    row: Json = {"backend": backend, "probe": name, "items": items}
+    if done.returncode == 0:
+        row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+        row["growth_mib"] = row["growth_kib"] / 1024
+    else:
+        row["error"] = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        row["growth_mib"] = None
+    return row
+
+
+def judge_memory(row: Json, plain_mib: float | None) -> None:
+    """Add the comparison with the plain list and the verdict to a probe's *row*."""
+    mib = row["growth_mib"]
+    row["vs_plain_list"] = mib / plain_mib if mib is not None and plain_mib else None
+    if row["probe"] in ("amap", "run_on_each"):
+        row["target"] = f"< {STREAMING_TARGET_MIB:g} MiB"
+        row["passed"] = mib is not None and mib < STREAMING_TARGET_MIB
+    elif row["probe"] == "run_all":
+        row["target"] = f"<= {RUN_ALL_TARGET:g}x plain list"
+        ratio = row["vs_plain_list"]
+        row["passed"] = ratio is not None and ratio <= RUN_ALL_TARGET
+    else:
+        row["target"] = None
+        row["passed"] = None
+
+
+def measure_memory(sizes: Sizes, quick: bool, backends: Sequence[str]) -> list[Json]:
+    """Run every probe in a fresh interpreter; call this before anything else grows us.
+
+    Linux keeps a process's ``ru_maxrss`` across execve and subprocess starts children with
+    vfork, so a child starts out with *this* process's peak as its own: probes started after
+    the overhead runs (which peak at well over 100 MiB) would report no growth at all.
+
+    The probes run one per CPU at a time: RSS does not depend on how busy the CPUs are, and
+    this halves the wall time of the section.
+    """
+    progress(f"memory probes ({len(backends) * len(PROBES)} processes)")
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        running = [
+            pool.submit(run_probe, name, backend, sizes.memory_items, quick)
+            for backend in backends
+            for name in PROBES
+        ]
+        rows = [probe.result() for probe in running]
+    for backend in backends:
+        plain = next(r for r in rows if r["backend"] == backend and r["probe"] == "plain_list")
+        for row in rows:
+            if row["backend"] == backend:
+                judge_memory(row, plain["growth_mib"])
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
+    """Plain-text table; *align* holds one ``l`` or ``r`` per column."""
+    widths = [
+        max([len(header)] + [len(row[i]) for row in rows]) for i, header in enumerate(headers)
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = (
+            cell.ljust(width) if side == "l" else cell.rjust(width)
+            for cell, width, side in zip(cells, widths, align, strict=True)
+        )
+        return "  ".join(padded).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+
+
+def wrapped(note: str) -> str:
+    return textwrap.fill(note, width=100, initial_indent="   note: ", subsequent_indent=" " * 9)
+
+
+def verdict(passed: bool | None) -> str:
+    return "" if passed is None else ("PASS" if passed else "FAIL")
+
+
+def overhead_table(rows: Sequence[Json]) -> str:
+    body = [
+        [
+            row["backend"],
+            row["mode"],
+            row["function"],
+            row["floor"],
+            f"{row['ours_us']:.2f}",
+            f"{row['floor_us']:.2f}",
+            f"{row['ratio']:.3f}",
+            f"{row['per_round_ratio_min']:.3f}-{row['per_round_ratio_max']:.3f}",
+            f"<= {row['target']:.2f}",
+            verdict(row["passed"]),
+        ]
+        for row in rows
+    ]
+    headers = [
+        "backend",
+        "mode",
+        "function",
+        "against",
+        "ours us/task",
+        "floor us/task",
+        "ratio",
+        "per-round",
+        "target",
+        "",
+    ]
+    return render_table(headers, body, "llllrrrrll")
+
+
+def rate_table(rows: Sequence[Json]) -> str:
+    body = []
+    for row in rows:
+        windows = [
+            f"{w['max_seen']}/{w['bound']}" + ("" if w["ok"] else " OVER") for w in row["windows"]
+        ]
+        target = "" if row["target"] is None else f">= {row['target']:.2f}"
+        body.append(
+            [
+                row["backend"],
+                f"{row['rate']:g}",
+                str(row["burst"]),
+                str(row["n"]),
+                f"{row['achieved']:.1f}",
+                f"{row['ratio']:.3f}",
+                *windows,
+                target,
+                verdict(row["passed"]),
+            ]
+        )
+    headers = [
+        "backend",
+        "rate/s",
+        "burst",
+        "n",
+        "achieved/s",
+        "ratio",
+        "w=1/rate",
+        "w=0.1 s",
+        "w=1 s",
+        "target",
+        "",
+    ]
+    return render_table(headers, body, "lrrrrrrrrll")
+
+
+def memory_table(rows: Sequence[Json]) -> str:
+    def number(row: Json, key: str, spec: str) -> str:
+        if "error" in row:
+            return "error"
+        value = row.get(key)
+        return "-" if value is None else format(value, spec)
+
+    body = [
+        [
+            row["backend"],
+            row["probe"],
+            str(row["items"]),
+            number(row, "growth_mib", ".1f"),
+            number(row, "vs_plain_list", ".2f"),
+            number(row, "seconds", ".1f"),
+            row["target"] or "(baseline)",
+            verdict(row["passed"]) + (" (inherited peak!)" if row.get("inherited_peak") else ""),
+        ]
+        for row in rows
+    ]
+    headers = ["backend", "probe", "items", "peak growth MiB", "vs list", "seconds", "target", ""]
+    return render_table(headers, body, "llrrrrll")
+
+
+def collect_targets(
+    overhead: Sequence[Json], rate: Sequence[Json], memory: Sequence[Json]
+) -> list[Json]:
+    targets: list[Json] = []
+    for row in overhead:
+        targets.append(
+            {
+                "name": f"{row['backend']} overhead {row['mode']} {row['function']}",
+                "value": f"{row['ratio']:.3f}x floor",
+                "limit": f"<= {row['target']:.2f}x",
+                "passed": row["passed"],
+            }
+        )
+    for row in rate:
+        if row["target"] is not None:
+            targets.append(
+                {
+                    "name": f"{row['backend']} rate {row['rate']:g}/s burst {row['burst']}",
+                    "value": f"{row['ratio']:.3f}x limit",
+                    "limit": f">= {row['target']:.2f}x",
+                    "passed": row["passed"],
+                }
+            )
+    for backend in dict.fromkeys(row["backend"] for row in rate):
+        windows = [w for row in rate if row["backend"] == backend for w in row["windows"]]
+        over = sum(not w["ok"] for w in windows)
+        targets.append(
+            {
+                "name": f"{backend} rate windows (a check: RateLimiter's documented bound)",
+                "value": f"{over} of {len(windows)} windows over",
+                "limit": "0 over",
+                "passed": over == 0,
+            }
+        )
+    for row in memory:
+        if row["passed"] is not None:
+            value = row["growth_mib"]
+            shown = "error" if value is None else f"{value:.1f} MiB"
+            if row["probe"] == "run_all" and row["vs_plain_list"] is not None:
+                shown += f" = {row['vs_plain_list']:.2f}x plain list"
+            targets.append(
+                {
+                    "name": f"{row['backend']} memory {row['probe']}",
+                    "value": shown,
+                    "limit": row["target"],
+                    "passed": row["passed"],
+                }
+            )
+    return targets
+
+
+def rounded(value: Any) -> Any:
+    """*value* with every float cut to six significant digits, for a readable document."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {key: rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [rounded(item) for item in value]
+    return value
+
+
+def format_json(document: Json) -> str:
+    """*document* as JSON with one top-level key per line, or one item per line for long lists."""
+    lines = []
+    for key, value in rounded(document).items():
+        if isinstance(value, list) and len(json.dumps(value)) > 100:
+            rows = ",\n".join(f"    {json.dumps(row)}" for row in value)
+            lines.append(f"  {json.dumps(key)}: [\n{rows}\n  ]")
+        else:
+            lines.append(f"  {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}"
+
+
+def available_backends() -> list[str]:
+    backends = ["asyncio"]
+    if importlib.util.find_spec("trio") is not None:
+        backends.append("trio")
+    else:
+        progress("trio is not installed: measuring asyncio only")
+    return backends
+
+
+def versions() -> Json:
+    found: Json = {"python": platform.python_version(), "aiometer": aiometer.__version__}
+    for package in ("anyio", "trio"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+NOTES = [
+    "run_any stops at its first success, so it is given n - 1 functions raising a cheap "
+    "exception and one last succeeding function, which makes it run all n. Capped, it shares "
+    "the capped floor; unbounded, it is compared with a catching floor that does the same "
+    "try/except/keep work in every spawned task.",
+    "run_all gets a list of n times the same zero-argument no-op and shares the plain floor.",
+    "Times are medians over interleaved rounds; ratio = median(ours) / median(floor).",
+    "Memory probes run first, while the parent is small: a child's ru_maxrss starts at its "
+    "parent's peak.",
+]
+
+
+def run_benchmarks(quick: bool, json_path: Path | None) -> None:
+    sizes = QUICK if quick else FULL
+    backends = available_backends()
+    began = time.perf_counter()
+    memory = measure_memory(sizes, quick, backends)  # first: see its docstring
+    overhead = measure_overhead(sizes, backends)
+    rate = measure_rate(sizes, backends)
+    targets = collect_targets(overhead, rate, memory)
+    total = time.perf_counter() - began
+
+    print(f"aiometer core benchmarks ({'quick' if quick else 'full'} mode)")
+    print(", ".join(f"{name} {version}" for name, version in versions().items()))
+    print(f"{platform.platform()}, {os.cpu_count()} CPUs")
+    print()
+    print(f"1. Per-task overhead, {sizes.tasks} no-op tasks, median of {sizes.rounds} rounds")
+    print(f"   capped: max_at_once={CAP} vs task group + one anyio.CapacityLimiter({CAP})")
+    print("   unbounded: no limit vs task group + tg.start_soon(noop, x)")
+    for note in NOTES[:3]:
+        print(wrapped(note))
+    print()
+    print(overhead_table(overhead))
+    print()
+    print(
+        f"2. Rate accuracy, run_on_each(max_at_once={RATE_WORKERS}, "
+        f"limiter=RateLimiter(rate, burst)), ~{sizes.rate_seconds:g} s per case"
+    )
+    print("   ratio = achieved / rate; w=...: most starts in any window / bound b + rate*w + 1")
+    print()
+    print(rate_table(rate))
+    print()
+    print(
+        f"3. Peak RSS growth, {sizes.memory_items} generated items, max_at_once={CAP}, "
+        f"one fresh process each"
+    )
+    print(wrapped(NOTES[3]))
+    print()
+    print(memory_table(memory))
+    print()
+    print(f"Summary ({total:.0f} s)")
+    for target in targets:
+        print(
+            f"  {verdict(target['passed'])}  {target['name']}: {target['value']} "
+            f"(target {target['limit']})"
+        )
+    print()
+
+    document: Json = {
+        "mode": "quick" if quick else "full",
+        "sizes": {
+            "tasks": sizes.tasks,
+            "rounds": sizes.rounds,
+            "rate_seconds": sizes.rate_seconds,
+            "memory_items": sizes.memory_items,
+        },
+        "versions": versions(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "backends": backends,
+        "seconds": total,
+        "notes": NOTES,
+        "overhead": overhead,
+        "rate": rate,
+        "memory": memory,
+        "targets": targets,
+        "passed": all(target["passed"] for target in targets),
+    }
+    text = format_json(document)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+    print(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="~10x smaller sizes (smoke run)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the JSON here")
+    parser.add_argument(
+        "--memory-probe", nargs=2, metavar=("NAME", "BACKEND"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.memory_probe is not None:
+        name, backend = args.memory_probe
+        print(json.dumps(memory_probe(name, backend, sizes.memory_items)))
+        return 0
+    run_benchmarks(args.quick, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,848 @@
+"""RedisLimiter against raw Redis round trips, measured side by side in one run.
+
+Run ``python bench/redis.py`` (about a minute) or ``python bench/redis.py --quick`` (about
+20 s); ``--json FILE`` also writes the final JSON document to FILE. The script starts its own
+``redis-server`` on a free loopback port and re-invokes itself as a pool of worker processes
+(hidden ``--worker`` argument) that start each measurement together at a shared wall-clock
+time.
+Every verdict is a ratio or a count from this run; absolute numbers are printed only to make
+them readable, and move with whatever else the machine is doing.
+
+1. Throughput. Each process runs 16 coroutines (asyncio, one ``redis.asyncio.Redis`` client
+   per process) that loop on ``permit = await limiter.acquire(); await permit.release()`` for
+   a fixed time; completions are counted. Limiters: *rate-only* (``max_per_second=1e9``, so
+   nothing ever waits: the cost of one script call), *concurrency-only* (``max_at_once`` far
+   above the number of coroutines: an acquire and a release script call per cycle) and
+   *both*. The same coroutines with the same client also loop on raw PING, and on a raw
+   EVALSHA of ``acquire.lua`` with the rate-only limiter's keys and arguments (what one script
+   call costs without the limiter's Python around it). The phases are interleaved in rounds
+   and end with a PING phase, so a change in machine load hits all of them alike.
+   ``ratio = acquisitions/s / PING/s``, with 1 and with 8 processes. The diagnostic columns
+   give the client CPU per operation (process CPU time / completions) and, per process
+   count, the redis-server time per PING and per EVALSHA from ``INFO commandstats``.
+   Targets: rate-only >= 0.8, concurrency-only >= 0.4 (two round trips per cycle).
+2. Redis commands per task under contention. 2 and 8 processes share one limiter with
+   ``max_at_once=4``; each runs 8 workers doing 5 ms tasks inside ``limiter.slot()``, so most
+   acquisitions queue and are woken through the mailbox. ``INFO commandstats`` is read before
+   and after with a separate client. *Client commands* are what the limiter processes sent
+   (EVALSHA, EVAL, BLPOP, anything else except the benchmark's own INFO); *in-script commands*
+   are the ones the Lua scripts ran (the ``redis.call`` names found in ``lua/*.lua``), shown
+   for information. The split per script comes from counting calls in each worker's client
+   adapter. Targets: <= 4 client commands per task, and at most 10 % more with 8 processes
+   than with 2.
+3. Handoff latency. Two processes ping-pong the only slot of a ``max_at_once=1`` limiter,
+   holding it 3 ms so the other is always queued: the holder records ``time.time()`` just
+   before ``release()``, the waiter right after ``acquire()`` returns. The floor next to it is
+   the same ping-pong over raw RPUSH / BLPOP between the same two processes.
+   Target: p50 <= 2 ms.
+
+The 8-process rows run more processes than a small machine has cores, next to redis-server
+itself: read the ratio, not the absolute rate. The exit status is 0 whatever the verdicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.metadata
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# This file is named redis.py: run as a script, its directory comes first on sys.path and
+# would shadow the redis package. Drop that entry before anything imports redis-py.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
+
+import anyio  # noqa: E402
+import anyio.to_thread  # noqa: E402
+import redis.asyncio  # noqa: E402
+
+from aiometer_redis import RedisLimiter  # noqa: E402
+from aiometer_redis._client import RedisPyClient, ScriptArg  # noqa: E402
+from aiometer_redis._scripts import Script, all_scripts, load_script, script_dir  # noqa: E402
+from aiometer_redis._server import RedisServer  # noqa: E402
+
+_READY = "READY"
+_START_LEAD_SECONDS = 0.3
+_PHASE_GAP_SECONDS = 0.15
+_WORKER_TIMEOUT_SECONDS = 120.0
+_BLPOP_TIMEOUT_SECONDS = 5.0
+
+_COROUTINES_PER_PROCESS = 16
+_THROUGHPUT_PROCESSES = (1, 8)
+_FAST_RATE = 1e9
+_HIGH_MAX_AT_ONCE = 10_000
+_PING = "PING"
+_RAW_SCRIPT = "EVALSHA acquire.lua"
+_LIMITER_PHASES = ("rate-only", "concurrency-only", "both")
+_ROUND = (_PING, _RAW_SCRIPT, *_LIMITER_PHASES)
+
+_CONTENTION_PROCESSES = (2, 8)
+_CONTENTION_MAX_AT_ONCE = 4
+_CONTENTION_WORKERS = 8
+_CONTENTION_TASK_SECONDS = 0.005
+
+_HANDOFF_HOLD_SECONDS = 0.003
+
+_TARGET_RATIOS = {"rate-only": 0.8, "concurrency-only": 0.4}
+_TARGET_COMMANDS_PER_TASK = 4.0
+_TARGET_COMMANDS_GROWTH = 1.10
+_TARGET_HANDOFF_P50_MS = 2.0
+
+Spec = dict[str, Any]
+Result = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Settings:
+    rounds: int
+    phase_seconds: float
+    contention_tasks: int  # in total, split evenly over the processes
+    handoff_rounds: int  # per process
+
+
+_FULL = _Settings(rounds=4, phase_seconds=0.75, contention_tasks=1600, handoff_rounds=200)
+_QUICK = _Settings(rounds=1, phase_seconds=0.4, contention_tasks=400, handoff_rounds=50)
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    target: str
+    measured: str
+    passed: bool
+
+
+# -- worker side: every measurement is a stage (READY, wait for the start time, result) ------
+
+
+async def _stage_start() -> float:
+    print(_READY, flush=True)
+    line = await anyio.to_thread.run_sync(sys.stdin.readline)
+    if not line:
+        raise RuntimeError("the coordinator closed stdin before the start time")
+    start = float(line)
+    await anyio.sleep(max(0.0, start - time.time()))
+    return start
+
+
+def _stage_result(result: Result) -> None:
+    print(json.dumps(result), flush=True)
+
+
+class _CountingClient(RedisPyClient):
+    """The redis-py adapter, counting script calls by name and BLPOP replies by outcome."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        super().__init__(client)
+        self.calls: Counter[str] = Counter()
+
+    async def run_script(
+        self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]
+    ) -> Any:
+        self.calls[script.name] += 1
+        return await super().run_script(script, keys, args)
+
+    async def blpop(self, key: str, timeout: float) -> str | None:
+        message = await super().blpop(key, timeout)
+        self.calls["blpop (message)" if message is not None else "blpop (timed out)"] += 1
+        return message
+
+
+async def _ping(client: redis.asyncio.Redis) -> None:
+    await client.ping()
+
+
+async def _open_connections(client: redis.asyncio.Redis, count: int) -> None:
+    # Concurrent PINGs make the pool open its connections now, so that no connection
+    # handshake falls inside a measured window.
+    async with anyio.create_task_group() as task_group:
+        for _ in range(count):
+            task_group.start_soon(_ping, client)
+
+
+async def _cycle(limiter: RedisLimiter) -> None:
+    permit = await limiter.acquire()
+    await permit.release()
+
+
+async def _count_completions(
+    operation: Callable[[], Awaitable[object]], begin: float, end: float, coroutines: int
+) -> tuple[int, float]:
+    """Loop *operation* in each coroutine from *begin*; return (completions by *end*, CPU s)."""
+    await anyio.sleep(max(0.0, begin - time.time()))
+    counts: list[int] = []
+
+    async def loop() -> None:
+        done = 0
+        while True:
+            await operation()
+            if time.time() > end:
+                break
+            done += 1
+        counts.append(done)
+
+    cpu = time.process_time()
+    async with anyio.create_task_group() as task_group:
+        for _ in range(coroutines):
+            task_group.start_soon(loop)
+    return sum(counts), time.process_time() - cpu
+
+
+def _raw_acquire_call(
+    client: redis.asyncio.Redis, limiter: RedisLimiter
+) -> Callable[[], Awaitable[object]]:
+    """EVALSHA of acquire.lua with *limiter*'s keys and arguments, straight through redis-py."""
+    script = load_script("acquire")
+    # The argument header is private to the limiter; reading it keeps this call byte-identical
+    # to the limiter's own (floats as repr, like aiometer_redis._client does).
+    header = [repr(arg) if isinstance(arg, float) else str(arg) for arg in limiter._header]
+    keys = limiter.keys
+    waiter_ids = (f"rawbench{os.getpid()}:{n}" for n in itertools.count())
+
+    def call() -> Awaitable[object]:
+        result: Awaitable[object] = client.evalsha(
+            script.sha1, len(keys), *keys, *header, next(waiter_ids)
+        )
+        return result
+
+    return call
+
+
+async def _throughput_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
+    prefix: str = spec["prefix"]
+    coroutines: int = spec["coroutines"]
+    seconds: float = spec["seconds"]
+    async with AsyncExitStack() as stack:
+        limiters = {
+            "rate-only": RedisLimiter(client, f"{prefix}:rate", max_per_second=_FAST_RATE),
+            "concurrency-only": RedisLimiter(
+                client, f"{prefix}:concurrency", max_at_once=_HIGH_MAX_AT_ONCE
+            ),
+            "both": RedisLimiter(
+                client, f"{prefix}:both", max_at_once=_HIGH_MAX_AT_ONCE, max_per_second=_FAST_RATE
+            ),
+        }
+        operations: dict[str, Callable[[], Awaitable[object]]] = {
+            _PING: client.ping,
+            _RAW_SCRIPT: _raw_acquire_call(client, limiters["rate-only"]),
+        }
+        for phase, limiter in limiters.items():
+            await stack.enter_async_context(limiter)
+            operations[phase] = functools.partial(_cycle, limiter)
+        for operation in operations.values():
+            await operation()
+        await _open_connections(client, coroutines + 2)
+        start = await _stage_start()
+        counts: list[int] = []
+        cpu: list[float] = []
+        for index, phase in enumerate(spec["phases"]):
+            begin = start + index * (seconds + _PHASE_GAP_SECONDS)
+            done, used = await _count_completions(
+                operations[phase], begin, begin + seconds, coroutines
+            )
+            counts.append(done)
+            cpu.append(used)
+    _stage_result({"counts": counts, "cpu": cpu})
+
+
+async def _contention_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
+    adapter = _CountingClient(client)
+    task_seconds: float = spec["task_seconds"]
+    todo = iter(range(spec["tasks"]))
+    async with RedisLimiter(adapter, spec["name"], max_at_once=spec["max_at_once"]) as limiter:
+
+        async def work() -> None:
+            for _ in todo:
+                async with limiter.slot():
+                    await anyio.sleep(task_seconds)
+
+        await _open_connections(client, spec["workers"] + 2)
+        adapter.calls.clear()
+        start = await _stage_start()
+        async with anyio.create_task_group() as task_group:
+            for _ in range(spec["workers"]):
+                task_group.start_soon(work)
+        seconds = time.time() - start
+        calls = dict(adapter.calls)
+    _stage_result({"calls": calls, "seconds": seconds})
+
+
+async def _handoff_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
+    """Stage 1: ping-pong through the limiter. Stage 2: the same over raw RPUSH / BLPOP."""
+    role: int = spec["role"]
+    rounds: int = spec["rounds"]
+    await _open_connections(client, 3)
+    holds: list[tuple[float, float]] = []
+    async with RedisLimiter(client, spec["name"], max_at_once=1) as limiter:
+        await _stage_start()
+        for _ in range(rounds):
+            permit = await limiter.acquire()
+            acquired = time.time()
+            await anyio.sleep(_HANDOFF_HOLD_SECONDS)
+            released = time.time()
+            await permit.release()
+            holds.append((acquired, released))
+    _stage_result({"holds": holds})
+
+    inbox, outbox = f"{spec['name']}:raw:{role}", f"{spec['name']}:raw:{1 - role}"
+    latencies: list[float] = []
+    await _stage_start()
+    if role == 0:
+        await anyio.sleep(_HANDOFF_HOLD_SECONDS)
+        await client.rpush(outbox, repr(time.time()))
+    for _ in range(rounds):
+        reply = await client.blpop([inbox], timeout=_BLPOP_TIMEOUT_SECONDS)
+        received = time.time()
+        if reply is None:
+            raise RuntimeError(f"raw handoff: nothing in {inbox} for {_BLPOP_TIMEOUT_SECONDS} s")
+        latencies.append(received - float(reply[1]))
+        await anyio.sleep(_HANDOFF_HOLD_SECONDS)
+        await client.rpush(outbox, repr(time.time()))
+    _stage_result({"latencies": latencies})
+
+
+_WORKERS: dict[str, Callable[[redis.asyncio.Redis, Spec], Awaitable[None]]] = {
+    "throughput": _throughput_worker,
+    "contention": _contention_worker,
+    "handoff": _handoff_worker,
+}
+
+
+async def _serve() -> None:
+    """Worker process: run one spec per line of stdin, until stdin closes."""
+    print(_READY, flush=True)
+    while line := await anyio.to_thread.run_sync(sys.stdin.readline):
+        spec: Spec = json.loads(line)
+        client = redis.asyncio.Redis.from_url(spec["url"])
+        try:
+            await _WORKERS[spec["kind"]](client, spec)
+        finally:
+            await client.aclose()
+
+
+# -- coordinator side --------------------------------------------------------------------------
+
+
+class _Pool:
+    """Worker processes running this file, reused by every measurement (blocking calls).
+
+    Starting the processes once keeps interpreter start-up out of the run time and keeps
+    processes that are still importing off the CPU while another measurement runs.
+    """
+
+    def __init__(self, size: int) -> None:
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+        self._processes = [
+            subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for _ in range(size)
+        ]
+        self._active = self._processes
+
+    def _send(self, process: subprocess.Popen[str], line: str) -> None:
+        assert process.stdin is not None
+        process.stdin.write(line + "\n")
+        process.stdin.flush()
+
+    def _receive(self, process: subprocess.Popen[str]) -> str:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a worker exited with {process.wait()} (its traceback is above)")
+        return line
+
+    def wait_ready(self) -> None:
+        """Wait until every active worker has set up and printed READY."""
+        for process in self._active:
+            line = self._receive(process).strip()
+            if line != _READY:
+                raise RuntimeError(f"a worker printed {line!r} instead of {_READY}")
+
+    def assign(self, specs: Sequence[Spec]) -> None:
+        """Hand one spec to each of the first ``len(specs)`` workers."""
+        if len(specs) > len(self._processes):
+            raise ValueError(f"{len(specs)} specs for {len(self._processes)} workers")
+        self._active = self._processes[: len(specs)]
+        for process, spec in zip(self._active, specs, strict=True):
+            self._send(process, json.dumps(spec))
+
+    def run_stage(self) -> list[Result]:
+        """Send one shared start time; return every active worker's result for the stage."""
+        start = time.time() + _START_LEAD_SECONDS
+        for process in self._active:
+            self._send(process, repr(start))
+        return [json.loads(self._receive(process)) for process in self._active]
+
+    def close(self) -> None:
+        """Let the workers exit (end of input); kill any that do not within the time-out."""
+        for process in self._processes:
+            if process.stdin is not None and not process.stdin.closed:
+                process.stdin.close()
+        deadline = time.monotonic() + _WORKER_TIMEOUT_SECONDS
+        for process in self._processes:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def _blocking(function: Callable[[], Any]) -> Any:
+    # Abandoned on time-out; closing the pool then kills the workers, which ends the read.
+    with anyio.fail_after(_WORKER_TIMEOUT_SECONDS):
+        return await anyio.to_thread.run_sync(function, abandon_on_cancel=True)
+
+
+async def _run_stages(
+    pool: _Pool,
+    specs: Sequence[Spec],
+    stages: int = 1,
+    before_start: Callable[[], Awaitable[None]] | None = None,
+) -> list[list[Result]]:
+    """Run one spec per worker through *stages* stages; return the results stage by stage."""
+    await _blocking(functools.partial(pool.assign, specs))
+    results: list[list[Result]] = []
+    for _ in range(stages):
+        await _blocking(pool.wait_ready)
+        if before_start is not None:
+            await before_start()
+        results.append(await _blocking(pool.run_stage))
+    return results
+
+
+def _percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in (headers, *rows)) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [cells[0].ljust(widths[0])]
+        parts += [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+
+
+def _verdict(passed: bool) -> str:
+    return "PASS" if passed else "FAIL"
+
+
+def _script_command_names() -> frozenset[str]:
+    """Lower-case names of every command the Lua scripts run through ``redis.call``."""
+    pattern = re.compile(r"redis\.call\(\s*'(\w+)'")
+    names: set[str] = set()
+    for path in sorted(script_dir().glob("*.lua")):
+        names.update(name.lower() for name in pattern.findall(path.read_text()))
+    return frozenset(names)
+
+
+@dataclass
+class _CommandStats:
+    """``INFO commandstats`` totals by command name (lower case, e.g. ``client|setinfo``)."""
+
+    calls: Counter[str]
+    usec: Counter[str]
+
+    @classmethod
+    async def read(cls, client: redis.asyncio.Redis) -> _CommandStats:
+        stats: dict[str, dict[str, Any]] = await client.info("commandstats")
+        calls: Counter[str] = Counter()
+        usec: Counter[str] = Counter()
+        for key, values in stats.items():
+            name = key.removeprefix("cmdstat_")
+            calls[name] = int(values["calls"])
+            usec[name] = int(values["usec"])
+        return cls(calls, usec)
+
+    def __sub__(self, earlier: _CommandStats) -> _CommandStats:
+        return _CommandStats(self.calls - earlier.calls, self.usec - earlier.usec)
+
+    def usec_per_call(self, name: str) -> float:
+        return self.usec[name] / max(self.calls[name], 1)
+
+
+class _Snapshot:
+    """Reads ``INFO commandstats`` when awaited (the "before" of a measurement)."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self._client = client
+        self.stats = _CommandStats(Counter(), Counter())
+
+    async def __call__(self) -> None:
+        self.stats = await _CommandStats.read(self._client)
+
+
+def _section(title: str) -> None:
+    print(f"\n{title}\n")
+
+
+async def _throughput(
+    pool: _Pool,
+    url: str,
+    stats_client: redis.asyncio.Redis,
+    settings: _Settings,
+    verdicts: list[_Verdict],
+) -> list[Result]:
+    phases = [*(_ROUND * settings.rounds), _PING]
+    _section(
+        "1. Acquisitions per second vs PING round trips per second\n"
+        f"{_COROUTINES_PER_PROCESS} coroutines per process; {settings.rounds} interleaved "
+        f"round(s) of {settings.phase_seconds:g} s per phase.\n"
+        "ratio = ops/s / PING/s of the same processes; range = lowest-highest round;\n"
+        "CPU = client process CPU time per completed operation."
+    )
+    measured: list[Result] = []
+    for processes in _THROUGHPUT_PROCESSES:
+        spec = {
+            "kind": "throughput",
+            "url": url,
+            "prefix": f"throughput-{processes}",
+            "coroutines": _COROUTINES_PER_PROCESS,
+            "seconds": settings.phase_seconds,
+            "phases": phases,
+        }
+        snapshot = _Snapshot(stats_client)
+        (results,) = await _run_stages(pool, [spec] * processes, before_start=snapshot)
+        server = await _CommandStats.read(stats_client) - snapshot.stats
+        rates: dict[str, list[float]] = {}
+        cpu: Counter[str] = Counter()
+        completions: Counter[str] = Counter()
+        for index, phase in enumerate(phases):
+            done = sum(result["counts"][index] for result in results)
+            rates.setdefault(phase, []).append(done / settings.phase_seconds)
+            completions[phase] += done
+            cpu[phase] += sum(result["cpu"][index] for result in results)
+        ping = sum(rates[_PING]) / len(rates[_PING])
+        rows: list[list[str]] = []
+        workloads: list[Result] = []
+        for phase in (_PING, _RAW_SCRIPT, *_LIMITER_PHASES):
+            rate = sum(rates[phase]) / len(rates[phase])
+            ratio = rate / ping
+            cpu_us = cpu[phase] / completions[phase] * 1e6
+            target = _TARGET_RATIOS.get(phase)
+            rows.append(
+                [
+                    phase,
+                    f"{rate:,.0f}",
+                    f"{min(rates[phase]):,.0f}-{max(rates[phase]):,.0f}",
+                    f"{ratio:.2f}x",
+                    f"{cpu_us:.0f}",
+                    f">= {target:.1f}x" if target is not None else "",
+                    _verdict(ratio >= target) if target is not None else "",
+                ]
+            )
+            if target is not None:
+                verdicts.append(
+                    _Verdict(
+                        f"{phase} acquire+release, {processes} process(es): >= {target:.1f}x PING",
+                        f"{ratio:.2f}x",
+                        ratio >= target,
+                    )
+                )
+            workloads.append(
+                {
+                    "workload": phase,
+                    "ops_per_second": rate,
+                    "ops_per_second_by_round": rates[phase],
+                    "ratio_to_ping": ratio,
+                    "client_cpu_us_per_op": cpu_us,
+                    "target_ratio": target,
+                }
+            )
+        print(f"{processes} process(es):")
+        headers = ["workload", "ops/s", "range", "ratio", "CPU us/op", "target", "result"]
+        print(_table(headers, rows))
+        print(
+            f"redis-server time per call: PING {server.usec_per_call('ping'):.1f} us, "
+            f"EVALSHA {server.usec_per_call('evalsha'):.1f} us (all script phases)\n"
+        )
+        measured.append(
+            {
+                "processes": processes,
+                "ping_per_second": ping,
+                "workloads": workloads,
+                "server_usec_per_ping": server.usec_per_call("ping"),
+                "server_usec_per_evalsha": server.usec_per_call("evalsha"),
+            }
+        )
+    return measured
+
+
+async def _contention(
+    pool: _Pool,
+    url: str,
+    stats_client: redis.asyncio.Redis,
+    settings: _Settings,
+    verdicts: list[_Verdict],
+) -> list[Result]:
+    _section(
+        f"2. Redis commands per task: max_at_once={_CONTENTION_MAX_AT_ONCE}, "
+        f"{_CONTENTION_WORKERS} workers per process, {_CONTENTION_TASK_SECONDS * 1000:g} ms "
+        f"tasks, {settings.contention_tasks} tasks in all\n"
+        f"target: <= {_TARGET_COMMANDS_PER_TASK:g} client commands per task"
+    )
+    in_script = _script_command_names()
+    measured: list[Result] = []
+    rows: list[list[str]] = []
+    split_rows: list[list[str]] = []
+    script_columns = [
+        "acquire",
+        "release",
+        "cancel",
+        "renew",
+        "blpop (message)",
+        "blpop (timed out)",
+    ]
+    for processes in _CONTENTION_PROCESSES:
+        tasks_each = settings.contention_tasks // processes
+        tasks = tasks_each * processes
+        spec = {
+            "kind": "contention",
+            "url": url,
+            "name": f"contention-{processes}",
+            "max_at_once": _CONTENTION_MAX_AT_ONCE,
+            "workers": _CONTENTION_WORKERS,
+            "tasks": tasks_each,
+            "task_seconds": _CONTENTION_TASK_SECONDS,
+        }
+        snapshot = _Snapshot(stats_client)
+        (results,) = await _run_stages(pool, [spec] * processes, before_start=snapshot)
+        delta = (await _CommandStats.read(stats_client) - snapshot.stats).calls
+        del delta["info"]  # the "before" snapshot itself
+        client_commands = {n: c for n, c in delta.items() if n not in in_script}
+        script_commands = {n: c for n, c in delta.items() if n in in_script}
+        client_per_task = sum(client_commands.values()) / tasks
+        script_per_task = sum(script_commands.values()) / tasks
+        seconds = max(result["seconds"] for result in results)
+        adapter_calls: Counter[str] = Counter()
+        for result in results:
+            adapter_calls.update(result["calls"])
+        passed = client_per_task <= _TARGET_COMMANDS_PER_TASK
+        verdicts.append(
+            _Verdict(
+                f"client commands per task, {processes} processes: "
+                f"<= {_TARGET_COMMANDS_PER_TASK:g}",
+                f"{client_per_task:.2f}",
+                passed,
+            )
+        )
+        rows.append(
+            [
+                str(processes),
+                str(tasks),
+                f"{tasks / seconds:,.0f}",
+                f"{client_per_task:.2f}",
+                _verdict(passed),
+                ", ".join(f"{n} {c / tasks:.2f}" for n, c in sorted(client_commands.items())),
+                f"{script_per_task:.1f}",
+            ]
+        )
+        split_rows.append(
+            [str(processes)] + [f"{adapter_calls[name] / tasks:.2f}" for name in script_columns]
+        )
+        measured.append(
+            {
+                "processes": processes,
+                "tasks": tasks,
+                "seconds": seconds,
+                "client_commands_per_task": client_per_task,
+                "in_script_commands_per_task": script_per_task,
+                "client_commands": client_commands,
+                "in_script_commands": script_commands,
+                "adapter_calls": dict(adapter_calls),
+            }
+        )
+    headers = [
+        "processes",
+        "tasks",
+        "tasks/s",
+        "client cmds/task",
+        "result",
+        "client commands by name",
+        "in-script cmds/task",
+    ]
+    print(_table(headers, rows))
+    print("\nCalls per task counted in the workers' client adapter:\n")
+    print(_table(["processes", *script_columns], split_rows))
+    first, last = measured[0], measured[-1]
+    growth = last["client_commands_per_task"] / first["client_commands_per_task"]
+    passed = growth <= _TARGET_COMMANDS_GROWTH
+    verdicts.append(
+        _Verdict(
+            f"client commands per task, {last['processes']} vs {first['processes']} processes: "
+            f"<= {_TARGET_COMMANDS_GROWTH:.2f}x",
+            f"{growth:.2f}x",
+            passed,
+        )
+    )
+    print(
+        f"\nGrowth from {first['processes']} to {last['processes']} processes: {growth:.2f}x "
+        f"(target <= {_TARGET_COMMANDS_GROWTH:.2f}x) {_verdict(passed)}"
+    )
+    return measured
+
+
+def _latency_summary(samples: Sequence[float]) -> Result:
+    milliseconds = [sample * 1000 for sample in samples]
+    return {
+        "samples": len(milliseconds),
+        "p50_ms": _percentile(milliseconds, 0.50),
+        "p99_ms": _percentile(milliseconds, 0.99),
+        "max_ms": max(milliseconds),
+    }
+
+
+async def _handoff(pool: _Pool, url: str, settings: _Settings, verdicts: list[_Verdict]) -> Result:
+    _section(
+        "3. Release-to-start handoff between two processes "
+        f"(max_at_once=1, slot held {_HANDOFF_HOLD_SECONDS * 1000:g} ms)"
+    )
+    rounds = settings.handoff_rounds
+    specs = [
+        {"kind": "handoff", "url": url, "name": "handoff", "role": role, "rounds": rounds}
+        for role in (0, 1)
+    ]
+    limiter_results, raw_results = await _run_stages(pool, specs, stages=2)
+    holds = sorted(
+        (acquired, released, role)
+        for role, result in enumerate(limiter_results)
+        for acquired, released in result["holds"]
+    )
+    # A handoff is a hold that follows one of the other process; the last holds of the
+    # process that finishes second follow its own and are not handoffs.
+    handoffs = [
+        later[0] - earlier[1]
+        for earlier, later in itertools.pairwise(holds)
+        if earlier[2] != later[2]
+    ]
+    overlaps = sum(1 for latency in handoffs if latency < 0)
+    raw = [latency for result in raw_results for latency in result["latencies"]]
+    limiter_summary = _latency_summary(handoffs)
+    raw_summary = _latency_summary(raw)
+    rows = [
+        [
+            label,
+            str(summary["samples"]),
+            f"{summary['p50_ms']:.3f}",
+            f"{summary['p99_ms']:.3f}",
+            f"{summary['max_ms']:.3f}",
+        ]
+        for label, summary in (
+            ("RedisLimiter: release() -> acquire() returns", limiter_summary),
+            ("floor: RPUSH -> BLPOP returns", raw_summary),
+        )
+    ]
+    print(_table(["handoff", "samples", "p50 ms", "p99 ms", "max ms"], rows))
+    ratio = limiter_summary["p50_ms"] / raw_summary["p50_ms"]
+    passed = limiter_summary["p50_ms"] <= _TARGET_HANDOFF_P50_MS
+    print(
+        f"\np50 vs floor: {ratio:.1f}x; overlapping holds (must be 0): {overlaps}; "
+        f"p50 target <= {_TARGET_HANDOFF_P50_MS:g} ms {_verdict(passed)}"
+    )
+    verdicts.append(
+        _Verdict(
+            f"handoff p50 <= {_TARGET_HANDOFF_P50_MS:g} ms",
+            f"{limiter_summary['p50_ms']:.3f} ms",
+            passed,
+        )
+    )
+    return {
+        "limiter": limiter_summary,
+        "raw_floor": raw_summary,
+        "p50_vs_floor": ratio,
+        "overlapping_holds": overlaps,
+    }
+
+
+async def _bench(quick: bool) -> Result:
+    settings = _QUICK if quick else _FULL
+    started = time.monotonic()
+    verdicts: list[_Verdict] = []
+    with RedisServer() as server:
+        pool = _Pool(max(*_THROUGHPUT_PROCESSES, *_CONTENTION_PROCESSES))
+        stats_client = redis.asyncio.Redis.from_url(server.url)
+        try:
+            await _blocking(pool.wait_ready)
+            server_info: dict[str, Any] = await stats_client.info("server")
+            for script in all_scripts().values():
+                await stats_client.script_load(script.source)
+            environment = {
+                "mode": "quick" if quick else "full",
+                "redis_server": server_info["redis_version"],
+                "python": platform.python_version(),
+                "redis_py": importlib.metadata.version("redis"),
+                "cpus": os.cpu_count(),
+                "load_average_at_start": os.getloadavg()[0],
+            }
+            print(
+                f"RedisLimiter benchmark ({environment['mode']}): "
+                f"redis-server {environment['redis_server']}, Python {environment['python']}, "
+                f"redis-py {environment['redis_py']}, {environment['cpus']} CPUs, "
+                f"load average {environment['load_average_at_start']:.2f}"
+            )
+            throughput = await _throughput(pool, server.url, stats_client, settings, verdicts)
+            contention = await _contention(pool, server.url, stats_client, settings, verdicts)
+            handoff = await _handoff(pool, server.url, settings, verdicts)
+        finally:
+            await stats_client.aclose()
+            await anyio.to_thread.run_sync(pool.close)
+    elapsed = time.monotonic() - started
+    _section("Summary")
+    print(
+        _table(
+            ["target", "measured", "result"],
+            [[v.target, v.measured, _verdict(v.passed)] for v in verdicts],
+        )
+    )
+    print(
+        f"\n{sum(v.passed for v in verdicts)} of {len(verdicts)} targets met in {elapsed:.0f} s\n"
+    )
+    return {
+        "environment": environment,
+        "throughput": throughput,
+        "commands_per_task": contention,
+        "handoff": handoff,
+        "targets": [
+            {"target": v.target, "measured": v.measured, "passed": v.passed} for v in verdicts
+        ],
+        "seconds": elapsed,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="RedisLimiter vs raw Redis round trips.")
+    parser.add_argument("--quick", action="store_true", help="a ~20 s smoke run")
+    parser.add_argument("--json", metavar="FILE", type=Path, help="also write the JSON to FILE")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        anyio.run(_serve, backend="asyncio")
+        return 0
+    document = anyio.run(_bench, args.quick, backend="asyncio")
+    text = json.dumps(document, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
