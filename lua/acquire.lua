@@ -1,4 +1,5 @@
--- acquire.lua: take a slot for a waiter, or queue it and report its position.
+-- acquire.lua: take a slot for one or more waiters, or queue them and report
+-- their positions.
 --
 -- KEYS (the same six, in this order, for every script; all share one hash tag):
 --   1 holders  ZSET   lease id -> lease expiry (integer microseconds, server time)
@@ -12,7 +13,8 @@
 -- that owns a waiter, ARGV[7] .. <process id>, where the process id is the part
 -- of the waiter id before the first ':'. This is deliberate: the set of
 -- processes is open-ended. The prefix carries the limiter's hash tag, so the
--- mailbox lives in the same cluster slot as KEYS.
+-- mailbox lives in the same cluster slot as KEYS. (acquire.lua itself never
+-- posts to a mailbox.)
 --
 -- ARGV (common header):
 --   1 now_us         '' = read the server clock (TIME); an integer = use it (tests only)
@@ -22,17 +24,30 @@
 --   5 lease_ttl_us   integer >= 1
 --   6 key_ttl_ms     integer >= 1; every written key is given at least this TTL
 --   7 mailbox prefix e.g. 'aiometer:{name}:mb:'
---   8 waiter id      '<process id>:<n>'; becomes the lease id when granted
+--   8 ..            one or more waiter ids '<process id>:<n>'; a waiter id
+--                    becomes the lease id when granted
 --
--- Reply:
+-- The call does exactly what one call per waiter id, in ARGV order and with the
+-- same now, would do (expired leases and dead waiters are purged once, first):
+-- an id later in the batch queues behind the ones before it and gets a later
+-- ticket or token, and consecutive rate reservations follow each other.
+--
+-- Reply: an array with one element per waiter id, in ARGV order:
 --   {1, token, delay_us}  granted; start after delay_us (rate limit), token is a
 --                         fencing token. Repeating the call for a waiter that
 --                         already holds a lease (granted by a handoff, or a retry
 --                         after a lost reply) returns the same grant and changes
---                         nothing. With max_at_once = 0 no lease is kept, so a
---                         retry reserves another rate slot.
+--                         nothing.
 --   {0, ahead}            queued; ahead = 0-based position in the queue. The
 --                         waiter's liveness is extended to now + lease_ttl_us.
+--
+-- Rate only (max_at_once = 0) takes a fast path: no lease is kept, so holders,
+-- queue, waiters and grants are neither read nor written (nor purged); only tat
+-- and seq are. Every id is granted, a retry reserves another rate slot, and
+-- token i of the batch (0-based) is first + i, the tokens coming from one
+-- INCRBY seq <number of ids>.
+--
+-- Only the keys the call wrote get their TTL refreshed (see expire_written).
 -- Errors: 'ERR_ARG ...' for malformed arguments (nothing is written).
 
 if redis.replicate_commands then pcall(redis.replicate_commands) end
@@ -51,7 +66,6 @@ local burst = tonumber(ARGV[4])
 local lease_ttl = tonumber(ARGV[5])
 local key_ttl_ms = tonumber(ARGV[6])
 local mailbox_prefix = ARGV[7]
-local waiter_id = ARGV[8]
 
 -- ---------------------------------------------------------------------------
 -- Shared helpers. Redis has no includes, so this block is repeated verbatim
@@ -118,6 +132,46 @@ local function ttl_until(until_us, now)
   return math.max(key_ttl_ms, math.ceil((until_us - now) / 1000) + key_ttl_ms)
 end
 
+-- What this call added to holders (and grants), to the queue or waiters, and
+-- to seq: expire_written refreshes the TTL of exactly those keys. Removing
+-- members is not recorded: it never makes a key need to live longer than the
+-- TTL it was given when the members were written.
+local wrote_holders = false
+local wrote_queue = false
+local wrote_seq = false
+
+-- The GCRA state is read at most once per call, kept here while the call
+-- reserves slots, and written back once, with its TTL, by flush_tat.
+local tat_loaded = false
+local tat_value = 0
+local tat_text = nil
+
+-- Reserves the next GCRA slot; returns the start delay in whole microseconds.
+local function reserve(now)
+  if not tat_loaded then
+    tat_value = tonumber(redis.call('GET', tat_key) or '') or 0
+    tat_loaded = true
+  end
+  local t = math.max(tat_value, now)
+  local delay = math.max(0, t - (burst - 1) * interval - now)
+  -- Keep the TAT exactly as stored ('%.3f'), as if it were written and read
+  -- back between two reservations.
+  tat_text = string.format('%.3f', t + interval)
+  tat_value = tonumber(tat_text)
+  return math.ceil(delay)
+end
+
+-- Writes the TAT back if this call moved it, with a TTL that outlasts it.
+-- Returns true if it wrote.
+local function flush_tat(now)
+  if tat_text == nil then
+    return false
+  end
+  redis.call('SET', tat_key, tat_text, 'PX', int(ttl_until(tat_value, now)))
+  tat_text = nil
+  return true
+end
+
 -- Drops a bounded number of expired leases and dead waiters, so one call never
 -- does unbounded work; whatever is left is picked up by the next call.
 local function purge(now)
@@ -133,25 +187,27 @@ local function purge(now)
   end
 end
 
--- Gives `id` a fencing token and, when rate limited, reserves the next GCRA
--- slot. Returns token, delay_us (integer, how long the holder must wait).
+-- Takes queued waiters out of the queue (and out of waiters) before a grant.
+local function unqueue(ids)
+  redis.call('ZREM', queue_key, unpack(ids))
+  redis.call('ZREM', waiters_key, unpack(ids))
+end
+
+-- Makes `id` a holder (only when max_at_once > 0): a fencing token, when rate
+-- limited the next GCRA slot, and a lease running from the start. A queued id
+-- must be unqueued first. Returns token, delay_us (integer, how long the
+-- holder must wait).
 local function grant(id, now)
-  redis.call('ZREM', queue_key, id)
-  redis.call('ZREM', waiters_key, id)
   local token = redis.call('INCR', seq_key)
+  wrote_seq = true
   local delay = 0
   if interval > 0 then
-    local tat = tonumber(redis.call('GET', tat_key) or '') or 0
-    local t = math.max(tat, now)
-    delay = math.max(0, t - (burst - 1) * interval - now)
-    redis.call('SET', tat_key, string.format('%.3f', t + interval))
+    delay = reserve(now)
   end
-  delay = math.ceil(delay)
   local start_at = now + delay
-  if max_at_once > 0 then
-    redis.call('ZADD', holders_key, int(start_at + lease_ttl), id)
-    redis.call('HSET', grants_key, id, int(token) .. '|' .. int(start_at))
-  end
+  redis.call('ZADD', holders_key, int(start_at + lease_ttl), id)
+  redis.call('HSET', grants_key, id, int(token) .. '|' .. int(start_at))
+  wrote_holders = true
   return token, delay
 end
 
@@ -160,30 +216,43 @@ local function process_of(id)
 end
 
 -- Moves queue heads into free concurrency slots, in ticket order, and posts
--- "<waiter id>|<token>|<delay_us>" to each new holder's process mailbox.
+-- "<waiter id>|<token>|<delay_us>" to each new holder's process mailbox (one
+-- RPUSH per process, messages in grant order). Returns how many were granted.
 local function handoff(now)
   if max_at_once <= 0 then
     return 0
   end
-  local granted = 0
-  local budget = math.min(max_at_once, 100)
-  while granted < budget and redis.call('ZCARD', holders_key) < max_at_once do
-    local head = redis.call('ZRANGE', queue_key, 0, 0)[1]
-    if not head then
-      break
-    end
-    local token, delay = grant(head, now)
-    local mailbox = mailbox_prefix .. process_of(head)
-    redis.call('RPUSH', mailbox, head .. '|' .. int(token) .. '|' .. int(delay))
-    redis.call('PEXPIRE', mailbox, int(key_ttl_ms))
-    granted = granted + 1
+  local free = math.min(max_at_once - redis.call('ZCARD', holders_key), 100)
+  if free <= 0 then
+    return 0
   end
-  return granted
+  local heads = redis.call('ZRANGE', queue_key, 0, free - 1)
+  if #heads == 0 then
+    return 0
+  end
+  unqueue(heads)
+  local processes = {}
+  local messages = {}
+  for _, head in ipairs(heads) do
+    local token, delay = grant(head, now)
+    local process = process_of(head)
+    if messages[process] == nil then
+      messages[process] = {}
+      processes[#processes + 1] = process
+    end
+    local box = messages[process]
+    box[#box + 1] = head .. '|' .. int(token) .. '|' .. int(delay)
+  end
+  for _, process in ipairs(processes) do
+    local mailbox = mailbox_prefix .. process
+    redis.call('RPUSH', mailbox, unpack(messages[process]))
+    redis.call('PEXPIRE', mailbox, int(key_ttl_ms))
+  end
+  return #heads
 end
 
--- Every key gets a TTL so an abandoned limiter disappears. Leases and the GCRA
--- state may point into the future; those keys live until then plus key_ttl_ms.
-local function expire_keys(now)
+-- holders and grants live until the last lease's expiry plus key_ttl_ms.
+local function expire_holders(now)
   local last = redis.call('ZRANGE', holders_key, -1, -1, 'WITHSCORES')
   local holders_ttl = key_ttl_ms
   if #last == 2 then
@@ -191,12 +260,43 @@ local function expire_keys(now)
   end
   redis.call('PEXPIRE', holders_key, int(holders_ttl))
   redis.call('PEXPIRE', grants_key, int(holders_ttl))
+end
+
+-- Every key gets a TTL so an abandoned limiter disappears. Leases and the GCRA
+-- state may point into the future; those keys live until then plus key_ttl_ms.
+--
+-- expire_written refreshes only what this call added to; a key it did not add
+-- to is absent or kept the TTL it got when it was written. queue and waiters
+-- are refreshed together (a waiter's liveness must not outlive its ticket), and
+-- with them seq (whose counter must outlive the tickets it handed out).
+local function expire_written(now)
+  flush_tat(now)
+  if wrote_holders then
+    expire_holders(now)
+  end
+  if wrote_queue then
+    redis.call('PEXPIRE', queue_key, int(key_ttl_ms))
+    redis.call('PEXPIRE', waiters_key, int(key_ttl_ms))
+    wrote_seq = true
+  end
+  if wrote_seq then
+    redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
+  end
+end
+
+-- expire_keys refreshes every key, whatever the call wrote: for scripts whose
+-- own code writes keys without recording it (renew.lua, cancel.lua).
+local function expire_keys(now)
+  local tat_written = flush_tat(now)
+  expire_holders(now)
   redis.call('PEXPIRE', queue_key, int(key_ttl_ms))
   redis.call('PEXPIRE', waiters_key, int(key_ttl_ms))
   redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
-  local tat = tonumber(redis.call('GET', tat_key) or '')
-  if tat then
-    redis.call('PEXPIRE', tat_key, int(ttl_until(tat, now)))
+  if not tat_written then
+    local tat = tonumber(redis.call('GET', tat_key) or '')
+    if tat then
+      redis.call('PEXPIRE', tat_key, int(ttl_until(tat, now)))
+    end
   end
 end
 -- End of shared helpers.
@@ -206,44 +306,82 @@ local err = check_common_args()
 if err then
   return err
 end
-if waiter_id == nil or not string.find(waiter_id, '^[^:]+:') then
-  return bad_arg('waiter id', "'<process id>:<n>'", waiter_id)
+local count = #ARGV - 7
+if count < 1 then
+  return bad_arg('waiter id', "'<process id>:<n>' (at least one)", nil)
+end
+for i = 8, #ARGV do
+  if not string.find(ARGV[i], '^[^:]+:') then
+    return bad_arg('waiter id', "'<process id>:<n>'", ARGV[i])
+  end
 end
 
 local now = read_now()
-purge(now)
+local replies = {}
 
-local reply
-if redis.call('ZSCORE', holders_key, waiter_id) then
-  local grant_info = redis.call('HGET', grants_key, waiter_id) or ''
-  local token, start_at = string.match(grant_info, '^(%d+)|(%d+)$')
-  if token then
-    reply = {1, tonumber(token), math.max(0, tonumber(start_at) - now)}
-  else
-    reply = {1, 0, 0}
-  end
-  return reply
-end
-
+-- Rate only: tat and seq, nothing else. TIME (unless now is given), INCRBY
+-- and PEXPIRE seq, and with a rate limit GET tat and SET tat .. PX: at most
+-- 5 commands, whatever the number of ids.
 if max_at_once == 0 then
-  local token, delay = grant(waiter_id, now)
-  reply = {1, token, delay}
-else
-  local held = redis.call('ZCARD', holders_key)
-  local rank = redis.call('ZRANK', queue_key, waiter_id)
-  local ahead = rank or redis.call('ZCARD', queue_key)
-  if held + ahead < max_at_once then
-    local token, delay = grant(waiter_id, now)
-    reply = {1, token, delay}
-  else
-    if not rank then
-      local ticket = redis.call('INCR', seq_key)
-      redis.call('ZADD', queue_key, int(ticket), waiter_id)
+  local first = redis.call('INCRBY', seq_key, count) - count + 1
+  redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
+  for i = 1, count do
+    local delay = 0
+    if interval > 0 then
+      delay = reserve(now)
     end
-    redis.call('ZADD', waiters_key, int(now + lease_ttl), waiter_id)
-    reply = {0, ahead}
+    replies[i] = {1, first + i - 1, delay}
+  end
+  flush_tat(now)
+  return replies
+end
+
+purge(now)
+-- ZCARD of holders and of the queue, read when first needed and then kept up
+-- to date here as this call grants and queues.
+local held = nil
+local queue_len = nil
+
+for i = 1, count do
+  local id = ARGV[7 + i]
+  if redis.call('ZSCORE', holders_key, id) then
+    local grant_info = redis.call('HGET', grants_key, id) or ''
+    local token, start_at = string.match(grant_info, '^(%d+)|(%d+)$')
+    if token then
+      replies[i] = {1, tonumber(token), math.max(0, tonumber(start_at) - now)}
+    else
+      replies[i] = {1, 0, 0}
+    end
+  else
+    held = held or redis.call('ZCARD', holders_key)
+    local rank = redis.call('ZRANK', queue_key, id)
+    local ahead = rank
+    if not rank then
+      queue_len = queue_len or redis.call('ZCARD', queue_key)
+      ahead = queue_len
+    end
+    if held + ahead < max_at_once then
+      if rank then
+        unqueue({id})
+        if queue_len then
+          queue_len = queue_len - 1
+        end
+      end
+      local token, delay = grant(id, now)
+      held = held + 1
+      replies[i] = {1, token, delay}
+    else
+      if not rank then
+        local ticket = redis.call('INCR', seq_key)
+        redis.call('ZADD', queue_key, int(ticket), id)
+        queue_len = queue_len + 1
+      end
+      redis.call('ZADD', waiters_key, int(now + lease_ttl), id)
+      wrote_queue = true
+      replies[i] = {0, ahead}
+    end
   end
 end
 
-expire_keys(now)
-return reply
+expire_written(now)
+return replies

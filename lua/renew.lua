@@ -118,6 +118,46 @@ local function ttl_until(until_us, now)
   return math.max(key_ttl_ms, math.ceil((until_us - now) / 1000) + key_ttl_ms)
 end
 
+-- What this call added to holders (and grants), to the queue or waiters, and
+-- to seq: expire_written refreshes the TTL of exactly those keys. Removing
+-- members is not recorded: it never makes a key need to live longer than the
+-- TTL it was given when the members were written.
+local wrote_holders = false
+local wrote_queue = false
+local wrote_seq = false
+
+-- The GCRA state is read at most once per call, kept here while the call
+-- reserves slots, and written back once, with its TTL, by flush_tat.
+local tat_loaded = false
+local tat_value = 0
+local tat_text = nil
+
+-- Reserves the next GCRA slot; returns the start delay in whole microseconds.
+local function reserve(now)
+  if not tat_loaded then
+    tat_value = tonumber(redis.call('GET', tat_key) or '') or 0
+    tat_loaded = true
+  end
+  local t = math.max(tat_value, now)
+  local delay = math.max(0, t - (burst - 1) * interval - now)
+  -- Keep the TAT exactly as stored ('%.3f'), as if it were written and read
+  -- back between two reservations.
+  tat_text = string.format('%.3f', t + interval)
+  tat_value = tonumber(tat_text)
+  return math.ceil(delay)
+end
+
+-- Writes the TAT back if this call moved it, with a TTL that outlasts it.
+-- Returns true if it wrote.
+local function flush_tat(now)
+  if tat_text == nil then
+    return false
+  end
+  redis.call('SET', tat_key, tat_text, 'PX', int(ttl_until(tat_value, now)))
+  tat_text = nil
+  return true
+end
+
 -- Drops a bounded number of expired leases and dead waiters, so one call never
 -- does unbounded work; whatever is left is picked up by the next call.
 local function purge(now)
@@ -133,25 +173,27 @@ local function purge(now)
   end
 end
 
--- Gives `id` a fencing token and, when rate limited, reserves the next GCRA
--- slot. Returns token, delay_us (integer, how long the holder must wait).
+-- Takes queued waiters out of the queue (and out of waiters) before a grant.
+local function unqueue(ids)
+  redis.call('ZREM', queue_key, unpack(ids))
+  redis.call('ZREM', waiters_key, unpack(ids))
+end
+
+-- Makes `id` a holder (only when max_at_once > 0): a fencing token, when rate
+-- limited the next GCRA slot, and a lease running from the start. A queued id
+-- must be unqueued first. Returns token, delay_us (integer, how long the
+-- holder must wait).
 local function grant(id, now)
-  redis.call('ZREM', queue_key, id)
-  redis.call('ZREM', waiters_key, id)
   local token = redis.call('INCR', seq_key)
+  wrote_seq = true
   local delay = 0
   if interval > 0 then
-    local tat = tonumber(redis.call('GET', tat_key) or '') or 0
-    local t = math.max(tat, now)
-    delay = math.max(0, t - (burst - 1) * interval - now)
-    redis.call('SET', tat_key, string.format('%.3f', t + interval))
+    delay = reserve(now)
   end
-  delay = math.ceil(delay)
   local start_at = now + delay
-  if max_at_once > 0 then
-    redis.call('ZADD', holders_key, int(start_at + lease_ttl), id)
-    redis.call('HSET', grants_key, id, int(token) .. '|' .. int(start_at))
-  end
+  redis.call('ZADD', holders_key, int(start_at + lease_ttl), id)
+  redis.call('HSET', grants_key, id, int(token) .. '|' .. int(start_at))
+  wrote_holders = true
   return token, delay
 end
 
@@ -160,30 +202,43 @@ local function process_of(id)
 end
 
 -- Moves queue heads into free concurrency slots, in ticket order, and posts
--- "<waiter id>|<token>|<delay_us>" to each new holder's process mailbox.
+-- "<waiter id>|<token>|<delay_us>" to each new holder's process mailbox (one
+-- RPUSH per process, messages in grant order). Returns how many were granted.
 local function handoff(now)
   if max_at_once <= 0 then
     return 0
   end
-  local granted = 0
-  local budget = math.min(max_at_once, 100)
-  while granted < budget and redis.call('ZCARD', holders_key) < max_at_once do
-    local head = redis.call('ZRANGE', queue_key, 0, 0)[1]
-    if not head then
-      break
-    end
-    local token, delay = grant(head, now)
-    local mailbox = mailbox_prefix .. process_of(head)
-    redis.call('RPUSH', mailbox, head .. '|' .. int(token) .. '|' .. int(delay))
-    redis.call('PEXPIRE', mailbox, int(key_ttl_ms))
-    granted = granted + 1
+  local free = math.min(max_at_once - redis.call('ZCARD', holders_key), 100)
+  if free <= 0 then
+    return 0
   end
-  return granted
+  local heads = redis.call('ZRANGE', queue_key, 0, free - 1)
+  if #heads == 0 then
+    return 0
+  end
+  unqueue(heads)
+  local processes = {}
+  local messages = {}
+  for _, head in ipairs(heads) do
+    local token, delay = grant(head, now)
+    local process = process_of(head)
+    if messages[process] == nil then
+      messages[process] = {}
+      processes[#processes + 1] = process
+    end
+    local box = messages[process]
+    box[#box + 1] = head .. '|' .. int(token) .. '|' .. int(delay)
+  end
+  for _, process in ipairs(processes) do
+    local mailbox = mailbox_prefix .. process
+    redis.call('RPUSH', mailbox, unpack(messages[process]))
+    redis.call('PEXPIRE', mailbox, int(key_ttl_ms))
+  end
+  return #heads
 end
 
--- Every key gets a TTL so an abandoned limiter disappears. Leases and the GCRA
--- state may point into the future; those keys live until then plus key_ttl_ms.
-local function expire_keys(now)
+-- holders and grants live until the last lease's expiry plus key_ttl_ms.
+local function expire_holders(now)
   local last = redis.call('ZRANGE', holders_key, -1, -1, 'WITHSCORES')
   local holders_ttl = key_ttl_ms
   if #last == 2 then
@@ -191,12 +246,43 @@ local function expire_keys(now)
   end
   redis.call('PEXPIRE', holders_key, int(holders_ttl))
   redis.call('PEXPIRE', grants_key, int(holders_ttl))
+end
+
+-- Every key gets a TTL so an abandoned limiter disappears. Leases and the GCRA
+-- state may point into the future; those keys live until then plus key_ttl_ms.
+--
+-- expire_written refreshes only what this call added to; a key it did not add
+-- to is absent or kept the TTL it got when it was written. queue and waiters
+-- are refreshed together (a waiter's liveness must not outlive its ticket), and
+-- with them seq (whose counter must outlive the tickets it handed out).
+local function expire_written(now)
+  flush_tat(now)
+  if wrote_holders then
+    expire_holders(now)
+  end
+  if wrote_queue then
+    redis.call('PEXPIRE', queue_key, int(key_ttl_ms))
+    redis.call('PEXPIRE', waiters_key, int(key_ttl_ms))
+    wrote_seq = true
+  end
+  if wrote_seq then
+    redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
+  end
+end
+
+-- expire_keys refreshes every key, whatever the call wrote: for scripts whose
+-- own code writes keys without recording it (renew.lua, cancel.lua).
+local function expire_keys(now)
+  local tat_written = flush_tat(now)
+  expire_holders(now)
   redis.call('PEXPIRE', queue_key, int(key_ttl_ms))
   redis.call('PEXPIRE', waiters_key, int(key_ttl_ms))
   redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
-  local tat = tonumber(redis.call('GET', tat_key) or '')
-  if tat then
-    redis.call('PEXPIRE', tat_key, int(ttl_until(tat, now)))
+  if not tat_written then
+    local tat = tonumber(redis.call('GET', tat_key) or '')
+    if tat then
+      redis.call('PEXPIRE', tat_key, int(ttl_until(tat, now)))
+    end
   end
 end
 -- End of shared helpers.

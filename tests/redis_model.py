@@ -4,7 +4,8 @@
 the per-process mailboxes) in plain dicts and implements each script's contract as
 documented in the scripts' headers. It is written from that contract, not from the
 Lua, so that the hypothesis tests in ``test_scripts.py`` compare two independent
-implementations. Replies have the shape the scripts return after
+implementations. ``acquire`` and ``release`` take a batch (a list) of ids, as the
+scripts do. Replies have the shape the scripts return after
 :func:`aiometer_redis._client.normalize_reply`.
 
 Key TTLs are not modelled; they are checked by dedicated tests.
@@ -116,52 +117,70 @@ class LimiterModel:
 
     # -- the scripts -----------------------------------------------------------------
 
-    def acquire(
-        self,
-        now: int,
-        waiter_id: str,
-        *,
-        max_at_once: int,
-        interval_us: float,
-        burst: int,
-        lease_ttl_us: int,
-    ) -> list[int]:
-        """Model of acquire.lua: ``[1, token, delay_us]`` or ``[0, ahead]``."""
-        limits = Limits(max_at_once, interval_us, burst, lease_ttl_us)
-        self._purge(now)
+    def _acquire_one(self, now: int, waiter_id: str, limits: Limits) -> list[int]:
         if waiter_id in self.holders:
             if waiter_id not in self.grants:
                 return [1, 0, 0]
             token, start_at = self.grants[waiter_id]
             return [1, token, max(0, start_at - now)]
-        if max_at_once == 0:
-            return [1, *self._grant(waiter_id, now, limits)]
         order = self._queue_order()
         queued = waiter_id in self.queue
         ahead = order.index(waiter_id) if queued else len(order)
-        if len(self.holders) + ahead < max_at_once:
+        if len(self.holders) + ahead < limits.max_at_once:
             return [1, *self._grant(waiter_id, now, limits)]
         if not queued:
             self.queue[waiter_id] = self._next_seq()
-        self.waiters[waiter_id] = now + lease_ttl_us
+        self.waiters[waiter_id] = now + limits.lease_ttl_us
         return [0, ahead]
+
+    def acquire(
+        self,
+        now: int,
+        waiter_ids: list[str],
+        *,
+        max_at_once: int,
+        interval_us: float,
+        burst: int,
+        lease_ttl_us: int,
+    ) -> list[list[int]]:
+        """Model of acquire.lua: per waiter id, ``[1, token, delay_us]`` or ``[0, ahead]``.
+
+        One purge, then each id in turn as if acquired alone. Rate only
+        (``max_at_once == 0``) keeps no leases: no purge, no idempotency, every id is
+        granted the next token and rate slot.
+        """
+        if not waiter_ids:
+            raise ValueError("acquire takes at least one waiter id")
+        limits = Limits(max_at_once, interval_us, burst, lease_ttl_us)
+        if max_at_once == 0:
+            return [[1, *self._grant(waiter_id, now, limits)] for waiter_id in waiter_ids]
+        self._purge(now)
+        return [self._acquire_one(now, waiter_id, limits) for waiter_id in waiter_ids]
 
     def release(
         self,
         now: int,
-        lease_id: str,
+        lease_ids: list[str],
         *,
         max_at_once: int,
         interval_us: float,
         burst: int,
         lease_ttl_us: int,
     ) -> list[int]:
-        """Model of release.lua: ``[removed, granted]``."""
+        """Model of release.lua: ``[released, granted]``.
+
+        Every id leaves holders and grants (``released`` counts those that were held),
+        then one purge and one handoff.
+        """
+        if not lease_ids:
+            raise ValueError("release takes at least one lease id")
         limits = Limits(max_at_once, interval_us, burst, lease_ttl_us)
-        removed = int(self.holders.pop(lease_id, None) is not None)
-        self.grants.pop(lease_id, None)
+        released = 0
+        for lease_id in lease_ids:
+            released += self.holders.pop(lease_id, None) is not None
+            self.grants.pop(lease_id, None)
         self._purge(now)
-        return [removed, self._handoff(now, limits)]
+        return [released, self._handoff(now, limits)]
 
     def renew(
         self,
