@@ -15,10 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-__all__ = ["SCRIPT_NAMES", "Script", "all_scripts", "load_script", "script_dir"]
+__all__ = [
+    "PRELUDE",
+    "SCRIPT_NAMES",
+    "WRITERS",
+    "Script",
+    "all_scripts",
+    "load_script",
+    "script_dir",
+]
 
 #: Names of every script, one ``<name>.lua`` file each.
 SCRIPT_NAMES: tuple[str, ...] = ("acquire", "release", "renew", "cancel", "status")
+
+#: The scripts that write. Redis scripts cannot include one another, so each of these is sent
+#: as ``_shared.lua`` (key and argument bindings, shared helpers) followed by its own file.
+WRITERS = frozenset({"acquire", "release", "renew", "cancel"})
+PRELUDE = "_shared"
 
 
 @dataclass(frozen=True)
@@ -69,7 +82,11 @@ def load_script(name: str) -> Script:
     if name not in SCRIPT_NAMES:
         raise ValueError(f"unknown script {name!r}, expected one of {', '.join(SCRIPT_NAMES)}")
     # Bytes, not text mode: the SHA1 must match the bytes Redis receives.
-    source = (script_dir() / f"{name}.lua").read_bytes().decode("utf-8")
+    directory = script_dir()
+    source = (directory / f"{name}.lua").read_bytes().decode("utf-8")
+    if name in WRITERS:
+        prelude = (directory / f"{PRELUDE}.lua").read_bytes().decode("utf-8")
+        source = prelude + "\n" + source
     return Script.from_source(name, source)
 
 

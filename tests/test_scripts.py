@@ -41,7 +41,15 @@ from aiometer_redis._client import (
     adapt,
     normalize_reply,
 )
-from aiometer_redis._scripts import SCRIPT_NAMES, Script, all_scripts, load_script, script_dir
+from aiometer_redis._scripts import (
+    PRELUDE,
+    SCRIPT_NAMES,
+    WRITERS,
+    Script,
+    all_scripts,
+    load_script,
+    script_dir,
+)
 from aiometer_redis._server import ENV_VAR, RedisServer, find_redis_server
 
 NOW = 1_700_000_000_000_000
@@ -958,22 +966,19 @@ async def test_contended_acquire_and_release_refresh_only_what_they_write(
 # -- the scripts as files ----------------------------------------------------------------
 
 
-def _between(text: str, start: str, end: str) -> str:
-    return text[text.index(start) : text.index(end)]
-
-
-def test_shared_helpers_are_identical_in_every_script() -> None:
-    writers = [load_script(name).source for name in ("acquire", "release", "renew", "cancel")]
-    helpers = {_between(src, "-- Shared helpers.", "-- End of shared helpers.") for src in writers}
-    assert len(helpers) == 1
-    prologue = {
-        _between(src, "if redis.replicate_commands", "local mailbox_prefix") for src in writers
-    }
-    assert len(prologue) == 1
-    for source in writers:
-        header = source[: source.index("if redis.replicate_commands")]
-        for word in ("KEYS", "ARGV", "Reply", "mailbox"):
-            assert word in header
+def test_writers_are_sent_with_the_shared_prelude() -> None:
+    prelude = (script_dir() / f"{PRELUDE}.lua").read_text("utf-8")
+    for name in SCRIPT_NAMES:
+        source = load_script(name).source
+        own = (script_dir() / f"{name}.lua").read_text("utf-8")
+        if name in WRITERS:
+            assert source == prelude + "\n" + own
+            assert "if redis.replicate_commands" not in own
+            header = own[: own.index("-- The prelude lua/_shared.lua comes first")]
+            for word in ("KEYS", "ARGV", "Reply", "mailbox"):
+                assert word in header
+        else:
+            assert source == own
 
 
 def test_load_script_reads_and_caches() -> None:
@@ -983,6 +988,8 @@ def test_load_script_reads_and_caches() -> None:
         assert script is load_script(name)
         assert script.name == name
         raw = (script_dir() / f"{name}.lua").read_bytes()
+        if name in WRITERS:
+            raw = (script_dir() / f"{PRELUDE}.lua").read_bytes() + b"\n" + raw
         assert script.source.encode() == raw
         assert script.sha1 == hashlib.sha1(raw).hexdigest()
     with pytest.raises(ValueError, match="unknown script 'nope'"):

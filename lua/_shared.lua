@@ -1,0 +1,257 @@
+-- _shared.lua: the prelude of acquire.lua, release.lua, renew.lua and cancel.lua.
+--
+-- Redis scripts cannot include each other, so aiometer_redis/_scripts.py sends
+-- this file followed by the operation's own file as one script (its SHA1 is that
+-- of the concatenation). It binds the six KEYS and the common ARGV[1..7] that
+-- every writing script receives (see the header of each script) and defines the
+-- helpers they share. It is not a script on its own.
+
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+
+local holders_key = KEYS[1]
+local queue_key = KEYS[2]
+local waiters_key = KEYS[3]
+local tat_key = KEYS[4]
+local seq_key = KEYS[5]
+local grants_key = KEYS[6]
+
+local now_arg = ARGV[1]
+local max_at_once = tonumber(ARGV[2])
+local interval = tonumber(ARGV[3])
+local burst = tonumber(ARGV[4])
+local lease_ttl = tonumber(ARGV[5])
+local key_ttl_ms = tonumber(ARGV[6])
+local mailbox_prefix = ARGV[7]
+
+-- ---------------------------------------------------------------------------
+-- Shared helpers.
+
+-- Integers are always sent to Redis through '%d': Lua's tostring() switches to
+-- exponent notation above 1e14, and microsecond timestamps are larger than that.
+local function int(x)
+  return string.format('%d', x)
+end
+
+local function is_finite(n)
+  return n ~= nil and n == n and n ~= math.huge and n ~= -math.huge
+end
+
+local function is_int(n, min)
+  return is_finite(n) and n == math.floor(n) and n >= min
+end
+
+local function bad_arg(name, expected, raw)
+  return redis.error_reply('ERR_ARG ' .. name .. ' must be ' .. expected .. ', got ' .. tostring(raw))
+end
+
+-- Returns an error reply for the first malformed common argument, or nil.
+local function check_common_args()
+  if #KEYS ~= 6 then
+    return redis.error_reply('ERR_ARG expected 6 keys, got ' .. #KEYS)
+  end
+  if now_arg == nil or (now_arg ~= '' and not is_int(tonumber(now_arg), 0)) then
+    return bad_arg('now_us', 'empty or an integer >= 0', now_arg)
+  end
+  if not is_int(max_at_once, 0) then
+    return bad_arg('max_at_once', 'an integer >= 0', ARGV[2])
+  end
+  if not (is_finite(interval) and interval >= 0) then
+    return bad_arg('interval_us', 'a finite number >= 0', ARGV[3])
+  end
+  if not is_int(burst, 1) then
+    return bad_arg('burst', 'an integer >= 1', ARGV[4])
+  end
+  if not is_int(lease_ttl, 1) then
+    return bad_arg('lease_ttl_us', 'an integer >= 1', ARGV[5])
+  end
+  if not is_int(key_ttl_ms, 1) then
+    return bad_arg('key_ttl_ms', 'an integer >= 1', ARGV[6])
+  end
+  if mailbox_prefix == nil then
+    return bad_arg('mailbox_prefix', 'a string', nil)
+  end
+  return nil
+end
+
+local function read_now()
+  if now_arg ~= '' then
+    return tonumber(now_arg)
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- Milliseconds a key must live so that it outlasts `until_us` by key_ttl_ms.
+local function ttl_until(until_us, now)
+  return math.max(key_ttl_ms, math.ceil((until_us - now) / 1000) + key_ttl_ms)
+end
+
+-- What this call added to holders (and grants), to the queue or waiters, and
+-- to seq: expire_written refreshes the TTL of exactly those keys. Removing
+-- members is not recorded: it never makes a key need to live longer than the
+-- TTL it was given when the members were written.
+local wrote_holders = false
+local wrote_queue = false
+local wrote_seq = false
+
+-- The GCRA state is read at most once per call, kept here while the call
+-- reserves slots, and written back once, with its TTL, by flush_tat.
+local tat_loaded = false
+local tat_value = 0
+local tat_text = nil
+
+-- Reserves the next GCRA slot; returns the start delay in whole microseconds.
+local function reserve(now)
+  if not tat_loaded then
+    tat_value = tonumber(redis.call('GET', tat_key) or '') or 0
+    tat_loaded = true
+  end
+  local t = math.max(tat_value, now)
+  local delay = math.max(0, t - (burst - 1) * interval - now)
+  -- Keep the TAT exactly as stored ('%.3f'), as if it were written and read
+  -- back between two reservations.
+  tat_text = string.format('%.3f', t + interval)
+  tat_value = tonumber(tat_text)
+  return math.ceil(delay)
+end
+
+-- Writes the TAT back if this call moved it, with a TTL that outlasts it.
+-- Returns true if it wrote.
+local function flush_tat(now)
+  if tat_text == nil then
+    return false
+  end
+  redis.call('SET', tat_key, tat_text, 'PX', int(ttl_until(tat_value, now)))
+  tat_text = nil
+  return true
+end
+
+-- Drops a bounded number of expired leases and dead waiters, so one call never
+-- does unbounded work; whatever is left is picked up by the next call.
+local function purge(now)
+  local expired = redis.call('ZRANGEBYSCORE', holders_key, '-inf', int(now), 'LIMIT', 0, 100)
+  if #expired > 0 then
+    redis.call('ZREM', holders_key, unpack(expired))
+    redis.call('HDEL', grants_key, unpack(expired))
+  end
+  local dead = redis.call('ZRANGEBYSCORE', waiters_key, '-inf', int(now), 'LIMIT', 0, 100)
+  if #dead > 0 then
+    redis.call('ZREM', waiters_key, unpack(dead))
+    redis.call('ZREM', queue_key, unpack(dead))
+  end
+end
+
+-- Takes queued waiters out of the queue (and out of waiters) before a grant.
+local function unqueue(ids)
+  redis.call('ZREM', queue_key, unpack(ids))
+  redis.call('ZREM', waiters_key, unpack(ids))
+end
+
+-- Makes `id` a holder (only when max_at_once > 0): a fencing token, when rate
+-- limited the next GCRA slot, and a lease running from the start. A queued id
+-- must be unqueued first. Returns token, delay_us (integer, how long the
+-- holder must wait).
+local function grant(id, now)
+  local token = redis.call('INCR', seq_key)
+  wrote_seq = true
+  local delay = 0
+  if interval > 0 then
+    delay = reserve(now)
+  end
+  local start_at = now + delay
+  redis.call('ZADD', holders_key, int(start_at + lease_ttl), id)
+  redis.call('HSET', grants_key, id, int(token) .. '|' .. int(start_at))
+  wrote_holders = true
+  return token, delay
+end
+
+local function process_of(id)
+  return string.match(id, '^([^:]*):') or id
+end
+
+-- Moves queue heads into free concurrency slots, in ticket order, and posts
+-- "<waiter id>|<token>|<delay_us>" to each new holder's process mailbox (one
+-- RPUSH per process, messages in grant order). Returns how many were granted.
+local function handoff(now)
+  if max_at_once <= 0 then
+    return 0
+  end
+  local free = math.min(max_at_once - redis.call('ZCARD', holders_key), 100)
+  if free <= 0 then
+    return 0
+  end
+  local heads = redis.call('ZRANGE', queue_key, 0, free - 1)
+  if #heads == 0 then
+    return 0
+  end
+  unqueue(heads)
+  local processes = {}
+  local messages = {}
+  for _, head in ipairs(heads) do
+    local token, delay = grant(head, now)
+    local process = process_of(head)
+    if messages[process] == nil then
+      messages[process] = {}
+      processes[#processes + 1] = process
+    end
+    local box = messages[process]
+    box[#box + 1] = head .. '|' .. int(token) .. '|' .. int(delay)
+  end
+  for _, process in ipairs(processes) do
+    local mailbox = mailbox_prefix .. process
+    redis.call('RPUSH', mailbox, unpack(messages[process]))
+    redis.call('PEXPIRE', mailbox, int(key_ttl_ms))
+  end
+  return #heads
+end
+
+-- holders and grants live until the last lease's expiry plus key_ttl_ms.
+local function expire_holders(now)
+  local last = redis.call('ZRANGE', holders_key, -1, -1, 'WITHSCORES')
+  local holders_ttl = key_ttl_ms
+  if #last == 2 then
+    holders_ttl = ttl_until(tonumber(last[2]), now)
+  end
+  redis.call('PEXPIRE', holders_key, int(holders_ttl))
+  redis.call('PEXPIRE', grants_key, int(holders_ttl))
+end
+
+-- Every key gets a TTL so an abandoned limiter disappears. Leases and the GCRA
+-- state may point into the future; those keys live until then plus key_ttl_ms.
+--
+-- expire_written refreshes only what this call added to; a key it did not add
+-- to is absent or kept the TTL it got when it was written. queue and waiters
+-- are refreshed together (a waiter's liveness must not outlive its ticket), and
+-- with them seq (whose counter must outlive the tickets it handed out).
+local function expire_written(now)
+  flush_tat(now)
+  if wrote_holders then
+    expire_holders(now)
+  end
+  if wrote_queue then
+    redis.call('PEXPIRE', queue_key, int(key_ttl_ms))
+    redis.call('PEXPIRE', waiters_key, int(key_ttl_ms))
+    wrote_seq = true
+  end
+  if wrote_seq then
+    redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
+  end
+end
+
+-- expire_keys refreshes every key, whatever the call wrote: for scripts whose
+-- own code writes keys without recording it (renew.lua, cancel.lua).
+local function expire_keys(now)
+  local tat_written = flush_tat(now)
+  expire_holders(now)
+  redis.call('PEXPIRE', queue_key, int(key_ttl_ms))
+  redis.call('PEXPIRE', waiters_key, int(key_ttl_ms))
+  redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
+  if not tat_written then
+    local tat = tonumber(redis.call('GET', tat_key) or '')
+    if tat then
+      redis.call('PEXPIRE', tat_key, int(ttl_until(tat, now)))
+    end
+  end
+end
+-- End of shared helpers.
+-- ---------------------------------------------------------------------------
