@@ -312,7 +312,7 @@ def plot(
     if max_at_once is not None:
         top.axhline(max_at_once, color="red", linestyle="--", label=f"max_at_once = {max_at_once}")
     top.set_ylabel("requests in flight")
-    top.legend(loc="upper right")
+    top.legend(loc="lower center")
     bottom.bar(times, arrivals, width=0.09, align="edge", label="arrivals per 100 ms")
     if max_per_second is not None:
         bottom.axhline(
