@@ -176,6 +176,10 @@ class _Entry:
 
 _PENDING: Any = object()
 
+# Ids per script call: large enough to carry a busy process's calls, small enough that one call
+# stays short (the scripts handle thousands, the tests send 2500).
+_MAX_BATCH = 256
+
 
 class _Batcher:
     """Merges the script calls that the coroutines of one process make at the same time.
@@ -207,7 +211,8 @@ class _Batcher:
             self._busy = True
             try:
                 while entry.reply is _PENDING and entry.error is None:
-                    batch, self._queue = self._queue, []
+                    batch = self._queue[:_MAX_BATCH]
+                    del self._queue[:_MAX_BATCH]
                     try:
                         replies = await self._run([e.item for e in batch])
                     except BaseException as exc:

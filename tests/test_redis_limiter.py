@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import redis.asyncio
 from windows import max_overlap, window_violations
@@ -169,6 +170,38 @@ async def test_script_flush_mid_run(server: RedisServer, name: str, raw: Any) ->
     ) as limiter:
         await aiometer.run_on_each(task, range(40), limiter=limiter)
         assert (await limiter.statistics()).holders == ()
+
+
+async def _script_calls(raw: Any) -> int:
+    stats = await raw.info("commandstats")
+    return sum(
+        int(value["calls"])
+        for key, value in stats.items()
+        if key in ("cmdstat_evalsha", "cmdstat_eval")
+    )
+
+
+@pytest.mark.anyio
+async def test_concurrent_calls_of_a_process_share_script_calls(
+    server: RedisServer, name: str, raw: Any
+) -> None:
+    async def task(_: int) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    # 50 workers asking at once: their acquisitions and releases travel together.
+    async with RedisLimiter.from_url(server.url, name, max_at_once=1000) as limiter:
+        before = await _script_calls(raw)
+        await aiometer.run_on_each(task, range(300), limiter=limiter, max_at_once=50)
+        calls = await _script_calls(raw) - before
+        assert (await limiter.statistics()).holders == ()
+    # Unmerged, 300 tasks would cost 600 calls (an acquire and a release each).
+    assert calls < 0.8 * 600, calls
+
+    async with RedisLimiter.from_url(server.url, name + "-rate", max_per_second=100_000) as rate:
+        before = await _script_calls(raw)
+        await aiometer.run_on_each(task, range(300), limiter=rate, max_at_once=50)
+        calls = await _script_calls(raw) - before
+    assert calls < 0.5 * 300, calls
 
 
 @pytest.mark.anyio
