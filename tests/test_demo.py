@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +71,48 @@ def test_demo_catches_a_broken_limit() -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     assert "BROKEN" in result.stdout
     assert "A limit was broken." in result.stdout
+
+
+@pytest.mark.slow
+def test_target_and_worker_roles(server: RedisServer) -> None:
+    # The docker-compose / Kubernetes shape: one target process, workers started separately.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    limits = ["--max-at-once", "3", "--max-per-second", "50", "--task-time", "0.05"]
+    demo = [sys.executable, "-m", "aiometer_redis", "demo"]
+    target = subprocess.Popen(
+        [*demo, "--role", "target", "--port", str(port), *limits],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert target.stdout is not None
+        assert "target listening on" in target.stdout.readline()
+        workers = [
+            subprocess.Popen(
+                [
+                    *demo,
+                    *("--role", "worker", "--worker-id", str(i), "--name", "roles"),
+                    *("--redis-url", server.url, "--target-url", f"http://127.0.0.1:{port}"),
+                    *("--requests", "20", *limits),
+                ]
+            )
+            for i in range(2)
+        ]
+        for worker in workers:
+            assert worker.wait(timeout=60) == 0
+        seen = ""
+        deadline = time.monotonic() + 30
+        while "All limits held." not in seen and time.monotonic() < deadline:
+            seen += target.stdout.readline()
+        assert "All limits held." in seen, seen
+        assert "w0: 20, w1: 20" in seen
+    finally:
+        target.terminate()
+        target.wait(timeout=10)
+        if target.stdout is not None:
+            target.stdout.close()
 
 
 def test_judge_counts_windows_and_overlap() -> None:
