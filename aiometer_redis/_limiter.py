@@ -29,13 +29,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
 import sniffio
 
-from aiometer import ConcurrencyLimiter, Permit
+from aiometer import ConcurrencyLimiter, Permit, RateLimiter
 from aiometer._limiters import SlotMixin
 from aiometer._validation import check_burst, check_max_at_once, check_max_per_second
 
@@ -61,7 +61,10 @@ __all__ = [
 
 logger = logging.getLogger("aiometer_redis")
 
-_KEY_SUFFIXES = ("holders", "queue", "waiters", "tat", "seq", "grants")
+# The longest lease, and the longest burst window, that a limiter accepts (a day).
+_MAX_SECONDS = 86_400
+
+_KEY_SUFFIXES = ("holders", "queue", "waiters", "tat", "seq", "grants", "recent")
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
@@ -250,12 +253,21 @@ class RedisPermit:
         lease_id: the lease's id in Redis (empty for a rate-only limiter, which keeps no lease).
         token: a fencing token, increasing with every grant of this limiter; pass it to a
             downstream system that can reject writes from a holder whose lease was lost.
+            0 for a permit taken in the in-process fallback.
+        fallback: True if Redis was unavailable and the permit comes from the in-process
+            fallback (``on_unavailable="local"``).
     """
 
-    __slots__ = ("_limiter", "_local", "_lost", "_released", "lease_id", "token")
+    __slots__ = ("_limiter", "_local", "_lost", "_released", "fallback", "lease_id", "token")
 
     def __init__(
-        self, limiter: RedisLimiter, lease_id: str, token: int, local: Permit | None
+        self,
+        limiter: RedisLimiter,
+        lease_id: str,
+        token: int,
+        local: Permit | None,
+        *,
+        fallback: bool = False,
     ) -> None:
         self._limiter = limiter
         self._local = local
@@ -263,6 +275,7 @@ class RedisPermit:
         self._released = False
         self.lease_id = lease_id
         self.token = token
+        self.fallback = fallback
 
     def __repr__(self) -> str:
         return f"RedisPermit(lease_id={self.lease_id!r}, token={self.token}, lost={self._lost})"
@@ -281,7 +294,10 @@ class RedisPermit:
             return
         self._released = True
         if not self.lease_id:
-            return  # a rate-only permit: nothing is held
+            # Rate only, or the in-process fallback: nothing is held in Redis.
+            if self._local is not None:
+                await self._local.release()
+            return
         limiter = self._limiter
         with anyio.CancelScope(shield=True):
             try:
@@ -290,9 +306,10 @@ class RedisPermit:
                     try:
                         await limiter._releases.submit(self.lease_id)
                     except RedisUnavailableError as exc:
+                        limiter._orphans.add(self.lease_id)
                         logger.warning(
-                            "limiter %r: could not release lease %s (%s); it expires "
-                            "within lease_ttl",
+                            "limiter %r: could not release lease %s (%s); it is released "
+                            "when Redis answers again, or expires within lease_ttl",
                             limiter.name,
                             self.lease_id,
                             exc,
@@ -331,6 +348,15 @@ class RedisLimiter(SlotMixin):
             and time-outs before :class:`RedisUnavailableError` is raised.
         recheck_interval: how long a queued waiter waits for its wake-up before asking Redis
             again (a fallback; normally the mailbox wakes it within a round trip).
+        on_unavailable: ``"fail"`` (the default) raises :class:`RedisUnavailableError` when
+            Redis does not answer within ``retry_window``: no task starts without Redis's
+            agreement. ``"local"`` falls back to in-process limits instead (the same numbers,
+            but per process: a fleet of N processes may then run N times the limits), probes
+            Redis every second and returns to it when it answers; both transitions are logged
+            as warnings on the ``aiometer_redis`` logger.
+        on_lease_lost: called with a :class:`LeaseLostError` when a renewal finds one of this
+            process's leases expired (besides the warning logged and the count in
+            ``statistics().leases_lost``).
 
     The limits travel with every call: processes configured differently each apply their
     own numbers to their own calls (a rolling deploy converges as old processes leave).
@@ -353,6 +379,8 @@ class RedisLimiter(SlotMixin):
         acquire_timeout: float | None = None,
         retry_window: float = 5.0,
         recheck_interval: float = 1.0,
+        on_unavailable: Literal["fail", "local"] = "fail",
+        on_lease_lost: Callable[[LeaseLostError], object] | None = None,
     ) -> None:
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
@@ -375,10 +403,23 @@ class RedisLimiter(SlotMixin):
             recheck_interval = _check_seconds(recheck_interval, "recheck_interval")
             if acquire_timeout is not None:
                 acquire_timeout = _check_seconds(acquire_timeout, "acquire_timeout")
+            if lease_ttl > _MAX_SECONDS:
+                raise ValueError(f"lease_ttl must be at most {_MAX_SECONDS} s, got {lease_ttl!r}")
+            if max_per_second is not None and burst / max_per_second > _MAX_SECONDS:
+                raise ValueError(
+                    f"burst / max_per_second must be at most {_MAX_SECONDS} s (the rate state "
+                    f"would outlive its keys), got {burst / max_per_second:g} s"
+                )
+            if on_unavailable not in ("fail", "local"):
+                raise ValueError(
+                    f"on_unavailable must be 'fail' or 'local', got {on_unavailable!r}"
+                )
         except ConfigurationError:
             raise
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
+        if on_lease_lost is not None and not callable(on_lease_lost):
+            raise TypeError(f"on_lease_lost must be callable, got {type(on_lease_lost).__name__}")
         self._redis = redis
         self._client: ScriptClient | None = None if redis is None else adapt(redis)
         self._url: str | None = None
@@ -403,7 +444,9 @@ class RedisLimiter(SlotMixin):
             max_at_once or 0,
             interval_us,
             burst,
-            math.ceil(lease_ttl * 1e6),
+            # Without max_at_once there are no leases; the scripts then use this span to
+            # remember rate-only grants, so that a retry within the retry window finds them.
+            math.ceil((lease_ttl if max_at_once else max(lease_ttl, 2 * retry_window)) * 1e6),
             math.ceil(key_ttl * 1000),
             mailbox_prefix,
         ]
@@ -413,6 +456,18 @@ class RedisLimiter(SlotMixin):
         self._transient = _transient_errors()
         self._counter = itertools.count()
         self._local = ConcurrencyLimiter(max_at_once) if max_at_once is not None else None
+        self._on_unavailable = on_unavailable
+        self._on_lease_lost = on_lease_lost
+        # The in-process stand-in while Redis is away (on_unavailable="local"): the local
+        # concurrency gate above, plus a local rate limiter.
+        self._fallback_rate = (
+            RateLimiter(max_per_second, burst=burst) if max_per_second is not None else None
+        )
+        self._in_fallback = False
+        self._task_group: anyio.abc.TaskGroup | None = None
+        # Waiter and lease ids whose last call failed on the client side (see
+        # _withdraw_orphans).
+        self._orphans: set[str] = set()
         self._acquires = _Batcher(self._acquire_many)
         self._releases = _Batcher(self._release_many)
         self._held: dict[str, RedisPermit] = {}
@@ -464,6 +519,7 @@ class RedisLimiter(SlotMixin):
             task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(task_group.cancel_scope.cancel)
             task_group.start_soon(self._renew_loop)
+            self._task_group = task_group
             if self._max_at_once is not None:
                 task_group.start_soon(self._dispatch_loop)
         except BaseException:
@@ -522,21 +578,73 @@ class RedisLimiter(SlotMixin):
 
         Raises:
             AcquireTimeoutError: ``acquire_timeout`` passed first (nothing is left held).
-            RedisUnavailableError: Redis did not answer within ``retry_window``.
+            RedisUnavailableError: Redis did not answer within ``retry_window`` (unless
+                ``on_unavailable="local"``, which falls back to in-process limits instead).
             RuntimeError: the limiter was not entered with ``async with``.
         """
         self._check_open()
         if self._acquire_timeout is None:
-            return await self._acquire()
+            return await self._acquire_or_fall_back()
         try:
             with anyio.fail_after(self._acquire_timeout):
-                return await self._acquire()
+                return await self._acquire_or_fall_back()
         except TimeoutError as exc:
             if isinstance(exc, RedisLimiterError):
                 raise
             raise AcquireTimeoutError(
                 f"limiter {self._name!r}: no slot within {self._acquire_timeout:g}s"
             ) from None
+
+    async def _acquire_or_fall_back(self) -> RedisPermit:
+        if not self._in_fallback:
+            try:
+                return await self._acquire()
+            except RedisUnavailableError as exc:
+                if self._on_unavailable != "local":
+                    raise
+                self._fall_back(exc)
+        return await self._acquire_locally()
+
+    def _fall_back(self, exc: RedisUnavailableError) -> None:
+        if self._in_fallback:
+            return
+        self._in_fallback = True
+        logger.warning(
+            "limiter %r: %s; falling back to in-process limits (per process, not global) "
+            "until Redis answers again",
+            self._name,
+            exc,
+        )
+        assert self._task_group is not None
+        self._task_group.start_soon(self._probe_loop)
+
+    async def _probe_loop(self) -> None:
+        client = self._client
+        assert client is not None
+        while True:
+            await anyio.sleep(min(1.0, self._retry_window))
+            with anyio.move_on_after(self._retry_window):
+                try:
+                    await client.ping()
+                except self._transient:
+                    continue
+                self._in_fallback = False
+                logger.warning(
+                    "limiter %r: Redis is back; leaving the in-process fallback", self._name
+                )
+                await self._withdraw_orphans()
+                return
+
+    async def _acquire_locally(self) -> RedisPermit:
+        local = await self._local.acquire() if self._local is not None else None
+        try:
+            if self._fallback_rate is not None:
+                await self._fallback_rate.acquire()
+        except BaseException:
+            if local is not None:
+                await local.release()
+            raise
+        return RedisPermit(self, "", 0, local, fallback=True)
 
     async def _acquire(self) -> RedisPermit:
         local = await self._local.acquire() if self._local is not None else None
@@ -570,7 +678,14 @@ class RedisLimiter(SlotMixin):
 
     async def _take(self, waiter_id: str) -> tuple[int, int]:
         """Get a grant ``(token, delay_us)`` for *waiter_id*, queueing until one comes."""
-        reply = await self._acquires.submit(waiter_id)
+        try:
+            reply = await self._acquires.submit(waiter_id)
+        except RedisUnavailableError:
+            # The call may have run on the server after we gave up on its reply, leaving a
+            # lease (a rate reservation has nothing to give back).
+            if self._max_at_once is not None:
+                self._orphans.add(waiter_id)
+            raise
         if reply[0] == 1:
             return int(reply[1]), int(reply[2])
         waiter = _Waiter()
@@ -594,9 +709,10 @@ class RedisLimiter(SlotMixin):
                 try:
                     await self._call("cancel", waiter_id)
                 except RedisUnavailableError:
+                    self._orphans.add(waiter_id)
                     logger.warning(
-                        "limiter %r: could not withdraw waiter %s; its entry expires "
-                        "within lease_ttl",
+                        "limiter %r: could not withdraw waiter %s; it is withdrawn when "
+                        "Redis answers again, or expires within lease_ttl",
                         self._name,
                         waiter_id,
                     )
@@ -647,9 +763,25 @@ class RedisLimiter(SlotMixin):
                 waiter.grant = (int(token), int(delay_us))
                 waiter.event.set()
 
+    async def _withdraw_orphans(self) -> None:
+        """Free what calls that failed on the client side may have taken on the server.
+
+        A call whose reply never came (a dropped connection, Redis paused past the retry
+        window) may still have run: an acquire may hold a lease nobody will release, a failed
+        release or cancel left its entry. cancel.lua frees an id whatever state it is in.
+        """
+        for entry_id in list(self._orphans):
+            try:
+                await self._call("cancel", entry_id)
+            except RedisUnavailableError:
+                return
+            self._orphans.discard(entry_id)
+
     async def _renew_loop(self) -> None:
         while True:
             await anyio.sleep(self._lease_ttl / 3)
+            if self._orphans:
+                await self._withdraw_orphans()
             leases = list(self._held)
             waiters = list(self._waiters)
             if not leases and not waiters:
@@ -672,11 +804,23 @@ class RedisLimiter(SlotMixin):
                         self._name,
                         lease_id,
                     )
+                    if self._on_lease_lost is not None:
+                        self._report_lost(lease_id)
             for waiter_id in lost_waiters:
                 waiter = self._waiters.get(waiter_id)
                 if waiter is not None:
                     # Its queue entry expired: wake it so it queues again at once.
                     waiter.event.set()
+
+    def _report_lost(self, lease_id: str) -> None:
+        assert self._on_lease_lost is not None
+        error = LeaseLostError(
+            f"limiter {self._name!r}: lease {lease_id} expired before it was renewed"
+        )
+        try:
+            self._on_lease_lost(error)
+        except Exception:
+            logger.exception("limiter %r: the on_lease_lost callback failed", self._name)
 
     # -- operator views ------------------------------------------------------------------------
 

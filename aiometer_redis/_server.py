@@ -180,11 +180,13 @@ class RedisServer:
             raise
         return self
 
-    def _launch(self, executable: str) -> None:
+    def _launch(self, executable: str, port: int | None = None) -> None:
         # The port is chosen by binding to port 0 and released before redis-server
-        # binds it, so another process may grab it in between; retry on a new port.
+        # binds it, so another process may grab it in between; retry on a new port
+        # (unless a restart asks for the same port again).
+        fixed = port
         for attempt in range(3):
-            port = _free_port()
+            port = fixed if fixed is not None else _free_port()
             args = [
                 executable,
                 "--port",
@@ -210,7 +212,7 @@ class RedisServer:
                 return
             in_use = "Address already in use" in self._log_tail()
             self._terminate()
-            if not in_use or attempt == 2:
+            if not in_use or attempt == 2 or fixed is not None:
                 break
         raise RuntimeError(
             f"redis-server ({executable}) did not answer PING within "
@@ -241,11 +243,46 @@ class RedisServer:
             return
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGCONT)  # a paused server must wake to obey
             try:
                 process.wait(_STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 process.kill()
         process.wait()
+
+    def restart(self, wait_down: float = 0.0) -> None:
+        """Kill the server (SIGKILL, as a crash) and start it again on the same port.
+
+        The data directory is kept, so a server started with persistence in
+        ``extra_args`` (e.g. ``--appendonly yes``) comes back with its data; without it,
+        the data is lost as after a real crash. *wait_down* seconds pass in between.
+        """
+        process, port = self._process, self.port
+        if process is None:
+            raise RuntimeError("the server is not running")
+        self._process = None
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if wait_down > 0:
+            time.sleep(wait_down)
+        try:
+            self._launch(self.executable or find_redis_server(), port)
+        except BaseException:
+            self.stop()
+            raise
+
+    def pause(self) -> None:
+        """Freeze the server with SIGSTOP (clients' requests hang until :meth:`resume`)."""
+        if self._process is None:
+            raise RuntimeError("the server is not running")
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused server run again (SIGCONT)."""
+        if self._process is None:
+            raise RuntimeError("the server is not running")
+        self._process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, SIGKILL after 5 s) and remove its directory.

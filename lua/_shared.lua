@@ -2,7 +2,7 @@
 --
 -- Redis scripts cannot include each other, so aiometer_redis/_scripts.py sends
 -- this file followed by the operation's own file as one script (its SHA1 is that
--- of the concatenation). It binds the six KEYS and the common ARGV[1..7] that
+-- of the concatenation). It binds the seven KEYS and the common ARGV[1..7] that
 -- every writing script receives (see the header of each script) and defines the
 -- helpers they share. It is not a script on its own.
 
@@ -14,6 +14,8 @@ local waiters_key = KEYS[3]
 local tat_key = KEYS[4]
 local seq_key = KEYS[5]
 local grants_key = KEYS[6]
+-- Read and written only by the rate-only path of acquire.lua (see its header).
+local recent_key = KEYS[7]
 
 local now_arg = ARGV[1]
 local max_at_once = tonumber(ARGV[2])
@@ -46,8 +48,8 @@ end
 
 -- Returns an error reply for the first malformed common argument, or nil.
 local function check_common_args()
-  if #KEYS ~= 6 then
-    return redis.error_reply('ERR_ARG expected 6 keys, got ' .. #KEYS)
+  if #KEYS ~= 7 then
+    return redis.error_reply('ERR_ARG expected 7 keys, got ' .. #KEYS)
   end
   if now_arg == nil or (now_arg ~= '' and not is_int(tonumber(now_arg), 0)) then
     return bad_arg('now_us', 'empty or an integer >= 0', now_arg)
@@ -239,7 +241,8 @@ local function expire_written(now)
 end
 
 -- expire_keys refreshes every key, whatever the call wrote: for scripts whose
--- own code writes keys without recording it (renew.lua, cancel.lua).
+-- own code writes keys without recording it (renew.lua, cancel.lua). recent is
+-- the exception: only acquire.lua's rate-only path adds to it, and refreshes it.
 local function expire_keys(now)
   local tat_written = flush_tat(now)
   expire_holders(now)

@@ -1,13 +1,16 @@
 -- acquire.lua: take a slot for one or more waiters, or queue them and report
 -- their positions.
 --
--- KEYS (the same six, in this order, for every script; all share one hash tag):
+-- KEYS (the same seven, in this order, for every script; all share one hash tag):
 --   1 holders  ZSET   lease id -> lease expiry (integer microseconds, server time)
 --   2 queue    ZSET   waiter id -> ticket (from KEYS[5]); lower ticket is served first
 --   3 waiters  ZSET   waiter id -> liveness expiry (microseconds)
 --   4 tat      STRING GCRA theoretical arrival time in microseconds ('%.3f')
 --   5 seq      STRING counter for tickets and fencing tokens
---   6 grants   HASH   lease id -> "<token>|<start_at_us>"
+--   6 grants   HASH   lease id (or remembered rate-only waiter id) ->
+--                     "<token>|<start_at_us>"
+--   7 recent   ZSET   rate-only waiter id -> end of its memory (microseconds);
+--                     only the rate-only path of acquire.lua reads or writes it
 --
 -- One more key is written without being in KEYS: the mailbox of the process
 -- that owns a waiter, ARGV[7] .. <process id>, where the process id is the part
@@ -41,11 +44,33 @@
 --   {0, ahead}            queued; ahead = 0-based position in the queue. The
 --                         waiter's liveness is extended to now + lease_ttl_us.
 --
--- Rate only (max_at_once = 0) takes a fast path: no lease is kept, so holders,
--- queue, waiters and grants are neither read nor written (nor purged); only tat
--- and seq are. Every id is granted, a retry reserves another rate slot, and
--- token i of the batch (0-based) is first + i, the tokens coming from one
--- INCRBY seq <number of ids>.
+-- Rate only (max_at_once = 0) takes a fast path that keeps no lease: holders,
+-- queue and waiters are neither read nor written (nor purged). Every id is
+-- granted, and its grant is remembered, so that a retry after a lost reply
+-- (the same ids sent again) neither reserves a second rate slot nor takes a
+-- second token:
+--   - first, at most 100 memories that ended (score in recent <= now) leave
+--     recent and grants; any others go in later calls;
+--   - an id with a grant "<token>|<start_at_us>" in grants and an end > now in
+--     recent is a retry: its reply is {1, token, max(0, start_at_us - now)} (the
+--     same grant, its delay shorter by the time gone by) and nothing is
+--     reserved or written for it;
+--   - any other id is new: it takes the next token and rate slot, and is
+--     remembered: ZADD recent <now + lease_ttl_us> id, and
+--     HSET grants id "<token>|<now + delay_us>".
+-- So an id given twice in one batch is new the first time and a retry the
+-- second. The new ids of a call take their tokens from one INCRBY seq <number
+-- of new ids> and their rate slots in ARGV order; a call in which no id is new
+-- writes nothing (tat, seq and every TTL stay as they were).
+--
+-- How long an id is remembered: lease_ttl_us (ARGV[5]), so that the ARGV
+-- layout stays that of every other script. A client repeats a call only within
+-- its retry window, which is far shorter than the lease TTL, so a retry always
+-- finds the memory. An id sent after its memory ended is new again, and so is
+-- a remembered id whose grant is gone (release.lua, renew.lua and cancel.lua
+-- delete the grants entry of every id they are given). A rate-only id is never
+-- put in holders. recent and grants, when written, live until
+-- now + lease_ttl_us + key_ttl_ms: past the end of every memory they hold.
 --
 -- Only the keys the call wrote get their TTL refreshed (see expire_written).
 -- Errors: 'ERR_ARG ...' for malformed arguments (nothing is written).
@@ -68,23 +93,105 @@ for i = 8, #ARGV do
   end
 end
 
+-- ---------------------------------------------------------------------------
+-- Rate-only helpers.
+
+-- Ids per command when one command takes the whole batch: unpack() is bounded
+-- by the Lua stack.
+local SLICE = 1000
+
+-- Runs `command key <pairs>` over a flat list of pairs, SLICE pairs at a time.
+local function call_in_slices(command, key, flat)
+  for first = 1, #flat, 2 * SLICE do
+    redis.call(command, key, unpack(flat, first, math.min(first + 2 * SLICE - 1, #flat)))
+  end
+end
+
+-- Forgets at most 100 ended memories (recent and grants), so one call never
+-- does unbounded work; the rest go in later calls.
+local function forget_ended(now)
+  local ended = redis.call('ZRANGEBYSCORE', recent_key, '-inf', int(now), 'LIMIT', 0, 100)
+  if #ended > 0 then
+    redis.call('ZREM', recent_key, unpack(ended))
+    redis.call('HDEL', grants_key, unpack(ended))
+  end
+end
+
+-- The ids of ARGV[8..] that are remembered: id -> {token, start_at_us}; an id
+-- checked and not remembered maps to false. One HMGET grants per SLICE ids;
+-- only an id with a grant (in practice, a retry) costs a ZSCORE recent, to
+-- check that its memory has not ended.
+local function remembered_grants(now)
+  local known = {}
+  for first = 8, #ARGV, SLICE do
+    local last = math.min(first + SLICE - 1, #ARGV)
+    local values = redis.call('HMGET', grants_key, unpack(ARGV, first, last))
+    for i = first, last do
+      local id = ARGV[i]
+      local token, start_at = string.match(values[i - first + 1] or '', '^(%d+)|(%d+)$')
+      if token and known[id] == nil then
+        known[id] = false
+        local ends = tonumber(redis.call('ZSCORE', recent_key, id) or '')
+        if ends and ends > now then
+          known[id] = {tonumber(token), tonumber(start_at)}
+        end
+      end
+    end
+  end
+  return known
+end
+
+-- ---------------------------------------------------------------------------
+
 local now = read_now()
 local replies = {}
 
--- Rate only: tat and seq, nothing else. TIME (unless now is given), INCRBY
--- and PEXPIRE seq, and with a rate limit GET tat and SET tat .. PX: at most
--- 5 commands, whatever the number of ids.
+-- Rate only. With the server clock, a first call runs TIME, ZRANGEBYSCORE
+-- recent (and ZREM recent, HDEL grants when memories ended), HMGET grants,
+-- INCRBY and PEXPIRE seq, GET tat and SET tat .. PX (with a rate limit), ZADD
+-- recent, HSET grants and PEXPIRE recent and grants: 11 commands, whatever the
+-- number of ids (up to SLICE). A retry runs TIME, ZRANGEBYSCORE, HMGET and one
+-- ZSCORE recent per remembered id, and writes nothing.
 if max_at_once == 0 then
-  local first = redis.call('INCRBY', seq_key, count) - count + 1
-  redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
-  for i = 1, count do
-    local delay = 0
-    if interval > 0 then
-      delay = reserve(now)
+  forget_ended(now)
+  local known = remembered_grants(now)
+  local new_ids = {}
+  for i = 8, #ARGV do
+    local id = ARGV[i]
+    if not known[id] then
+      known[id] = {}
+      new_ids[#new_ids + 1] = id
     end
-    replies[i] = {1, first + i - 1, delay}
   end
-  flush_tat(now)
+  if #new_ids > 0 then
+    local before = redis.call('INCRBY', seq_key, #new_ids) - #new_ids
+    redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
+    local ends = int(now + lease_ttl)
+    local members = {}
+    local fields = {}
+    for n, id in ipairs(new_ids) do
+      local delay = 0
+      if interval > 0 then
+        delay = reserve(now)
+      end
+      local token = before + n
+      known[id] = {token, now + delay}
+      members[#members + 1] = ends
+      members[#members + 1] = id
+      fields[#fields + 1] = id
+      fields[#fields + 1] = int(token) .. '|' .. int(now + delay)
+    end
+    call_in_slices('ZADD', recent_key, members)
+    call_in_slices('HSET', grants_key, fields)
+    local memory_ttl = int(ttl_until(now + lease_ttl, now))
+    redis.call('PEXPIRE', recent_key, memory_ttl)
+    redis.call('PEXPIRE', grants_key, memory_ttl)
+    flush_tat(now)
+  end
+  for i = 8, #ARGV do
+    local grant_info = known[ARGV[i]]
+    replies[i - 7] = {1, grant_info[1], math.max(0, grant_info[2] - now)}
+  end
   return replies
 end
 

@@ -1,12 +1,15 @@
 -- status.lua: read-only snapshot of one limiter (safe to run on a replica).
 --
--- KEYS (the same six, in this order, as every other script):
+-- KEYS (the same seven, in this order, as every other script; the first six
+-- alone are accepted too, as recent is not read):
 --   1 holders  ZSET   lease id -> lease expiry (integer microseconds)
 --   2 queue    ZSET   waiter id -> ticket
 --   3 waiters  ZSET   waiter id -> liveness expiry (not reported)
 --   4 tat      STRING GCRA theoretical arrival time in microseconds
 --   5 seq      STRING ticket / token counter
---   6 grants   HASH   lease id -> "<token>|<start_at_us>" (not reported)
+--   6 grants   HASH   lease id (or remembered rate-only waiter id) ->
+--                     "<token>|<start_at_us>" (not reported)
+--   7 recent   ZSET   rate-only waiter id -> end of its memory (not reported)
 --
 -- ARGV:
 --   1 now_us  '' = read the server clock (TIME); an integer = use it (tests only)
@@ -26,8 +29,8 @@ local seq_key = KEYS[5]
 
 local now_arg = ARGV[1]
 
-if #KEYS ~= 6 then
-  return redis.error_reply('ERR_ARG expected 6 keys, got ' .. #KEYS)
+if #KEYS ~= 7 and #KEYS ~= 6 then
+  return redis.error_reply('ERR_ARG expected 7 keys (or the first 6), got ' .. #KEYS)
 end
 
 local now

@@ -1,6 +1,6 @@
 """A pure-Python model of the Redis limiter scripts in ``lua/``.
 
-:class:`LimiterModel` keeps the same state as the six Redis keys of one limiter (plus
+:class:`LimiterModel` keeps the same state as the seven Redis keys of one limiter (plus
 the per-process mailboxes) in plain dicts and implements each script's contract as
 documented in the scripts' headers. It is written from that contract, not from the
 Lua, so that the hypothesis tests in ``test_scripts.py`` compare two independent
@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["HANDOFF_BATCH", "PURGE_BATCH", "LimiterModel", "Limits", "process_of"]
 
-#: At most this many expired leases (and, separately, dead waiters) go per call.
+#: At most this many expired leases (and, separately, dead waiters, and ended rate-only
+#: memories) go per call.
 PURGE_BATCH = 100
 #: At most this many queue heads are granted per handoff.
 HANDOFF_BATCH = 100
@@ -56,6 +57,8 @@ class LimiterModel:
     tat: float | None = None
     seq: int = 0
     grants: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Rate-only waiter id -> end of its memory (µs); its grant is in ``grants``.
+    recent: dict[str, int] = field(default_factory=dict)
     mailboxes: dict[str, list[str]] = field(default_factory=dict)
 
     # -- building blocks -------------------------------------------------------------
@@ -72,6 +75,11 @@ class LimiterModel:
         for waiter_id in self._due(self.waiters, now):
             del self.waiters[waiter_id]
             self.queue.pop(waiter_id, None)
+
+    def _forget_ended(self, now: int) -> None:
+        for waiter_id in self._due(self.recent, now):
+            del self.recent[waiter_id]
+            self.grants.pop(waiter_id, None)
 
     def _next_seq(self) -> int:
         self.seq += 1
@@ -117,6 +125,18 @@ class LimiterModel:
 
     # -- the scripts -----------------------------------------------------------------
 
+    def _acquire_rate_only(self, now: int, waiter_id: str, limits: Limits) -> list[int]:
+        ends = self.recent.get(waiter_id)
+        stored = self.grants.get(waiter_id)
+        if ends is not None and ends > now and stored is not None:
+            # A retry: the remembered grant, nothing reserved.
+            token, start_at = stored
+            return [1, token, max(0, start_at - now)]
+        token, delay = self._grant(waiter_id, now, limits)
+        self.recent[waiter_id] = now + limits.lease_ttl_us
+        self.grants[waiter_id] = (token, now + delay)
+        return [1, token, delay]
+
     def _acquire_one(self, now: int, waiter_id: str, limits: Limits) -> list[int]:
         if waiter_id in self.holders:
             if waiter_id not in self.grants:
@@ -146,14 +166,18 @@ class LimiterModel:
         """Model of acquire.lua: per waiter id, ``[1, token, delay_us]`` or ``[0, ahead]``.
 
         One purge, then each id in turn as if acquired alone. Rate only
-        (``max_at_once == 0``) keeps no leases: no purge, no idempotency, every id is
-        granted the next token and rate slot.
+        (``max_at_once == 0``) keeps no leases but remembers each grant for
+        ``lease_ttl_us``: ended memories are forgotten first (at most
+        :data:`PURGE_BATCH`), then an id remembered (memory ending after ``now``, grant
+        still stored) gets its grant again with the delay left, and any other id is
+        granted the next token and rate slot and remembered.
         """
         if not waiter_ids:
             raise ValueError("acquire takes at least one waiter id")
         limits = Limits(max_at_once, interval_us, burst, lease_ttl_us)
         if max_at_once == 0:
-            return [[1, *self._grant(waiter_id, now, limits)] for waiter_id in waiter_ids]
+            self._forget_ended(now)
+            return [self._acquire_rate_only(now, waiter_id, limits) for waiter_id in waiter_ids]
         self._purge(now)
         return [self._acquire_one(now, waiter_id, limits) for waiter_id in waiter_ids]
 

@@ -30,7 +30,7 @@ import redis.asyncio
 import redis.exceptions
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from redis_model import LimiterModel, process_of
 
 from aiometer_redis._client import (
@@ -54,7 +54,7 @@ from aiometer_redis._server import ENV_VAR, RedisServer, find_redis_server
 
 NOW = 1_700_000_000_000_000
 SECOND = 1_000_000
-KEY_SUFFIXES = ("holders", "queue", "waiters", "tat", "seq", "grants")
+KEY_SUFFIXES = ("holders", "queue", "waiters", "tat", "seq", "grants", "recent")
 
 # Test-only helper scripts, run through the same adapters as the real ones.
 LRANGE = Script.from_source("test_lrange", "return redis.call('LRANGE', KEYS[1], 0, -1)")
@@ -96,8 +96,9 @@ SNAPSHOT = Script.from_source(
       redis.call('GET', KEYS[4]) or '',
       redis.call('GET', KEYS[5]) or '0',
       redis.call('HGETALL', KEYS[6]),
+      redis.call('ZRANGE', KEYS[7], 0, -1, 'WITHSCORES'),
     }
-    for i = 7, #KEYS do
+    for i = 8, #KEYS do
       out[#out + 1] = redis.call('LRANGE', KEYS[i], 0, -1)
     end
     return out
@@ -106,7 +107,7 @@ SNAPSHOT = Script.from_source(
 
 
 def limiter_keys(tag: str) -> list[str]:
-    """The six keys of limiter ``tag``, in script order."""
+    """The seven keys of limiter ``tag``, in script order."""
     return [f"aiometer:{{{tag}}}:{suffix}" for suffix in KEY_SUFFIXES]
 
 
@@ -171,6 +172,15 @@ class Limiter:
     async def status(self, now: int | None) -> Any:
         return await self.client.run_script(
             load_script("status"), self.keys, ["" if now is None else now]
+        )
+
+    async def memories(self) -> tuple[dict[str, int], dict[str, str]]:
+        """The rate-only memories: recent (id -> end) and grants (id -> "token|start")."""
+        snapshot = await self.client.run_script(SNAPSHOT, self.keys, [])
+        grants, recent = snapshot[5], snapshot[6]
+        return (
+            {recent[i]: int(recent[i + 1]) for i in range(0, len(recent), 2)},
+            dict(zip(grants[::2], grants[1::2], strict=True)),
         )
 
     async def mailbox(self, process: str) -> Any:
@@ -495,6 +505,86 @@ async def test_rate_and_concurrency_together(backend: Backend) -> None:
         assert await lim.mailbox("c") == ["c:1|4|199990"]
 
 
+# -- rate only: remembered grants --------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_rate_only_retry_returns_the_same_grants(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, burst=2)
+        first = await lim.acquire(NOW, "p:1", "p:2", "p:3")
+        assert first == [[1, 1, 0], [1, 2, 0], [1, 3, 100_000]]
+        before = await lim.status(NOW)
+        memories = await lim.memories()
+        # The reply was lost: the client sends the same ids again, at once or a bit later.
+        assert await lim.acquire(NOW, "p:1", "p:2", "p:3") == first
+        assert await lim.acquire(NOW + 30_000, "p:3", "p:1") == [[1, 3, 70_000], [1, 1, 0]]
+        assert await lim.acquire(NOW + 150_000, "p:3") == [[1, 3, 0]]
+        # Nothing was reserved again: tat, seq and the memories did not move.
+        assert await lim.status(NOW) == before
+        assert await lim.memories() == memories
+        assert memories == (
+            {"p:1": NOW + SECOND, "p:2": NOW + SECOND, "p:3": NOW + SECOND},
+            {"p:1": f"1|{NOW}", "p:2": f"2|{NOW}", "p:3": f"3|{NOW + 100_000}"},
+        )
+        # In a batch mixing retried and new ids, only the new ids reserve, in order.
+        assert await lim.acquire(NOW + 150_000, "p:4", "p:2", "p:5", "p:4") == [
+            [1, 4, 50_000],
+            [1, 2, 0],
+            [1, 5, 150_000],
+            [1, 4, 50_000],
+        ]
+        assert (await lim.status(NOW + 150_000))[1:] == [[], [], f"{NOW + 500_000}.000", "5"]
+        recent, grants = await lim.memories()
+        assert recent["p:4"] == recent["p:5"] == NOW + 150_000 + SECOND
+        assert grants["p:4"] == f"4|{NOW + 200_000}"
+
+
+@pytest.mark.anyio
+async def test_rate_only_id_is_new_once_its_memory_ended(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, lease_ttl_us=SECOND)
+        assert await lim.acquire(NOW, "p:1") == [[1, 1, 0]]
+        # Remembered for lease_ttl_us: up to, not including, NOW + SECOND.
+        assert await lim.acquire(NOW + SECOND - 1, "p:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW + SECOND, "p:1", "p:1") == [[1, 2, 0], [1, 2, 0]]
+        assert (await lim.status(NOW))[3:] == [f"{NOW + SECOND + 100_000}.000", "2"]
+        assert await lim.memories() == (
+            {"p:1": NOW + 2 * SECOND},
+            {"p:1": f"2|{NOW + SECOND}"},
+        )
+        # A remembered id whose grant was deleted (release.lua is given it) is new too.
+        assert await lim.release(NOW + SECOND + 1, "p:1") == [0, 0]
+        assert await lim.acquire(NOW + SECOND + 2, "p:1") == [[1, 3, 99_998]]
+
+
+@pytest.mark.anyio
+async def test_rate_only_purge_forgets_at_most_100_ended_memories(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=0, lease_ttl_us=SECOND)
+        ids = [f"p:{n}" for n in range(150)]
+        await lim.acquire(NOW, *ids)
+        await lim.acquire(NOW + SECOND // 2, "q:1")
+        # All 150 memories end at NOW + SECOND. A call then forgets 100 of them (lowest
+        # end first, ties in byte order of the id), recent and grants alike.
+        forgotten, left = sorted(ids)[:100], sorted(ids)[100:]
+        # left[0] has ended but is not forgotten yet: still, it is new, not a retry.
+        assert await lim.acquire(NOW + SECOND, left[0]) == [[1, 152, 0]]
+        recent, grants = await lim.memories()
+        assert set(recent) == set(grants) == {*left, "q:1"}
+        assert recent[left[0]] == NOW + 2 * SECOND
+        assert grants[left[0]] == f"152|{NOW + SECOND}"
+        assert not set(forgotten) & set(recent)
+        # The next call forgets the rest of the ended ones, even as a pure retry.
+        assert await lim.acquire(NOW + SECOND + 1, "q:1") == [[1, 151, 0]]
+        recent, grants = await lim.memories()
+        assert recent == {"q:1": NOW + 3 * SECOND // 2, left[0]: NOW + 2 * SECOND}
+        assert set(grants) == set(recent)
+        # Once every memory ended, a call forgets them all and keeps only its own.
+        assert await lim.acquire(NOW + 3 * SECOND, "r:1") == [[1, 153, 0]]
+        assert (await lim.memories())[0] == {"r:1": NOW + 4 * SECOND}
+
+
 # -- batches: one script call for several acquisitions or releases -----------------------
 
 
@@ -520,10 +610,10 @@ async def test_batch_rate_only_burst_1(backend: Backend) -> None:
             [1, 2, 100_000],
             [1, 3, 200_000],
         ]
-        # No lease is kept without a concurrency limit: a repeated id reserves again.
-        assert await lim.acquire(NOW + 250_000, "p:3", "p:3") == [[1, 4, 50_000], [1, 5, 150_000]]
+        # An id given twice in a batch is granted once: the second time is a retry.
+        assert await lim.acquire(NOW + 250_000, "p:3", "p:3") == [[1, 4, 50_000], [1, 4, 50_000]]
         status = await lim.status(NOW + 250_000)
-        assert status[1:] == [[], [], f"{NOW + 500_000}.000", "5"]
+        assert status[1:] == [[], [], f"{NOW + 400_000}.000", "4"]
 
 
 @pytest.mark.anyio
@@ -655,22 +745,32 @@ async def test_large_batches(backend: Backend) -> None:
         assert await lim.release(NOW + 1, *ids, "a:1") == [2, 0]
         assert (await lim.status(NOW + 1))[1] == ["b:1", str(NOW + SECOND)]
         rate = Limiter(opened.client, max_at_once=0, interval_us=1_000.0, tag="r")
-        reply = await rate.acquire(NOW, *(f"p:{n}" for n in range(500)))
-        assert reply == [[1, n + 1, n * 1_000] for n in range(500)]
+        # More rate-only ids than one command takes, and their retry.
+        rate_ids = [f"p:{n}" for n in range(2_500)]
+        reply = await rate.acquire(NOW, *rate_ids)
+        assert reply == [[1, n + 1, n * 1_000] for n in range(2_500)]
+        reply = await rate.acquire(NOW + 1_500, *rate_ids)
+        assert reply == [[1, n + 1, max(0, n * 1_000 - 1_500)] for n in range(2_500)]
+        assert (await rate.status(NOW))[3:] == [f"{NOW + 2_500_000}.000", "2500"]
+        recent, grants = await rate.memories()
+        assert len(recent) == len(grants) == 2_500
 
 
 @pytest.mark.anyio
-async def test_rate_only_fast_path_writes_only_tat_and_seq(backend: Backend) -> None:
+async def test_rate_only_fast_path_writes_tat_seq_grants_and_recent(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, key_ttl_ms=5_000)
+        _, _, _, tat, seq, grants, recent = lim.keys
         assert (await lim.acquire(NOW, "p:1", "p:2", "p:3"))[2] == [1, 3, 200_000]
         assert (await lim.acquire_one(None, "p:4"))[:2] == [1, 4]
         ttls = await lim.existing_ttls()
-        assert sorted(ttls) == [lim.keys[4], lim.keys[3]]
+        assert sorted(ttls) == sorted([tat, seq, grants, recent])
         assert all(ttl > 0 for ttl in ttls.values()), ttls
+        # A rate-only id is never a holder, nor queued.
+        assert (await lim.status(NOW))[1:3] == [[], []]
         unlimited = Limiter(opened.client, max_at_once=0, tag="u")
         assert await unlimited.acquire(NOW, "p:1", "p:2") == [[1, 1, 0], [1, 2, 0]]
-        assert list(await unlimited.existing_ttls()) == [unlimited.keys[4]]
+        assert sorted(await unlimited.existing_ttls()) == sorted(unlimited.keys[4:])
 
 
 @pytest.mark.anyio
@@ -682,8 +782,10 @@ async def test_every_written_key_gets_a_ttl(backend: Backend) -> None:
         await lim.acquire(NOW, "c:1")
         await lim.release(NOW, "a:1")
         ttls = await lim.pttls(mailbox_prefix(lim.tag) + "b")
-        assert all(ttl > 0 for ttl in ttls.values()), ttls
-        holders, queue, waiters, tat, seq, grants, mailbox = ttls.values()
+        holders, queue, waiters, tat, seq, grants, recent, mailbox = ttls.values()
+        # Only the rate-only path writes recent (PTTL -2: no such key).
+        assert recent == -2
+        assert all(ttl > 0 for key, ttl in ttls.items() if key != lim.keys[6]), ttls
         # b:1's lease runs to NOW + 100 ms + 1 s: its keys outlive that by key_ttl_ms.
         assert 61_000 < holders <= 61_100
         assert 61_000 < grants <= 61_100
@@ -708,6 +810,9 @@ async def test_every_existing_key_has_a_ttl_after_every_script(backend: Backend)
             lambda: lim.cancel(NOW + 6, "c:1"),
             lambda: lim.release(NOW + 7, "b:1"),
             lambda: rate.acquire(NOW, "p:1", "p:2"),
+            lambda: rate.acquire(NOW + 1, "p:2", "p:1"),
+            lambda: rate.acquire(NOW + 2, "p:2", "p:4", "p:4"),
+            lambda: rate.acquire(None, "p:3"),
             lambda: rate.acquire(None, "p:3"),
         ]
         for step in steps:
@@ -746,8 +851,12 @@ async def test_only_the_keys_a_call_writes_get_their_ttl_refreshed(backend: Back
         assert await refreshed(lim, lim.release(NOW + 4, "a:1")) == {*lease_keys, "mb:b"}
         assert await refreshed(lim, lim.acquire(NOW + 5, "d:1", "b:1")) == queue_keys
         rate = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, tag="r")
-        assert await refreshed(rate, rate.acquire(NOW, "p:1", "p:2")) == {"tat", "seq"}
-        assert await refreshed(rate, rate.acquire(NOW, "p:3")) == {"tat", "seq"}
+        memory_keys = {"tat", "seq", "grants", "recent"}
+        assert await refreshed(rate, rate.acquire(NOW, "p:1", "p:2")) == memory_keys
+        assert await refreshed(rate, rate.acquire(NOW, "p:3")) == memory_keys
+        # A retry writes nothing; a batch with one new id writes what any grant writes.
+        assert await refreshed(rate, rate.acquire(NOW + 1, "p:1", "p:3")) == set()
+        assert await refreshed(rate, rate.acquire(NOW + 2, "p:2", "p:4")) == memory_keys
 
 
 @pytest.mark.anyio
@@ -760,6 +869,9 @@ async def test_far_future_rate_reservation_keeps_its_key(backend: Backend) -> No
         # The TAT is 100 s ahead: it must not expire before then.
         assert 100_000 < ttls[lim.keys[3]] <= 101_000
         assert 0 < ttls[lim.keys[4]] <= 1_000
+        # The memories end lease_ttl (1 s) after their grant; their keys outlive that.
+        assert 1_000 < ttls[lim.keys[5]] <= 2_000
+        assert 1_000 < ttls[lim.keys[6]] <= 2_000
 
 
 @pytest.mark.anyio
@@ -814,8 +926,14 @@ async def test_bad_arguments_are_rejected_without_writes(backend: Backend) -> No
             await lim.release(NOW)
         with pytest.raises(opened.response_error, match="ERR_ARG lease count"):
             await lim.call("renew", NOW, 3, "a:1")
-        with pytest.raises(opened.response_error, match="ERR_ARG expected 6 keys"):
+        for name in ("acquire", "release", "renew", "cancel"):
+            with pytest.raises(opened.response_error, match="ERR_ARG expected 7 keys, got 6"):
+                await opened.client.run_script(load_script(name), lim.keys[:6], [*good, "p:1"])
+        with pytest.raises(opened.response_error, match=r"ERR_ARG expected 7 keys \(or the"):
             await opened.client.run_script(load_script("status"), lim.keys[:5], [""])
+        # status.lua does not read recent: the first six keys are enough.
+        six = await opened.client.run_script(load_script("status"), lim.keys[:6], [NOW])
+        assert six == [NOW, [], [], "", "0"]
         with pytest.raises(opened.response_error, match="ERR_ARG now_us"):
             await lim.status(-5)
         assert await lim.status(NOW) == [NOW, [], [], "", "0"]
@@ -911,25 +1029,50 @@ async def connected_client(url: str) -> AsyncIterator[ScriptClient]:
 @pytest.mark.redis
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.anyio
-async def test_rate_only_fast_path_runs_few_commands_on_tat_and_seq(
+async def test_rate_only_fast_path_runs_few_commands(
     anyio_backend: str, redis_url: str, probe: redis.Redis
 ) -> None:
     async with connected_client(redis_url) as client:
         lim = Limiter(client, max_at_once=0, interval_us=100_000.0, burst=3)
+        _, _, _, tat, seq, grants, recent = lim.keys
+        first_call = {"time", "zrangebyscore", "hmget", "incrby", "get", "set", "zadd", "hset"}
         for batch in (["p:1"], ["p:2", "p:3", "p:4", "p:5"], ["p:6"]):
             calls = await in_script_calls(probe, lim.acquire(None, *batch))
-            # TIME, GET tat, SET tat .. PX, INCRBY seq, PEXPIRE seq: whatever the batch size.
-            assert set(calls) <= {"time", "get", "set", "incrby", "pexpire"}, calls
-            assert sum(calls.values()) <= 6, calls
+            # TIME, ZRANGEBYSCORE recent, HMGET grants, INCRBY seq, GET tat, SET tat .. PX,
+            # ZADD recent, HSET grants, PEXPIRE seq, recent and grants: whatever the batch
+            # size. Measured: 11 (5 when rate-only grants were not remembered).
+            assert set(calls) <= {*first_call, "pexpire"}, calls
+            assert sum(calls.values()) <= 11, calls
         commands = await in_script_commands(probe, lim.acquire(None, "p:7", "p:8"))
         assert len(commands) == sum(calls.values())
-        assert {args[1] for args in commands if len(args) > 1} == {lim.keys[3], lim.keys[4]}
-        assert pexpired(commands) == {lim.keys[3], lim.keys[4]}
-        assert sorted(await lim.existing_ttls()) == [lim.keys[4], lim.keys[3]]
+        assert {args[1] for args in commands if len(args) > 1} == {tat, seq, grants, recent}
+        assert pexpired(commands) == {tat, seq, grants, recent}
+        assert sorted(await lim.existing_ttls()) == sorted([tat, seq, grants, recent])
+
+        # A retry: TIME, ZRANGEBYSCORE, HMGET and one ZSCORE per remembered id; no writes.
+        calls = await in_script_calls(probe, lim.acquire(None, "p:2", "p:3", "p:4", "p:5"))
+        assert calls == {"time": 1, "zrangebyscore": 1, "hmget": 1, "zscore": 4}
+        calls = await in_script_calls(probe, lim.acquire(None, "p:6"))
+        assert calls == {"time": 1, "zrangebyscore": 1, "hmget": 1, "zscore": 1}
+
+        # Ended memories cost one ZREM and one HDEL more, however many (up to 100) end.
+        timed = Limiter(client, max_at_once=0, interval_us=100_000.0, tag="e")
+        await timed.acquire(NOW, *(f"p:{n}" for n in range(5)))
+        calls = await in_script_calls(probe, timed.acquire(NOW + SECOND, "q:1"))
+        assert calls["zrem"] == calls["hdel"] == 1, calls
+        assert sum(calls.values()) == 12, calls
 
         unlimited = Limiter(client, max_at_once=0, tag="u")
         calls = await in_script_calls(probe, unlimited.acquire(None, "p:1", "p:2"))
-        assert calls == {"time": 1, "incrby": 1, "pexpire": 1}
+        assert calls == {
+            "time": 1,
+            "zrangebyscore": 1,
+            "hmget": 1,
+            "incrby": 1,
+            "zadd": 1,
+            "hset": 1,
+            "pexpire": 3,
+        }
 
 
 @pytest.mark.redis
@@ -940,7 +1083,7 @@ async def test_contended_acquire_and_release_refresh_only_what_they_write(
 ) -> None:
     async with connected_client(redis_url) as client:
         lim = Limiter(client, max_at_once=1, interval_us=100_000.0)
-        holders, queue, waiters, tat, seq, grants = lim.keys
+        holders, queue, waiters, tat, seq, grants, recent = lim.keys
         assert (await lim.acquire_one(None, "a:1"))[0] == 1
 
         queued = await in_script_calls(probe, lim.acquire(None, "b:1"))
@@ -949,6 +1092,8 @@ async def test_contended_acquire_and_release_refresh_only_what_they_write(
         # Measured: 13 (18 when every call refreshed every key).
         assert sum(queued.values()) <= 13, queued
         assert pexpired(commands) == {queue, waiters, seq}
+        # The concurrency path never touches recent.
+        assert recent not in {args[1] for args in commands if len(args) > 1}
 
         commands = await in_script_commands(probe, lim.release(None, "zz:9"))
         assert {args[0] for args in commands} <= {"TIME", "ZREM", "HDEL", "ZRANGEBYSCORE", "ZCARD"}
@@ -1091,6 +1236,16 @@ release_batches = st.one_of(
 )
 
 
+# The configuration a state machine draws, but for max_at_once.
+intervals = st.one_of(
+    st.just(0.0),
+    st.floats(1_000, 100_000, allow_nan=False),
+    st.sampled_from([1e6 / 3, 1e6 / 7, 12_345.6789]),
+)
+bursts = st.integers(1, 3)
+lease_ttls = st.sampled_from([200_000, SECOND])
+
+
 class ScriptsMatchModel(RuleBasedStateMachine):
     """Random operations on fakeredis and on :class:`LimiterModel` give equal results."""
 
@@ -1106,6 +1261,8 @@ class ScriptsMatchModel(RuleBasedStateMachine):
         self.interval_us = 0.0
         self.burst = 1
         self.lease_ttl_us = SECOND
+        # The last rate-only acquire: its ids, its now and its replies.
+        self.last_rate_batch: tuple[list[str], int, list[list[int]]] | None = None
 
     def teardown(self) -> None:
         self.redis.close()
@@ -1137,13 +1294,9 @@ class ScriptsMatchModel(RuleBasedStateMachine):
 
     @initialize(
         max_at_once=st.integers(0, 4),
-        interval_us=st.one_of(
-            st.just(0.0),
-            st.floats(1_000, 100_000, allow_nan=False),
-            st.sampled_from([1e6 / 3, 1e6 / 7, 12_345.6789]),
-        ),
-        burst=st.integers(1, 3),
-        lease_ttl_us=st.sampled_from([200_000, SECOND]),
+        interval_us=intervals,
+        burst=bursts,
+        lease_ttl_us=lease_ttls,
     )
     def configure(
         self, max_at_once: int, interval_us: float, burst: int, lease_ttl_us: int
@@ -1160,7 +1313,11 @@ class ScriptsMatchModel(RuleBasedStateMachine):
     @rule(pick=st.integers(0, 7), offset=st.sampled_from([-1, 0, 1]))
     def advance_to_a_deadline(self, pick: int, offset: int) -> None:
         # Land on (or next to) a lease or waiter expiry: the boundaries matter.
-        deadlines = [*self.model.holders.values(), *self.model.waiters.values()]
+        deadlines = [
+            *self.model.holders.values(),
+            *self.model.waiters.values(),
+            *self.model.recent.values(),
+        ]
         later = sorted({d + offset for d in deadlines if d + offset > self.now})
         if later:
             self.now = later[pick % len(later)]
@@ -1169,6 +1326,36 @@ class ScriptsMatchModel(RuleBasedStateMachine):
     def acquire(self, batch: list[str]) -> None:
         expected = self.model.acquire(self.now, batch, **self.limits())
         assert self.call("acquire", *batch) == expected
+        if self.max_at_once == 0:
+            self.last_rate_batch = (batch, self.now, expected)
+
+    @precondition(lambda self: self.last_rate_batch is not None)
+    @rule(dt=st.one_of(st.just(0), st.integers(0, 1_000), st.integers(0, 2 * SECOND)))
+    def retry_last_rate_batch(self, dt: int) -> None:
+        # The reply to the last rate-only call was lost: the same ids are sent again, at
+        # the same or a later now.
+        assert self.last_rate_batch is not None
+        batch, sent_at, replies = self.last_rate_batch
+        self.now += dt
+        model = self.model
+        remembered = all(
+            model.recent.get(i, self.now) > self.now and i in model.grants for i in batch
+        )
+        tat_key, seq_key = limiter_keys("m")[3:5]
+        before = (self.redis.get(tat_key), self.redis.get(seq_key))
+        seq_before = model.seq
+        expected = model.acquire(self.now, batch, **self.limits())
+        reply = self.call("acquire", *batch)
+        assert reply == expected
+        if remembered:
+            # The same grants, their delays shorter by the time gone by; nothing reserved.
+            elapsed = self.now - sent_at
+            assert reply == [[1, token, max(0, delay - elapsed)] for _, token, delay in replies]
+            assert (self.redis.get(tat_key), self.redis.get(seq_key)) == before
+        else:
+            # A memory ended (or its grant was deleted): that id took a new token.
+            assert model.seq > seq_before
+        self.last_rate_batch = (batch, self.now, reply)
 
     @rule(batch=release_batches)
     def release(self, batch: list[str]) -> None:
@@ -1224,7 +1411,9 @@ class ScriptsMatchModel(RuleBasedStateMachine):
     @invariant()
     def same_state(self) -> None:
         mailboxes = [mailbox_prefix("m") + process for process in PROCESSES]
-        holders, queue, waiters, tat, seq, grants, *boxes = self.run(SNAPSHOT, [], mailboxes)
+        holders, queue, waiters, tat, seq, grants, recent, *boxes = self.run(
+            SNAPSHOT, [], mailboxes
+        )
         model = self.model
 
         def pairs(flat: list[str]) -> dict[str, int]:
@@ -1233,6 +1422,7 @@ class ScriptsMatchModel(RuleBasedStateMachine):
         assert pairs(holders) == model.holders
         assert pairs(queue) == model.queue
         assert pairs(waiters) == model.waiters
+        assert pairs(recent) == model.recent
         assert tat == ("" if model.tat is None else f"{model.tat:.3f}")
         assert seq == str(model.seq)
         assert dict(zip(grants[::2], grants[1::2], strict=True)) == {
@@ -1256,6 +1446,12 @@ class ScriptsMatchModel(RuleBasedStateMachine):
         else:
             assert self.model.holders == {}
 
+    @invariant()
+    def only_rate_only_calls_remember(self) -> None:
+        if self.max_at_once > 0:
+            assert self.model.recent == {}
+        assert set(self.model.recent).isdisjoint(self.model.holders)
+
 
 ScriptsMatchModel.TestCase.settings = settings(
     max_examples=200,
@@ -1264,6 +1460,27 @@ ScriptsMatchModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_scripts_match_model = ScriptsMatchModel.TestCase
+
+
+class RateOnlyScriptsMatchModel(ScriptsMatchModel):
+    """The same machine, always rate only: remembered grants, their retries and ends."""
+
+    @initialize(
+        max_at_once=st.just(0), interval_us=intervals, burst=bursts, lease_ttl_us=lease_ttls
+    )
+    def configure(
+        self, max_at_once: int, interval_us: float, burst: int, lease_ttl_us: int
+    ) -> None:
+        ScriptsMatchModel.configure(self, max_at_once, interval_us, burst, lease_ttl_us)
+
+
+RateOnlyScriptsMatchModel.TestCase.settings = settings(
+    max_examples=100,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_rate_only_scripts_match_model = RateOnlyScriptsMatchModel.TestCase
 
 
 # -- redis-server launcher ----------------------------------------------------------------
