@@ -231,6 +231,14 @@ def test_configuration_errors() -> None:
         RedisLimiter(None, "", max_at_once=1)
     with pytest.raises(ConfigurationError, match="prefix must be non-empty and without braces"):
         RedisLimiter(None, "x", max_at_once=1, prefix="a{b}")
+    with pytest.raises(ConfigurationError, match="lease_ttl must be at most 86400 s"):
+        RedisLimiter(None, "x", max_at_once=1, lease_ttl=10**6)
+    with pytest.raises(ConfigurationError, match="burst / max_per_second must be at most 86400"):
+        RedisLimiter(None, "x", max_per_second=0.001, burst=100)
+    with pytest.raises(ConfigurationError, match="on_unavailable must be 'fail' or 'local'"):
+        RedisLimiter(None, "x", max_at_once=1, on_unavailable="ignore")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="on_lease_lost must be callable"):
+        RedisLimiter(None, "x", max_at_once=1, on_lease_lost=5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="max_at_once must be an int"):
         RedisLimiter(None, "x", max_at_once=1.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"expected a redis\.asyncio\.Redis"):
