@@ -365,6 +365,20 @@ async def run_worker(args: argparse.Namespace) -> None:
             )
 
 
+def _report(
+    requests: Sequence[tuple[float, float, int]], args: argparse.Namespace, console: Any
+) -> Verdict:
+    verdict = judge(
+        requests,
+        max_at_once=args.max_at_once,
+        max_per_second=args.max_per_second,
+        burst=args.burst,
+        task_time=args.task_time,
+    )
+    render_verdict(verdict, console)
+    return verdict
+
+
 def run_target(args: argparse.Namespace) -> int:
     """Serve as the target until interrupted; print a verdict after each burst of traffic."""
     from rich.console import Console
@@ -378,14 +392,7 @@ def run_target(args: argparse.Namespace) -> int:
             recorder = server.recorder
             requests, in_flight, _ = recorder.snapshot()
             if requests and not in_flight and time.time() - recorder.last_activity > 2:
-                verdict = judge(
-                    requests,
-                    max_at_once=args.max_at_once,
-                    max_per_second=args.max_per_second,
-                    burst=args.burst,
-                    task_time=args.task_time,
-                )
-                render_verdict(verdict, console)
+                _report(requests, args, console)
                 recorder.clear()
     except KeyboardInterrupt:
         return 0
@@ -460,14 +467,7 @@ def run_demo(args: argparse.Namespace) -> int:
         target.stop()
         if server is not None:
             server.stop()
-    verdict = judge(
-        requests,
-        max_at_once=args.max_at_once,
-        max_per_second=args.max_per_second,
-        burst=args.burst,
-        task_time=args.task_time,
-    )
-    render_verdict(verdict, console)
+    verdict = _report(requests, args, console)
     if args.plot:
         plot(
             requests,

@@ -16,7 +16,8 @@ class RedisLimiterError(Exception):
 
 
 class ConfigurationError(RedisLimiterError, ValueError):
-    """A limiter was given options that cannot work (raised by its constructor).
+    """A limiter was given options that cannot work: raised by its constructor, or by the
+    first call that Redis answers by refusing the credentials (never retried).
 
     Also a :class:`ValueError`, so code that validates input generically catches it.
     """

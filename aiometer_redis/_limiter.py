@@ -24,8 +24,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -39,6 +40,7 @@ from aiometer import ConcurrencyLimiter, Permit, RateLimiter
 from aiometer._limiters import SlotMixin
 from aiometer._validation import check_burst, check_max_at_once, check_max_per_second
 
+from ._batch import Batcher
 from ._client import ScriptArg, ScriptClient, adapt
 from ._exceptions import (
     AcquireTimeoutError,
@@ -48,6 +50,9 @@ from ._exceptions import (
     RedisUnavailableError,
 )
 from ._scripts import Script, load_script
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = [
     "Holder",
@@ -82,6 +87,24 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
         pass
     else:
         errors += [coredis.exceptions.ConnectionError, coredis.exceptions.BusyLoadingError]
+    return tuple(errors)
+
+
+def _refused_errors() -> tuple[type[BaseException], ...]:
+    """The client errors that mean "wrong credentials": never worth a retry."""
+    errors: list[type[BaseException]] = []
+    try:
+        import redis.exceptions
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        errors += [redis.exceptions.AuthenticationError]
+    try:
+        import coredis.exceptions
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        errors += [coredis.exceptions.AuthenticationError]
     return tuple(errors)
 
 
@@ -165,77 +188,6 @@ class RedisLimiterStatistics:
     local_held: int
     local_waiting: int
     leases_lost: int
-
-
-class _Entry:
-    __slots__ = ("error", "item", "reply", "wake")
-
-    def __init__(self, item: str) -> None:
-        self.item = item
-        self.wake = anyio.Event()
-        self.reply: Any = _PENDING
-        self.error: BaseException | None = None
-
-
-_PENDING: Any = object()
-
-# Ids per script call: large enough to carry a busy process's calls, small enough that one call
-# stays short (the scripts handle thousands, the tests send 2500).
-_MAX_BATCH = 256
-
-
-class _Batcher:
-    """Merges the script calls that the coroutines of one process make at the same time.
-
-    The first caller leads: it sends one call for every entry queued so far and, when the
-    reply comes, hands each entry its part. Entries queued while that call was in flight go
-    out together in the next call, sent by the oldest of them. Under load a call carries many
-    acquisitions (or releases) for the price of one round trip, which is what keeps the client
-    cost per acquisition near that of a PING; alone, a caller pays no delay.
-
-    ``submit`` is shielded from cancellation: a call that has been sent is always answered
-    and accounted for, and it lasts at most the limiter's ``retry_window``.
-    """
-
-    def __init__(self, run: Callable[[list[str]], Awaitable[list[Any]]]) -> None:
-        self._run = run
-        self._queue: list[_Entry] = []
-        self._busy = False
-
-    async def submit(self, item: str) -> Any:
-        entry = _Entry(item)
-        self._queue.append(entry)
-        with anyio.CancelScope(shield=True):
-            if self._busy:
-                await entry.wake.wait()
-                if entry.reply is not _PENDING or entry.error is not None:
-                    return entry.reply if entry.error is None else _reraise(entry.error)
-            # Leading: either nobody was, or the previous leader handed over to us.
-            self._busy = True
-            try:
-                while entry.reply is _PENDING and entry.error is None:
-                    batch = self._queue[:_MAX_BATCH]
-                    del self._queue[:_MAX_BATCH]
-                    try:
-                        replies = await self._run([e.item for e in batch])
-                    except BaseException as exc:
-                        for e in batch:
-                            e.error = exc
-                            e.wake.set()
-                        raise
-                    for e, reply in zip(batch, replies, strict=True):
-                        e.reply = reply
-                        e.wake.set()
-            finally:
-                self._busy = False
-                if self._queue:
-                    self._busy = True
-                    self._queue[0].wake.set()
-        return entry.reply
-
-
-def _reraise(error: BaseException) -> Any:
-    raise error
 
 
 class _Waiter:
@@ -389,6 +341,11 @@ class RedisLimiter(SlotMixin):
         try:
             if not name:
                 raise ValueError("name must not be empty")
+            for label, text in (("name", name), ("prefix", prefix)):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{label} must be encodable as UTF-8, got {text!r}") from None
             if not prefix or "{" in prefix or "}" in prefix:
                 raise ValueError(f"prefix must be non-empty and without braces, got {prefix!r}")
             if max_at_once is None and max_per_second is None:
@@ -454,6 +411,7 @@ class RedisLimiter(SlotMixin):
             n: load_script(n) for n in ("acquire", "release", "renew", "cancel", "status")
         }
         self._transient = _transient_errors()
+        self._refused = _refused_errors()
         self._counter = itertools.count()
         self._local = ConcurrencyLimiter(max_at_once) if max_at_once is not None else None
         self._on_unavailable = on_unavailable
@@ -468,8 +426,8 @@ class RedisLimiter(SlotMixin):
         # Waiter and lease ids whose last call failed on the client side (see
         # _withdraw_orphans).
         self._orphans: set[str] = set()
-        self._acquires = _Batcher(self._acquire_many)
-        self._releases = _Batcher(self._release_many)
+        self._acquires = Batcher(self._acquire_many)
+        self._releases = Batcher(self._release_many)
         self._held: dict[str, RedisPermit] = {}
         self._waiters: dict[str, _Waiter] = {}
         self._waiters_added = anyio.Event()
@@ -535,8 +493,20 @@ class RedisLimiter(SlotMixin):
         tb: TracebackType | None,
     ) -> None:
         stack, self._stack = self._stack, None
-        if stack is not None:
+        self._task_group = None
+        if stack is None:
+            return
+        failure: BaseException | None = None
+        try:
             await stack.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # The background task group wraps an exception raised in the ``async with`` body;
+            # hand it back as itself, so ``except SomeError`` around the block works.
+            if exc is None or not _only(group, exc):
+                raise
+            failure = exc
+        if failure is not None:
+            raise failure
 
     def _check_open(self) -> None:
         if self._stack is None:
@@ -560,15 +530,20 @@ class RedisLimiter(SlotMixin):
                 with anyio.CancelScope(deadline=deadline):
                     return await client.run_script(self._scripts[script], self._keys, argv)
                 last = TimeoutError(f"no reply within {self._retry_window:g}s")
+            except self._refused as exc:
+                raise ConfigurationError(
+                    f"limiter {self._name!r}: Redis refused the credentials: {exc}"
+                ) from exc
             except self._transient as exc:
                 last = exc
             now = anyio.current_time()
-            if now >= deadline:
+            if now + backoff >= deadline:
+                # No time left for another attempt: report the last real failure.
                 raise RedisUnavailableError(
                     f"limiter {self._name!r}: Redis did not answer {script} within "
                     f"{self._retry_window:g}s: {last!r}"
                 ) from last
-            await anyio.sleep(min(backoff, deadline - now))
+            await anyio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
     # -- acquire / release ---------------------------------------------------------------------
@@ -857,6 +832,14 @@ class RedisLimiter(SlotMixin):
         if client is None:
             raise RuntimeError("enter the limiter first: `async with RedisLimiter(...)`")
         await client.delete(*self._keys, self._mailbox)
+
+
+def _only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
+    """True if every leaf of *group* is *exc* itself."""
+    return all(
+        _only(inner, exc) if isinstance(inner, BaseExceptionGroup) else inner is exc
+        for inner in group.exceptions
+    )
 
 
 def _check_seconds(value: object, name: str, *, minimum: float = 0.0) -> float:

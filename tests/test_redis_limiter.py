@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -283,32 +283,18 @@ def _run_fleet(
     server: RedisServer,
     name: str,
     tmp_path: Path,
-    processes: int,
-    *options: str,
+    per_process: Sequence[Sequence[str]],
     duration: float = 2.0,
 ) -> tuple[list[list[tuple[float, float]]], float, float]:
-    """Run *processes* workers; return each one's task intervals and the demand window."""
+    """Run one worker per entry of *per_process* (its extra options), all starting together;
+    return each one's task intervals and the demand window."""
     start_at = time.time() + 1.5
-    outs = [tmp_path / f"worker{i}.json" for i in range(processes)]
+    outs = [tmp_path / f"worker{i}.json" for i in range(len(per_process))]
+    common = [sys.executable, str(WORKER), "--url", server.url, "--name", name]
+    timing = ["--start-at", repr(start_at), "--duration", repr(duration)]
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(WORKER),
-                "--url",
-                server.url,
-                "--name",
-                name,
-                "--start-at",
-                repr(start_at),
-                "--duration",
-                repr(duration),
-                "--out",
-                str(out),
-                *options,
-            ]
-        )
-        for out in outs
+        subprocess.Popen([*common, *timing, "--out", str(out), *options])
+        for out, options in zip(outs, per_process, strict=True)
     ]
     for proc in procs:
         assert proc.wait(timeout=duration + 60) == 0
@@ -331,19 +317,8 @@ def test_fleet_max_at_once(
     server: RedisServer, name: str, tmp_path: Path, client: list[str]
 ) -> None:
     limit = 6
-    per_process, _, end = _run_fleet(
-        server,
-        name,
-        tmp_path,
-        4,
-        "--max-at-once",
-        str(limit),
-        "--task-time",
-        "0.05",
-        "--pool",
-        "8",
-        *client,
-    )
+    options = ["--max-at-once", str(limit), "--task-time", "0.05", "--pool", "8", *client]
+    per_process, _, end = _run_fleet(server, name, tmp_path, [options] * 4)
     everything = [interval for intervals in per_process for interval in intervals]
     assert max_overlap(everything) <= limit
     # Busy share of the slots while demand exceeded them (32 local workers for 6 slots).
@@ -361,19 +336,8 @@ def test_fleet_max_per_second(
     server: RedisServer, name: str, tmp_path: Path, client: list[str], burst: int
 ) -> None:
     rate = 100.0
-    per_process, _, _ = _run_fleet(
-        server,
-        name,
-        tmp_path,
-        4,
-        "--max-per-second",
-        str(rate),
-        "--burst",
-        str(burst),
-        "--pool",
-        "8",
-        *client,
-    )
+    options = ["--max-per-second", str(rate), "--burst", str(burst), "--pool", "8", *client]
+    per_process, _, _ = _run_fleet(server, name, tmp_path, [options] * 4)
     starts = sorted(a for intervals in per_process for a, _ in intervals)
     widths = [1 / rate, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]
     assert window_violations(starts, rate, burst, widths) == []
@@ -387,41 +351,17 @@ def test_fleet_max_per_second(
 def test_fleet_processes_that_disagree(server: RedisServer, name: str, tmp_path: Path) -> None:
     # Limits travel with each call: a process configured with 2 never takes a slot while 2
     # or more are held; one configured with 4 may fill up to 4. Together: at most 4.
-    start_at = time.time() + 1.5
-    procs = []
-    outs = []
-    for i, limit in enumerate([2, 2, 4]):
-        out = tmp_path / f"w{i}.json"
-        outs.append(out)
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    str(WORKER),
-                    "--url",
-                    server.url,
-                    "--name",
-                    name,
-                    "--start-at",
-                    repr(start_at),
-                    "--duration",
-                    "1.5",
-                    "--max-at-once",
-                    str(limit),
-                    "--task-time",
-                    "0.03",
-                    "--pool",
-                    "4",
-                    "--out",
-                    str(out),
-                ]
-            )
-        )
-    for proc in procs:
-        assert proc.wait(timeout=60) == 0
-    everything = [
-        (float(a), float(b)) for out in outs for a, b in json.loads(out.read_text())["intervals"]
-    ]
+    per_process, _, _ = _run_fleet(
+        server,
+        name,
+        tmp_path,
+        [
+            ["--max-at-once", str(limit), "--task-time", "0.03", "--pool", "4"]
+            for limit in (2, 2, 4)
+        ],
+        duration=1.5,
+    )
+    everything = [interval for intervals in per_process for interval in intervals]
     assert everything
     assert max_overlap(everything) <= 4
 
