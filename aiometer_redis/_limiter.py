@@ -523,13 +523,16 @@ class RedisLimiter(SlotMixin):
         argv = [*self._header, *args]
         deadline = anyio.current_time() + self._retry_window
         backoff = 0.05
+        last: BaseException | None = None
         while True:
-            last: BaseException
             try:
                 # A plain scope with a deadline: cheaper than fail_after on this hot path.
                 with anyio.CancelScope(deadline=deadline):
                     return await client.run_script(self._scripts[script], self._keys, argv)
-                last = TimeoutError(f"no reply within {self._retry_window:g}s")
+                # Cut short by the deadline: keep the failure of an earlier attempt, if any,
+                # as the reason.
+                if last is None:
+                    last = TimeoutError(f"no reply within {self._retry_window:g}s")
             except self._refused as exc:
                 raise ConfigurationError(
                     f"limiter {self._name!r}: Redis refused the credentials: {exc}"
@@ -537,13 +540,12 @@ class RedisLimiter(SlotMixin):
             except self._transient as exc:
                 last = exc
             now = anyio.current_time()
-            if now + backoff >= deadline:
-                # No time left for another attempt: report the last real failure.
+            if now >= deadline:
                 raise RedisUnavailableError(
                     f"limiter {self._name!r}: Redis did not answer {script} within "
                     f"{self._retry_window:g}s: {last!r}"
                 ) from last
-            await anyio.sleep(backoff)
+            await anyio.sleep(min(backoff, deadline - now))
             backoff = min(backoff * 2, 1.0)
 
     # -- acquire / release ---------------------------------------------------------------------
