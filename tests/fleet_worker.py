@@ -2,7 +2,9 @@
 
 It waits until a shared wall-clock start time, then runs tasks through a RedisLimiter and
 writes one JSON object to --out: the (start, end) wall-clock times of every task it ran.
-With --hold it takes --hold slots, prints "HOLDING" and sleeps until killed.
+With --hold it takes --hold slots, prints "HOLDING" and sleeps until killed. With
+--report-lost as well, it prints "LOST" (from the limiter's on_lease_lost callback) each time a
+renewal finds one of its leases expired, and keeps sleeping: it never re-acquires.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=2.0)
     parser.add_argument("--start-at", type=float, default=0.0)
     parser.add_argument("--hold", type=int, default=0)
+    parser.add_argument(
+        "--report-lost", action="store_true", help='print "LOST" when a lease is found lost'
+    )
     parser.add_argument("--out")
     return parser.parse_args(argv)
 
@@ -53,6 +58,8 @@ async def _run(args: argparse.Namespace) -> list[tuple[float, float]]:
         "burst": args.burst,
         "lease_ttl": args.lease_ttl,
     }
+    if args.report_lost:
+        options["on_lease_lost"] = _print_lost
     if args.client == "coredis":
         async with (
             _coredis().Redis.from_url(args.url) as client,
@@ -61,6 +68,10 @@ async def _run(args: argparse.Namespace) -> list[tuple[float, float]]:
             return await _work(limiter, args)
     async with RedisLimiter.from_url(args.url, args.name, **options) as limiter:
         return await _work(limiter, args)
+
+
+def _print_lost(error: Exception) -> None:
+    print("LOST", flush=True)
 
 
 async def _work(limiter: RedisLimiter, args: argparse.Namespace) -> list[tuple[float, float]]:
