@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import sniffio
 
 from aiometer import ConcurrencyLimiter, Permit, RateLimiter
@@ -74,7 +75,12 @@ _KEY_SUFFIXES = ("holders", "queue", "waiters", "tat", "seq", "grants", "recent"
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
     """The client errors that mean "Redis is not reachable right now"."""
-    errors: list[type[BaseException]] = [OSError, TimeoutError]
+    errors: list[type[BaseException]] = [
+        OSError,
+        TimeoutError,
+        anyio.ClosedResourceError,
+        anyio.BrokenResourceError,
+    ]
     try:
         import redis.exceptions
     except ImportError:  # pragma: no cover - depends on the installed extras
@@ -426,6 +432,7 @@ class RedisLimiter(SlotMixin):
         # Waiter and lease ids whose last call failed on the client side (see
         # _withdraw_orphans).
         self._orphans: set[str] = set()
+        self._withdrawing = False
         self._acquires = Batcher(self._acquire_many)
         self._releases = Batcher(self._release_many)
         self._held: dict[str, RedisPermit] = {}
@@ -472,9 +479,13 @@ class RedisLimiter(SlotMixin):
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
-            if self._url is not None:
-                self._client = await stack.enter_async_context(_client_from_url(self._url))
             task_group = await stack.enter_async_context(anyio.create_task_group())
+            closing = anyio.Event()
+            if self._url is not None:
+                self._client = await task_group.start(self._own_client, self._url, closing)
+            # On exit (last registered, first run): cancel the background tasks, then let the
+            # client owner close the client.
+            stack.callback(closing.set)
             stack.callback(task_group.cancel_scope.cancel)
             task_group.start_soon(self._renew_loop)
             self._task_group = task_group
@@ -508,6 +519,21 @@ class RedisLimiter(SlotMixin):
         if failure is not None:
             raise failure
 
+    async def _own_client(
+        self,
+        url: str,
+        closing: anyio.Event,
+        *,
+        task_status: anyio.abc.TaskStatus[ScriptClient] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        # A client made from a URL lives in this shielded task: coredis runs its connections
+        # in background tasks, and a cancellation of the code around the limiter must not
+        # take them down while cancelled tasks still release their slots through them.
+        with anyio.CancelScope(shield=True):
+            async with _client_from_url(url) as client:
+                task_status.started(client)
+                await closing.wait()
+
     def _check_open(self) -> None:
         if self._stack is None:
             raise RuntimeError(
@@ -528,7 +554,12 @@ class RedisLimiter(SlotMixin):
             try:
                 # A plain scope with a deadline: cheaper than fail_after on this hot path.
                 with anyio.CancelScope(deadline=deadline):
-                    return await client.run_script(self._scripts[script], self._keys, argv)
+                    reply = await client.run_script(self._scripts[script], self._keys, argv)
+                    if self._orphans and not self._withdrawing and self._task_group is not None:
+                        # Redis answers again: free what failed calls may have left behind.
+                        self._withdrawing = True
+                        self._task_group.start_soon(self._withdraw_orphans)
+                    return reply
                 # Cut short by the deadline: keep the failure of an earlier attempt, if any,
                 # as the reason.
                 if last is None:
@@ -637,12 +668,16 @@ class RedisLimiter(SlotMixin):
         else:
             permit = RedisPermit(self, waiter_id, token, local)
             self._held[waiter_id] = permit
-        if delay_us > 0:
-            try:
+        try:
+            if delay_us > 0:
                 await anyio.sleep(delay_us / 1e6)
-            except BaseException:
-                await permit.release()
-                raise
+            else:
+                # The grant may have arrived after the caller was cancelled (the call on the
+                # wire is shielded): give it back rather than hand it to a cancelled caller.
+                await anyio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            await permit.release()
+            raise
         return permit
 
     async def _acquire_many(self, waiter_ids: list[str]) -> list[Any]:
@@ -747,12 +782,16 @@ class RedisLimiter(SlotMixin):
         window) may still have run: an acquire may hold a lease nobody will release, a failed
         release or cancel left its entry. cancel.lua frees an id whatever state it is in.
         """
-        for entry_id in list(self._orphans):
-            try:
-                await self._call("cancel", entry_id)
-            except RedisUnavailableError:
-                return
-            self._orphans.discard(entry_id)
+        self._withdrawing = True
+        try:
+            for entry_id in list(self._orphans):
+                try:
+                    await self._call("cancel", entry_id)
+                except RedisUnavailableError:
+                    return
+                self._orphans.discard(entry_id)
+        finally:
+            self._withdrawing = False
 
     async def _renew_loop(self) -> None:
         while True:
