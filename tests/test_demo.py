@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -132,12 +131,6 @@ def test_bad_cli_values_are_refused() -> None:
         parser.parse_args(["demo", "--max-at-once", "0"])
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--max-per-second", "nan"])
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as running:
-        yield running
 
 
 def test_status_and_reset(server: RedisServer) -> None:

@@ -9,14 +9,12 @@ afterwards (no holder, no waiter left in Redis), no double admission.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import random
 import signal
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -38,32 +36,10 @@ from aiometer_redis._limiter import LimiterState, limiter_keys, read_state
 from aiometer_redis._scripts import WRITERS, load_script
 from aiometer_redis._server import RedisServer
 
-pytestmark = [
-    pytest.mark.redis,
-    # coredis leaves the memory streams of a connection it gave up on unclosed; that is the
-    # client's business, not a leak of the limiter's (see test_redis_limiter.py).
-    pytest.mark.filterwarnings("ignore:Unclosed <MemoryObject:ResourceWarning"),
-]
+pytestmark = pytest.mark.redis
 
 WORKER = Path(__file__).with_name("fleet_worker.py")
 SHA = {name: load_script(name).sha1 for name in WRITERS}
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage() -> Iterator[None]:
-    yield
-    gc.collect()  # while the filter above applies
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as running:
-        yield running
-
-
-@pytest.fixture
-def name() -> str:
-    return f"faults-{uuid.uuid4().hex[:8]}"
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -10,8 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +34,6 @@ from aiometer_redis._server import RedisServer
 pytestmark = pytest.mark.redis
 
 WORKER = Path(__file__).with_name("fleet_worker.py")
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as running:
-        yield running
-
-
-@pytest.fixture
-def name() -> str:
-    return f"test-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import re
@@ -72,18 +71,6 @@ ACL_PASSWORD = "limiter-pw"
 # What the limiter sends from the client side; the other commands of ACL_RULES are the
 # scripts' own.
 CLIENT_COMMANDS = frozenset({"evalsha", "eval", "blpop", "del", "ping"})
-
-
-# coredis leaves memory streams unclosed when a connection fails (also ignored in
-# test_redis_limiter.py and test_faults.py). The tests that make connections fail carry this
-# filter, and every test collects its garbage before its filters are lifted.
-IGNORE_COREDIS_LEAK = pytest.mark.filterwarnings("ignore:Unclosed <MemoryObject:ResourceWarning")
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage() -> Iterator[None]:
-    yield
-    gc.collect()
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -227,7 +214,6 @@ async def _acquire_with(url: str, name: str) -> tuple[BaseException, float]:
 
 
 @BAD_CREDENTIALS
-@IGNORE_COREDIS_LEAK
 @pytest.mark.anyio
 async def test_bad_password_fails_closed(password_server: RedisServer, credentials: str) -> None:
     """Without the right password nothing is granted and acquire() raises at once (no retry:
@@ -247,7 +233,6 @@ async def test_bad_password_fails_closed(password_server: RedisServer, credentia
 
 
 @BAD_CREDENTIALS
-@IGNORE_COREDIS_LEAK
 @pytest.mark.anyio
 async def test_bad_password_error_names_authentication(
     password_server: RedisServer,
@@ -336,7 +321,6 @@ def test_acl_user_cannot_touch_other_keys_or_commands(acl_server: RedisServer) -
         user.close()
 
 
-@IGNORE_COREDIS_LEAK
 @pytest.mark.anyio
 async def test_acl_user_cannot_use_another_prefix(acl_server: RedisServer) -> None:
     async with RedisLimiter.from_url(
@@ -505,7 +489,6 @@ async def test_tls_runs_the_whole_flow(tls_server: TlsServer, certificates: Cert
     await exercise(url, _unique("tls"))
 
 
-@IGNORE_COREDIS_LEAK
 @pytest.mark.anyio
 async def test_tls_rejects_a_server_from_another_ca(
     tls_server: TlsServer, certificates: Certificates, anyio_backend: str
@@ -520,7 +503,6 @@ async def test_tls_rejects_a_server_from_another_ca(
     assert "CERTIFICATE_VERIFY_FAILED" in _chain_text(ping_error)
 
 
-@IGNORE_COREDIS_LEAK
 @pytest.mark.anyio
 async def test_tls_checks_the_host_name_when_asked(
     wrong_host_server: TlsServer, certificates: Certificates, anyio_backend: str
@@ -533,7 +515,6 @@ async def test_tls_checks_the_host_name_when_asked(
     assert "mismatch" in _chain_text(ping_error)
 
 
-@IGNORE_COREDIS_LEAK
 @pytest.mark.anyio
 async def test_tls_host_name_check_default_differs_by_client(
     wrong_host_server: TlsServer, certificates: Certificates, anyio_backend: str
@@ -553,7 +534,6 @@ async def test_tls_host_name_check_default_differs_by_client(
 # -- 4. the password never leaks ---------------------------------------------------------------
 
 
-@IGNORE_COREDIS_LEAK
 @pytest.mark.anyio
 async def test_password_appears_in_no_repr_error_or_log(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
