@@ -383,11 +383,9 @@ class RedisLimiter(SlotMixin):
             raise ConfigurationError(str(exc)) from None
         if on_lease_lost is not None and not callable(on_lease_lost):
             raise TypeError(f"on_lease_lost must be callable, got {type(on_lease_lost).__name__}")
-        self._redis = redis
         self._client: ScriptClient | None = None if redis is None else adapt(redis)
         self._url: str | None = None
         self._name = name
-        self._prefix = prefix
         self._max_at_once = max_at_once
         self._max_per_second = max_per_second
         self._burst = burst
