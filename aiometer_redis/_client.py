@@ -132,6 +132,15 @@ class RedisPyClient:
         # Any from here on: redis-py's annotations mix sync and async return types.
         self._client: Any = client
         self._owned = owned
+        # Only the cluster client has initialize(). Used concurrently before it has
+        # discovered the cluster, redis-py 8 can drop a connection while it is still
+        # connecting; discovering it once, first, avoids that.
+        self._needs_init = hasattr(client, "initialize")
+
+    async def _ready(self) -> None:
+        if self._needs_init:
+            await self._client.initialize()  # idempotent, and holds a lock
+            self._needs_init = False
 
     @property
     def client(self) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
@@ -145,6 +154,7 @@ class RedisPyClient:
         """Run ``script`` with EVALSHA; on NOSCRIPT run it with EVAL (which caches it)."""
         from redis.exceptions import NoScriptError
 
+        await self._ready()
         argv = _encode_args(args)
         try:
             reply = await self._client.evalsha(script.sha1, len(keys), *keys, *argv)
@@ -159,17 +169,20 @@ class RedisPyClient:
 
         ``timeout`` may be fractional; 0 waits forever (Redis semantics).
         """
+        await self._ready()
         reply = await self._client.blpop([key], timeout=_check_timeout(timeout))
         return _popped_value(reply)
 
     async def ping(self) -> None:
         """Round-trip a PING."""
+        await self._ready()
         await self._client.ping()
 
     async def delete(self, *keys: str) -> int:
         """Delete ``keys``; return how many existed."""
         if not keys:
             return 0
+        await self._ready()
         return int(await self._client.delete(*keys))
 
     async def aclose(self) -> None:

@@ -293,6 +293,9 @@ class RedisLimiter(SlotMixin):
         redis: a ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster`` (asyncio), or a
             ``coredis.Redis`` / ``coredis.RedisCluster`` (asyncio and trio; enter it with
             ``async with`` before use). The limiter does not close a client it was given.
+            Each limiter object with waiting tasks keeps one pooled connection in a blocking
+            BLPOP, so size the client's pool for one per limiter object plus headroom (a
+            cluster client with 100 limiters needs ``max_connections`` above 100 per node).
         name: any string; processes using the same name and prefix share the limits.
         max_at_once: at most this many slots held at once across all processes.
         max_per_second: at most this many starts per second across all processes (GCRA).

@@ -1,0 +1,248 @@
+"""Start a throwaway three-shard Redis Cluster (no replicas) on loopback, for tests.
+
+    with RedisCluster3() as cluster:
+        client = redis.asyncio.RedisCluster.from_url(cluster.url)
+
+The ``redis-server`` binary comes from :func:`aiometer_redis._server.find_redis_server`;
+``redis-cli`` (needed for ``--cluster create``) is looked up next to it, then on PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from aiometer_redis._server import find_redis_server
+
+__all__ = ["RedisCluster3", "find_redis_cli"]
+
+_NODES = 3
+_STOP_GRACE_SECONDS = 5.0
+
+
+def find_redis_cli() -> str | None:
+    """The ``redis-cli`` next to the ``redis-server`` in use, else the one on PATH."""
+    try:
+        server = find_redis_server()
+    except RuntimeError:
+        server = None
+    if server is not None:
+        candidate = Path(server).resolve().with_name("redis-cli")
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return shutil.which("redis-cli")
+
+
+def _free_ports(count: int) -> list[int]:
+    # Cluster nodes also listen on port + 10000 (the cluster bus): pick ports whose bus port
+    # is free as well. Holding every socket until all are chosen keeps the ports distinct.
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+            if port + 10000 > 65535:
+                continue
+            bus = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(bus)
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+            ports.append(port)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return ports
+
+
+def _command(port: int, *args: str) -> str | None:
+    """Send one command (RESP) and return the raw reply text, or None if unreachable."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+            sock.sendall(b"".join(parts))
+            chunks: list[bytes] = []
+            sock.settimeout(0.5)
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                reply = b"".join(chunks)
+                if _complete(reply):
+                    break
+    except OSError:
+        return None
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _complete(reply: bytes) -> bool:
+    # Enough for the simple, error and bulk-string replies that PING and CLUSTER INFO give.
+    if reply.startswith((b"+", b"-", b":")):
+        return reply.endswith(b"\r\n")
+    if reply.startswith(b"$"):
+        header, _, rest = reply.partition(b"\r\n")
+        return len(rest) >= int(header[1:]) + 2
+    return False
+
+
+class RedisCluster3:
+    """Three ``redis-server`` cluster nodes (masters only), all slots assigned.
+
+    Attributes:
+        ports: the nodes' ports on 127.0.0.1.
+        startup_nodes: ``(host, port)`` of every node.
+        url: ``redis://`` URL of the first node, for ``RedisCluster.from_url``.
+    """
+
+    def __init__(self, *, startup_timeout: float = 20.0) -> None:
+        self.startup_timeout = startup_timeout
+        self.ports: list[int] = []
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self._dir: Path | None = None
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", port) for port in self.ports]
+
+    @property
+    def url(self) -> str:
+        if not self.ports:
+            raise RuntimeError("the cluster is not running")
+        return f"redis://127.0.0.1:{self.ports[0]}"
+
+    def start(self) -> RedisCluster3:
+        if self._processes:
+            raise RuntimeError("the cluster is already running")
+        cli = find_redis_cli()
+        if cli is None:
+            raise RuntimeError("redis-cli not found (next to redis-server or on PATH)")
+        server = find_redis_server()
+        self._dir = Path(tempfile.mkdtemp(prefix="aiometer-cluster-"))
+        try:
+            self._launch(server, cli)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _launch(self, server: str, cli: str) -> None:
+        assert self._dir is not None
+        self.ports = _free_ports(_NODES)
+        for port in self.ports:
+            args = [
+                server,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(self._dir / f"nodes-{port}.conf"),
+                "--cluster-node-timeout",
+                "2000",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self._dir),
+                "--daemonize",
+                "no",
+            ]
+            with open(self._dir / f"redis-{port}.log", "ab") as log:
+                self._processes.append(
+                    subprocess.Popen(
+                        args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                    )
+                )
+        deadline = time.monotonic() + self.startup_timeout
+        for port, process in zip(self.ports, self._processes, strict=True):
+            while (reply := _command(port, "PING")) is None or not reply.startswith("+PONG"):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster node {port} did not start:\n{self._logs()}")
+                time.sleep(0.02)
+        create = subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{port}" for port in self.ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=self.startup_timeout,
+            check=False,
+        )
+        if create.returncode != 0:
+            raise RuntimeError(
+                f"redis-cli --cluster create failed ({create.returncode}):\n"
+                f"{create.stdout.decode(errors='replace')}{create.stderr.decode(errors='replace')}"
+            )
+        for port in self.ports:
+            while "cluster_state:ok" not in (_command(port, "CLUSTER", "INFO") or ""):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster node {port} never reported cluster_state:ok")
+                time.sleep(0.05)
+
+    def _logs(self) -> str:
+        if self._dir is None:
+            return "(no logs)"
+        texts = []
+        for path in sorted(self._dir.glob("redis-*.log")):
+            lines = path.read_text(errors="replace").splitlines()[-10:]
+            texts.append(f"--- {path.name}\n" + "\n".join(lines))
+        return "\n".join(texts)
+
+    def stop(self) -> None:
+        """Stop every node (SIGTERM, SIGKILL after 5 s) and remove the directory."""
+        processes, self._processes = self._processes, []
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE_SECONDS
+        for process in processes:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.ports = []
+        directory, self._dir = self._dir, None
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def __enter__(self) -> RedisCluster3:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<RedisCluster3 ports={self.ports}>"
