@@ -36,6 +36,16 @@ them readable, and move with whatever else the machine is doing.
    the same ping-pong over raw RPUSH / BLPOP between the same two processes.
    Target: p50 <= 2 ms.
 
+4. Cluster. The same acquire+release loop against a single redis-server and against a
+   three-primary Redis Cluster (``tests/cluster.py``, ``redis.asyncio.RedisCluster`` with
+   ``max_connections=512``), in the same run: 4 processes of 32 coroutines spread over 100
+   limiters (``site-0`` .. ``site-99``, each coroutine takes the next limiter of its process's
+   rotation), *concurrency-only* (``max_at_once=1000``, never waits) and *rate-only*. The
+   single and cluster phases alternate in interleaved rounds. ``INFO commandstats`` on each
+   primary gives each shard's share of the script calls (EVALSHA + EVAL); ``INFO cpu`` and
+   the load average show where the CPU went. Targets: cluster >= 1.0x single (no loss of
+   aggregate throughput), every shard's share within 30 % of an even third.
+
 The 8-process rows run more processes than a small machine has cores, next to redis-server
 itself: read the ratio, not the absolute rate. The exit status is 0 whatever the verdicts.
 """
@@ -55,7 +65,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,11 +79,18 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _H
 import anyio  # noqa: E402
 import anyio.to_thread  # noqa: E402
 import redis.asyncio  # noqa: E402
+from redis.crc import key_slot  # noqa: E402
 
 from aiometer_redis import RedisLimiter  # noqa: E402
 from aiometer_redis._client import RedisPyClient, ScriptArg  # noqa: E402
+from aiometer_redis._limiter import limiter_keys  # noqa: E402
 from aiometer_redis._scripts import Script, all_scripts, load_script, script_dir  # noqa: E402
 from aiometer_redis._server import RedisServer  # noqa: E402
+
+# The throwaway three-shard cluster is the tests' helper (tests/cluster.py): put the tests
+# directory on the path (last, so it shadows nothing) and import it rather than copy it.
+sys.path.append(str(_HERE.parent / "tests"))
+from cluster import RedisCluster3, find_redis_cli  # noqa: E402
 
 _READY = "READY"
 _START_LEAD_SECONDS = 0.3
@@ -106,6 +123,17 @@ _TARGET_COMMANDS_PER_TASK = 4.0
 _COMMANDS_BOUND_PER_TASK = 3.0
 _TARGET_HANDOFF_P50_MS = 2.0
 
+_CLUSTER_PROCESSES = 4
+_CLUSTER_COROUTINES_PER_PROCESS = 32
+_CLUSTER_LIMITERS = tuple(f"site-{i}" for i in range(100))
+_CLUSTER_MAX_AT_ONCE = 1000  # above the 128 coroutines in all: never waits
+_CLUSTER_MAX_CONNECTIONS = 512  # per node, as in tests/test_cluster.py
+_CLUSTER_VARIANTS = ("concurrency-only", "rate-only")
+_SINGLE, _CLUSTER = "single", "cluster"
+_SCRIPT_COMMANDS = ("evalsha", "eval")
+_TARGET_CLUSTER_RATIO = 1.0
+_TARGET_SHARE_TOLERANCE = 0.3  # every shard within 30 % of an even third
+
 Spec = dict[str, Any]
 Result = dict[str, Any]
 
@@ -116,10 +144,26 @@ class _Settings:
     phase_seconds: float
     contention_tasks: int  # in total, split evenly over the processes
     handoff_rounds: int  # per process
+    cluster_rounds: int
+    cluster_phase_seconds: float
 
 
-_FULL = _Settings(rounds=4, phase_seconds=0.75, contention_tasks=1600, handoff_rounds=200)
-_QUICK = _Settings(rounds=1, phase_seconds=0.4, contention_tasks=400, handoff_rounds=50)
+_FULL = _Settings(
+    rounds=4,
+    phase_seconds=0.75,
+    contention_tasks=1600,
+    handoff_rounds=200,
+    cluster_rounds=3,
+    cluster_phase_seconds=1.0,
+)
+_QUICK = _Settings(
+    rounds=1,
+    phase_seconds=0.4,
+    contention_tasks=400,
+    handoff_rounds=50,
+    cluster_rounds=1,
+    cluster_phase_seconds=0.5,
+)
 
 
 @dataclass(frozen=True)
@@ -318,10 +362,80 @@ async def _handoff_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
     _stage_result({"latencies": latencies})
 
 
+async def _next_cycle(rotation: Iterator[RedisLimiter]) -> None:
+    await _cycle(next(rotation))
+
+
+async def _warm_up(operation: Callable[[], Awaitable[object]], coroutines: int, calls: int) -> None:
+    """*calls* operations spread over *coroutines* concurrent loops (opens the connections)."""
+
+    async def loop(count: int) -> None:
+        for _ in range(count):
+            await operation()
+
+    async with anyio.create_task_group() as task_group:
+        for _ in range(coroutines):
+            task_group.start_soon(loop, math.ceil(calls / coroutines))
+
+
+async def _cluster_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
+    """The acquire+release loop over many limiters, on the single server and on the cluster."""
+    names: list[str] = spec["names"]
+    offset: int = spec["offset"]
+    coroutines: int = spec["coroutines"]
+    seconds: float = spec["seconds"]
+    cluster = redis.asyncio.RedisCluster.from_url(
+        spec["cluster_url"], max_connections=_CLUSTER_MAX_CONNECTIONS
+    )
+    clients: dict[str, redis.asyncio.Redis | redis.asyncio.RedisCluster] = {
+        _SINGLE: client,
+        _CLUSTER: cluster,
+    }
+    async with AsyncExitStack() as stack:
+        # Registered first, so it runs last: after every limiter has closed.
+        stack.push_async_callback(cluster.aclose)
+        operations: dict[str, Callable[[], Awaitable[object]]] = {}
+        for backend, backend_client in clients.items():
+            for variant in _CLUSTER_VARIANTS:
+                options: dict[str, Any] = (
+                    {"max_at_once": _CLUSTER_MAX_AT_ONCE}
+                    if variant == "concurrency-only"
+                    else {"max_per_second": _FAST_RATE}
+                )
+                # One prefix per variant: the keys differ, the hash tag (the name) and so
+                # the slot do not.
+                limiters = [
+                    await stack.enter_async_context(
+                        RedisLimiter(
+                            backend_client, name, prefix=f"{spec['prefix']}-{variant}", **options
+                        )
+                    )
+                    for name in names
+                ]
+                # Each process starts its rotation elsewhere, so that the processes' requests
+                # spread over the limiters rather than moving through them in step.
+                rotation = itertools.cycle(limiters[offset:] + limiters[:offset])
+                operations[f"{backend}/{variant}"] = functools.partial(_next_cycle, rotation)
+        for operation in operations.values():
+            await _warm_up(operation, coroutines, 2 * len(names))
+        start = await _stage_start()
+        counts: list[int] = []
+        cpu: list[float] = []
+        for index, phase in enumerate(spec["phases"]):
+            begin = start + index * (seconds + _PHASE_GAP_SECONDS)
+            done, used = await _count_completions(
+                operations[phase], begin, begin + seconds, coroutines
+            )
+            counts.append(done)
+            cpu.append(used)
+    _stage_result({"counts": counts, "cpu": cpu})
+
+
 _WORKERS: dict[str, Callable[[redis.asyncio.Redis, Spec], Awaitable[None]]] = {
     "throughput": _throughput_worker,
     "contention": _contention_worker,
     "handoff": _handoff_worker,
+    "cluster": _cluster_worker,
 }
 
 
@@ -779,6 +893,334 @@ async def _handoff(pool: _Pool, url: str, settings: _Settings, verdicts: list[_V
     }
 
 
+async def _cpu_seconds(client: redis.asyncio.Redis) -> float:
+    """The server's own CPU time so far (user + system, all its threads)."""
+    info: dict[str, Any] = await client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, idle) CPU seconds of the whole machine, all processes, from /proc/stat (Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    ticks = [int(value) for value in fields[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    # guest time is already counted in user time
+    busy = sum(ticks[:8]) - idle
+    hertz = os.sysconf("SC_CLK_TCK")
+    return busy / hertz, idle / hertz
+
+
+def _script_calls(stats: _CommandStats) -> int:
+    return sum(stats.calls[name] for name in _SCRIPT_COMMANDS)
+
+
+class _ClusterSnapshot:
+    """Command counts and CPU time of the single server and of each primary, when awaited."""
+
+    def __init__(self, single: redis.asyncio.Redis, nodes: Sequence[redis.asyncio.Redis]) -> None:
+        self._clients = [single, *nodes]
+        self.stats: list[_CommandStats] = []
+        self.cpu: list[float] = []
+        self.load_average = 0.0
+        self.machine: tuple[float, float] | None = None
+        self.time = 0.0
+
+    async def __call__(self) -> None:
+        self.stats = [await _CommandStats.read(client) for client in self._clients]
+        self.cpu = [await _cpu_seconds(client) for client in self._clients]
+        self.load_average = os.getloadavg()[0]
+        self.machine = _machine_cpu_seconds()
+        self.time = time.monotonic()
+
+
+async def _owners(node: redis.asyncio.Redis, names: Sequence[str]) -> dict[str, int]:
+    """The port of the primary that owns each limiter's slot (the hash tag is the name)."""
+    untyped: Any = node  # redis-py leaves execute_command untyped
+    ranges = [
+        (int(first), int(last), int(primary[1]))
+        for first, last, primary, *_ in await untyped.execute_command("CLUSTER", "SLOTS")
+    ]
+    owners: dict[str, int] = {}
+    for name in names:
+        slot = key_slot(limiter_keys(name)[0].encode())
+        owners[name] = next(port for first, last, port in ranges if first <= slot <= last)
+    return owners
+
+
+def _cluster_phases(rounds: int) -> list[str]:
+    # Interleaved: every round runs each variant on both backends, back to back, and the
+    # backend that goes first alternates from round to round.
+    phases: list[str] = []
+    for index in range(rounds):
+        backends = (_SINGLE, _CLUSTER) if index % 2 == 0 else (_CLUSTER, _SINGLE)
+        phases += [f"{backend}/{variant}" for variant in _CLUSTER_VARIANTS for backend in backends]
+    return phases
+
+
+async def _cluster(
+    pool: _Pool,
+    single_url: str,
+    single: redis.asyncio.Redis,
+    settings: _Settings,
+    verdicts: list[_Verdict],
+) -> Result:
+    processes, coroutines = _CLUSTER_PROCESSES, _CLUSTER_COROUTINES_PER_PROCESS
+    seconds = settings.cluster_phase_seconds
+    _section(
+        "4. Cluster: one redis-server vs a 3-primary Redis Cluster, same run\n"
+        f"{processes} processes x {coroutines} coroutines over {len(_CLUSTER_LIMITERS)} "
+        f"limiters ({_CLUSTER_LIMITERS[0]}..{_CLUSTER_LIMITERS[-1]}); "
+        f"{settings.cluster_rounds} interleaved round(s) of {seconds:g} s per phase;\n"
+        f"redis.asyncio.RedisCluster with max_connections={_CLUSTER_MAX_CONNECTIONS}; "
+        f"concurrency-only: max_at_once={_CLUSTER_MAX_AT_ONCE}; "
+        f"rate-only: max_per_second={_FAST_RATE:g}."
+    )
+    if find_redis_cli() is None:
+        print("skipped: redis-cli (for redis-cli --cluster create) is not installed")
+        return {"skipped": "redis-cli not found"}
+    cluster = RedisCluster3()
+    await anyio.to_thread.run_sync(cluster.start)
+    cluster_ports = list(cluster.ports)  # stop() clears them
+    nodes = [redis.asyncio.Redis(host=host, port=port) for host, port in cluster.startup_nodes]
+    try:
+        owners = await _owners(nodes[0], _CLUSTER_LIMITERS)
+        for node in nodes:
+            for script in all_scripts().values():
+                await node.script_load(script.source)
+        phases = _cluster_phases(settings.cluster_rounds)
+        specs = [
+            {
+                "kind": "cluster",
+                "url": single_url,
+                "cluster_url": cluster.url,
+                "prefix": "clusterbench",
+                "names": list(_CLUSTER_LIMITERS),
+                "offset": index * len(_CLUSTER_LIMITERS) // processes,
+                "coroutines": coroutines,
+                "seconds": seconds,
+                "phases": phases,
+            }
+            for index in range(processes)
+        ]
+        before = _ClusterSnapshot(single, nodes)
+        after = _ClusterSnapshot(single, nodes)
+        (results,) = await _run_stages(pool, specs, before_start=before)
+        await after()
+    finally:
+        for node in nodes:
+            await node.aclose()
+        await anyio.to_thread.run_sync(cluster.stop)
+
+    rates: dict[str, list[float]] = {}
+    client_cpu: Counter[str] = Counter()
+    for index, phase in enumerate(phases):
+        done = sum(result["counts"][index] for result in results)
+        rates.setdefault(phase, []).append(done / seconds)
+        client_cpu[phase] += sum(result["cpu"][index] for result in results)
+
+    def mean(values: Sequence[float]) -> float:
+        return sum(values) / len(values)
+
+    rows: list[list[str]] = []
+    workloads: list[Result] = []
+    throughput_passed = True
+    for variant in _CLUSTER_VARIANTS:
+        single_rates = rates[f"{_SINGLE}/{variant}"]
+        cluster_rates = rates[f"{_CLUSTER}/{variant}"]
+        ratio = mean(cluster_rates) / mean(single_rates)
+        by_round = [c / s for s, c in zip(single_rates, cluster_rates, strict=True)]
+        passed = ratio >= _TARGET_CLUSTER_RATIO
+        throughput_passed &= passed
+        rows.append(
+            [
+                variant,
+                f"{mean(single_rates):,.0f}",
+                f"{mean(cluster_rates):,.0f}",
+                f"{ratio:.2f}x",
+                f"{min(by_round):.2f}-{max(by_round):.2f}",
+                f">= {_TARGET_CLUSTER_RATIO:.1f}x",
+                _verdict(passed),
+            ]
+        )
+        verdicts.append(
+            _Verdict(
+                f"cluster {variant}, {len(_CLUSTER_LIMITERS)} limiters, {processes} processes: "
+                f">= {_TARGET_CLUSTER_RATIO:.1f}x single",
+                f"{ratio:.2f}x",
+                passed,
+            )
+        )
+        workloads.append(
+            {
+                "workload": variant,
+                "single_ops_per_second": mean(single_rates),
+                "cluster_ops_per_second": mean(cluster_rates),
+                "single_ops_per_second_by_round": single_rates,
+                "cluster_ops_per_second_by_round": cluster_rates,
+                "ratio": ratio,
+                "ratio_by_round": by_round,
+                "target_ratio": _TARGET_CLUSTER_RATIO,
+                "passed": passed,
+            }
+        )
+    headers = ["workload", "single ops/s", "cluster ops/s", "ratio", "range", "target", "result"]
+    print(_table(headers, rows))
+
+    # Shares of the script calls per primary (the single server is index 0 of the snapshots).
+    deltas = [later - earlier for later, earlier in zip(after.stats, before.stats, strict=True)]
+    single_calls, node_calls = _script_calls(deltas[0]), [_script_calls(d) for d in deltas[1:]]
+    total = sum(node_calls)
+    shares = [calls / total if total else 0.0 for calls in node_calls]
+    even = 1 / len(nodes)
+    low, high = even * (1 - _TARGET_SHARE_TOLERANCE), even * (1 + _TARGET_SHARE_TOLERANCE)
+    share_passed = bool(shares) and all(low <= share <= high for share in shares)
+    limiters_per_node = Counter(owners.values())
+    share_rows = [
+        [
+            f"127.0.0.1:{port}",
+            str(limiters_per_node[port]),
+            f"{calls:,}",
+            f"{share:.3f}",
+            _verdict(low <= share <= high),
+        ]
+        for port, calls, share in zip(cluster_ports, node_calls, shares, strict=True)
+    ]
+    print(
+        f"\nScript calls (EVALSHA + EVAL) per primary; target: each share in "
+        f"[{low:.3f}, {high:.3f}]\n"
+    )
+    print(_table(["primary", "limiters", "script calls", "share", "result"], share_rows))
+    verdicts.append(
+        _Verdict(
+            f"cluster: every shard's share of script calls in [{low:.3f}, {high:.3f}]",
+            ", ".join(f"{share:.3f}" for share in shares),
+            share_passed,
+        )
+    )
+
+    # Where the CPU went: client processes per backend, redis-server(s) per backend.
+    cpu_deltas = [later - earlier for later, earlier in zip(after.cpu, before.cpu, strict=True)]
+    server_cpu = {_SINGLE: cpu_deltas[0], _CLUSTER: sum(cpu_deltas[1:])}
+    cpu_rows: list[list[str]] = []
+    cpu_report: dict[str, Result] = {}
+    script_calls = {_SINGLE: single_calls, _CLUSTER: total}
+    for backend in (_SINGLE, _CLUSTER):
+        wall = seconds * sum(1 for phase in phases if phase.startswith(backend + "/"))
+        done = sum(
+            rate * seconds
+            for phase, values in rates.items()
+            if phase.startswith(backend + "/")
+            for rate in values
+        )
+        client_seconds = sum(
+            used for phase, used in client_cpu.items() if phase.startswith(backend + "/")
+        )
+        report = {
+            "client_cpu_cores": client_seconds / wall,
+            "server_cpu_cores": server_cpu[backend] / wall,
+            "client_cpu_us_per_op": client_seconds / done * 1e6,
+            "server_cpu_us_per_op": server_cpu[backend] / done * 1e6,
+            "script_calls_per_op": script_calls[backend] / done,
+        }
+        cpu_report[backend] = report
+        cpu_rows.append(
+            [
+                backend,
+                f"{report['client_cpu_cores']:.2f}",
+                f"{report['server_cpu_cores']:.2f}",
+                f"{report['client_cpu_us_per_op']:.0f}",
+                f"{report['server_cpu_us_per_op']:.1f}",
+                f"{report['script_calls_per_op']:.2f}",
+            ]
+        )
+    cpus = os.cpu_count() or 1
+    print(
+        f"\nCPU: {cpus} CPUs; load average (1 min) {before.load_average:.2f} before, "
+        f"{after.load_average:.2f} after; cores = CPU seconds per second of the backend's "
+        f"phases\n"
+    )
+    cpu_headers = [
+        "backend",
+        "client cores",
+        "server cores",
+        "client CPU us/op",
+        "server CPU us/op",
+        "script calls/op",
+    ]
+    print(_table(cpu_headers, cpu_rows))
+    # The whole machine over the whole measurement (phases, gaps and the workers' wind-down):
+    # whatever is busy beyond this benchmark's own processes is someone else's load.
+    machine: Result | None = None
+    if before.machine is not None and after.machine is not None:
+        window = after.time - before.time
+        busy = after.machine[0] - before.machine[0]
+        idle = after.machine[1] - before.machine[1]
+        ours = sum(used for used in client_cpu.values()) + sum(server_cpu.values())
+        machine = {
+            "window_seconds": window,
+            "busy_cores": busy / window,
+            "idle_cores": idle / window,
+            "benchmark_cores": ours / window,
+            "other_cores": max(0.0, busy - ours) / window,
+        }
+        print(
+            f"\nWhole machine over the {window:.1f} s measurement (/proc/stat): "
+            f"{machine['busy_cores']:.2f} cores busy, {machine['idle_cores']:.2f} idle; "
+            f"this benchmark's clients + servers {machine['benchmark_cores']:.2f}, "
+            f"other processes ~{machine['other_cores']:.2f}"
+        )
+    note = None
+    if not throughput_passed:
+        note = (
+            f"the throughput target failed on a {cpus}-CPU machine, where the cluster's 3 "
+            f"redis-server processes compete for the same {cpus} CPUs with the {processes} "
+            f"client processes (load average {before.load_average:.2f} before, "
+            f"{after.load_average:.2f} after"
+        )
+        if machine is not None:
+            note += (
+                f"; other processes used ~{machine['other_cores']:.2f} cores, "
+                f"{machine['idle_cores']:.2f} cores stayed idle"
+            )
+        note += (
+            "). Sharding spreads the servers' work; it cannot add throughput while the "
+            "clients' CPU (see client CPU us/op above) or the machine's CPUs are the limit."
+        )
+        print(f"\nNote: {note}")
+    return {
+        "processes": processes,
+        "coroutines_per_process": coroutines,
+        "limiters": len(_CLUSTER_LIMITERS),
+        "max_connections": _CLUSTER_MAX_CONNECTIONS,
+        "rounds": settings.cluster_rounds,
+        "phase_seconds": seconds,
+        "workloads": workloads,
+        "shards": [
+            {
+                "port": port,
+                "limiters": limiters_per_node[port],
+                "script_calls": calls,
+                "share": share,
+            }
+            for port, calls, share in zip(cluster_ports, node_calls, shares, strict=True)
+        ],
+        "share_bounds": [low, high],
+        "shares_passed": share_passed,
+        "single_script_calls": single_calls,
+        "cpu": {
+            "cpus": cpus,
+            "load_average_before": before.load_average,
+            "load_average_after": after.load_average,
+            "machine": machine,
+            **cpu_report,
+        },
+        "note": note,
+    }
+
+
 async def _bench(quick: bool) -> Result:
     settings = _QUICK if quick else _FULL
     started = time.monotonic()
@@ -808,6 +1250,7 @@ async def _bench(quick: bool) -> Result:
             throughput = await _throughput(pool, server.url, stats_client, settings, verdicts)
             contention = await _contention(pool, server.url, stats_client, settings, verdicts)
             handoff = await _handoff(pool, server.url, settings, verdicts)
+            cluster = await _cluster(pool, server.url, stats_client, settings, verdicts)
         finally:
             await stats_client.aclose()
             await anyio.to_thread.run_sync(pool.close)
@@ -827,6 +1270,7 @@ async def _bench(quick: bool) -> Result:
         "throughput": throughput,
         "commands_per_task": contention,
         "handoff": handoff,
+        "cluster": cluster,
         "targets": [
             {"target": v.target, "measured": v.measured, "passed": v.passed} for v in verdicts
         ],

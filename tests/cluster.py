@@ -1,7 +1,11 @@
-"""Start a throwaway three-shard Redis Cluster (no replicas) on loopback, for tests.
+"""Start a throwaway three-shard Redis Cluster on loopback, for tests.
 
     with RedisCluster3() as cluster:
         client = redis.asyncio.RedisCluster.from_url(cluster.url)
+
+With ``replicas=True`` every primary gets one replica (six nodes), and
+:meth:`RedisCluster3.kill_primary` plus :meth:`RedisCluster3.wait_for_failover` stage a
+primary crash and its replica's promotion.
 
 The ``redis-server`` binary comes from :func:`aiometer_redis._server.find_redis_server`;
 ``redis-cli`` (needed for ``--cluster create``) is looked up next to it, then on PATH.
@@ -23,7 +27,7 @@ from aiometer_redis._server import find_redis_server
 
 __all__ = ["RedisCluster3", "find_redis_cli"]
 
-_NODES = 3
+_PRIMARIES = 3
 _STOP_GRACE_SECONDS = 5.0
 
 
@@ -104,16 +108,29 @@ def _complete(reply: bytes) -> bool:
 
 
 class RedisCluster3:
-    """Three ``redis-server`` cluster nodes (masters only), all slots assigned.
+    """Three ``redis-server`` cluster primaries, all slots assigned; with ``replicas=True``
+    each primary also has one replica (six nodes in all).
 
     Attributes:
-        ports: the nodes' ports on 127.0.0.1.
+        ports: the nodes' ports on 127.0.0.1 (all six with replicas, killed ones included).
         startup_nodes: ``(host, port)`` of every node.
         url: ``redis://`` URL of the first node, for ``RedisCluster.from_url``.
+        node_timeout_ms: ``cluster-node-timeout``; with replicas, failover takes about this
+            long plus the replica's election delay.
     """
 
-    def __init__(self, *, startup_timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        *,
+        startup_timeout: float = 20.0,
+        replicas: bool = False,
+        node_timeout_ms: int | None = None,
+    ) -> None:
         self.startup_timeout = startup_timeout
+        self.replicas = replicas
+        self.node_timeout_ms = (
+            node_timeout_ms if node_timeout_ms is not None else (1000 if replicas else 2000)
+        )
         self.ports: list[int] = []
         self._processes: list[subprocess.Popen[bytes]] = []
         self._dir: Path | None = None
@@ -145,7 +162,7 @@ class RedisCluster3:
 
     def _launch(self, server: str, cli: str) -> None:
         assert self._dir is not None
-        self.ports = _free_ports(_NODES)
+        self.ports = _free_ports(_PRIMARIES * (2 if self.replicas else 1))
         for port in self.ports:
             args = [
                 server,
@@ -158,7 +175,7 @@ class RedisCluster3:
                 "--cluster-config-file",
                 str(self._dir / f"nodes-{port}.conf"),
                 "--cluster-node-timeout",
-                "2000",
+                str(self.node_timeout_ms),
                 "--save",
                 "",
                 "--appendonly",
@@ -187,7 +204,7 @@ class RedisCluster3:
                 "create",
                 *(f"127.0.0.1:{port}" for port in self.ports),
                 "--cluster-replicas",
-                "0",
+                "1" if self.replicas else "0",
                 "--cluster-yes",
             ],
             stdin=subprocess.DEVNULL,
@@ -205,6 +222,108 @@ class RedisCluster3:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"cluster node {port} never reported cluster_state:ok")
                 time.sleep(0.05)
+        if self.replicas:
+            self._wait_for_replicas(deadline)
+
+    def _wait_for_replicas(self, deadline: float) -> None:
+        # Every primary reports one online replica, and every replica its link to the
+        # primary as up (so the replica holds the data and can be promoted).
+        while True:
+            roles = self.roles()
+            primaries = [port for port, role in roles.items() if role == "master"]
+            replicas = [port for port, role in roles.items() if role == "slave"]
+            ready = (
+                len(primaries) == _PRIMARIES
+                and len(replicas) == _PRIMARIES
+                and all(
+                    "connected_slaves:1" in (_command(port, "INFO", "replication") or "")
+                    for port in primaries
+                )
+                and all(
+                    "master_link_status:up" in (_command(port, "INFO", "replication") or "")
+                    for port in replicas
+                )
+            )
+            if ready:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replicas never all attached: {roles}\n{self._logs()}")
+            time.sleep(0.05)
+
+    def _nodes(self, via: int) -> list[list[str]]:
+        """CLUSTER NODES as seen by the node on port *via*, one split line per node."""
+        reply = _command(via, "CLUSTER", "NODES") or ""
+        if not reply.startswith("$"):
+            return []
+        body = reply.partition("\r\n")[2]
+        return [line.split() for line in body.splitlines() if len(line.split()) >= 8]
+
+    def roles(self) -> dict[int, str]:
+        """``"master"`` or ``"slave"`` for every live node's port, as it reports itself."""
+        found: dict[int, str] = {}
+        for port in self.alive_ports():
+            for fields in self._nodes(port):
+                if "myself" in fields[2].split(","):
+                    flags = fields[2].split(",")
+                    found[port] = "master" if "master" in flags else "slave"
+        return found
+
+    def alive_ports(self) -> list[int]:
+        """Ports of the nodes whose process is still running."""
+        return [
+            port
+            for port, process in zip(self.ports, self._processes, strict=True)
+            if process.poll() is None
+        ]
+
+    def owner_of_slot(self, slot: int, *, via: int | None = None) -> int:
+        """Port of the primary serving *slot*, per CLUSTER SLOTS-equivalent CLUSTER NODES."""
+        ports = [via] if via is not None else self.alive_ports()
+        for port in ports:
+            for fields in self._nodes(port):
+                flags = fields[2].split(",")
+                if "master" not in flags or "fail" in flags or "fail?" in flags:
+                    continue
+                for part in fields[8:]:
+                    if part.startswith("["):
+                        continue  # a slot in migration
+                    start, _, end = part.partition("-")
+                    if int(start) <= slot <= int(end or start):
+                        return int(fields[1].split(":")[1].split("@")[0])
+        raise RuntimeError(f"no live primary serves slot {slot}")
+
+    def replica_of(self, primary: int) -> int:
+        """Port of the replica attached to the primary on port *primary*."""
+        for fields in self._nodes(primary):
+            if "myself" in fields[2].split(","):
+                node_id = fields[0]
+                break
+        else:
+            raise RuntimeError(f"node {primary} did not list itself")
+        for fields in self._nodes(primary):
+            if fields[3] == node_id:
+                return int(fields[1].split(":")[1].split("@")[0])
+        raise RuntimeError(f"primary {primary} has no replica")
+
+    def kill_primary(self, port: int) -> None:
+        """SIGKILL the node on *port* (it stays dead; :meth:`stop` reaps it)."""
+        process = self._processes[self.ports.index(port)]
+        process.kill()
+        process.wait()
+
+    def wait_for_failover(self, replica: int, *, timeout: float = 15.0) -> None:
+        """Wait until *replica* is a primary and every live node reports cluster_state:ok."""
+        deadline = time.monotonic() + timeout
+        while True:
+            promoted = self.roles().get(replica) == "master"
+            if promoted and all(
+                "cluster_state:ok" in (_command(port, "CLUSTER", "INFO") or "")
+                for port in self.alive_ports()
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica {replica} was not promoted:\n{self._logs()}")
+            time.sleep(0.02)
 
     def _logs(self) -> str:
         if self._dir is None:
