@@ -30,6 +30,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.sentinel
 from cluster import RedisCluster3, _command, _free_ports, find_redis_cli
+from windows import over_limit_seconds
 
 import aiometer
 from aiometer_redis import RedisLimiter
@@ -81,21 +82,6 @@ class Run:
             f"stall {self.stall:.2f}s, over-admission {self.over_admission:.3f}s, "
             f"peak {peak(self.intervals)}"
         )
-
-
-def over_limit_seconds(intervals: Sequence[tuple[float, float]], limit: int) -> float:
-    """Total time during which more than *limit* of the intervals were open at once."""
-    # Ends before starts at the same instant: a slot handed over is no overlap.
-    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
-    total = 0.0
-    running = 0
-    previous = 0.0
-    for at, delta in events:
-        if running > limit:
-            total += at - previous
-        running += delta
-        previous = at
-    return total
 
 
 def peak(intervals: Sequence[tuple[float, float]]) -> int:

@@ -15,7 +15,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import redis.asyncio
 import sniffio
 from anyio.streams.buffered import BufferedByteReceiveStream
 from tcp_proxy import Request, TcpProxy, script_rule
-from windows import max_overlap, window_violations
+from windows import max_overlap, over_limit_seconds, window_violations
 
 import aiometer
 from aiometer_redis import RedisLimiter, RedisPermit, RedisUnavailableError
@@ -97,20 +97,6 @@ async def wait_for(
         while not await check():
             await anyio.sleep(0.005)
     assert not scope.cancelled_caught, f"{what} did not happen within {timeout:g} s"
-
-
-def over_limit_seconds(intervals: Sequence[tuple[float, float]], limit: int) -> float:
-    """How long more than *limit* of the (start, end) intervals were open at once."""
-    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
-    total = 0.0
-    running = 0
-    previous = 0.0
-    for at, delta in events:
-        if running > limit:
-            total += at - previous
-        running += delta
-        previous = at
-    return total
 
 
 def is_script(request: Request, script: str) -> bool:

@@ -45,3 +45,18 @@ def max_overlap(intervals: Iterable[tuple[float, float]]) -> int:
         current += delta
         best = max(best, current)
     return best
+
+
+def over_limit_seconds(intervals: Sequence[tuple[float, float]], limit: int) -> float:
+    """How long more than *limit* of the (start, end) intervals were open at once."""
+    # Ends sort before starts at the same instant: a slot handed over is no overlap.
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    total = 0.0
+    running = 0
+    previous = 0.0
+    for at, delta in events:
+        if running > limit:
+            total += at - previous
+        running += delta
+        previous = at
+    return total
