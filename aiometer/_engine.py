@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections import deque
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -40,7 +41,7 @@ from ._validation import check_max_at_once, check_max_per_second
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["Deliver", "Engine", "Source", "check_limiters", "reraise_single"]
+__all__ = ["Deliver", "Engine", "Selector", "Source", "check_limiters", "reraise_single"]
 
 T = TypeVar("T")
 Source = Iterable[T] | AsyncIterable[T]
@@ -49,17 +50,26 @@ Deliver = Callable[[int, Any], Awaitable[None] | None]
 _DONE: Any = object()
 
 
-def check_limiters(limiter: Limiter | Sequence[Limiter] | None) -> list[Limiter]:
-    """Return ``limiter=`` as a list, raising TypeError for anything that is not a limiter."""
+Selector = Callable[[Any], "Limiter | Sequence[Limiter]"]
+
+
+def check_limiters(
+    limiter: Limiter | Sequence[Limiter] | Selector | None,
+) -> list[Limiter] | Selector:
+    """Return ``limiter=`` as a list, or as is if it is a function that picks the limiters of
+    each item; raise TypeError for anything else."""
     if limiter is None:
         return []
-    limiters = list(limiter) if isinstance(limiter, Sequence) else [limiter]
-    for item in limiters:
+    if callable(limiter) and not hasattr(limiter, "acquire") and not isinstance(limiter, Sequence):
+        return limiter
+    given: list[Any] = list(limiter) if isinstance(limiter, Sequence) else [limiter]
+    for item in given:
         if not callable(getattr(item, "acquire", None)):
             raise TypeError(
-                f"limiter must be an aiometer.Limiter or a sequence of them, "
-                f"got {type(item).__name__}"
+                f"limiter must be an aiometer.Limiter, a sequence of them, or a function of "
+                f"the item returning them, got {type(item).__name__}"
             )
+    limiters: list[Limiter] = given
     return limiters
 
 
@@ -106,14 +116,19 @@ class Engine(Generic[T]):
         *,
         max_at_once: int | None,
         max_per_second: float | None,
-        limiters: list[Limiter],
+        limiters: list[Limiter] | Selector,
         deliver: Deliver | None,
         on_error: Deliver | None = None,
         gate: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         if max_at_once is not None:
             check_max_at_once(max_at_once)
-        self._limiters = list(limiters)
+        self._select: Selector | None = None
+        if callable(limiters):
+            self._select = limiters
+            self._limiters: list[Limiter] = []
+        else:
+            self._limiters = list(limiters)
         if max_per_second is not None:
             check_max_per_second(max_per_second)
             self._limiters.append(RateLimiter(max_per_second))
@@ -140,6 +155,13 @@ class Engine(Generic[T]):
                 f"args must be an iterable or an async iterable, got {type(source).__name__}"
             )
         self._pull_lock = anyio.Lock() if self._async_source is not None else None
+        # Per-limiter queues for limiter=<function of the item> (see _selecting_worker).
+        self._parked: dict[tuple[int, ...], deque[tuple[int, Any, list[Limiter]]]] = {}
+        self._parked_total = 0
+        self._park_limit = max(16 * (max_at_once or 1), 256)
+        self._busy: set[tuple[int, ...]] = set()
+        self._freed: anyio.Event | None = None
+        self._exhausted = False
 
     async def run(self) -> None:
         """Run every item; raise the first failure as itself (several as a group)."""
@@ -152,8 +174,9 @@ class Engine(Generic[T]):
                     workers = self._max_at_once
                     if self._size_hint is not None:
                         workers = min(workers, self._size_hint)
+                    worker = self._worker if self._select is None else self._selecting_worker
                     for _ in range(workers):
-                        tg.start_soon(self._worker)
+                        tg.start_soon(worker)
         except BaseExceptionGroup as group:
             failure = reraise_single(group)
             if failure is None:
@@ -183,9 +206,82 @@ class Engine(Generic[T]):
             self._index = index + 1
         return index, item
 
-    async def _acquire(self) -> list[Permit]:
+    def _selected(self, item: Any) -> list[Limiter]:
+        assert self._select is not None
+        chosen = self._select(item)
+        chosen_list = list(chosen) if isinstance(chosen, Sequence) else [chosen]
+        for limiter in chosen_list:
+            if not callable(getattr(limiter, "acquire", None)):
+                raise TypeError(
+                    f"the limiter= function must return a Limiter or a sequence of them, "
+                    f"got {type(limiter).__name__}"
+                )
+        return chosen_list
+
+    async def _run_selected(self, index: int, item: Any) -> None:
+        await self._run_one(index, item, await self._acquire(self._selected(item)))
+
+    async def _selecting_worker(self) -> None:
+        # With a limiter per item (e.g. one per site), a worker that would wait for a busy
+        # site's limiter while another worker already waits for it parks the item in that
+        # site's queue and pulls the next one instead, so a slow site cannot hold up the
+        # others. Parked items are served first, in order, and there are at most
+        # ``_park_limit`` of them: beyond that, workers stop pulling until a site frees up.
+        while True:
+            job = self._take_parked()
+            if job is None:
+                if self._exhausted or self._parked_total >= self._park_limit:
+                    if self._exhausted and not self._parked_total:
+                        return
+                    await self._wait_freed()
+                    continue
+                index, item = await self._pull()
+                if item is _DONE:
+                    self._exhausted = True
+                    self._notify_freed()
+                    continue
+                chosen = self._selected(item)
+                key = tuple(map(id, chosen))
+                if key in self._busy:
+                    self._parked.setdefault(key, deque()).append((index, item, chosen))
+                    self._parked_total += 1
+                    continue
+                job = (key, index, item, chosen)
+            key, index, item, chosen = job
+            self._busy.add(key)
+            try:
+                permits = await self._acquire(chosen)
+            finally:
+                self._busy.discard(key)
+                self._notify_freed()
+            await self._run_one(index, item, permits)
+            await anyio.lowlevel.checkpoint()
+
+    def _take_parked(self) -> tuple[tuple[int, ...], int, Any, list[Limiter]] | None:
+        for key, queue in self._parked.items():
+            if key not in self._busy:
+                index, item, chosen = queue.popleft()
+                if not queue:
+                    del self._parked[key]
+                self._parked_total -= 1
+                return key, index, item, chosen
+        return None
+
+    async def _wait_freed(self) -> None:
+        if self._freed is None:
+            self._freed = anyio.Event()
+        await self._freed.wait()
+
+    def _notify_freed(self) -> None:
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None
+
+    async def _acquire(self, first: list[Limiter] | None = None) -> list[Permit]:
         permits: list[Permit] = []
         try:
+            for limiter in first or ():
+                permits.append(await limiter.acquire())
             for limiter in self._limiters:
                 permits.append(await limiter.acquire())
         except BaseException:
@@ -254,4 +350,7 @@ class Engine(Generic[T]):
                 index, item = await self._pull()
                 if item is _DONE:
                     return
+            if self._select is not None:
+                start_soon(self._run_selected, index, item)
+                continue
             start_soon(run_one, index, item, await self._acquire() if limiters else _NO_PERMITS)

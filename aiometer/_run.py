@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar, overload
 import anyio
 import anyio.lowlevel
 
-from ._engine import Engine, Source, check_limiters, reraise_single
+from ._engine import Engine, Selector, Source, check_limiters, reraise_single
 from ._limiters import Limiter
 from ._validation import check_callable, check_max_at_once, check_max_per_second
 
@@ -25,12 +25,12 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 AsyncFns = Iterable[Callable[[], Awaitable[R]]] | AsyncIterable[Callable[[], Awaitable[R]]]
-LimiterArg = Limiter | Sequence[Limiter] | None
+LimiterArg = Limiter | Sequence[Limiter] | Selector | None
 
 
 def _check_limits(
     max_at_once: int | None, max_per_second: float | None, limiter: LimiterArg
-) -> list[Limiter]:
+) -> list[Limiter] | Selector:
     if max_at_once is not None:
         check_max_at_once(max_at_once)
     if max_per_second is not None:
@@ -115,7 +115,9 @@ async def run_on_each(
         max_at_once: at most this many calls run at the same time.
         max_per_second: at most this many calls start per second (burst 1).
         limiter: an :class:`aiometer.Limiter` or a sequence of them, taken after the local
-            ``max_at_once`` slot and before the local ``max_per_second`` start.
+            ``max_at_once`` slot and before the local ``max_per_second`` start; or a function
+            of the item returning its limiter(s), e.g. one limiter per site: a busy site's
+            items then wait in their own queue while the other sites' items keep flowing.
 
     Raises:
         TypeError, ValueError: a bad argument, before anything runs.
@@ -404,7 +406,7 @@ async def _amap(
     *,
     max_at_once: int | None,
     max_per_second: float | None,
-    limiters: list[Limiter],
+    limiters: list[Limiter] | Selector,
     ordered: bool,
     include_index: bool,
     return_exceptions: bool,

@@ -539,3 +539,47 @@ async def test_non_callable_and_lambdas() -> None:
         await aiometer.run_all(lambda: noop(x) for x in range(3))  # noqa: B023
     with pytest.raises(TypeError, match="args must be an iterable"):
         await aiometer.run_on_each(noop, 5)  # type: ignore[arg-type]
+
+
+# -- a limiter per item -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_at_once", [4, 12, None])
+async def test_limiter_per_item_keeps_other_keys_flowing(max_at_once: int | None) -> None:
+    """Scraper-shaped: three sites with their own limits, items interleaved, one site slow.
+
+    The slow site's items wait in its own queue; the other sites' items keep flowing, and
+    every site stays within its limit.
+    """
+    limits = {"slow": 1, "a": 2, "b": 3}
+    limiters = {site: aiometer.ConcurrencyLimiter(n) for site, n in limits.items()}
+    running = dict.fromkeys(limits, 0)
+    peak = dict.fromkeys(limits, 0)
+    finished: dict[str, list[float]] = {site: [] for site in limits}
+    items = [site for _ in range(10) for site in limits]  # slow, a, b, slow, a, b, ...
+
+    async def fetch(site: str) -> None:
+        running[site] += 1
+        peak[site] = max(peak[site], running[site])
+        await anyio.sleep(0.1 if site == "slow" else 0.03)
+        running[site] -= 1
+        finished[site].append(anyio.current_time())
+
+    start = anyio.current_time()
+    await aiometer.run_on_each(
+        fetch, items, max_at_once=max_at_once, limiter=lambda site: limiters[site]
+    )
+    assert all(peak[site] <= limits[site] for site in limits), peak
+    assert peak["slow"] == 1
+    if max_at_once != 4:
+        # Enough workers for every site to reach its limit.
+        assert peak == limits
+    # The slow site needs 10 x 0.1 s one at a time; the fast sites are done long before.
+    assert max(finished["slow"]) - start >= 0.9
+    assert max(finished["a"] + finished["b"]) - start < 0.5
+    assert all(limiter.statistics().held == 0 for limiter in limiters.values())
+
+
+async def test_limiter_function_must_return_limiters() -> None:
+    with pytest.raises(TypeError, match="must return a Limiter"):
+        await aiometer.run_on_each(noop, range(3), max_at_once=1, limiter=lambda item: 5)  # type: ignore[arg-type,return-value]
