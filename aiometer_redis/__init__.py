@@ -13,6 +13,7 @@ from ._exceptions import (
     RedisLimiterError,
     RedisUnavailableError,
 )
+from ._group import RedisLimiterGroup
 from ._limiter import Holder, RedisLimiter, RedisLimiterStatistics, RedisPermit
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "LeaseLostError",
     "RedisLimiter",
     "RedisLimiterError",
+    "RedisLimiterGroup",
     "RedisLimiterStatistics",
     "RedisPermit",
     "RedisUnavailableError",

@@ -430,6 +430,7 @@ class RedisLimiter(SlotMixin):
         )
         self._in_fallback = False
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._attached = False
         # Waiter and lease ids whose last call failed on the client side (see
         # _withdraw_orphans).
         self._orphans: set[str] = set()
@@ -535,8 +536,25 @@ class RedisLimiter(SlotMixin):
                 task_status.started(client)
                 await closing.wait()
 
+    def _attach(self, task_group: anyio.abc.TaskGroup) -> anyio.CancelScope:
+        """Run this limiter's background tasks in *task_group* (a group of limiters owns
+        them); the returned scope stops them."""
+        scope = anyio.CancelScope()
+
+        async def background() -> None:
+            with scope:
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(self._renew_loop)
+                    if self._max_at_once is not None:
+                        inner.start_soon(self._dispatch_loop)
+
+        task_group.start_soon(background)
+        self._task_group = task_group
+        self._attached = True
+        return scope
+
     def _check_open(self) -> None:
-        if self._stack is None:
+        if self._stack is None and not self._attached:
             raise RuntimeError(
                 "enter the limiter first: `async with RedisLimiter(...) as limiter:`"
             )

@@ -401,3 +401,67 @@ async def test_sigkill_holder_gives_slots_back(
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+# -- a limiter per key ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_limiter_group_per_site(server: RedisServer, name: str, anyio_backend: str) -> None:
+    """Scraper-shaped, on Redis: one limiter per site from a group, items interleaved, one
+    site slow; every site stays within its limit and the fast sites are not held up."""
+    sites = [f"{name}-slow", f"{name}-a", f"{name}-b"]
+    running = dict.fromkeys(sites, 0)
+    peak = dict.fromkeys(sites, 0)
+    finished: dict[str, list[float]] = {site: [] for site in sites}
+
+    async def fetch(site: str) -> None:
+        running[site] += 1
+        peak[site] = max(peak[site], running[site])
+        await anyio.sleep(0.1 if site.endswith("-slow") else 0.02)
+        running[site] -= 1
+        finished[site].append(anyio.current_time())
+
+    if anyio_backend == "asyncio":
+        client: Any = redis.asyncio.Redis.from_url(server.url)
+    else:
+        import coredis
+
+        client = await coredis.Redis.from_url(server.url).__aenter__()
+    try:
+        async with aiometer_redis.RedisLimiterGroup(
+            client, max_at_once=2, max_idle=1, idle_after=0.3
+        ) as group:
+            start = anyio.current_time()
+            items = [site for _ in range(8) for site in sites]
+            await aiometer.run_on_each(
+                fetch, items, max_at_once=12, limiter=lambda site: group[site]
+            )
+            assert group[sites[1]] is group.for_key(sites[1])
+            for site in sites:
+                stats = await group[site].statistics()
+                assert stats.holders == ()
+                assert stats.max_at_once == 2
+            # Idle limiters beyond max_idle are dropped as new keys come.
+            await anyio.sleep(0.35)
+            old = group[sites[0]]
+            group[f"{name}-new"]
+            # Kept: the two just used, and max_idle=1 of the two idle ones.
+            assert len(group) == 3
+            assert old is group[sites[0]]
+    finally:
+        if anyio_backend == "asyncio":
+            await client.aclose()
+        else:
+            await client.__aexit__(None, None, None)
+    assert peak == dict.fromkeys(sites, 2)
+    # 8 slow items two at a time need 0.4 s; the fast sites finish well before.
+    assert max(finished[sites[0]]) - start >= 0.35
+    assert max(finished[sites[1]] + finished[sites[2]]) - start < 0.3
+
+
+def test_limiter_group_checks_its_options() -> None:
+    with pytest.raises(ConfigurationError, match="give max_at_once, max_per_second or both"):
+        aiometer_redis.RedisLimiterGroup(redis.asyncio.Redis())
+    with pytest.raises(ConfigurationError, match="max_idle must be >= 0"):
+        aiometer_redis.RedisLimiterGroup(redis.asyncio.Redis(), max_idle=-1, max_at_once=1)

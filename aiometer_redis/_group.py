@@ -1,0 +1,143 @@
+"""RedisLimiterGroup: one RedisLimiter per key (per site, per customer), made on demand."""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from ._client import ScriptClient, adapt
+from ._exceptions import ConfigurationError
+from ._limiter import RedisLimiter, _only
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["RedisLimiterGroup"]
+
+
+class RedisLimiterGroup:
+    """A :class:`RedisLimiter` per key, all with the same options, made when first asked for.
+
+    Meant for scrapers that limit each site on its own::
+
+        async with RedisLimiterGroup(redis, max_at_once=2, max_per_second=5) as sites:
+            await aiometer.run_on_each(
+                fetch, urls, max_at_once=50, limiter=lambda url: sites[host(url)]
+            )
+
+    ``group[key]`` (or ``group.for_key(key)``) returns the limiter named *key*: every process
+    that uses the same key, prefix and Redis shares its limits. The group runs the background
+    tasks of all its limiters, so enter it with ``async with``. At most *max_idle* limiters
+    that nobody holds or waits for and nobody asked for in the last *idle_after* seconds are
+    kept; older idle ones are dropped (and made again if asked for), so memory stays bounded
+    however many keys pass through. Always go through ``group[key]``: a dropped limiter
+    object refuses to be used.
+
+    Args:
+        redis: the client, as for :class:`RedisLimiter` (the group does not close it).
+        max_idle: how many idle limiters to keep.
+        idle_after: seconds without use after which a limiter counts as idle.
+        **options: any keyword of :class:`RedisLimiter` (``max_at_once``, ``max_per_second``,
+            ``burst``, ``lease_ttl``, ``prefix``, ...), checked now.
+
+    Raises:
+        ConfigurationError, TypeError: as :class:`RedisLimiter` for the options.
+    """
+
+    def __init__(
+        self, redis: Any, *, max_idle: int = 1024, idle_after: float = 60.0, **options: Any
+    ) -> None:
+        if isinstance(max_idle, bool) or not isinstance(max_idle, int):
+            raise TypeError(f"max_idle must be an int, got {type(max_idle).__name__}")
+        if max_idle < 0:
+            raise ConfigurationError(f"max_idle must be >= 0, got {max_idle}")
+        if isinstance(idle_after, bool) or not isinstance(idle_after, (int, float)):
+            raise TypeError(f"idle_after must be a number, got {type(idle_after).__name__}")
+        if not idle_after >= 0:
+            raise ConfigurationError(f"idle_after must be >= 0, got {idle_after!r}")
+        # Validate the options once, with a throwaway limiter that is never entered.
+        RedisLimiter(None, "validation", **options)
+        self._client: ScriptClient = adapt(redis)
+        self._options = options
+        self._max_idle = max_idle
+        self._idle_after = float(idle_after)
+        self._limiters: OrderedDict[str, tuple[RedisLimiter, anyio.CancelScope]] = OrderedDict()
+        self._used: dict[str, float] = {}
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisLimiterGroup(keys={len(self._limiters)}, options={self._options!r})"
+
+    async def __aenter__(self) -> RedisLimiterGroup:
+        if self._task_group is not None:
+            raise RuntimeError("this RedisLimiterGroup is already open")
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        task_group, self._task_group = self._task_group, None
+        self._limiters.clear()
+        self._used.clear()
+        if task_group is None:
+            return None
+        task_group.cancel_scope.cancel()
+        failure: BaseException | None = None
+        try:
+            return await task_group.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # Hand an exception of the ``async with`` body back as itself (as RedisLimiter).
+            if exc is None or not _only(group, exc):
+                raise
+            failure = exc
+        raise failure
+
+    def __getitem__(self, key: str) -> RedisLimiter:
+        return self.for_key(key)
+
+    def __len__(self) -> int:
+        return len(self._limiters)
+
+    def for_key(self, key: str) -> RedisLimiter:
+        """The limiter of *key*, made (and started) if this group has none for it yet."""
+        if self._task_group is None:
+            raise RuntimeError("enter the group first: `async with RedisLimiterGroup(...)`")
+        self._used[key] = anyio.current_time()
+        entry = self._limiters.get(key)
+        if entry is not None:
+            self._limiters.move_to_end(key)
+            return entry[0]
+        limiter = RedisLimiter(self._client, key, **self._options)
+        self._limiters[key] = (limiter, limiter._attach(self._task_group))
+        self._drop_idle()
+        return limiter
+
+    def _drop_idle(self) -> None:
+        # Idle: nothing held or awaited through it, and not asked for in the last idle_after
+        # seconds (a run may still hold on to a limiter it got a moment ago).
+        horizon = anyio.current_time() - self._idle_after
+        idle = [
+            key
+            for key, (limiter, _) in self._limiters.items()
+            if self._used[key] <= horizon
+            and not limiter._held
+            and not limiter._waiters
+            and not limiter._orphans
+            and not (limiter._local is not None and limiter._local.statistics().held)
+        ]
+        for key in idle[: max(0, len(idle) - self._max_idle)]:
+            del self._used[key]
+            limiter, scope = self._limiters.pop(key)
+            scope.cancel()
+            limiter._attached = False  # an old reference now fails loudly instead of quietly
