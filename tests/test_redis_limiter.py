@@ -465,3 +465,36 @@ def test_limiter_group_checks_its_options() -> None:
         aiometer_redis.RedisLimiterGroup(redis.asyncio.Redis())
     with pytest.raises(ConfigurationError, match="max_idle must be >= 0"):
         aiometer_redis.RedisLimiterGroup(redis.asyncio.Redis(), max_idle=-1, max_at_once=1)
+
+
+@pytest.mark.anyio
+async def test_different_limits_per_site(server: RedisServer, name: str) -> None:
+    """Three sites with their own RedisLimiter and their own limits (1, 2 and 3), items
+    interleaved, the 1-slot site slow: each site holds its limit, the others keep flowing."""
+    limits = {f"{name}-slow": 1, f"{name}-a": 2, f"{name}-b": 3}
+    running = dict.fromkeys(limits, 0)
+    peak = dict.fromkeys(limits, 0)
+    finished: dict[str, list[float]] = {site: [] for site in limits}
+
+    async def fetch(site: str) -> None:
+        running[site] += 1
+        peak[site] = max(peak[site], running[site])
+        await anyio.sleep(0.1 if site.endswith("-slow") else 0.03)
+        running[site] -= 1
+        finished[site].append(anyio.current_time())
+
+    async with (
+        RedisLimiter.from_url(server.url, f"{name}-slow", max_at_once=1) as slow,
+        RedisLimiter.from_url(server.url, f"{name}-a", max_at_once=2) as a,
+        RedisLimiter.from_url(server.url, f"{name}-b", max_at_once=3) as b,
+    ):
+        by_site = {slow.name: slow, a.name: a, b.name: b}
+        start = anyio.current_time()
+        items = [site for _ in range(8) for site in limits]
+        await aiometer.run_on_each(fetch, items, max_at_once=12, limiter=by_site.__getitem__)
+        for limiter in by_site.values():
+            assert (await limiter.statistics()).holders == ()
+    assert peak == limits
+    slow_site, *fast_sites = limits
+    assert max(finished[slow_site]) - start >= 0.75
+    assert max(t for site in fast_sites for t in finished[site]) - start < 0.5
