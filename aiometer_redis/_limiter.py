@@ -86,13 +86,24 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover - depends on the installed extras
         pass
     else:
-        errors += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+        # ClusterError: redis-py gave up following redirections (e.g. TRYAGAIN while the
+        # limiter's slot migrates); Redis refuses a script before running any of it then.
+        errors += [
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            redis.exceptions.ClusterError,
+        ]
     try:
         import coredis.exceptions
     except ImportError:  # pragma: no cover
         pass
     else:
-        errors += [coredis.exceptions.ConnectionError, coredis.exceptions.BusyLoadingError]
+        errors += [
+            coredis.exceptions.ConnectionError,
+            coredis.exceptions.BusyLoadingError,
+            coredis.exceptions.TryAgainError,
+            coredis.exceptions.ClusterDownError,
+        ]
     return tuple(errors)
 
 
