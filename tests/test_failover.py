@@ -142,8 +142,10 @@ def check(run: Run) -> None:
     # Nothing waits for longer than the retry window, and the whole run fits within the
     # undisturbed run time (TASKS / LIMIT tasks back to back) plus the window.
     assert run.stall < RETRY_WINDOW, run.summary()
-    # Starts resume soon after the promotion: the limiter's retry backoff is capped at 1 s.
-    assert run.stall <= run.outage + 1.0 + TASK_TIME + 0.5, run.summary()
+    # Starts resume soon after the promotion: the limiter's retry backoff is capped at 1 s,
+    # and an attempt that still reached the old primary (the client learns of the promotion
+    # a little after the test does) costs one more backoff.
+    assert run.stall <= run.outage + 2 * 1.0 + TASK_TIME + 0.5, run.summary()
     assert run.ended - run.began < TASKS / LIMIT * TASK_TIME + RETRY_WINDOW, run.summary()
     # The promoted replica may lack the last lease writes: tasks it admits can overlap
     # tasks admitted before the kill, but only while those still run (one task time after
@@ -327,7 +329,8 @@ async def test_sentinel_primary_killed_mid_run(sentinel_setup: SentinelSetup) ->
     (down-after 500 ms) promotes the replica, the client follows it and the run completes.
 
     measured (redis 7.0, redis-py 8.1, five runs): outage (kill to promotion seen)
-    1.82-2.03 s, stall (longest gap between starts) 2.62 s, over-admission 0.000 s (peak 3),
+    1.82-2.03 s, stall (longest gap between starts) 2.62 s (once 3.62 s: one more retry
+    backoff), over-admission 0.000 s (peak 3),
     run 6.11-6.12 s against about 3.3 s undisturbed; about 12 s in all.
     """
     setup = sentinel_setup
