@@ -128,19 +128,21 @@ local function flush_tat(now)
   return true
 end
 
--- Drops a bounded number of expired leases and dead waiters, so one call never
--- does unbounded work; whatever is left is picked up by the next call.
+-- Removes at most 100 members of the ZSET `key` whose score (an expiry) is
+-- <= now, and the same ids from `other` with `other_command` (HDEL or ZREM), so
+-- one call never does unbounded work; the rest go in later calls.
+local function drop_ended(key, other, other_command, now)
+  local ended = redis.call('ZRANGEBYSCORE', key, '-inf', int(now), 'LIMIT', 0, 100)
+  if #ended > 0 then
+    redis.call('ZREM', key, unpack(ended))
+    redis.call(other_command, other, unpack(ended))
+  end
+end
+
+-- Drops expired leases (and their grants) and dead waiters (and their tickets).
 local function purge(now)
-  local expired = redis.call('ZRANGEBYSCORE', holders_key, '-inf', int(now), 'LIMIT', 0, 100)
-  if #expired > 0 then
-    redis.call('ZREM', holders_key, unpack(expired))
-    redis.call('HDEL', grants_key, unpack(expired))
-  end
-  local dead = redis.call('ZRANGEBYSCORE', waiters_key, '-inf', int(now), 'LIMIT', 0, 100)
-  if #dead > 0 then
-    redis.call('ZREM', waiters_key, unpack(dead))
-    redis.call('ZREM', queue_key, unpack(dead))
-  end
+  drop_ended(holders_key, grants_key, 'HDEL', now)
+  drop_ended(waiters_key, queue_key, 'ZREM', now)
 end
 
 -- Takes queued waiters out of the queue (and out of waiters) before a grant.

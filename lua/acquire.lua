@@ -107,16 +107,6 @@ local function call_in_slices(command, key, flat)
   end
 end
 
--- Forgets at most 100 ended memories (recent and grants), so one call never
--- does unbounded work; the rest go in later calls.
-local function forget_ended(now)
-  local ended = redis.call('ZRANGEBYSCORE', recent_key, '-inf', int(now), 'LIMIT', 0, 100)
-  if #ended > 0 then
-    redis.call('ZREM', recent_key, unpack(ended))
-    redis.call('HDEL', grants_key, unpack(ended))
-  end
-end
-
 -- The ids of ARGV[8..] that are remembered: id -> {token, start_at_us}; an id
 -- checked and not remembered maps to false. One HMGET grants per SLICE ids;
 -- only an id with a grant (in practice, a retry) costs a ZSCORE recent, to
@@ -153,7 +143,7 @@ local replies = {}
 -- number of ids (up to SLICE). A retry runs TIME, ZRANGEBYSCORE, HMGET and one
 -- ZSCORE recent per remembered id, and writes nothing.
 if max_at_once == 0 then
-  forget_ended(now)
+  drop_ended(recent_key, grants_key, 'HDEL', now)  -- ended memories
   local known = remembered_grants(now)
   local new_ids = {}
   for i = 8, #ARGV do

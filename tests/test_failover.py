@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.sentinel
 from cluster import RedisCluster3, _command, _free_ports, find_redis_cli
-from windows import over_limit_seconds
+from windows import max_overlap, over_limit_seconds
 
 import aiometer
 from aiometer_redis import RedisLimiter
@@ -80,17 +80,8 @@ class Run:
         return (
             f"run {self.ended - self.began:.2f}s, outage {self.outage:.2f}s, "
             f"stall {self.stall:.2f}s, over-admission {self.over_admission:.3f}s, "
-            f"peak {peak(self.intervals)}"
+            f"peak {max_overlap(self.intervals)}"
         )
-
-
-def peak(intervals: Sequence[tuple[float, float]]) -> int:
-    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
-    running = best = 0
-    for _, delta in events:
-        running += delta
-        best = max(best, running)
-    return best
 
 
 async def run_through_failover(
@@ -151,7 +142,7 @@ def check(run: Run) -> None:
     # tasks admitted before the kill, but only while those still run (one task time after
     # the replica answers); before the failover no new task starts at all.
     assert run.over_admission <= run.outage + TASK_TIME, run.summary()
-    assert peak(run.intervals) <= 2 * LIMIT, run.summary()
+    assert max_overlap(run.intervals) <= 2 * LIMIT, run.summary()
 
 
 # -- Redis Cluster ------------------------------------------------------------------------------

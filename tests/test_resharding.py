@@ -21,6 +21,7 @@ import pytest
 import redis
 import redis.asyncio
 from cluster import RedisCluster3, find_redis_cli
+from windows import max_overlap
 
 import aiometer
 from aiometer_redis import RedisLimiter
@@ -98,15 +99,6 @@ def redirections(ports: list[int]) -> dict[str, int]:
     return counts
 
 
-def peak(intervals: list[tuple[float, float]]) -> int:
-    events = sorted([(end, -1) for _, end in intervals] + [(start, 1) for start, _ in intervals])
-    running = best = 0
-    for _, delta in events:
-        running += delta
-        best = max(best, running)
-    return best
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     "pause",
@@ -179,14 +171,14 @@ async def test_slot_migrated_mid_run(cluster: RedisCluster3, pause: float) -> No
     gap = max((b - a for a, b in itertools.pairwise(during)), default=0.0)
     report = (
         f"run {ended - began:.2f}s, migration {finished - started:.2f}s ({moved[0]} keys), "
-        f"longest gap between starts around it {gap:.3f}s, peak {peak(intervals)}, "
+        f"longest gap between starts around it {gap:.3f}s, peak {max_overlap(intervals)}, "
         f"replies {seen}"
     )
     # The limiter's calls really met the migration (redirections or TRYAGAIN).
     assert seen["ASK"] + seen["TRYAGAIN"] > 0, report
     assert len(intervals) == TASKS, report
     assert began < started < ended, "the migration started after the run was over"
-    assert peak(intervals) <= LIMIT
+    assert max_overlap(intervals) <= LIMIT
     assert stats.holders == ()
     assert stats.waiters == ()
     assert cluster.owner_of_slot(slot) == target
