@@ -7,10 +7,15 @@ dispatcher's BLPOP on it must be routed to that shard as well.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,6 +23,7 @@ import pytest
 import redis
 import redis.asyncio
 from cluster import RedisCluster3, find_redis_cli
+from windows import max_overlap, window_violations
 
 import aiometer
 from aiometer_redis import RedisLimiter
@@ -276,3 +282,104 @@ async def test_hundred_limiters_on_three_shards(
     assert max(peaks.peak.values()) == 2
     assert all(peak <= 2 for peak in peaks.peak.values()), peaks.peak
     assert all(running == 0 for running in peaks.running.values())
+
+
+# -- many limiters, several OS processes --------------------------------------------------------
+
+CLUSTER_WORKER = Path(__file__).with_name("cluster_worker.py")
+
+#: One worker process per client library and backend: they share the 100 limiters.
+PROCESSES = [
+    ["--client", "redis", "--backend", "asyncio"],
+    ["--client", "coredis", "--backend", "asyncio"],
+    ["--client", "coredis", "--backend", "trio"],
+]
+
+
+def _run_cluster_fleet(
+    cluster: RedisCluster3, tmp_path: Path, options: list[str], duration: float
+) -> tuple[list[dict[str, list[tuple[float, float]]]], float]:
+    """Start one cluster_worker per entry of PROCESSES, release them together once all are
+    ready, and return each one's intervals per limiter and the shared start time."""
+    outs = [tmp_path / f"cluster-worker{i}.json" for i in range(len(PROCESSES))]
+    common = [sys.executable, str(CLUSTER_WORKER), "--port", str(cluster.ports[0])]
+    procs = [
+        subprocess.Popen(
+            [*common, *options, *extra, "--duration", repr(duration), "--out", str(out)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for out, extra in zip(outs, PROCESSES, strict=True)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "READY"
+        start_at = time.time() + 0.5
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(f"{start_at!r}\n")
+            proc.stdin.close()
+        for proc in procs:
+            assert proc.wait(timeout=duration + 60) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+    results = []
+    for out in outs:
+        raw = json.loads(out.read_text())
+        results.append(
+            {name: [(float(a), float(b)) for a, b in spans] for name, spans in raw.items()}
+        )
+    return results, start_at
+
+
+def test_hundred_limiters_shared_by_three_processes(
+    cluster: RedisCluster3, owners: dict[str, int], tmp_path: Path
+) -> None:
+    """Three OS processes (redis-py on asyncio, coredis on asyncio and on trio) each run the
+    same 100 limiters, spread over the three shards; every limiter's limits hold across
+    them."""
+    assert set(owners.values()) == set(cluster.ports)
+    prefix = unique("fleet")
+    max_at_once, rate, burst, task_time, duration = 2, 5.0, 2, 0.25, 3.0
+    options = [
+        *("--names", ",".join(LIMITERS), "--prefix", prefix),
+        *("--max-at-once", str(max_at_once), "--max-per-second", repr(rate)),
+        *("--burst", str(burst), "--task-time", repr(task_time)),
+    ]
+    results, start_at = _run_cluster_fleet(cluster, tmp_path, options, duration)
+
+    late = start_at + duration + 5.0
+    peaks = {}
+    for name in LIMITERS:
+        spans = [span for result in results for span in result[name]]
+        starts = [start for start, _ in spans]
+        peaks[name] = max_overlap(spans)
+        assert peaks[name] <= max_at_once, name
+        assert window_violations(starts, rate, burst, [0.5, 1.0, 2.0]) == [], name
+        # Items pulled before the deadline still start after it, at the limiter's pace.
+        assert all(start_at - 0.01 <= start <= late for start in starts), name
+        # Not a vacuous pass: 12 local workers per limiter kept each one busy, so at 5/s
+        # for 3 s every limiter started well over 10 tasks...
+        assert len(starts) >= 10, (name, len(starts))
+    # ... and both limits were reached: tasks of 0.25 s at 5/s overlap, up to the cap of 2.
+    assert sum(peak == max_at_once for peak in peaks.values()) >= 90, peaks
+    # Each process took part in the fleet's work, not one of them alone.
+    per_process = [sum(len(spans) for spans in result.values()) for result in results]
+    assert min(per_process) >= 0.1 * sum(per_process), per_process
+
+    # Nothing is left held or queued once every process has left.
+    node: Any = redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    try:
+        for name in LIMITERS:
+            holders, queue, *_ = limiter_keys(name, prefix)
+            assert node.zcard(holders) == 0, name
+            assert node.zcard(queue) == 0, name
+    finally:
+        node.close()
