@@ -36,15 +36,25 @@ them readable, and move with whatever else the machine is doing.
    the same ping-pong over raw RPUSH / BLPOP between the same two processes.
    Target: p50 <= 2 ms.
 
-4. Cluster. The same acquire+release loop against a single redis-server and against a
-   three-primary Redis Cluster (``tests/cluster.py``, ``redis.asyncio.RedisCluster`` with
-   ``max_connections=512``), in the same run: 4 processes of 32 coroutines spread over 100
-   limiters (``site-0`` .. ``site-99``, each coroutine takes the next limiter of its process's
-   rotation), *concurrency-only* (``max_at_once=1000``, never waits) and *rate-only*. The
-   single and cluster phases alternate in interleaved rounds. ``INFO commandstats`` on each
-   primary gives each shard's share of the script calls (EVALSHA + EVAL); ``INFO cpu`` and
-   the load average show where the CPU went. Targets: cluster >= 1.0x single (no loss of
-   aggregate throughput), every shard's share within 30 % of an even third.
+4. Cluster. 100 limiters (``site-0`` .. ``site-99``) on a single redis-server against the
+   same 100 on a three-primary Redis Cluster (``tests/cluster.py``), in the same run, in two
+   stages whose single and cluster phases alternate in interleaved rounds; each stage has a
+   *concurrency-only* (``max_at_once=1000``, never waits: acquire + release) and a
+   *rate-only* variant (one acquire call). ``INFO cpu`` on every server gives its busy cores.
+
+   - *redis-py fleet*: 4 processes of 32 coroutines loop on acquire + release through
+     ``RedisLimiter`` over ``redis.asyncio.Redis`` and ``redis.asyncio.RedisCluster``
+     (``max_connections=512``), each coroutine taking the next limiter of its process's
+     rotation. ``INFO commandstats`` on each primary gives each shard's share of the script
+     calls. Target: every share within 30 % of an even third.
+   - *pipelined*: 3 processes send the same limiters' script calls, byte for byte (the
+     limiter's own keys and arguments, fresh ids), pipelined 128 deep over raw sockets by the
+     lean client in ``bench/_resp.py``, so that the servers rather than Python are the limit.
+
+   Target: cluster >= 1.0x single (no loss of aggregate throughput). Sharding can only add
+   throughput where one server is the bottleneck, so a stage is judged only if its single
+   server was busy for at least 0.8 of a core; a stage limited by its clients' CPU (as the
+   redis-py fleet is on a small machine) is printed, with where the CPU went, but not judged.
 
 The 8-process rows run more processes than a small machine has cores, next to redis-server
 itself: read the ratio, not the absolute rate. The exit status is 0 whatever the verdicts.
@@ -61,9 +71,11 @@ import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
@@ -91,6 +103,10 @@ from aiometer_redis._server import RedisServer  # noqa: E402
 # directory on the path (last, so it shadows nothing) and import it rather than copy it.
 sys.path.append(str(_HERE.parent / "tests"))
 from cluster import RedisCluster3, find_redis_cli  # noqa: E402
+
+# The lean pipelining client of the server-bound rows lives next to this file.
+sys.path.append(str(_HERE.parent))
+from bench._resp import Connection, LimiterCall, Shard, run_pipelined  # noqa: E402
 
 _READY = "READY"
 _START_LEAD_SECONDS = 0.3
@@ -132,6 +148,11 @@ _CLUSTER_VARIANTS = ("concurrency-only", "rate-only")
 _SINGLE, _CLUSTER = "single", "cluster"
 _SCRIPT_COMMANDS = ("evalsha", "eval")
 _TARGET_CLUSTER_RATIO = 1.0
+# The server-bound rows: the limiter's own script calls, pipelined by bench/_resp.py.
+_CAPACITY_PROCESSES = 3
+_CAPACITY_DEPTH = 128  # script calls per batch per server (x2 with the releases)
+# A phase counts as server-bound when the single server was busy at least this much of it.
+_SERVER_BOUND_CORES = 0.8
 _TARGET_SHARE_TOLERANCE = 0.3  # every shard within 30 % of an even third
 
 Spec = dict[str, Any]
@@ -397,11 +418,7 @@ async def _cluster_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
         operations: dict[str, Callable[[], Awaitable[object]]] = {}
         for backend, backend_client in clients.items():
             for variant in _CLUSTER_VARIANTS:
-                options: dict[str, Any] = (
-                    {"max_at_once": _CLUSTER_MAX_AT_ONCE}
-                    if variant == "concurrency-only"
-                    else {"max_per_second": _FAST_RATE}
-                )
+                options = _variant_options(variant)
                 # One prefix per variant: the keys differ, the hash tag (the name) and so
                 # the slot do not.
                 limiters = [
@@ -431,11 +448,74 @@ async def _cluster_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
     _stage_result({"counts": counts, "cpu": cpu})
 
 
+def _variant_options(variant: str) -> dict[str, Any]:
+    if variant == "concurrency-only":
+        return {"max_at_once": _CLUSTER_MAX_AT_ONCE}
+    return {"max_per_second": _FAST_RATE}
+
+
+def _limiter_call(limiter: RedisLimiter, script: str) -> bytes:
+    # As in _raw_acquire_call: the limiter's private header, encoded as its adapter does.
+    header = [repr(arg) if isinstance(arg, float) else str(arg) for arg in limiter._header]
+    return LimiterCall(load_script(script).sha1, limiter.keys, header).prefix()
+
+
+def _capacity_shards(
+    client: redis.asyncio.Redis, spec: Spec, connections: dict[tuple[str, int], Connection]
+) -> dict[str, list[Shard]]:
+    """The lean client's shards for every phase ("single/rate-only", ...) of *spec*."""
+    shards: dict[str, list[Shard]] = {}
+    for backend, owners in spec["owners"].items():
+        for variant in _CLUSTER_VARIANTS:
+            by_address: dict[tuple[str, int], Shard] = {}
+            for name in spec["names"]:
+                host, port = owners[name]
+                address = (host, int(port))
+                if address not in connections:
+                    connections[address] = Connection(*address)
+                shard = by_address.setdefault(address, Shard(connections[address], [], []))
+                limiter = RedisLimiter(
+                    client, name, prefix=f"{spec['prefix']}-{variant}", **_variant_options(variant)
+                )
+                shard.acquire.append(_limiter_call(limiter, "acquire"))
+                if variant == "concurrency-only":
+                    shard.release.append(_limiter_call(limiter, "release"))
+            shards[f"{backend}/{variant}"] = list(by_address.values())
+    return shards
+
+
+async def _capacity_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
+    """The limiters' own script calls, pipelined over raw sockets: the servers are the limit."""
+    seconds: float = spec["seconds"]
+    connections: dict[tuple[str, int], Connection] = {}
+    try:
+        shards = _capacity_shards(client, spec, connections)
+        for phase_shards in shards.values():  # warm up: connect, create the keys
+            await anyio.to_thread.run_sync(run_pipelined, phase_shards, 4, 0.0)
+        start = await _stage_start()
+        counts: list[int] = []
+        cpu: list[float] = []
+        for index, phase in enumerate(spec["phases"]):
+            begin = start + index * (seconds + _PHASE_GAP_SECONDS)
+            await anyio.sleep(max(0.0, begin - time.time()))
+            used = time.process_time()
+            done = await anyio.to_thread.run_sync(
+                run_pipelined, shards[phase], spec["depth"], begin + seconds
+            )
+            counts.append(done)
+            cpu.append(time.process_time() - used)
+    finally:
+        for connection in connections.values():
+            connection.close()
+    _stage_result({"counts": counts, "cpu": cpu})
+
+
 _WORKERS: dict[str, Callable[[redis.asyncio.Redis, Spec], Awaitable[None]]] = {
     "throughput": _throughput_worker,
     "contention": _contention_worker,
     "handoff": _handoff_worker,
     "cluster": _cluster_worker,
+    "capacity": _capacity_worker,
 }
 
 
@@ -960,6 +1040,247 @@ def _cluster_phases(rounds: int) -> list[str]:
     return phases
 
 
+@dataclass
+class _Stage:
+    """One interleaved single/cluster stage of section 4: the workers' counts and CPU per
+    phase, and the servers' counters before and after."""
+
+    label: str
+    processes: int
+    phases: list[str]
+    seconds: float
+    results: list[Result]
+    before: _ClusterSnapshot
+    after: _ClusterSnapshot
+
+    def rates(self) -> dict[str, list[float]]:
+        """Acquisitions per second of every phase, round by round."""
+        rates: dict[str, list[float]] = {}
+        for index, phase in enumerate(self.phases):
+            done = sum(result["counts"][index] for result in self.results)
+            rates.setdefault(phase, []).append(done / self.seconds)
+        return rates
+
+    def _indices(self, backend: str) -> list[int]:
+        return [i for i, phase in enumerate(self.phases) if phase.startswith(backend + "/")]
+
+    def wall(self, backend: str) -> float:
+        return self.seconds * len(self._indices(backend))
+
+    def done(self, backend: str) -> int:
+        return sum(int(r["counts"][i]) for r in self.results for i in self._indices(backend))
+
+    def client_cpu(self, backend: str) -> float:
+        return sum(float(r["cpu"][i]) for r in self.results for i in self._indices(backend))
+
+    def server_cpu(self, backend: str) -> float:
+        # The single server is index 0 of the snapshots, the primaries follow.
+        pairs = zip(self.after.cpu, self.before.cpu, strict=True)
+        deltas = [later - earlier for later, earlier in pairs]
+        return deltas[0] if backend == _SINGLE else sum(deltas[1:])
+
+    def script_calls(self) -> list[int]:
+        """Script calls on the single server, then on each primary, over the stage."""
+        pairs = zip(self.after.stats, self.before.stats, strict=True)
+        return [_script_calls(later - earlier) for later, earlier in pairs]
+
+    def server_cores(self, backend: str) -> float:
+        return self.server_cpu(backend) / self.wall(backend)
+
+
+async def _interleaved_stage(
+    pool: _Pool,
+    label: str,
+    specs: list[Spec],
+    single: redis.asyncio.Redis,
+    nodes: Sequence[redis.asyncio.Redis],
+) -> _Stage:
+    before = _ClusterSnapshot(single, nodes)
+    after = _ClusterSnapshot(single, nodes)
+    (results,) = await _run_stages(pool, specs, before_start=before)
+    await after()
+    spec = specs[0]
+    return _Stage(label, len(specs), spec["phases"], spec["seconds"], results, before, after)
+
+
+def _ratio_rows(stage: _Stage, verdicts: list[_Verdict]) -> list[Result]:
+    """Print cluster vs single per variant; judge the no-loss target where it applies.
+
+    Sharding adds throughput only where one server is the bottleneck. A stage whose single
+    server stayed below ``_SERVER_BOUND_CORES`` busy was limited by its clients: its ratio is
+    printed and kept in the JSON, but not judged.
+    """
+    rates = stage.rates()
+    single_cores = stage.server_cores(_SINGLE)
+    server_bound = single_cores >= _SERVER_BOUND_CORES
+    rows: list[list[str]] = []
+    workloads: list[Result] = []
+    for variant in _CLUSTER_VARIANTS:
+        single_rates = rates[f"{_SINGLE}/{variant}"]
+        cluster_rates = rates[f"{_CLUSTER}/{variant}"]
+        ratio = statistics.fmean(cluster_rates) / statistics.fmean(single_rates)
+        by_round = [c / s for s, c in zip(single_rates, cluster_rates, strict=True)]
+        passed = ratio >= _TARGET_CLUSTER_RATIO if server_bound else None
+        rows.append(
+            [
+                variant,
+                f"{statistics.fmean(single_rates):,.0f}",
+                f"{statistics.fmean(cluster_rates):,.0f}",
+                f"{ratio:.2f}x",
+                f"{min(by_round):.2f}-{max(by_round):.2f}",
+                f"{single_cores:.2f}",
+                f">= {_TARGET_CLUSTER_RATIO:.1f}x",
+                "client-bound" if passed is None else _verdict(passed),
+            ]
+        )
+        if passed is not None:
+            verdicts.append(
+                _Verdict(
+                    f"cluster {variant}, {len(_CLUSTER_LIMITERS)} limiters, {stage.label}: "
+                    f">= {_TARGET_CLUSTER_RATIO:.1f}x single",
+                    f"{ratio:.2f}x",
+                    passed,
+                )
+            )
+        workloads.append(
+            {
+                "workload": variant,
+                "single_ops_per_second": statistics.fmean(single_rates),
+                "cluster_ops_per_second": statistics.fmean(cluster_rates),
+                "single_ops_per_second_by_round": single_rates,
+                "cluster_ops_per_second_by_round": cluster_rates,
+                "ratio": ratio,
+                "ratio_by_round": by_round,
+                "single_server_cores": single_cores,
+                "server_bound": server_bound,
+                "target_ratio": _TARGET_CLUSTER_RATIO,
+                "passed": passed,
+            }
+        )
+    headers = [
+        "workload",
+        "single ops/s",
+        "cluster ops/s",
+        "ratio",
+        "range",
+        "single server cores",
+        "target",
+        "result",
+    ]
+    print(_table(headers, rows))
+    return workloads
+
+
+def _cpu_rows(stage: _Stage) -> dict[str, Result]:
+    """Print and return where the CPU went, per backend, over one stage."""
+    calls = stage.script_calls()
+    script_calls = {_SINGLE: calls[0], _CLUSTER: sum(calls[1:])}
+    report: dict[str, Result] = {}
+    rows: list[list[str]] = []
+    for backend in (_SINGLE, _CLUSTER):
+        wall, done = stage.wall(backend), max(stage.done(backend), 1)
+        entry = {
+            "client_cpu_cores": stage.client_cpu(backend) / wall,
+            "server_cpu_cores": stage.server_cpu(backend) / wall,
+            "client_cpu_us_per_op": stage.client_cpu(backend) / done * 1e6,
+            "server_cpu_us_per_op": stage.server_cpu(backend) / done * 1e6,
+            "script_calls_per_op": script_calls[backend] / done,
+        }
+        report[backend] = entry
+        rows.append(
+            [
+                backend,
+                f"{entry['client_cpu_cores']:.2f}",
+                f"{entry['server_cpu_cores']:.2f}",
+                f"{entry['client_cpu_us_per_op']:.0f}",
+                f"{entry['server_cpu_us_per_op']:.1f}",
+                f"{entry['script_calls_per_op']:.2f}",
+            ]
+        )
+    headers = [
+        "backend",
+        "client cores",
+        "server cores",
+        "client CPU us/op",
+        "server CPU us/op",
+        "script calls/op",
+    ]
+    print(_table(headers, rows))
+    return report
+
+
+def _machine_report(stage: _Stage) -> Result | None:
+    """The whole machine over a stage (phases, gaps and the workers' wind-down): whatever is
+    busy beyond this benchmark's own processes is someone else's load."""
+    before, after = stage.before, stage.after
+    if before.machine is None or after.machine is None:
+        return None
+    window = after.time - before.time
+    busy = after.machine[0] - before.machine[0]
+    idle = after.machine[1] - before.machine[1]
+    ours = sum(stage.client_cpu(b) + stage.server_cpu(b) for b in (_SINGLE, _CLUSTER))
+    machine = {
+        "window_seconds": window,
+        "busy_cores": busy / window,
+        "idle_cores": idle / window,
+        "benchmark_cores": ours / window,
+        "other_cores": max(0.0, busy - ours) / window,
+        "load_average_before": before.load_average,
+        "load_average_after": after.load_average,
+    }
+    print(
+        f"\nWhole machine over the {window:.1f} s stage (/proc/stat): "
+        f"{machine['busy_cores']:.2f} cores busy, {machine['idle_cores']:.2f} idle; "
+        f"this benchmark's clients + servers {machine['benchmark_cores']:.2f}, "
+        f"other processes ~{machine['other_cores']:.2f}; load average (1 min) "
+        f"{before.load_average:.2f} before, {after.load_average:.2f} after"
+    )
+    return machine
+
+
+def _share_rows(
+    stage: _Stage, owners: dict[str, int], ports: Sequence[int], verdicts: list[_Verdict]
+) -> Result:
+    """Print and judge each primary's share of the limiters' script calls."""
+    node_calls = stage.script_calls()[1:]
+    total = sum(node_calls)
+    shares = [calls / total if total else 0.0 for calls in node_calls]
+    even = 1 / len(ports)
+    low, high = even * (1 - _TARGET_SHARE_TOLERANCE), even * (1 + _TARGET_SHARE_TOLERANCE)
+    passed = bool(shares) and all(low <= share <= high for share in shares)
+    limiters_per_node = Counter(owners.values())
+    rows = [
+        [
+            f"127.0.0.1:{port}",
+            str(limiters_per_node[port]),
+            f"{calls:,}",
+            f"{share:.3f}",
+            _verdict(low <= share <= high),
+        ]
+        for port, calls, share in zip(ports, node_calls, shares, strict=True)
+    ]
+    print(
+        f"Script calls (EVALSHA + EVAL) per primary, {stage.label}; target: each share in "
+        f"[{low:.3f}, {high:.3f}]\n"
+    )
+    print(_table(["primary", "limiters", "script calls", "share", "result"], rows))
+    verdicts.append(
+        _Verdict(
+            f"cluster: every shard's share of script calls in [{low:.3f}, {high:.3f}]",
+            ", ".join(f"{share:.3f}" for share in shares),
+            passed,
+        )
+    )
+    return {
+        "shards": [
+            {"port": port, "limiters": limiters_per_node[port], "script_calls": calls, "share": x}
+            for port, calls, x in zip(ports, node_calls, shares, strict=True)
+        ],
+        "share_bounds": [low, high],
+        "shares_passed": passed,
+    }
+
+
 async def _cluster(
     pool: _Pool,
     single_url: str,
@@ -971,253 +1292,111 @@ async def _cluster(
     seconds = settings.cluster_phase_seconds
     _section(
         "4. Cluster: one redis-server vs a 3-primary Redis Cluster, same run\n"
-        f"{processes} processes x {coroutines} coroutines over {len(_CLUSTER_LIMITERS)} "
-        f"limiters ({_CLUSTER_LIMITERS[0]}..{_CLUSTER_LIMITERS[-1]}); "
-        f"{settings.cluster_rounds} interleaved round(s) of {seconds:g} s per phase;\n"
-        f"redis.asyncio.RedisCluster with max_connections={_CLUSTER_MAX_CONNECTIONS}; "
+        f"{len(_CLUSTER_LIMITERS)} limiters ({_CLUSTER_LIMITERS[0]}..{_CLUSTER_LIMITERS[-1]}); "
         f"concurrency-only: max_at_once={_CLUSTER_MAX_AT_ONCE}; "
-        f"rate-only: max_per_second={_FAST_RATE:g}."
+        f"rate-only: max_per_second={_FAST_RATE:g};\n"
+        f"{settings.cluster_rounds} interleaved round(s) of {seconds:g} s per phase. "
+        f"A stage is judged only if its single server was the bottleneck\n"
+        f"(>= {_SERVER_BOUND_CORES} cores busy); otherwise its clients were, and sharding "
+        f"has nothing to add."
     )
     if find_redis_cli() is None:
         print("skipped: redis-cli (for redis-cli --cluster create) is not installed")
         return {"skipped": "redis-cli not found"}
     cluster = RedisCluster3()
     await anyio.to_thread.run_sync(cluster.start)
-    cluster_ports = list(cluster.ports)  # stop() clears them
+    ports = list(cluster.ports)  # stop() clears them
     nodes = [redis.asyncio.Redis(host=host, port=port) for host, port in cluster.startup_nodes]
+    parsed = urllib.parse.urlsplit(single_url)
+    single_address = [parsed.hostname, parsed.port]
     try:
         owners = await _owners(nodes[0], _CLUSTER_LIMITERS)
         for node in nodes:
             for script in all_scripts().values():
                 await node.script_load(script.source)
         phases = _cluster_phases(settings.cluster_rounds)
-        specs = [
-            {
-                "kind": "cluster",
-                "url": single_url,
-                "cluster_url": cluster.url,
-                "prefix": "clusterbench",
-                "names": list(_CLUSTER_LIMITERS),
-                "offset": index * len(_CLUSTER_LIMITERS) // processes,
-                "coroutines": coroutines,
-                "seconds": seconds,
-                "phases": phases,
-            }
-            for index in range(processes)
-        ]
-        before = _ClusterSnapshot(single, nodes)
-        after = _ClusterSnapshot(single, nodes)
-        (results,) = await _run_stages(pool, specs, before_start=before)
-        await after()
+        common = {"url": single_url, "names": list(_CLUSTER_LIMITERS), "phases": phases}
+        fleet = await _interleaved_stage(
+            pool,
+            f"redis-py fleet ({processes} processes x {coroutines} coroutines)",
+            [
+                {
+                    **common,
+                    "kind": "cluster",
+                    "cluster_url": cluster.url,
+                    "prefix": "clusterbench",
+                    "offset": index * len(_CLUSTER_LIMITERS) // processes,
+                    "coroutines": coroutines,
+                    "seconds": seconds,
+                }
+                for index in range(processes)
+            ],
+            single,
+            nodes,
+        )
+        capacity_owners = {
+            _SINGLE: dict.fromkeys(_CLUSTER_LIMITERS, single_address),
+            _CLUSTER: {name: ["127.0.0.1", port] for name, port in owners.items()},
+        }
+        capacity = await _interleaved_stage(
+            pool,
+            f"pipelined ({_CAPACITY_PROCESSES} processes, bench/_resp.py)",
+            [
+                {
+                    **common,
+                    "kind": "capacity",
+                    "prefix": "capacitybench",
+                    "owners": capacity_owners,
+                    "depth": _CAPACITY_DEPTH,
+                    "seconds": seconds,
+                }
+                for _ in range(_CAPACITY_PROCESSES)
+            ],
+            single,
+            nodes,
+        )
     finally:
         for node in nodes:
             await node.aclose()
         await anyio.to_thread.run_sync(cluster.stop)
 
-    rates: dict[str, list[float]] = {}
-    client_cpu: Counter[str] = Counter()
-    for index, phase in enumerate(phases):
-        done = sum(result["counts"][index] for result in results)
-        rates.setdefault(phase, []).append(done / seconds)
-        client_cpu[phase] += sum(result["cpu"][index] for result in results)
-
-    def mean(values: Sequence[float]) -> float:
-        return sum(values) / len(values)
-
-    rows: list[list[str]] = []
-    workloads: list[Result] = []
-    throughput_passed = True
-    for variant in _CLUSTER_VARIANTS:
-        single_rates = rates[f"{_SINGLE}/{variant}"]
-        cluster_rates = rates[f"{_CLUSTER}/{variant}"]
-        ratio = mean(cluster_rates) / mean(single_rates)
-        by_round = [c / s for s, c in zip(single_rates, cluster_rates, strict=True)]
-        passed = ratio >= _TARGET_CLUSTER_RATIO
-        throughput_passed &= passed
-        rows.append(
-            [
-                variant,
-                f"{mean(single_rates):,.0f}",
-                f"{mean(cluster_rates):,.0f}",
-                f"{ratio:.2f}x",
-                f"{min(by_round):.2f}-{max(by_round):.2f}",
-                f">= {_TARGET_CLUSTER_RATIO:.1f}x",
-                _verdict(passed),
-            ]
-        )
-        verdicts.append(
-            _Verdict(
-                f"cluster {variant}, {len(_CLUSTER_LIMITERS)} limiters, {processes} processes: "
-                f">= {_TARGET_CLUSTER_RATIO:.1f}x single",
-                f"{ratio:.2f}x",
-                passed,
-            )
-        )
-        workloads.append(
-            {
-                "workload": variant,
-                "single_ops_per_second": mean(single_rates),
-                "cluster_ops_per_second": mean(cluster_rates),
-                "single_ops_per_second_by_round": single_rates,
-                "cluster_ops_per_second_by_round": cluster_rates,
-                "ratio": ratio,
-                "ratio_by_round": by_round,
-                "target_ratio": _TARGET_CLUSTER_RATIO,
-                "passed": passed,
-            }
-        )
-    headers = ["workload", "single ops/s", "cluster ops/s", "ratio", "range", "target", "result"]
-    print(_table(headers, rows))
-
-    # Shares of the script calls per primary (the single server is index 0 of the snapshots).
-    deltas = [later - earlier for later, earlier in zip(after.stats, before.stats, strict=True)]
-    single_calls, node_calls = _script_calls(deltas[0]), [_script_calls(d) for d in deltas[1:]]
-    total = sum(node_calls)
-    shares = [calls / total if total else 0.0 for calls in node_calls]
-    even = 1 / len(nodes)
-    low, high = even * (1 - _TARGET_SHARE_TOLERANCE), even * (1 + _TARGET_SHARE_TOLERANCE)
-    share_passed = bool(shares) and all(low <= share <= high for share in shares)
-    limiters_per_node = Counter(owners.values())
-    share_rows = [
-        [
-            f"127.0.0.1:{port}",
-            str(limiters_per_node[port]),
-            f"{calls:,}",
-            f"{share:.3f}",
-            _verdict(low <= share <= high),
-        ]
-        for port, calls, share in zip(cluster_ports, node_calls, shares, strict=True)
-    ]
-    print(
-        f"\nScript calls (EVALSHA + EVAL) per primary; target: each share in "
-        f"[{low:.3f}, {high:.3f}]\n"
-    )
-    print(_table(["primary", "limiters", "script calls", "share", "result"], share_rows))
-    verdicts.append(
-        _Verdict(
-            f"cluster: every shard's share of script calls in [{low:.3f}, {high:.3f}]",
-            ", ".join(f"{share:.3f}" for share in shares),
-            share_passed,
-        )
-    )
-
-    # Where the CPU went: client processes per backend, redis-server(s) per backend.
-    cpu_deltas = [later - earlier for later, earlier in zip(after.cpu, before.cpu, strict=True)]
-    server_cpu = {_SINGLE: cpu_deltas[0], _CLUSTER: sum(cpu_deltas[1:])}
-    cpu_rows: list[list[str]] = []
-    cpu_report: dict[str, Result] = {}
-    script_calls = {_SINGLE: single_calls, _CLUSTER: total}
-    for backend in (_SINGLE, _CLUSTER):
-        wall = seconds * sum(1 for phase in phases if phase.startswith(backend + "/"))
-        done = sum(
-            rate * seconds
-            for phase, values in rates.items()
-            if phase.startswith(backend + "/")
-            for rate in values
-        )
-        client_seconds = sum(
-            used for phase, used in client_cpu.items() if phase.startswith(backend + "/")
-        )
-        report = {
-            "client_cpu_cores": client_seconds / wall,
-            "server_cpu_cores": server_cpu[backend] / wall,
-            "client_cpu_us_per_op": client_seconds / done * 1e6,
-            "server_cpu_us_per_op": server_cpu[backend] / done * 1e6,
-            "script_calls_per_op": script_calls[backend] / done,
+    stages: dict[str, Result] = {}
+    for key, stage, how in [
+        (
+            "fleet",
+            fleet,
+            "acquire + release through RedisLimiter over redis.asyncio.Redis / RedisCluster "
+            f"(max_connections={_CLUSTER_MAX_CONNECTIONS}); each coroutine takes the next "
+            "limiter of its process's rotation",
+        ),
+        (
+            "pipelined",
+            capacity,
+            "the same limiters' acquire.lua (+ release.lua) calls, byte for byte, pipelined "
+            f"{_CAPACITY_DEPTH} deep over raw sockets by a lean client, so that the servers "
+            "rather than Python are the limit",
+        ),
+    ]:
+        print(f"\n{stage.label}: {how}.\n")
+        workloads = _ratio_rows(stage, verdicts)
+        print()
+        cpu = _cpu_rows(stage)
+        machine = _machine_report(stage)
+        print()
+        shares = _share_rows(stage, owners, ports, verdicts) if key == "fleet" else {}
+        stages[key] = {
+            "processes": stage.processes,
+            "workloads": workloads,
+            "cpu": cpu,
+            "machine": machine,
+            **shares,
         }
-        cpu_report[backend] = report
-        cpu_rows.append(
-            [
-                backend,
-                f"{report['client_cpu_cores']:.2f}",
-                f"{report['server_cpu_cores']:.2f}",
-                f"{report['client_cpu_us_per_op']:.0f}",
-                f"{report['server_cpu_us_per_op']:.1f}",
-                f"{report['script_calls_per_op']:.2f}",
-            ]
-        )
-    cpus = os.cpu_count() or 1
-    print(
-        f"\nCPU: {cpus} CPUs; load average (1 min) {before.load_average:.2f} before, "
-        f"{after.load_average:.2f} after; cores = CPU seconds per second of the backend's "
-        f"phases\n"
-    )
-    cpu_headers = [
-        "backend",
-        "client cores",
-        "server cores",
-        "client CPU us/op",
-        "server CPU us/op",
-        "script calls/op",
-    ]
-    print(_table(cpu_headers, cpu_rows))
-    # The whole machine over the whole measurement (phases, gaps and the workers' wind-down):
-    # whatever is busy beyond this benchmark's own processes is someone else's load.
-    machine: Result | None = None
-    if before.machine is not None and after.machine is not None:
-        window = after.time - before.time
-        busy = after.machine[0] - before.machine[0]
-        idle = after.machine[1] - before.machine[1]
-        ours = sum(used for used in client_cpu.values()) + sum(server_cpu.values())
-        machine = {
-            "window_seconds": window,
-            "busy_cores": busy / window,
-            "idle_cores": idle / window,
-            "benchmark_cores": ours / window,
-            "other_cores": max(0.0, busy - ours) / window,
-        }
-        print(
-            f"\nWhole machine over the {window:.1f} s measurement (/proc/stat): "
-            f"{machine['busy_cores']:.2f} cores busy, {machine['idle_cores']:.2f} idle; "
-            f"this benchmark's clients + servers {machine['benchmark_cores']:.2f}, "
-            f"other processes ~{machine['other_cores']:.2f}"
-        )
-    note = None
-    if not throughput_passed:
-        note = (
-            f"the throughput target failed on a {cpus}-CPU machine, where the cluster's 3 "
-            f"redis-server processes compete for the same {cpus} CPUs with the {processes} "
-            f"client processes (load average {before.load_average:.2f} before, "
-            f"{after.load_average:.2f} after"
-        )
-        if machine is not None:
-            note += (
-                f"; other processes used ~{machine['other_cores']:.2f} cores, "
-                f"{machine['idle_cores']:.2f} cores stayed idle"
-            )
-        note += (
-            "). Sharding spreads the servers' work; it cannot add throughput while the "
-            "clients' CPU (see client CPU us/op above) or the machine's CPUs are the limit."
-        )
-        print(f"\nNote: {note}")
     return {
-        "processes": processes,
-        "coroutines_per_process": coroutines,
         "limiters": len(_CLUSTER_LIMITERS),
-        "max_connections": _CLUSTER_MAX_CONNECTIONS,
         "rounds": settings.cluster_rounds,
         "phase_seconds": seconds,
-        "workloads": workloads,
-        "shards": [
-            {
-                "port": port,
-                "limiters": limiters_per_node[port],
-                "script_calls": calls,
-                "share": share,
-            }
-            for port, calls, share in zip(cluster_ports, node_calls, shares, strict=True)
-        ],
-        "share_bounds": [low, high],
-        "shares_passed": share_passed,
-        "single_script_calls": single_calls,
-        "cpu": {
-            "cpus": cpus,
-            "load_average_before": before.load_average,
-            "load_average_after": after.load_average,
-            "machine": machine,
-            **cpu_report,
-        },
-        "note": note,
+        "cpus": os.cpu_count(),
+        **stages,
     }
 
 
