@@ -48,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--role", choices=["all", "target", "worker"], default="all")
-    demo.add_argument("--redis-url", help="use this Redis instead of an embedded one")
+    demo.add_argument(
+        "--redis-url",
+        type=_redis_url,
+        help="use this Redis instead of an embedded one (redis://, rediss://, unix:// or "
+        "redis+sentinel://host:26379/service)",
+    )
     demo.add_argument("--target-url", help="the target's URL (worker role)")
     demo.add_argument("--host", default="127.0.0.1", help="target role: address to listen on")
     demo.add_argument("--port", type=int, default=8000, help="target role: port to listen on")
@@ -82,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = commands.add_parser(command, help=text, description=text)
         sub.add_argument("name", help="the limiter's name")
-        sub.add_argument("--redis-url", default=DEFAULT_URL)
+        sub.add_argument(
+            "--redis-url",
+            type=_redis_url,
+            default=DEFAULT_URL,
+            help=f"redis://, rediss://, unix:// or redis+sentinel:// URL (default {DEFAULT_URL})",
+        )
         sub.add_argument("--prefix", default="aiometer")
         if command == "status":
             sub.add_argument("--json", action="store_true", help="print JSON")
@@ -91,16 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _with_client(url: str, action: Any) -> Any:
-    import redis.asyncio
+def _redis_url(text: str) -> str:
+    from ._urls import parse_url
 
-    from ._client import RedisPyClient
-
-    client = RedisPyClient(redis.asyncio.Redis.from_url(url), owned=True)
     try:
+        parse_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+async def _with_client(url: str, action: Any) -> Any:
+    from ._client import client_from_url
+
+    async with client_from_url(url) as client:
         return await action(client)
-    finally:
-        await client.aclose()
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
+import anyio
+import sniffio
+
 from ._scripts import Script
+from ._urls import SentinelURL, parse_url
 
 if TYPE_CHECKING:
     import coredis
@@ -35,6 +40,7 @@ __all__ = [
     "ScriptArg",
     "ScriptClient",
     "adapt",
+    "client_from_url",
     "normalize_reply",
 ]
 
@@ -289,3 +295,85 @@ def adapt(client: object) -> ScriptClient:
         f"coredis.RedisCluster client, got {type(client).__module__}."
         f"{type(client).__qualname__}"
     )
+
+
+@asynccontextmanager
+async def client_from_url(url: str) -> AsyncIterator[ScriptClient]:
+    """Open a client for *url* (see :mod:`aiometer_redis._urls`), and close it on exit.
+
+    On asyncio the client is redis-py's when it is installed, else coredis's; on trio it is
+    coredis's. A Sentinel URL gives a client of the service's current primary, which follows
+    a failover.
+    """
+    sentinel = parse_url(url)
+    if sniffio.current_async_library() == "asyncio":
+        try:
+            import redis.asyncio
+        except ImportError:
+            pass
+        else:
+            async with AsyncExitStack() as stack:
+                if sentinel is None:
+                    client: Any = redis.asyncio.Redis.from_url(url)
+                else:
+                    client = _redis_py_primary(sentinel, stack)
+                adapter = RedisPyClient(client, owned=True)
+                stack.push_async_callback(_closed_shielded, adapter)
+                yield adapter
+            return
+    import coredis
+
+    async with AsyncExitStack() as stack:
+        if sentinel is None:
+            coredis_client = await stack.enter_async_context(coredis.Redis.from_url(url))
+        else:
+            coredis_client = await _coredis_primary(sentinel, stack)
+        yield adapt(coredis_client)
+
+
+async def _closed_shielded(adapter: RedisPyClient) -> None:
+    with anyio.CancelScope(shield=True):
+        await adapter.aclose()
+
+
+def _credentials(username: str | None, password: str | None) -> dict[str, str]:
+    return {
+        key: value
+        for key, value in (("username", username), ("password", password))
+        if value is not None
+    }
+
+
+def _redis_py_primary(url: SentinelURL, stack: AsyncExitStack) -> Any:
+    from redis.asyncio import sentinel
+
+    sentinel_class: Any = sentinel.Sentinel  # redis.asyncio.sentinel is untyped
+    manager = sentinel_class(
+        list(url.sentinels),
+        sentinel_kwargs=_credentials(url.sentinel_username, url.sentinel_password),
+        db=url.db,
+        **_credentials(url.username, url.password),
+    )
+
+    async def close_sentinels() -> None:
+        with anyio.CancelScope(shield=True):
+            for node in manager.sentinels:
+                await node.aclose()
+
+    stack.push_async_callback(close_sentinels)
+    return manager.master_for(url.service_name)
+
+
+async def _coredis_primary(url: SentinelURL, stack: AsyncExitStack) -> Any:
+    import coredis
+    from coredis.connection import TCPLocation
+
+    primary_options: dict[str, Any] = {"db": url.db, **_credentials(url.username, url.password)}
+    manager = await stack.enter_async_context(
+        coredis.Sentinel(
+            [TCPLocation(host, port) for host, port in url.sentinels],
+            sentinel_kwargs=_credentials(url.sentinel_username, url.sentinel_password),
+            **primary_options,
+        )
+    )
+    return await stack.enter_async_context(manager.primary_for(url.service_name))

@@ -413,8 +413,6 @@ def _spawn_workers(args: argparse.Namespace, redis_url: str, target_url: str) ->
             "worker",
             "--worker-id",
             str(i),
-            "--redis-url",
-            redis_url,
             "--target-url",
             target_url,
             "--requests",
@@ -424,6 +422,8 @@ def _spawn_workers(args: argparse.Namespace, redis_url: str, target_url: str) ->
             "--name",
             args.name,
         ]
+        if redis_url:  # none with --local
+            command += ["--redis-url", redis_url]
         if args.max_at_once is not None:
             command += ["--max-at-once", str(args.max_at_once)]
         if args.max_per_second is not None:

@@ -35,14 +35,13 @@ from typing import Any, Literal
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import sniffio
 
 from aiometer import ConcurrencyLimiter, Permit, RateLimiter
 from aiometer._limiters import SlotMixin
 from aiometer._validation import check_burst, check_max_at_once, check_max_per_second
 
 from ._batch import Batcher
-from ._client import ScriptArg, ScriptClient, adapt
+from ._client import ScriptArg, ScriptClient, adapt, client_from_url
 from ._exceptions import (
     AcquireTimeoutError,
     ConfigurationError,
@@ -51,6 +50,7 @@ from ._exceptions import (
     RedisUnavailableError,
 )
 from ._scripts import Script, load_script
+from ._urls import parse_url
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -461,8 +461,7 @@ class RedisLimiter(SlotMixin):
         On asyncio the client is ``redis.asyncio.Redis`` when redis-py is installed, else
         coredis; on trio it is coredis. The client is made when the limiter is entered.
         """
-        if not isinstance(url, str):
-            raise TypeError(f"url must be a str, got {type(url).__name__}")
+        parse_url(url)  # a malformed URL fails here, not when the limiter is entered
         limiter = cls(None, name, **options)
         limiter._url = url
         return limiter
@@ -543,7 +542,7 @@ class RedisLimiter(SlotMixin):
         # in background tasks, and a cancellation of the code around the limiter must not
         # take them down while cancelled tasks still release their slots through them.
         with anyio.CancelScope(shield=True):
-            async with _client_from_url(url) as client:
+            async with client_from_url(url) as client:
                 task_status.started(client)
                 await closing.wait()
 
@@ -919,27 +918,3 @@ def _check_seconds(value: object, name: str, *, minimum: float = 0.0) -> float:
     if not math.isfinite(value) or value <= minimum:
         raise ValueError(f"{name} must be a finite number > {minimum:g}, got {value!r}")
     return float(value)
-
-
-@asynccontextmanager
-async def _client_from_url(url: str) -> AsyncIterator[ScriptClient]:
-    backend = sniffio.current_async_library()
-    if backend == "asyncio":
-        try:
-            import redis.asyncio
-        except ImportError:
-            pass
-        else:
-            from ._client import RedisPyClient
-
-            client = RedisPyClient(redis.asyncio.Redis.from_url(url), owned=True)
-            try:
-                yield client
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await client.aclose()
-            return
-    import coredis
-
-    async with coredis.Redis.from_url(url) as coredis_client:
-        yield adapt(coredis_client)

@@ -87,8 +87,9 @@ class Run:
 async def run_through_failover(
     client: Any, name: str, fail_over: Callable[[], Awaitable[None]]
 ) -> tuple[Run, str]:
-    """Run the workload through one limiter on *client*; *fail_over* (started KILL_AFTER
-    into the run) kills the primary and returns once the replica is promoted.
+    """Run the workload through one limiter on *client* (a client, or a URL for
+    ``RedisLimiter.from_url``); *fail_over* (started KILL_AFTER into the run) kills the
+    primary and returns once the replica is promoted.
 
     Returns the run and the limiter's last statistics (holders, waiters) as text.
     """
@@ -106,14 +107,17 @@ async def run_through_failover(
         await fail_over()
         marks.append(time.monotonic())
 
-    async with RedisLimiter(
-        client,
-        name,
-        max_at_once=LIMIT,
-        lease_ttl=5,
-        retry_window=RETRY_WINDOW,
-        recheck_interval=0.05,
-    ) as limiter:
+    options: dict[str, Any] = {
+        "max_at_once": LIMIT,
+        "lease_ttl": 5,
+        "retry_window": RETRY_WINDOW,
+        "recheck_interval": 0.05,
+    }
+    if isinstance(client, str):
+        limiter = RedisLimiter.from_url(client, name, **options)
+    else:
+        limiter = RedisLimiter(client, name, **options)
+    async with limiter:
         began = time.monotonic()
         with anyio.fail_after(RETRY_WINDOW + 15):
             async with anyio.create_task_group() as tg:
@@ -344,5 +348,27 @@ async def test_sentinel_primary_killed_mid_run(sentinel_setup: SentinelSetup) ->
         for node in sentinel.sentinels:
             await node.aclose()
     print(f"sentinel failover: {run.summary()}; {left}")
+    assert setup.master_port() == setup.replica
+    check(run)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_sentinel_url_primary_killed_mid_run(
+    sentinel_setup: SentinelSetup, anyio_backend: str
+) -> None:
+    """The same failover through ``RedisLimiter.from_url("redis+sentinel://...")``: the
+    limiter's own client is redis-py's on asyncio and coredis's on trio; both follow the
+    promotion."""
+    setup = sentinel_setup
+    name = f"sentinel-url-{uuid.uuid4().hex[:8]}"
+    url = f"redis+sentinel://127.0.0.1:{setup.sentinel}/mymaster/0"
+
+    async def fail_over() -> None:
+        await anyio.to_thread.run_sync(setup.kill_primary)
+        await anyio.to_thread.run_sync(setup.wait_for_failover)
+
+    run, left = await run_through_failover(url, name, fail_over)
+    print(f"sentinel URL failover ({anyio_backend}): {run.summary()}; {left}")
     assert setup.master_port() == setup.replica
     check(run)
