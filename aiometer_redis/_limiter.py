@@ -49,7 +49,7 @@ from ._exceptions import (
     RedisLimiterError,
     RedisUnavailableError,
 )
-from ._scripts import Script, load_script
+from ._scripts import Script, decode_acquire_reply, load_script
 from ._urls import parse_url
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -710,8 +710,7 @@ class RedisLimiter(SlotMixin):
         return permit
 
     async def _acquire_many(self, waiter_ids: list[str]) -> list[Any]:
-        replies: list[Any] = await self._call("acquire", *waiter_ids)
-        return replies
+        return decode_acquire_reply(await self._call("acquire", *waiter_ids))
 
     async def _release_many(self, lease_ids: list[str]) -> list[Any]:
         reply = await self._call("release", *lease_ids)

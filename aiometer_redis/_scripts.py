@@ -21,6 +21,7 @@ __all__ = [
     "WRITERS",
     "Script",
     "all_scripts",
+    "decode_acquire_reply",
     "load_script",
     "script_dir",
 ]
@@ -32,6 +33,12 @@ SCRIPT_NAMES: tuple[str, ...] = ("acquire", "release", "renew", "cancel", "statu
 #: as ``_shared.lua`` (key and argument bindings, shared helpers) followed by its own file.
 WRITERS = frozenset({"acquire", "release", "renew", "cancel"})
 PRELUDE = "_shared"
+
+
+def decode_acquire_reply(reply: str) -> list[list[int]]:
+    """acquire.lua's reply string as one list per waiter id: ``[1, token, delay_us]`` when
+    granted, ``[0, ahead]`` when queued."""
+    return [[int(field) for field in entry.split(",")] for entry in reply.split(";")]
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,9 @@ def _ids() -> Iterator[bytes]:
 
 
 def _granted(reply: Reply) -> bool:
-    return isinstance(reply, list) and len(reply) == 3 and reply[0] == 1 and reply[2] == 0
+    # acquire.lua answers one string, "granted,token,delay_us" for the one id it was given.
+    fields = reply.split(b",") if isinstance(reply, bytes) else []
+    return len(fields) == 3 and fields[0] == b"1" and fields[2] == b"0"
 
 
 def run_pipelined(shards: Sequence[Shard], depth: int, until: float) -> int:
@@ -147,9 +149,8 @@ def run_pipelined(shards: Sequence[Shard], depth: int, until: float) -> int:
             shard.connection.send(b"".join(payload))
         for shard in shards:
             for _ in range(depth):
-                # acquire.lua answers one [granted, token, delay_us] per id it was given.
                 reply = shard.connection.read_reply()
-                if not (isinstance(reply, list) and _granted(reply[0])):
+                if not _granted(reply):
                     raise RespError(f"an acquisition was not granted at once: {reply!r}")
                 if shard.release:
                     shard.connection.read_reply()

@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
+from fleet_worker import add_limit_options
 
 import aiometer
 from aiometer_redis import RedisLimiter
@@ -29,11 +30,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, required=True, help="any node of the cluster")
     parser.add_argument("--names", required=True, help="comma-separated limiter names")
     parser.add_argument("--prefix", required=True)
-    parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
-    parser.add_argument("--client", default="redis", choices=["redis", "coredis"])
-    parser.add_argument("--max-at-once", type=int)
-    parser.add_argument("--max-per-second", type=float)
-    parser.add_argument("--burst", type=int, default=1)
+    add_limit_options(parser)
     parser.add_argument("--pool", type=int, default=4, help="local workers per limiter")
     parser.add_argument("--task-time", type=float, default=0.0)
     parser.add_argument("--duration", type=float, default=2.0)

@@ -22,15 +22,20 @@ import aiometer
 from aiometer_redis import RedisLimiter
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--name", required=True)
+def add_limit_options(parser: argparse.ArgumentParser) -> None:
+    """The options every worker script shares: event loop, client library and limits."""
     parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
     parser.add_argument("--client", default="redis", choices=["redis", "coredis"])
     parser.add_argument("--max-at-once", type=int)
     parser.add_argument("--max-per-second", type=float)
     parser.add_argument("--burst", type=int, default=1)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--name", required=True)
+    add_limit_options(parser)
     parser.add_argument("--lease-ttl", type=float, default=30.0)
     parser.add_argument("--pool", type=int, default=16, help="local workers (local demand)")
     parser.add_argument("--task-time", type=float, default=0.0)

@@ -47,6 +47,7 @@ from aiometer_redis._scripts import (
     WRITERS,
     Script,
     all_scripts,
+    decode_acquire_reply,
     load_script,
     script_dir,
 )
@@ -148,8 +149,8 @@ class Limiter:
         )
 
     async def acquire(self, now: int | None, *waiter_ids: str) -> Any:
-        """acquire.lua for a batch of waiters: one reply per id."""
-        return await self.call("acquire", now, *waiter_ids)
+        """acquire.lua for a batch of waiters: one reply per id, decoded from its string."""
+        return decode_acquire_reply(await self.call("acquire", now, *waiter_ids))
 
     async def acquire_one(self, now: int | None, waiter_id: str) -> Any:
         """acquire.lua for a single waiter: the one element of the reply."""
@@ -1290,7 +1291,8 @@ class ScriptsMatchModel(RuleBasedStateMachine):
             60_000,
             mailbox_prefix("m"),
         ]
-        return self.run(load_script(name), [*header, *extra])
+        reply = self.run(load_script(name), [*header, *extra])
+        return decode_acquire_reply(reply) if name == "acquire" else reply
 
     @initialize(
         max_at_once=st.integers(0, 4),
