@@ -12,9 +12,11 @@ stretch without a task start (the outage as the limiter sees it).
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -372,3 +374,12 @@ async def test_sentinel_url_primary_killed_mid_run(
     print(f"sentinel URL failover ({anyio_backend}): {run.summary()}; {left}")
     assert setup.master_port() == setup.replica
     check(run)
+
+    # The command line takes the same URL and finds the promoted primary too.
+    status = await anyio.run_process(
+        [sys.executable, "-m", "aiometer_redis", "status", name, "--redis-url", url, "--json"]
+    )
+    state = json.loads(status.stdout)
+    assert state["holders"] == []
+    assert state["waiters"] == []
+    assert state["issued"] >= TASKS
