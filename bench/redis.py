@@ -270,6 +270,24 @@ async def _count_completions(
     return sum(counts), time.process_time() - cpu
 
 
+Measure = Callable[[str, float, float], Awaitable[tuple[int, float]]]
+
+
+async def _timed_phases(spec: Spec, measure: Measure) -> Result:
+    """Start the stage, then run ``measure(phase, begin, end)`` for each of the spec's phases
+    at its slot of the shared schedule; return the completions and CPU seconds per phase."""
+    seconds: float = spec["seconds"]
+    start = await _stage_start()
+    counts: list[int] = []
+    cpu: list[float] = []
+    for index, phase in enumerate(spec["phases"]):
+        begin = start + index * (seconds + _PHASE_GAP_SECONDS)
+        done, used = await measure(phase, begin, begin + seconds)
+        counts.append(done)
+        cpu.append(used)
+    return {"counts": counts, "cpu": cpu}
+
+
 def _raw_acquire_call(
     client: redis.asyncio.Redis, limiter: RedisLimiter
 ) -> Callable[[], Awaitable[object]]:
@@ -293,7 +311,6 @@ def _raw_acquire_call(
 async def _throughput_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
     prefix: str = spec["prefix"]
     coroutines: int = spec["coroutines"]
-    seconds: float = spec["seconds"]
     async with AsyncExitStack() as stack:
         limiters = {
             "rate-only": RedisLimiter(client, f"{prefix}:rate", max_per_second=_FAST_RATE),
@@ -314,17 +331,12 @@ async def _throughput_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
         for operation in operations.values():
             await operation()
         await _open_connections(client, coroutines + 2)
-        start = await _stage_start()
-        counts: list[int] = []
-        cpu: list[float] = []
-        for index, phase in enumerate(spec["phases"]):
-            begin = start + index * (seconds + _PHASE_GAP_SECONDS)
-            done, used = await _count_completions(
-                operations[phase], begin, begin + seconds, coroutines
-            )
-            counts.append(done)
-            cpu.append(used)
-    _stage_result({"counts": counts, "cpu": cpu})
+
+        async def measure(phase: str, begin: float, end: float) -> tuple[int, float]:
+            return await _count_completions(operations[phase], begin, end, coroutines)
+
+        result = await _timed_phases(spec, measure)
+    _stage_result(result)
 
 
 async def _contention_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
@@ -404,7 +416,6 @@ async def _cluster_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
     names: list[str] = spec["names"]
     offset: int = spec["offset"]
     coroutines: int = spec["coroutines"]
-    seconds: float = spec["seconds"]
     cluster = redis.asyncio.RedisCluster.from_url(
         spec["cluster_url"], max_connections=_CLUSTER_MAX_CONNECTIONS
     )
@@ -435,17 +446,12 @@ async def _cluster_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
                 operations[f"{backend}/{variant}"] = functools.partial(_next_cycle, rotation)
         for operation in operations.values():
             await _warm_up(operation, coroutines, 2 * len(names))
-        start = await _stage_start()
-        counts: list[int] = []
-        cpu: list[float] = []
-        for index, phase in enumerate(spec["phases"]):
-            begin = start + index * (seconds + _PHASE_GAP_SECONDS)
-            done, used = await _count_completions(
-                operations[phase], begin, begin + seconds, coroutines
-            )
-            counts.append(done)
-            cpu.append(used)
-    _stage_result({"counts": counts, "cpu": cpu})
+
+        async def measure(phase: str, begin: float, end: float) -> tuple[int, float]:
+            return await _count_completions(operations[phase], begin, end, coroutines)
+
+        result = await _timed_phases(spec, measure)
+    _stage_result(result)
 
 
 def _variant_options(variant: str) -> dict[str, Any]:
@@ -486,28 +492,23 @@ def _capacity_shards(
 
 async def _capacity_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
     """The limiters' own script calls, pipelined over raw sockets: the servers are the limit."""
-    seconds: float = spec["seconds"]
     connections: dict[tuple[str, int], Connection] = {}
     try:
         shards = _capacity_shards(client, spec, connections)
         for phase_shards in shards.values():  # warm up: connect, create the keys
             await anyio.to_thread.run_sync(run_pipelined, phase_shards, 4, 0.0)
-        start = await _stage_start()
-        counts: list[int] = []
-        cpu: list[float] = []
-        for index, phase in enumerate(spec["phases"]):
-            begin = start + index * (seconds + _PHASE_GAP_SECONDS)
+
+        async def measure(phase: str, begin: float, end: float) -> tuple[int, float]:
             await anyio.sleep(max(0.0, begin - time.time()))
             used = time.process_time()
-            done = await anyio.to_thread.run_sync(
-                run_pipelined, shards[phase], spec["depth"], begin + seconds
-            )
-            counts.append(done)
-            cpu.append(time.process_time() - used)
+            done = await anyio.to_thread.run_sync(run_pipelined, shards[phase], spec["depth"], end)
+            return done, time.process_time() - used
+
+        result = await _timed_phases(spec, measure)
     finally:
         for connection in connections.values():
             connection.close()
-    _stage_result({"counts": counts, "cpu": cpu})
+    _stage_result(result)
 
 
 _WORKERS: dict[str, Callable[[redis.asyncio.Redis, Spec], Awaitable[None]]] = {
