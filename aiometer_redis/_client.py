@@ -41,6 +41,7 @@ __all__ = [
     "ScriptClient",
     "adapt",
     "client_from_url",
+    "encode_args",
     "normalize_reply",
 ]
 
@@ -92,9 +93,9 @@ def normalize_reply(reply: Any) -> Any:
     return reply
 
 
-def _encode_args(args: Sequence[ScriptArg]) -> list[str]:
-    # Encode here rather than leaving it to each client library, so that both
-    # adapters send byte-identical ARGV (floats as repr: exact round trip).
+def encode_args(args: Sequence[ScriptArg]) -> list[str]:
+    """Script arguments as the adapters send them: floats as repr (an exact round trip),
+    the rest as str, so that both client libraries send byte-identical ARGV."""
     encoded: list[str] = []
     for arg in args:
         if isinstance(arg, bool) or not isinstance(arg, (str, int, float)):
@@ -161,7 +162,7 @@ class RedisPyClient:
         from redis.exceptions import NoScriptError
 
         await self._ready()
-        argv = _encode_args(args)
+        argv = encode_args(args)
         try:
             reply = await self._client.evalsha(script.sha1, len(keys), *keys, *argv)
         except NoScriptError:
@@ -226,7 +227,7 @@ class CoredisClient:
         from coredis.exceptions import NoScriptError
 
         key_list = list(keys)
-        argv = _encode_args(args)
+        argv = encode_args(args)
         try:
             reply = await self._client.evalsha(script.sha1, keys=key_list, args=argv)
         except NoScriptError:

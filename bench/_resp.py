@@ -17,6 +17,10 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from aiometer_redis import RedisLimiter
+from aiometer_redis._client import encode_args
+from aiometer_redis._scripts import decode_acquire_reply, load_script
+
 _RECEIVE_BYTES = 1 << 16
 
 Reply = bytes | int | list["Reply"] | None
@@ -97,6 +101,12 @@ class LimiterCall:
     keys: Sequence[str]
     header: Sequence[str]
 
+    @classmethod
+    def of(cls, limiter: RedisLimiter, script: str) -> LimiterCall:
+        """*script* (e.g. ``"acquire"``) with *limiter*'s keys and its private argument
+        header, encoded as its client adapter does: the bytes the limiter itself sends."""
+        return cls(load_script(script).sha1, limiter.keys, encode_args(limiter._header))
+
     def prefix(self) -> bytes:
         # The id comes last: count it in the array length, append it per call.
         args = ["EVALSHA", self.sha1, str(len(self.keys)), *self.keys, *self.header]
@@ -120,9 +130,11 @@ def _ids() -> Iterator[bytes]:
 
 
 def _granted(reply: Reply) -> bool:
-    # acquire.lua answers one string, "granted,token,delay_us" for the one id it was given.
-    fields = reply.split(b",") if isinstance(reply, bytes) else []
-    return len(fields) == 3 and fields[0] == b"1" and fields[2] == b"0"
+    # One id per call: one entry, [1, token, 0] when granted at once.
+    if not isinstance(reply, bytes):
+        return False
+    (entry,) = decode_acquire_reply(reply.decode())
+    return entry[0] == 1 and entry[-1] == 0
 
 
 def run_pipelined(shards: Sequence[Shard], depth: int, until: float) -> int:

@@ -96,7 +96,7 @@ from redis.crc import key_slot  # noqa: E402
 from aiometer_redis import RedisLimiter  # noqa: E402
 from aiometer_redis._client import RedisPyClient, ScriptArg  # noqa: E402
 from aiometer_redis._limiter import limiter_keys  # noqa: E402
-from aiometer_redis._scripts import Script, all_scripts, load_script, script_dir  # noqa: E402
+from aiometer_redis._scripts import Script, all_scripts, script_dir  # noqa: E402
 from aiometer_redis._server import RedisServer  # noqa: E402
 
 # The throwaway three-shard cluster is the tests' helper (tests/cluster.py): put the tests
@@ -292,16 +292,15 @@ def _raw_acquire_call(
     client: redis.asyncio.Redis, limiter: RedisLimiter
 ) -> Callable[[], Awaitable[object]]:
     """EVALSHA of acquire.lua with *limiter*'s keys and arguments, straight through redis-py."""
-    script = load_script("acquire")
     # The argument header is private to the limiter; reading it keeps this call byte-identical
-    # to the limiter's own (floats as repr, like aiometer_redis._client does).
-    header = [repr(arg) if isinstance(arg, float) else str(arg) for arg in limiter._header]
-    keys = limiter.keys
+    # to the limiter's own.
+    call_bytes = LimiterCall.of(limiter, "acquire")
+    keys, header = call_bytes.keys, call_bytes.header
     waiter_ids = (f"rawbench{os.getpid()}:{n}" for n in itertools.count())
 
     def call() -> Awaitable[object]:
         result: Awaitable[object] = client.evalsha(
-            script.sha1, len(keys), *keys, *header, next(waiter_ids)
+            call_bytes.sha1, len(keys), *keys, *header, next(waiter_ids)
         )
         return result
 
@@ -460,12 +459,6 @@ def _variant_options(variant: str) -> dict[str, Any]:
     return {"max_per_second": _FAST_RATE}
 
 
-def _limiter_call(limiter: RedisLimiter, script: str) -> bytes:
-    # As in _raw_acquire_call: the limiter's private header, encoded as its adapter does.
-    header = [repr(arg) if isinstance(arg, float) else str(arg) for arg in limiter._header]
-    return LimiterCall(load_script(script).sha1, limiter.keys, header).prefix()
-
-
 def _capacity_shards(
     client: redis.asyncio.Redis, spec: Spec, connections: dict[tuple[str, int], Connection]
 ) -> dict[str, list[Shard]]:
@@ -483,9 +476,9 @@ def _capacity_shards(
                 limiter = RedisLimiter(
                     client, name, prefix=f"{spec['prefix']}-{variant}", **_variant_options(variant)
                 )
-                shard.acquire.append(_limiter_call(limiter, "acquire"))
+                shard.acquire.append(LimiterCall.of(limiter, "acquire").prefix())
                 if variant == "concurrency-only":
-                    shard.release.append(_limiter_call(limiter, "release"))
+                    shard.release.append(LimiterCall.of(limiter, "release").prefix())
             shards[f"{backend}/{variant}"] = list(by_address.values())
     return shards
 

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from aiometer_redis import RedisLimiter
-from aiometer_redis._scripts import all_scripts, load_script
+from aiometer_redis._scripts import all_scripts
 from aiometer_redis._server import RedisServer
 from bench._resp import Connection, LimiterCall, RespError, Shard, encode, run_pipelined
 
@@ -57,8 +57,7 @@ def test_error_reply_raises(connection: Connection, name: str) -> None:
 
 
 def _call(limiter: RedisLimiter, script: str) -> bytes:
-    header = [repr(arg) if isinstance(arg, float) else str(arg) for arg in limiter._header]
-    return LimiterCall(load_script(script).sha1, limiter.keys, header).prefix()
+    return LimiterCall.of(limiter, script).prefix()
 
 
 def test_pipelined_acquire_and_release_leave_nothing_held(

@@ -39,6 +39,7 @@ from aiometer_redis._client import (
     ScriptArg,
     ScriptClient,
     adapt,
+    encode_args,
     normalize_reply,
 )
 from aiometer_redis._scripts import (
@@ -1278,7 +1279,7 @@ class ScriptsMatchModel(RuleBasedStateMachine):
 
     def run(self, script: Script, args: Sequence[ScriptArg], keys: Sequence[str] = ()) -> Any:
         all_keys = [*limiter_keys("m"), *keys]
-        argv = [repr(a) if isinstance(a, float) else str(a) for a in args]
+        argv = encode_args(args)
         return normalize_reply(self.redis.evalsha(script.sha1, len(all_keys), *all_keys, *argv))
 
     def call(self, name: str, *extra: ScriptArg) -> Any:
