@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections import OrderedDict
 from types import TracebackType
 from typing import Any
@@ -12,10 +11,7 @@ import anyio.abc
 
 from ._client import ScriptClient, adapt
 from ._exceptions import ConfigurationError
-from ._limiter import RedisLimiter, _only
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
+from ._limiter import RedisLimiter, _exit_unwrapped
 
 __all__ = ["RedisLimiterGroup"]
 
@@ -93,15 +89,7 @@ class RedisLimiterGroup:
         if task_group is None:
             return None
         task_group.cancel_scope.cancel()
-        failure: BaseException | None = None
-        try:
-            return await task_group.__aexit__(exc_type, exc, tb)
-        except BaseExceptionGroup as group:
-            # Hand an exception of the ``async with`` body back as itself (as RedisLimiter).
-            if exc is None or not _only(group, exc):
-                raise
-            failure = exc
-        raise failure
+        return await _exit_unwrapped(lambda: task_group.__aexit__(exc_type, exc, tb), exc)
 
     def __getitem__(self, key: str) -> RedisLimiter:
         return self.for_key(key)

@@ -26,7 +26,7 @@ import logging
 import math
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -517,19 +517,8 @@ class RedisLimiter(SlotMixin):
     ) -> None:
         stack, self._stack = self._stack, None
         self._task_group = None
-        if stack is None:
-            return
-        failure: BaseException | None = None
-        try:
-            await stack.__aexit__(exc_type, exc, tb)
-        except BaseExceptionGroup as group:
-            # The background task group wraps an exception raised in the ``async with`` body;
-            # hand it back as itself, so ``except SomeError`` around the block works.
-            if exc is None or not _only(group, exc):
-                raise
-            failure = exc
-        if failure is not None:
-            raise failure
+        if stack is not None:
+            await _exit_unwrapped(lambda: stack.__aexit__(exc_type, exc, tb), exc)
 
     async def _own_client(
         self,
@@ -909,6 +898,21 @@ def _only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
         _only(inner, exc) if isinstance(inner, BaseExceptionGroup) else inner is exc
         for inner in group.exceptions
     )
+
+
+async def _exit_unwrapped(
+    aexit: Callable[[], Awaitable[bool | None]], exc: BaseException | None
+) -> bool | None:
+    """Run *aexit* (the exit of a task group, or of a stack holding one) for an ``async with``
+    block that raised *exc*: a group that only wraps *exc* is handed back as *exc* itself, so
+    ``except SomeError`` around the block works."""
+    try:
+        return await aexit()
+    except BaseExceptionGroup as group:
+        if exc is None or not _only(group, exc):
+            raise
+    # Raised here, outside the handler, so that the group is not chained onto it.
+    raise exc
 
 
 def _check_seconds(value: object, name: str, *, minimum: float = 0.0) -> float:

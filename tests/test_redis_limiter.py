@@ -501,3 +501,25 @@ async def test_different_limits_per_site(server: RedisServer, name: str) -> None
     assert load.peak == limits
     assert max(load.finished[load.slow_site]) - start >= 0.75
     assert load.last_fast_finish() - start < 0.5
+
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.anyio
+async def test_an_error_in_the_block_comes_out_as_itself(
+    server: RedisServer, name: str, raw: Any
+) -> None:
+    # The limiter and the group run background tasks in a task group, which would wrap the
+    # block's exception in an ExceptionGroup; both hand it back unwrapped.
+    with pytest.raises(_Boom) as caught:
+        async with RedisLimiter.from_url(server.url, name, max_at_once=1) as limiter:
+            await limiter.acquire()
+            raise _Boom
+    assert type(caught.value) is _Boom
+    with pytest.raises(_Boom) as caught:
+        async with aiometer_redis.RedisLimiterGroup(raw, max_at_once=1) as group:
+            await group[name + "-group"].acquire()
+            raise _Boom
+    assert type(caught.value) is _Boom
