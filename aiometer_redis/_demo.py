@@ -438,7 +438,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """The whole demo on this machine; returns the exit status (1 if a limit was broken)."""
     from rich.console import Console
 
-    from ._server import RedisServer
+    from .testing import RedisServer
 
     console = Console()
     server: RedisServer | None = None

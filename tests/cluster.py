@@ -7,7 +7,7 @@ With ``replicas=True`` every primary gets one replica (six nodes), and
 :meth:`RedisCluster3.kill_primary` plus :meth:`RedisCluster3.wait_for_failover` stage a
 primary crash and its replica's promotion.
 
-The ``redis-server`` binary comes from :func:`aiometer_redis._server.find_redis_server`;
+The ``redis-server`` binary comes from :func:`aiometer_redis.testing.find_redis_server`;
 ``redis-cli`` (needed for ``--cluster create``) is looked up next to it, then on PATH.
 """
 
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from aiometer_redis._server import find_redis_server
+from aiometer_redis.testing import find_redis_server
 
 __all__ = ["RedisCluster3", "find_redis_cli"]
 

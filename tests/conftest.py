@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from aiometer_redis._server import RedisServer
+from aiometer_redis.testing import RedisServer
 
 
 @pytest.fixture(params=["asyncio", "trio"])

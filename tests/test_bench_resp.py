@@ -14,7 +14,7 @@ import redis
 
 from aiometer_redis import RedisLimiter
 from aiometer_redis._scripts import all_scripts
-from aiometer_redis._server import RedisServer
+from aiometer_redis.testing import RedisServer
 from bench._resp import Connection, LimiterCall, RespError, Shard, encode, run_pipelined
 
 pytestmark = pytest.mark.redis

@@ -15,7 +15,7 @@ import pytest
 from aiometer_redis import RedisLimiter
 from aiometer_redis._cli import build_parser
 from aiometer_redis._demo import judge
-from aiometer_redis._server import RedisServer
+from aiometer_redis.testing import RedisServer
 
 pytestmark = pytest.mark.redis
 

@@ -38,7 +38,7 @@ import aiometer
 from aiometer_redis import RedisLimiter
 from aiometer_redis._client import RedisPyClient, adapt
 from aiometer_redis._limiter import limiter_keys
-from aiometer_redis._server import find_redis_server
+from aiometer_redis.testing import find_redis_server
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

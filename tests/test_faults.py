@@ -34,7 +34,7 @@ from aiometer_redis import RedisLimiter, RedisPermit, RedisUnavailableError
 from aiometer_redis._client import ScriptClient, adapt
 from aiometer_redis._limiter import LimiterState, limiter_keys, read_state
 from aiometer_redis._scripts import WRITERS, load_script
-from aiometer_redis._server import RedisServer
+from aiometer_redis.testing import RedisServer
 
 pytestmark = pytest.mark.redis
 

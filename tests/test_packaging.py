@@ -32,7 +32,7 @@ import pytest
 import yaml
 from windows import max_overlap, window_violations
 
-from aiometer_redis._server import RedisServer
+from aiometer_redis.testing import RedisServer
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -29,7 +29,7 @@ from aiometer_redis import (
     RedisLimiter,
     RedisUnavailableError,
 )
-from aiometer_redis._server import RedisServer
+from aiometer_redis.testing import RedisServer
 
 pytestmark = pytest.mark.redis
 

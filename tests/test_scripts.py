@@ -52,7 +52,7 @@ from aiometer_redis._scripts import (
     load_script,
     script_dir,
 )
-from aiometer_redis._server import ENV_VAR, RedisServer, find_redis_server
+from aiometer_redis.testing import ENV_VAR, RedisServer, find_redis_server
 
 NOW = 1_700_000_000_000_000
 SECOND = 1_000_000
