@@ -1,38 +1,146 @@
-"""The ``aiometer-redis`` command line: the fleet demo and two operator commands."""
+"""The ``aiometer-redis`` command line: the fleet demo and two operator commands.
+
+Every failure a user can cause (an unreachable or refusing Redis, a bad option, keys in Redis
+that are not what the limiter wrote, Ctrl-C) ends in one line on stderr that starts with
+``aiometer-redis:`` and a non-zero exit status: 2 for a bad command line, 130 for Ctrl-C, 3
+for everything else (1 is the demo's "a limit was broken").
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 
-__all__ = ["build_parser", "main"]
+__all__ = ["CommandError", "build_parser", "main"]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
+#: Exit statuses besides 0 and the demo's 1 ("a limit was broken").
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+#: Seconds a status or reset may take before the command gives up on Redis.
+REDIS_TIMEOUT = 10.0
+
+_T = TypeVar("_T")
+
+
+class CommandError(Exception):
+    """A failure the command line reports as one line (no traceback) and exits with."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the whole usage before its error; one line that points at --help is
+    # easier to read in a terminal full of other output.
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0 (any free port) to 65535, got {value}")
+    return value
+
+
+def _worker_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _limiter_name(text: str) -> str:
+    # The same rules as RedisLimiter's constructor, checked before anything connects.
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    _check_utf8(text)
+    return text
+
+
+def _key_prefix(text: str) -> str:
+    if not text or "{" in text or "}" in text:
+        raise argparse.ArgumentTypeError(f"must be non-empty and without braces, got {text!r}")
+    _check_utf8(text)
+    return text
+
+
+def _check_utf8(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"must be encodable as UTF-8, got {text!r}") from None
+
+
+def _plot_path(text: str) -> str:
+    """``--plot FILE``: a format matplotlib writes, in a directory this user can write to."""
+    from pathlib import Path
+
+    path = Path(text)
+    suffix = path.suffix.lower().lstrip(".")
+    known = ("png", "svg", "pdf")
+    if suffix not in known:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: unknown image type {path.suffix or '(none)'!r}, expected "
+            + ", ".join(f".{s}" for s in known)
+        )
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory")
+    # Create the file now (and remove it again if it was not there): permissions, read-only
+    # file systems and missing directories all show up here instead of after the run.
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {exc.strerror}") from None
+    if not existed:
+        path.unlink()
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``aiometer-redis`` (subcommands demo, status, reset)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="aiometer-redis",
         description="Fleet-wide concurrency and rate limits on Redis: demo and operator tools.",
     )
@@ -56,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--target-url", help="the target's URL (worker role)")
     demo.add_argument("--host", default="127.0.0.1", help="target role: address to listen on")
-    demo.add_argument("--port", type=int, default=8000, help="target role: port to listen on")
+    demo.add_argument("--port", type=_port, default=8000, help="target role: port to listen on")
     demo.add_argument("--workers", type=_positive_int, default=4)
     demo.add_argument(
         "--requests", type=_positive_int, default=400, help="requests in all (worker: its own)"
@@ -70,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.2,
         help="mean seconds the target takes per request",
     )
-    demo.add_argument("--name", default="demo", help="the limiter's name")
+    demo.add_argument("--name", type=_limiter_name, default="demo", help="the limiter's name")
     demo.add_argument(
         "--local",
         action="store_true",
@@ -78,22 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
         "worker, so the fleet as a whole breaks them)",
     )
     demo.add_argument("--no-progress", action="store_true", help="log lines, no live display")
-    demo.add_argument("--plot", metavar="FILE", help="draw in-flight and arrivals (.png/.svg)")
-    demo.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
+    demo.add_argument(
+        "--plot",
+        metavar="FILE",
+        type=_plot_path,
+        help="draw in-flight and arrivals (.png, .svg or .pdf)",
+    )
+    demo.add_argument("--worker-id", type=_worker_id, default=0, help=argparse.SUPPRESS)
 
     for command, text in (
         ("status", "show a limiter's holders, waiters and rate state"),
         ("reset", "delete a limiter's keys"),
     ):
         sub = commands.add_parser(command, help=text, description=text)
-        sub.add_argument("name", help="the limiter's name")
+        sub.add_argument("name", type=_limiter_name, help="the limiter's name")
         sub.add_argument(
             "--redis-url",
             type=_redis_url,
             default=DEFAULT_URL,
             help=f"redis://, rediss://, unix:// or redis+sentinel:// URL (default {DEFAULT_URL})",
         )
-        sub.add_argument("--prefix", default="aiometer")
+        sub.add_argument(
+            "--prefix", type=_key_prefix, default="aiometer", help="the limiter's key prefix"
+        )
         if command == "status":
             sub.add_argument("--json", action="store_true", help="print JSON")
         else:
@@ -111,18 +226,155 @@ def _redis_url(text: str) -> str:
     return text
 
 
-async def _with_client(url: str, action: Any) -> Any:
+def redis_address(url: str) -> str:
+    """Where *url* points, for messages: ``host:port``, a socket path or the sentinels and the
+    service. Never the credentials."""
+    from ._urls import parse_url
+
+    sentinel = parse_url(url)
+    if sentinel is not None:
+        hosts = ",".join(f"{host}:{port}" for host, port in sentinel.sentinels)
+        return f"{sentinel.service_name} via sentinels {hosts}"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    host = parts.hostname or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        port = 6379
+    return f"{host}:{port}"
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, TimeoutError]
+    try:
+        import redis.exceptions
+    except ImportError:
+        pass
+    else:
+        errors.append(redis.exceptions.RedisError)
+    try:
+        import coredis.exceptions
+    except ImportError:
+        pass
+    else:
+        errors.append(coredis.exceptions.RedisError)
+    return tuple(errors)
+
+
+def _reason(exc: BaseException) -> str:
+    """The most specific words among *exc* and its causes ("Connection refused")."""
+    current: BaseException | None = exc
+    seen = 0
+    while current is not None and seen < 10:
+        if isinstance(current, OSError) and current.errno:
+            return os.strerror(current.errno)
+        current = current.__cause__ or current.__context__
+        seen += 1
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _run_against_redis(url: str, action: Callable[[Any], Awaitable[_T]]) -> _T:
+    """Run *action* with a client of *url*; any Redis failure becomes a :class:`CommandError`."""
     from ._client import client_from_url
 
-    async with client_from_url(url) as client:
-        return await action(client)
+    async def run() -> _T:
+        with anyio.fail_after(REDIS_TIMEOUT):
+            async with client_from_url(url) as client:
+                return await action(client)
+
+    address = redis_address(url)
+    try:
+        return anyio.run(run)
+    except CommandError:
+        raise
+    except _redis_errors() as exc:
+        if isinstance(exc, TimeoutError) and not str(exc):
+            raise CommandError(
+                f"Redis at {address} did not answer within {REDIS_TIMEOUT:g} s"
+            ) from None
+        if _needs_password(exc):
+            raise CommandError(
+                f"Redis at {address} needs a password, and the URL gives none"
+            ) from None
+        if _is_auth_error(exc):
+            raise CommandError(
+                f"Redis at {address} refused the credentials: {_reason(exc)}"
+            ) from None
+        raise CommandError(f"cannot use Redis at {address}: {_reason(exc)}") from None
+
+
+def _needs_password(exc: BaseException) -> bool:
+    text = str(exc)
+    return text.startswith("NOAUTH") or "HELLO must be called with the client already" in text
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    text = str(exc)
+    return bool(
+        names & {"AuthenticationError", "AuthenticationFailureError", "AuthorizationError"}
+        or text.startswith(("WRONGPASS", "NOAUTH", "NOPERM"))
+        or "invalid username-password" in text
+    )
+
+
+# What each of the limiter's keys must hold, in limiter_keys() order.
+_KEY_TYPES = ("zset", "zset", "zset", "string", "string", "hash", "zset")
+
+# Read-only: one TYPE per key, so a corrupt limiter is reported key by key.
+_TYPES_SOURCE = """\
+local types = {}
+for i, key in ipairs(KEYS) do
+  types[i] = redis.call('TYPE', key)['ok']
+end
+return types
+"""
+
+# Read-only: the two string keys (tat, seq) as stored.
+_NUMBERS_SOURCE = """\
+return {redis.call('GET', KEYS[1]) or '', redis.call('GET', KEYS[2]) or ''}
+"""
+
+
+async def _read_checked_state(client: Any, keys: list[str]) -> Any:
+    from ._limiter import read_state
+    from ._scripts import Script
+
+    types = await client.run_script(Script.from_source("types", _TYPES_SOURCE), keys, [])
+    for key, found, expected in zip(keys, types, _KEY_TYPES, strict=False):
+        if found not in ("none", expected):
+            raise CommandError(
+                f"key {key!r} holds a {found}, not the {expected} the limiter writes "
+                "(written by something else? `aiometer-redis reset` deletes it)"
+            )
+    try:
+        return await read_state(client, keys)
+    except ValueError:
+        numbers = keys[3:5]
+        stored = await client.run_script(
+            Script.from_source("numbers", _NUMBERS_SOURCE), numbers, []
+        )
+        for key, value, kind in zip(numbers, stored, (float, int), strict=True):
+            try:
+                kind(value or 0)
+            except ValueError:
+                raise CommandError(
+                    f"key {key!r} holds {value!r}, not the number the limiter writes "
+                    "(written by something else? `aiometer-redis reset` deletes it)"
+                ) from None
+        raise
 
 
 def _status(args: argparse.Namespace) -> int:
-    from ._limiter import limiter_keys, read_state
+    from ._limiter import limiter_keys
 
     keys = limiter_keys(args.name, args.prefix)
-    state = anyio.run(_with_client, args.redis_url, lambda c: read_state(c, keys))
+    state = _run_against_redis(args.redis_url, lambda c: _read_checked_state(c, keys))
     if args.json:
         print(
             json.dumps(
@@ -173,7 +425,10 @@ def _reset(args: argparse.Namespace) -> int:
         if not sys.stdin.isatty():
             print("refusing to reset without --yes (no terminal to ask)", file=sys.stderr)
             return 2
-        answer = input(f"Delete the keys of limiter {args.name!r} ({len(keys)} keys)? [y/N] ")
+        try:
+            answer = input(f"Delete the keys of limiter {args.name!r} ({len(keys)} keys)? [y/N] ")
+        except EOFError:
+            answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return 1
@@ -182,22 +437,37 @@ def _reset(args: argparse.Namespace) -> int:
         deleted: int = await client.delete(*keys)
         return deleted
 
-    deleted = anyio.run(_with_client, args.redis_url, delete)
+    deleted = _run_against_redis(args.redis_url, delete)
     print(f"deleted {deleted} key(s) of limiter {args.name!r}")
     return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "status":
+        return _status(args)
+    if args.command == "reset":
+        return _reset(args)
+    from . import _demo
+
+    if args.role == "worker":
+        return _demo.worker_main(args)
+    if args.role == "target":
+        return _demo.run_target(args)
+    return _demo.run_demo(args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the command line and exit with its status."""
     args = build_parser().parse_args(argv)
-    if args.command == "status":
-        sys.exit(_status(args))
-    if args.command == "reset":
-        sys.exit(_reset(args))
-    from . import _demo
+    try:
+        status = _dispatch(args)
+    except CommandError as exc:
+        _fail(str(exc), exc.status)
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_INTERRUPTED)
+    sys.exit(status)
 
-    if args.role == "worker":
-        sys.exit(_demo.worker_main(args))
-    if args.role == "target":
-        sys.exit(_demo.run_target(args))
-    sys.exit(_demo.run_demo(args))
+
+def _fail(message: str, status: int) -> NoReturn:
+    print(f"aiometer-redis: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)

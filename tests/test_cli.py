@@ -1,0 +1,143 @@
+"""Every way to use ``aiometer-redis`` wrongly ends in one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from aiometer_redis._limiter import limiter_keys
+from aiometer_redis.testing import RedisServer
+
+pytestmark = pytest.mark.redis
+
+PASSWORD = "cli-pw"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aiometer_redis", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _one_line(result: subprocess.CompletedProcess[str], status: int) -> str:
+    """The single stderr line of a failed command (and nothing on stdout)."""
+    assert result.returncode == status, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture(scope="module")
+def password_server() -> Iterator[RedisServer]:
+    with RedisServer(["--requirepass", PASSWORD]) as running:
+        yield running
+
+
+@pytest.mark.parametrize("command", ["status", "reset"])
+def test_unreachable_redis_is_one_line_naming_the_address(command: str) -> None:
+    port = _closed_port()
+    extra = ["--yes"] if command == "reset" else []
+    result = _cli(command, "x", "--redis-url", f"redis://127.0.0.1:{port}/0", *extra)
+    line = _one_line(result, 3)
+    assert line == f"aiometer-redis: cannot use Redis at 127.0.0.1:{port}: Connection refused"
+
+
+def test_wrong_password_is_one_line_without_the_password(password_server: RedisServer) -> None:
+    url = f"redis://:not-{PASSWORD}@127.0.0.1:{password_server.port}/0"
+    line = _one_line(_cli("status", "x", "--redis-url", url), 3)
+    assert line.startswith(
+        f"aiometer-redis: Redis at 127.0.0.1:{password_server.port} refused the credentials"
+    )
+    assert PASSWORD not in line
+
+
+def test_missing_password_is_one_line(password_server: RedisServer) -> None:
+    line = _one_line(_cli("status", "x", "--redis-url", password_server.url), 3)
+    assert line == (
+        f"aiometer-redis: Redis at 127.0.0.1:{password_server.port} needs a password, "
+        "and the URL gives none"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["status", "x", "--redis-url", "ftp://h"], "unsupported Redis URL scheme 'ftp'"),
+        (["status", "x", "--redis-url", "redis+sentinel://h:99999/s"], "--redis-url"),
+        (["status", ""], "argument name: must not be empty"),
+        (["reset", "", "--yes"], "argument name: must not be empty"),
+        (["status", "x", "--prefix", "a{b}"], "--prefix: must be non-empty and without braces"),
+        (["reset", "x", "--prefix", "", "--yes"], "--prefix: must be non-empty"),
+        (["demo", "--port", "99999"], "--port: must be 0 (any free port) to 65535, got 99999"),
+        (["demo", "--port", "http"], "--port: expected a port number, got 'http'"),
+        (["demo", "--workers", "0"], "--workers: must be >= 1, got 0"),
+        (["demo", "--requests", "1.5"], "--requests: expected a whole number >= 1"),
+        (["demo", "--max-per-second", "inf"], "--max-per-second: must be a finite number > 0"),
+        (["demo", "--task-time", "-1"], "--task-time: must be a finite number > 0"),
+        (["demo", "--name", ""], "--name: must not be empty"),
+        (["demo", "--plot", "out.gif"], "unknown image type '.gif'"),
+        (["demo", "--plot", "/nonexistent-dir/out.png"], "cannot write '/nonexistent-dir/out.png'"),
+        (["demo", "--role", "boss"], "--role: invalid choice: 'boss'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_command_lines_are_one_line(args: list[str], words: str) -> None:
+    line = _one_line(_cli(*args), 2)
+    assert words in line
+    assert line.endswith("--help)")
+
+
+def test_plot_to_a_directory_is_refused_before_the_run(tmp_path: Path) -> None:
+    line = _one_line(_cli("demo", "--plot", str(tmp_path)), 2)
+    assert "unknown image type" in line or "is a directory" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("suffix", "command", "value", "expected"),
+    [
+        ("holders", "SET", "abc", "holds a string, not the zset the limiter writes"),
+        ("queue", "SET", "abc", "holds a string, not the zset the limiter writes"),
+        ("tat", "SET", "abc", "holds 'abc', not the number the limiter writes"),
+        ("seq", "SET", "1.5x", "holds '1.5x', not the number the limiter writes"),
+        ("tat", "RPUSH", "abc", "holds a list, not the string the limiter writes"),
+    ],
+)
+def test_corrupt_keys_are_named(
+    server: RedisServer, name: str, suffix: str, command: str, value: str, expected: str
+) -> None:
+    (key,) = (k for k in limiter_keys(name) if k.endswith(f":{suffix}"))
+    with redis.Redis(port=server.port) as admin:
+        admin.execute_command(command, key, value)
+        try:
+            for extra in ([], ["--json"]):
+                result = _cli("status", name, "--redis-url", server.url, *extra)
+                assert _one_line(result, 3) == f"aiometer-redis: key {key!r} {expected} " + (
+                    "(written by something else? `aiometer-redis reset` deletes it)"
+                )
+        finally:
+            admin.delete(key)
+
+
+def test_reset_without_a_terminal_asks_for_yes(server: RedisServer, name: str) -> None:
+    line = _one_line(_cli("reset", name, "--redis-url", server.url), 2)
+    assert line == "refusing to reset without --yes (no terminal to ask)"
