@@ -265,7 +265,7 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _reason(exc: BaseException) -> str:
+def reason_of(exc: BaseException) -> str:
     """The most specific words among *exc* and its causes ("Connection refused")."""
     current: BaseException | None = exc
     seen = 0
@@ -303,14 +303,23 @@ def _run_against_redis(url: str, action: Callable[[Any], Awaitable[_T]]) -> _T:
             ) from None
         if _is_auth_error(exc):
             raise CommandError(
-                f"Redis at {address} refused the credentials: {_reason(exc)}"
+                f"Redis at {address} refused the credentials: {reason_of(exc)}"
             ) from None
-        raise CommandError(f"cannot use Redis at {address}: {_reason(exc)}") from None
+        raise CommandError(f"cannot use Redis at {address}: {reason_of(exc)}") from None
 
 
 def _needs_password(exc: BaseException) -> bool:
     text = str(exc)
     return text.startswith("NOAUTH") or "HELLO must be called with the client already" in text
+
+
+def check_redis(url: str) -> None:
+    """PING the Redis at *url* once; raise :class:`CommandError` saying why it cannot be used."""
+
+    async def ping(client: Any) -> None:
+        await client.ping()
+
+    _run_against_redis(url, ping)
 
 
 def _is_auth_error(exc: BaseException) -> bool:
@@ -447,13 +456,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _status(args)
     if args.command == "reset":
         return _reset(args)
-    from . import _demo
+    from . import demo
 
     if args.role == "worker":
-        return _demo.worker_main(args)
+        return demo.worker_main(args)
     if args.role == "target":
-        return _demo.run_target(args)
-    return _demo.run_demo(args)
+        return demo.run_target(args)
+    return demo.run_demo(args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

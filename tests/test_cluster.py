@@ -23,11 +23,11 @@ import pytest
 import redis
 import redis.asyncio
 from cluster import RedisCluster3, find_redis_cli
-from windows import max_overlap, window_violations
 
 import aiometer
 from aiometer_redis import RedisLimiter
 from aiometer_redis._limiter import _mailbox_prefix, limiter_keys
+from aiometer_redis.testing import max_overlap, window_violations
 
 pytestmark = [
     pytest.mark.redis,

@@ -14,7 +14,7 @@ import pytest
 
 from aiometer_redis import RedisLimiter
 from aiometer_redis._cli import build_parser
-from aiometer_redis._demo import judge
+from aiometer_redis.demo import judge
 from aiometer_redis.testing import RedisServer
 
 pytestmark = pytest.mark.redis

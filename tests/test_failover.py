@@ -32,13 +32,12 @@ import redis
 import redis.asyncio
 import redis.asyncio.sentinel
 from cluster import RedisCluster3, _command, _free_ports, find_redis_cli
-from windows import max_overlap, over_limit_seconds
 
 import aiometer
 from aiometer_redis import RedisLimiter
 from aiometer_redis._client import RedisPyClient, adapt
 from aiometer_redis._limiter import limiter_keys
-from aiometer_redis.testing import find_redis_server
+from aiometer_redis.testing import find_redis_server, max_overlap, over_limit_seconds
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

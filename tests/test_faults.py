@@ -27,14 +27,13 @@ import redis.asyncio
 import sniffio
 from anyio.streams.buffered import BufferedByteReceiveStream
 from tcp_proxy import Request, TcpProxy, script_rule
-from windows import max_overlap, over_limit_seconds, window_violations
 
 import aiometer
 from aiometer_redis import RedisLimiter, RedisPermit, RedisUnavailableError
 from aiometer_redis._client import ScriptClient, adapt
 from aiometer_redis._limiter import LimiterState, limiter_keys, read_state
 from aiometer_redis._scripts import WRITERS, load_script
-from aiometer_redis.testing import RedisServer
+from aiometer_redis.testing import RedisServer, max_overlap, over_limit_seconds, window_violations
 
 pytestmark = pytest.mark.redis
 

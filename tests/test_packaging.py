@@ -30,9 +30,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from windows import max_overlap, window_violations
 
-from aiometer_redis.testing import RedisServer
+from aiometer_redis.testing import RedisServer, max_overlap, window_violations
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -18,7 +18,6 @@ import anyio
 import anyio.lowlevel
 import pytest
 import redis.asyncio
-from windows import max_overlap, window_violations
 
 import aiometer
 import aiometer_redis
@@ -29,7 +28,7 @@ from aiometer_redis import (
     RedisLimiter,
     RedisUnavailableError,
 )
-from aiometer_redis.testing import RedisServer
+from aiometer_redis.testing import RedisServer, max_overlap, window_violations
 
 pytestmark = pytest.mark.redis
 

@@ -21,11 +21,11 @@ import pytest
 import redis
 import redis.asyncio
 from cluster import RedisCluster3, find_redis_cli
-from windows import max_overlap
 
 import aiometer
 from aiometer_redis import RedisLimiter
 from aiometer_redis._limiter import limiter_keys
+from aiometer_redis.testing import max_overlap
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

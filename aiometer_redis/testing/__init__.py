@@ -13,6 +13,10 @@ The binary is ``$AIOMETER_REDIS_SERVER``, else ``redis-server`` on ``PATH``, els
 :func:`redis_server_supports_tls` tell what the found binary can do, so a test can skip what it
 cannot run.
 
+To judge a limit from the outside, count over windows: :func:`max_in_window`,
+:func:`window_violations` and :func:`allowed_in_window` for a rate, :func:`max_overlap` and
+:func:`over_limit_seconds` for a concurrency limit.
+
 With pytest, load the fixtures in a ``conftest.py``::
 
     pytest_plugins = ["aiometer_redis.testing.pytest_plugin"]
@@ -30,11 +34,23 @@ from ._server import (
     redis_server_supports_tls,
     redis_server_version,
 )
+from ._windows import (
+    allowed_in_window,
+    max_in_window,
+    max_overlap,
+    over_limit_seconds,
+    window_violations,
+)
 
 __all__ = [
     "ENV_VAR",
     "RedisServer",
+    "allowed_in_window",
     "find_redis_server",
+    "max_in_window",
+    "max_overlap",
+    "over_limit_seconds",
     "redis_server_supports_tls",
     "redis_server_version",
+    "window_violations",
 ]

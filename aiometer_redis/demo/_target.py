@@ -1,0 +1,129 @@
+"""The demo's HTTP target: it serves work, and records when each request came and went."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = ["Recorder", "Request", "TargetServer"]
+
+#: One served request: (arrival, end, worker), times from ``time.time()``.
+Request = tuple[float, float, int]
+
+
+class Recorder:
+    """Thread-safe log of the requests a target served."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: list[Request] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.last_activity = 0.0
+
+    def begin(self) -> float:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            now = time.time()
+            self.last_activity = now
+            return now
+
+    def end(self, arrival: float, worker: int) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            now = time.time()
+            self.last_activity = now
+            self.requests.append((arrival, now, worker))
+
+    def snapshot(self) -> tuple[list[Request], int, int]:
+        with self._lock:
+            return list(self.requests), self.in_flight, self.max_in_flight
+
+    def clear(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.max_in_flight = self.in_flight
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A worker that goes away mid-request (Ctrl-C, a crash) breaks its connection; that is
+        # the worker's story to tell, not a traceback from the target.
+        return None
+
+
+class TargetServer:
+    """A real HTTP server that answers ``GET /work?worker=I`` after about ``task_time`` seconds
+    (uniformly 0.5x to 1.5x, so that the concurrency and the rate limit take turns binding).
+
+    ``GET /stats`` returns what it recorded as JSON, for targets running in another process.
+
+    Raises:
+        OSError: the address cannot be bound (in use, not local, no permission).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, task_time: float = 0.05) -> None:
+        self.recorder = Recorder()
+        recorder = self.recorder
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                url = urlsplit(self.path)
+                if url.path == "/work":
+                    try:
+                        worker = int(parse_qs(url.query).get("worker", ["0"])[0])
+                    except ValueError:
+                        self.send_error(400, "worker must be an integer")
+                        return
+                    arrival = recorder.begin()
+                    try:
+                        time.sleep(task_time * random.uniform(0.5, 1.5))
+                    finally:
+                        recorder.end(arrival, worker)
+                    self._reply(b"ok")
+                elif url.path == "/stats":
+                    requests, in_flight, peak = recorder.snapshot()
+                    body = {"requests": requests, "in_flight": in_flight, "max_in_flight": peak}
+                    self._reply(json.dumps(body).encode())
+                else:
+                    self.send_error(404)
+
+            def _reply(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("_Server", (_QuietServer,), {"address_family": family})
+        self._server: ThreadingHTTPServer = server_class((host, port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        host_text = f"[{host!s}]" if ":" in str(host) else str(host)
+        return f"http://{host_text}:{port}"
+
+    def start(self) -> TargetServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()

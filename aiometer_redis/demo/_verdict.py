@@ -1,0 +1,148 @@
+"""The demo's verdict: what the target saw, next to the limits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..testing import allowed_in_window, max_in_window, max_overlap
+from ._target import Request
+
+__all__ = ["Verdict", "WindowCheck", "judge", "render_verdict"]
+
+
+@dataclass(frozen=True)
+class WindowCheck:
+    """Arrivals in the busiest window of one width, and how many the rate limit allows."""
+
+    width: float
+    seen: int
+    allowed: float
+
+    @property
+    def ok(self) -> bool:
+        return self.seen <= self.allowed
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the target saw, next to the limits."""
+
+    requests: int
+    max_at_once: int | None
+    max_in_flight: int
+    max_per_second: float | None
+    burst: int
+    windows: tuple[WindowCheck, ...]
+    elapsed: float
+    ideal: float
+    per_worker: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def concurrency_ok(self) -> bool:
+        return self.max_at_once is None or self.max_in_flight <= self.max_at_once
+
+    @property
+    def ok(self) -> bool:
+        return self.concurrency_ok and all(check.ok for check in self.windows)
+
+
+def judge(
+    requests: Sequence[Request],
+    *,
+    max_at_once: int | None,
+    max_per_second: float | None,
+    burst: int,
+    task_time: float,
+) -> Verdict:
+    """Compare what the target recorded with the limits.
+
+    Arrivals in any window of width ``w`` (from ``1 / max_per_second`` up to 1 s) may not exceed
+    :func:`aiometer_redis.testing.allowed_in_window`; requests in flight may not exceed
+    ``max_at_once``.
+    """
+    arrivals = sorted(a for a, _, _ in requests)
+    windows: list[WindowCheck] = []
+    if max_per_second is not None and arrivals:
+        widths = sorted({1 / max_per_second, 0.1, 0.25, 0.5, 1.0})
+        for width in (w for w in widths if w <= 1.0 or w == 1 / max_per_second):
+            allowed = allowed_in_window(max_per_second, burst, width)
+            windows.append(WindowCheck(width, max_in_window(arrivals, width), allowed))
+    count = len(requests)
+    elapsed = max((b for _, b, _ in requests), default=0.0) - (arrivals[0] if arrivals else 0.0)
+    ideal = task_time
+    if max_at_once is not None:
+        ideal = max(ideal, math.ceil(count / max_at_once) * task_time)
+    if max_per_second is not None:
+        ideal = max(ideal, max(count - burst, 0) / max_per_second + task_time)
+    per_worker: dict[int, int] = {}
+    for _, _, worker in requests:
+        per_worker[worker] = per_worker.get(worker, 0) + 1
+    return Verdict(
+        requests=count,
+        max_at_once=max_at_once,
+        max_in_flight=max_overlap((a, b) for a, b, _ in requests),
+        max_per_second=max_per_second,
+        burst=burst,
+        windows=tuple(windows),
+        elapsed=elapsed,
+        ideal=ideal,
+        per_worker=dict(sorted(per_worker.items())),
+    )
+
+
+def render_verdict(verdict: Verdict, console: Any, *, expected: int | None = None) -> None:
+    """Print the verdict table with rich.
+
+    With *expected* (the requests the run should have made), a run that made fewer ends with
+    "incomplete" instead of "All limits held.": limits are not shown to hold by requests that
+    were never sent.
+    """
+    from rich.table import Table
+
+    table = Table(title="Verdict: what the target server observed")
+    table.add_column("check")
+    table.add_column("limit", justify="right")
+    table.add_column("observed", justify="right")
+    table.add_column("", justify="center")
+
+    def mark(ok: bool) -> str:
+        return "[green]OK[/]" if ok else "[bold red]BROKEN[/]"
+
+    if verdict.max_at_once is not None:
+        table.add_row(
+            "max in flight",
+            str(verdict.max_at_once),
+            str(verdict.max_in_flight),
+            mark(verdict.concurrency_ok),
+        )
+    for check in verdict.windows:
+        table.add_row(
+            f"max arrivals in any {check.width * 1000:g} ms",
+            f"{check.allowed:g}",
+            str(check.seen),
+            mark(check.ok),
+        )
+    table.add_row("requests", "" if expected is None else str(expected), str(verdict.requests), "")
+    table.add_row(
+        "total time vs ideal",
+        f"{verdict.ideal:.2f} s",
+        f"{verdict.elapsed:.2f} s ({verdict.ideal / verdict.elapsed:.0%} of ideal speed)"
+        if verdict.elapsed > 0
+        else "-",
+        "",
+    )
+    workers = ", ".join(f"w{w}: {n}" for w, n in verdict.per_worker.items())
+    table.add_row("requests per worker", "", workers, "")
+    console.print(table)
+    if not verdict.ok:
+        console.print("[bold red]A limit was broken.[/]")
+    elif expected is not None and verdict.requests < expected:
+        console.print(
+            f"[bold yellow]Incomplete: {verdict.requests} of {expected} requests were made; "
+            "no verdict on the rest.[/]"
+        )
+    else:
+        console.print("[bold green]All limits held.[/]")

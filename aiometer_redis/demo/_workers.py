@@ -1,0 +1,181 @@
+"""The demo's workers: processes that send requests to the target under one shared limiter."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from typing import IO
+
+import anyio
+
+import aiometer
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["WorkerFleet", "run_worker", "worker_main"]
+
+#: Exit status of a worker that failed and said why in one line on stderr.
+WORKER_FAILED = 3
+
+
+async def run_worker(args: argparse.Namespace) -> None:
+    """One worker: ``--requests`` GETs to the target under the shared limiter."""
+    import httpx
+
+    from .._limiter import RedisLimiter
+
+    async with httpx.AsyncClient(base_url=args.target_url, timeout=60) as http:
+
+        async def fetch(n: int) -> None:
+            response = await http.get("/work", params={"worker": args.worker_id, "n": n})
+            response.raise_for_status()
+
+        if args.local:
+            limiters: list[aiometer.Limiter] = []
+            if args.max_at_once is not None:
+                limiters.append(aiometer.ConcurrencyLimiter(args.max_at_once))
+            if args.max_per_second is not None:
+                limiters.append(aiometer.RateLimiter(args.max_per_second, burst=args.burst))
+            await aiometer.run_on_each(fetch, range(args.requests), limiter=limiters)
+            return
+        async with RedisLimiter.from_url(
+            args.redis_url,
+            args.name,
+            max_at_once=args.max_at_once,
+            max_per_second=args.max_per_second,
+            burst=args.burst,
+        ) as limiter:
+            await aiometer.run_on_each(
+                fetch, range(args.requests), limiter=limiter, max_at_once=args.max_at_once or 64
+            )
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def describe_failure(exc: BaseException, args: argparse.Namespace) -> str:
+    """One line saying why a worker stopped, naming what it could not use."""
+    import httpx
+
+    from .._cli import reason_of, redis_address
+    from .._exceptions import RedisLimiterError, RedisUnavailableError
+
+    leaf = _first_leaf(exc)
+    if isinstance(leaf, RedisUnavailableError):
+        return f"cannot use Redis at {redis_address(args.redis_url)}: {reason_of(leaf)}"
+    if isinstance(leaf, RedisLimiterError):
+        return str(leaf)
+    if isinstance(leaf, httpx.HTTPStatusError):
+        return f"the target answered {leaf.response.status_code} to {leaf.request.url}"
+    if isinstance(leaf, httpx.HTTPError):
+        return f"cannot reach the target at {args.target_url}: {reason_of(leaf)}"
+    return f"{type(leaf).__name__}: {leaf}"
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """Entry of ``--role worker``: run, and on failure say why in one line (exit status 3)."""
+    from .._cli import CommandError
+
+    if args.target_url is None:
+        raise CommandError("--role worker needs --target-url", 2)
+    if args.redis_url is None and not args.local:
+        args.redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        anyio.run(run_worker, args)
+    except KeyboardInterrupt:
+        return 130
+    except BaseExceptionGroup as group:
+        if group.subgroup(KeyboardInterrupt) is not None:
+            return 130
+        print(f"worker {args.worker_id}: {describe_failure(group, args)}", file=sys.stderr)
+        return WORKER_FAILED
+    except Exception as exc:
+        print(f"worker {args.worker_id}: {describe_failure(exc, args)}", file=sys.stderr)
+        return WORKER_FAILED
+    return 0
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen[bytes]
+    stderr: IO[bytes]
+
+
+class WorkerFleet:
+    """Worker subprocesses of the whole-demo role, each in its own session.
+
+    Ctrl-C in the terminal reaches only the demo itself, which stops the workers
+    (:meth:`stop`), so a worker never prints its own interrupted traceback. Each worker's
+    stderr goes to a temporary file, read by :meth:`failures`.
+    """
+
+    def __init__(self, args: argparse.Namespace, redis_url: str, target_url: str) -> None:
+        self._workers: list[_Worker] = []
+        share, extra = divmod(args.requests, args.workers)
+        try:
+            for i in range(args.workers):
+                command = [
+                    sys.executable, "-m", "aiometer_redis", "demo", "--role", "worker",
+                    "--worker-id", str(i), "--target-url", target_url,
+                    "--requests", str(share + (1 if i < extra else 0)),
+                    "--burst", str(args.burst), "--name", args.name,
+                ]  # fmt: skip
+                if redis_url:  # none with --local
+                    command += ["--redis-url", redis_url]
+                if args.max_at_once is not None:
+                    command += ["--max-at-once", str(args.max_at_once)]
+                if args.max_per_second is not None:
+                    command += ["--max-per-second", repr(args.max_per_second)]
+                if args.local:
+                    command.append("--local")
+                stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
+                process = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+                )
+                self._workers.append(_Worker(process, stderr))
+        except BaseException:
+            self.stop()
+            raise
+
+    def running(self) -> bool:
+        return any(worker.process.poll() is None for worker in self._workers)
+
+    def stop(self) -> None:
+        """Stop the workers still running (SIGTERM, SIGKILL after 5 s) and wait for all."""
+        for worker in self._workers:
+            if worker.process.poll() is None:
+                worker.process.terminate()
+        for worker in self._workers:
+            try:
+                worker.process.wait(5)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+            worker.stderr.close()
+
+    def failures(self) -> list[str]:
+        """One line per distinct failure: ``"<how many> worker(s): <why>"``, most frequent first.
+
+        Call before :meth:`stop` (which closes the captured stderr).
+        """
+        reasons: Counter[str] = Counter()
+        for worker in self._workers:
+            status = worker.process.poll()
+            if status in (None, 0):
+                continue
+            worker.stderr.seek(0)
+            lines = worker.stderr.read().decode(errors="replace").strip().splitlines()
+            last = lines[-1] if lines else f"exited with status {status}"
+            # "worker 3: cannot use Redis ..." -> "cannot use Redis ...": the same failure in
+            # every worker is reported once.
+            reasons[last.partition(": ")[2] if last.startswith("worker ") else last] += 1
+        return [f"{count} worker(s): {why}" for why, count in reasons.most_common()]
