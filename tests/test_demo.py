@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -171,3 +173,107 @@ def test_status_and_reset(server: RedisServer) -> None:
     assert outputs["reset"].returncode == 0
     assert "deleted" in outputs["reset"].stdout
     assert json.loads(outputs["after"].stdout)["holders"] == []
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_demo_checks_redis_once_before_the_workers() -> None:
+    port = _closed_port()
+    result = _cli("demo", "--no-progress", "--redis-url", f"redis://127.0.0.1:{port}/0")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stderr == (
+        f"aiometer-redis: cannot use Redis at 127.0.0.1:{port}: Connection refused\n"
+    )
+    assert "workers" not in result.stdout
+    assert "All limits held." not in result.stdout
+
+
+def test_a_worker_says_why_it_failed_in_one_line() -> None:
+    redis_port, target_port = _closed_port(), _closed_port()
+    result = _cli(
+        "demo", "--role", "worker", "--worker-id", "5", "--requests", "3",
+        "--redis-url", f"redis://127.0.0.1:{redis_port}/0",
+        "--target-url", f"http://127.0.0.1:{target_port}",
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.splitlines() == [
+        f"worker 5: cannot use Redis at 127.0.0.1:{redis_port}: Connection refused"
+    ]
+
+
+@pytest.mark.slow
+def test_workers_failing_alike_are_reported_once_and_no_verdict_is_claimed() -> None:
+    redis = RedisServer().start()
+    port = redis.port
+    try:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "aiometer_redis", "demo", "--no-progress",
+             "--redis-url", redis.url, "--requests", "2000"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            if line.startswith("done ") and not line.startswith("done 0/"):
+                break
+        redis.stop()  # mid-run: every worker loses Redis
+        out, err = demo.communicate(timeout=60)
+    finally:
+        redis.stop()
+    assert demo.returncode == 3, out + err
+    (line,) = err.splitlines()
+    assert line.startswith(f"aiometer-redis: 4 worker(s): cannot use Redis at 127.0.0.1:{port}: ")
+    assert "All limits held." not in out
+    assert "Incomplete:" in out
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_one_line_and_leaves_no_process() -> None:
+    # Ctrl-C in a terminal sends SIGINT to the foreground process group: the demo and the
+    # embedded redis-server it started.
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "aiometer_redis", "demo", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert demo.stdout is not None
+    for line in demo.stdout:
+        if line.startswith("done ") and not line.startswith("done 0/"):
+            break
+    children = _descendants(demo.pid)
+    assert len(children) >= 5  # four workers and the redis-server
+    os.killpg(demo.pid, signal.SIGINT)
+    out, err = demo.communicate(timeout=30)
+    assert demo.returncode == 130, out + err
+    assert err == "aiometer-redis: interrupted\n"
+    deadline = time.monotonic() + 5
+    while (alive := [pid for pid in children if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert alive == []
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below *pid* (Linux /proc)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found.extend(kids)
+            todo.extend(kids)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
