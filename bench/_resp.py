@@ -1,5 +1,5 @@
 """A lean pipelining RESP2 client over blocking sockets, for the server-bound rows of
-``bench/redis.py``.
+``bench/redis_cluster.py``.
 
 redis-py spends several times more CPU on a command than redis-server does, so a few Python
 processes on a small machine run out of CPU long before one server does, and a comparison of
@@ -20,19 +20,15 @@ from dataclasses import dataclass
 from aiometer_redis import RedisLimiter
 from aiometer_redis._client import encode_args
 from aiometer_redis._scripts import decode_acquire_reply, load_script
+from aiometer_redis.testing._resp import encode_command
 
 _RECEIVE_BYTES = 1 << 16
 
 Reply = bytes | int | list["Reply"] | None
 
 
-def encode(args: Sequence[str | bytes | int]) -> bytes:
-    """One command in the RESP2 wire format."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+# One command in the RESP2 wire format: the encoder the testing helpers use.
+encode = encode_command
 
 
 class RespError(Exception):

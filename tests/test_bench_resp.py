@@ -1,4 +1,4 @@
-"""The lean pipelining client behind bench/redis.py's server-bound rows, on a real server.
+"""The lean pipelining client behind bench/redis_cluster.py's server-bound rows, on a real server.
 
 Its numbers are only worth something if it really runs the limiter's scripts: every call
 granted, every lease given back, errors not swallowed.

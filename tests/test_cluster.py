@@ -1,4 +1,4 @@
-"""RedisLimiter against a real three-shard Redis Cluster (started by tests/cluster.py).
+"""RedisLimiter against a real three-shard Redis Cluster (aiometer_redis.testing.RedisCluster3).
 
 Every limiter's keys share one hash tag, so its scripts run on the shard that owns the slot;
 the mailbox key (built inside the scripts from the same tag) must land there too, and the
@@ -13,7 +13,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,40 +22,22 @@ import anyio
 import pytest
 import redis
 import redis.asyncio
-from cluster import RedisCluster3, find_redis_cli
 
 import aiometer
 from aiometer_redis import RedisLimiter
 from aiometer_redis._limiter import _mailbox_prefix, limiter_keys
-from aiometer_redis.testing import max_overlap, window_violations
+from aiometer_redis.testing import RedisCluster3, max_overlap, window_violations
+from aiometer_redis.testing._resp import encode_command
 
-pytestmark = [
-    pytest.mark.redis,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        find_redis_cli() is None, reason="redis-cli (for --cluster create) is not installed"
-    ),
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+# One client library per backend: redis-py is asyncio only, coredis runs on both
+# (conftest.py parametrizes "flavour" and "anyio_backend" together from this list).
+FLAVOURS = [
+    ("redis-py-asyncio", "asyncio"),
+    ("coredis-asyncio", "asyncio"),
+    ("coredis-trio", "trio"),
 ]
-
-# One client library per backend: redis-py is asyncio only, coredis runs on both.
-FLAVOURS = ["redis-py-asyncio", "coredis-asyncio", "coredis-trio"]
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster3]:
-    with RedisCluster3() as running:
-        yield running
-
-
-@pytest.fixture(params=FLAVOURS)
-def flavour(request: pytest.FixtureRequest) -> str:
-    value: str = request.param
-    return value
-
-
-@pytest.fixture
-def anyio_backend(flavour: str) -> str:
-    return flavour.rsplit("-", 1)[1]
 
 
 @pytest.fixture
@@ -87,10 +69,7 @@ def unique(prefix: str) -> str:
 
 async def node_command(port: int, *args: str) -> bytes:
     """Send one command straight to one node (either backend) and return its first line."""
-    request = f"*{len(args)}\r\n".encode()
-    for arg in args:
-        data = arg.encode()
-        request += b"$%d\r\n%s\r\n" % (len(data), data)
+    request = encode_command(args)
     async with await anyio.connect_tcp("127.0.0.1", port) as stream:
         await stream.send(request)
         reply = b""
@@ -286,7 +265,7 @@ async def test_hundred_limiters_on_three_shards(
 
 # -- many limiters, several OS processes --------------------------------------------------------
 
-CLUSTER_WORKER = Path(__file__).with_name("cluster_worker.py")
+CLUSTER_WORKER = Path(__file__).parent / "helpers" / "cluster_worker.py"
 
 #: One worker process per client library and backend: they share the 100 limiters.
 PROCESSES = [

@@ -31,27 +31,28 @@ import pytest
 import redis
 import redis.asyncio
 import redis.asyncio.sentinel
-from cluster import RedisCluster3, _command, _free_ports, find_redis_cli
 
 import aiometer
 from aiometer_redis import RedisLimiter
 from aiometer_redis._client import RedisPyClient, adapt
 from aiometer_redis._limiter import limiter_keys
-from aiometer_redis.testing import find_redis_server, max_overlap, over_limit_seconds
+from aiometer_redis.testing import (
+    RedisCluster3,
+    find_redis_server,
+    max_overlap,
+    over_limit_seconds,
+)
+from aiometer_redis.testing._cluster import _free_ports
+from aiometer_redis.testing._resp import send_command
 
-pytestmark = [pytest.mark.redis, pytest.mark.slow]
+# redis-py (the client both tests use) is asyncio only.
+pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.backends("asyncio")]
 
 LIMIT = 3
 TASKS = 200
 TASK_TIME = 0.05
 RETRY_WINDOW = 10.0
 KILL_AFTER = 0.6
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    # redis-py (the client both tests use) is asyncio only.
-    return "asyncio"
 
 
 @dataclass
@@ -153,14 +154,6 @@ def check(run: Run) -> None:
 # -- Redis Cluster ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def replicated_cluster() -> Iterator[RedisCluster3]:
-    if find_redis_cli() is None:
-        pytest.skip("redis-cli (for --cluster create) is not installed")
-    with RedisCluster3(replicas=True, node_timeout_ms=1000) as running:
-        yield running
-
-
 @pytest.mark.anyio
 async def test_cluster_primary_killed_mid_run(replicated_cluster: RedisCluster3) -> None:
     """The primary of the shard holding the limiter's keys is SIGKILLed 0.6 s into the run;
@@ -234,7 +227,7 @@ class SentinelSetup:
         common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         common += ["--dir", str(self._dir)]
         self._spawn(self.primary, "--port", str(self.primary), *common)
-        self._wait(lambda: (_command(self.primary, "PING") or "").startswith("+PONG"), "start")
+        self._wait(lambda: (send_command(self.primary, "PING") or "").startswith("+PONG"), "start")
         self._spawn(
             self.replica,
             "--port",
@@ -246,7 +239,7 @@ class SentinelSetup:
         )
         self._wait(
             lambda: (
-                "master_link_status:up" in (_command(self.replica, "INFO", "replication") or "")
+                "master_link_status:up" in (send_command(self.replica, "INFO", "replication") or "")
             ),
             "replica sync",
         )
@@ -291,7 +284,7 @@ class SentinelSetup:
         self._wait(
             lambda: (
                 self.master_port() == self.replica
-                and "role:master" in (_command(self.replica, "INFO", "replication") or "")
+                and "role:master" in (send_command(self.replica, "INFO", "replication") or "")
             ),
             "the replica's promotion",
         )
@@ -354,7 +347,7 @@ async def test_sentinel_primary_killed_mid_run(sentinel_setup: SentinelSetup) ->
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.backends("asyncio", "trio")
 async def test_sentinel_url_primary_killed_mid_run(
     sentinel_setup: SentinelSetup, anyio_backend: str
 ) -> None:

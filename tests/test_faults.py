@@ -26,7 +26,7 @@ import pytest
 import redis.asyncio
 import sniffio
 from anyio.streams.buffered import BufferedByteReceiveStream
-from tcp_proxy import Request, TcpProxy, script_rule
+from helpers.tcp_proxy import Request, TcpProxy, script_rule
 
 import aiometer
 from aiometer_redis import RedisLimiter, RedisPermit, RedisUnavailableError
@@ -37,7 +37,7 @@ from aiometer_redis.testing import RedisServer, max_overlap, over_limit_seconds,
 
 pytestmark = pytest.mark.redis
 
-WORKER = Path(__file__).with_name("fleet_worker.py")
+WORKER = Path(__file__).parent / "helpers" / "fleet_worker.py"
 SHA = {name: load_script(name).sha1 for name in WRITERS}
 
 

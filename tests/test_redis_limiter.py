@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from aiometer_redis.testing import RedisServer, max_overlap, window_violations
 
 pytestmark = pytest.mark.redis
 
-WORKER = Path(__file__).with_name("fleet_worker.py")
+WORKER = Path(__file__).parent / "helpers" / "fleet_worker.py"
 
 
 @pytest.fixture
@@ -50,7 +51,12 @@ async def raw(server: RedisServer, anyio_backend: str) -> AsyncIterator[Any]:
 
 
 def test_public_names() -> None:
-    public = {n for n in dir(aiometer_redis) if not n.startswith("_")}
+    # Subpackages (testing, demo) are public modules, not names to re-export.
+    public = {
+        n
+        for n in dir(aiometer_redis)
+        if not n.startswith("_") and not isinstance(getattr(aiometer_redis, n), types.ModuleType)
+    }
     assert set(aiometer_redis.__all__) == public
     assert aiometer_redis.__all__ == sorted(aiometer_redis.__all__)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -20,14 +19,14 @@ import anyio.to_thread
 import pytest
 import redis
 import redis.asyncio
-from cluster import RedisCluster3, find_redis_cli
 
 import aiometer
 from aiometer_redis import RedisLimiter
 from aiometer_redis._limiter import limiter_keys
-from aiometer_redis.testing import max_overlap
+from aiometer_redis.testing import RedisCluster3, max_overlap
 
-pytestmark = [pytest.mark.redis, pytest.mark.slow]
+# redis-py's cluster client is asyncio only.
+pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.backends("asyncio")]
 
 LIMIT = 3
 TASKS = 150
@@ -37,19 +36,6 @@ MIGRATE_AFTER = 0.3
 # Keys moved per MIGRATE: one at a time, with a pause after each, keeps the limiter's keys
 # split across the two nodes for a while (TRYAGAIN territory).
 BATCH = 1
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # redis-py's cluster client is asyncio only
-
-
-@pytest.fixture
-def cluster() -> Iterator[RedisCluster3]:
-    if find_redis_cli() is None:
-        pytest.skip("redis-cli (for --cluster create) is not installed")
-    with RedisCluster3() as running:
-        yield running
 
 
 def node_id(port: int) -> str:

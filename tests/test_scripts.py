@@ -28,10 +28,10 @@ import pytest
 import redis
 import redis.asyncio
 import redis.exceptions
+from helpers.redis_model import LimiterModel, process_of
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from redis_model import LimiterModel, process_of
 
 from aiometer_redis._client import (
     CoredisClient,
@@ -242,43 +242,20 @@ class Backend:
                 )
 
 
-BACKENDS = [
-    pytest.param(("fakeredis", "asyncio"), id="fakeredis-asyncio"),
-    pytest.param(("redis-py", "asyncio"), id="redispy-asyncio", marks=pytest.mark.redis),
-    pytest.param(("coredis", "asyncio"), id="coredis-asyncio", marks=pytest.mark.redis),
-    pytest.param(("coredis", "trio"), id="coredis-trio", marks=pytest.mark.redis),
+# (client, backend) pairs; conftest.py parametrizes "flavour" and "anyio_backend" from them.
+# redis_url (a flushed database of one real server) comes from aiometer_redis.testing's plugin.
+FLAVOURS = [
+    pytest.param("fakeredis", "asyncio", id="fakeredis-asyncio"),
+    pytest.param("redis-py", "asyncio", id="redispy-asyncio", marks=pytest.mark.redis),
+    pytest.param("coredis", "asyncio", id="coredis-asyncio", marks=pytest.mark.redis),
+    pytest.param("coredis", "trio", id="coredis-trio", marks=pytest.mark.redis),
 ]
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    with redis.Redis.from_url(redis_server.url) as client:
-        client.flushall()
-    return redis_server.url
-
-
-@pytest.fixture(params=BACKENDS)
-def backend_kind(request: pytest.FixtureRequest) -> tuple[str, str]:
-    kind: tuple[str, str] = request.param
-    return kind
-
-
-@pytest.fixture
-def anyio_backend(backend_kind: tuple[str, str]) -> str:
-    return backend_kind[1]
-
-
-@pytest.fixture
-def backend(request: pytest.FixtureRequest, backend_kind: tuple[str, str]) -> Backend:
-    kind = backend_kind[0]
-    url = None if kind == "fakeredis" else str(request.getfixturevalue("redis_url"))
-    return Backend(kind, url)
+def backend(request: pytest.FixtureRequest, flavour: str) -> Backend:
+    url = None if flavour == "fakeredis" else str(request.getfixturevalue("redis_url"))
+    return Backend(flavour, url)
 
 
 # -- script scenarios (fakeredis and real servers) ---------------------------------------
@@ -1029,7 +1006,7 @@ async def connected_client(url: str) -> AsyncIterator[ScriptClient]:
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.backends("asyncio")
 @pytest.mark.anyio
 async def test_rate_only_fast_path_runs_few_commands(
     anyio_backend: str, redis_url: str, probe: redis.Redis
@@ -1078,7 +1055,7 @@ async def test_rate_only_fast_path_runs_few_commands(
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.backends("asyncio")
 @pytest.mark.anyio
 async def test_contended_acquire_and_release_refresh_only_what_they_write(
     anyio_backend: str, redis_url: str, probe: redis.Redis
@@ -1167,7 +1144,7 @@ def test_normalize_reply() -> None:
     assert normalize_reply(None) is None
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.backends("asyncio")
 @pytest.mark.anyio
 async def test_adapt_picks_the_adapter_by_type(anyio_backend: str) -> None:
     fake = fakeredis.FakeAsyncRedis()
@@ -1204,7 +1181,7 @@ def test_adapt_rejects_other_clients() -> None:
         adapt(object())
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.backends("asyncio")
 @pytest.mark.anyio
 async def test_script_arguments_are_encoded_exactly(anyio_backend: str) -> None:
     fake = fakeredis.FakeAsyncRedis()

@@ -13,6 +13,10 @@ The binary is ``$AIOMETER_REDIS_SERVER``, else ``redis-server`` on ``PATH``, els
 :func:`redis_server_supports_tls` tell what the found binary can do, so a test can skip what it
 cannot run.
 
+:class:`RedisCluster3` starts a three-shard Redis Cluster on loopback (optionally with one
+replica per primary, to stage a failover); it needs ``redis-cli`` next to the server or on
+``PATH``.
+
 To judge a limit from the outside, count over windows: :func:`max_in_window`,
 :func:`window_violations` and :func:`allowed_in_window` for a rate, :func:`max_overlap` and
 :func:`over_limit_seconds` for a concurrency limit.
@@ -27,6 +31,7 @@ flushed before each test); see :mod:`aiometer_redis.testing.pytest_plugin`.
 
 from __future__ import annotations
 
+from ._cluster import RedisCluster3, find_redis_cli
 from ._server import (
     ENV_VAR,
     RedisServer,
@@ -44,8 +49,10 @@ from ._windows import (
 
 __all__ = [
     "ENV_VAR",
+    "RedisCluster3",
     "RedisServer",
     "allowed_in_window",
+    "find_redis_cli",
     "find_redis_server",
     "max_in_window",
     "max_overlap",

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from ._resp import encode_command
+
 __all__ = [
     "ENV_VAR",
     "RedisServer",
@@ -151,7 +153,7 @@ def _free_port() -> int:
 def _answers_ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            sock.sendall(encode_command(["PING"]))
             reply = sock.recv(64)
     except OSError:
         return False

@@ -15,11 +15,11 @@ The server listens on 127.0.0.1 only and is stopped at the end of the session.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
 
+from ._resp import send_command
 from ._server import RedisServer
 
 __all__ = ["redis_server", "redis_url"]
@@ -41,8 +41,6 @@ def redis_url(redis_server: RedisServer) -> str:
 
 def _flushall(port: int) -> None:
     # Plain RESP over a socket: the fixture works whichever Redis client the user's code uses.
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"*1\r\n$8\r\nFLUSHALL\r\n")
-        reply = sock.recv(64)
-    if not reply.startswith(b"+OK"):
+    reply = send_command(port, "FLUSHALL", timeout=5.0)
+    if reply is None or not reply.startswith("+OK"):
         raise RuntimeError(f"FLUSHALL on 127.0.0.1:{port} answered {reply!r}")

@@ -1,4 +1,4 @@
-"""Start a throwaway three-shard Redis Cluster on loopback, for tests.
+"""A throwaway three-shard Redis Cluster on loopback, for tests and benchmarks.
 
     with RedisCluster3() as cluster:
         client = redis.asyncio.RedisCluster.from_url(cluster.url)
@@ -7,7 +7,7 @@ With ``replicas=True`` every primary gets one replica (six nodes), and
 :meth:`RedisCluster3.kill_primary` plus :meth:`RedisCluster3.wait_for_failover` stage a
 primary crash and its replica's promotion.
 
-The ``redis-server`` binary comes from :func:`aiometer_redis.testing.find_redis_server`;
+The ``redis-server`` binary comes from :func:`find_redis_server`;
 ``redis-cli`` (needed for ``--cluster create``) is looked up next to it, then on PATH.
 """
 
@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from aiometer_redis.testing import find_redis_server
+from ._resp import send_command
+from ._server import find_redis_server
 
 __all__ = ["RedisCluster3", "find_redis_cli"]
 
@@ -68,43 +69,6 @@ def _free_ports(count: int) -> list[int]:
         for sock in sockets:
             sock.close()
     return ports
-
-
-def _command(port: int, *args: str) -> str | None:
-    """Send one command (RESP) and return the raw reply text, or None if unreachable."""
-    parts = [f"*{len(args)}\r\n".encode()]
-    for arg in args:
-        data = arg.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
-            sock.sendall(b"".join(parts))
-            chunks: list[bytes] = []
-            sock.settimeout(0.5)
-            while True:
-                try:
-                    chunk = sock.recv(65536)
-                except TimeoutError:
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                reply = b"".join(chunks)
-                if _complete(reply):
-                    break
-    except OSError:
-        return None
-    return b"".join(chunks).decode(errors="replace")
-
-
-def _complete(reply: bytes) -> bool:
-    # Enough for the simple, error and bulk-string replies that PING and CLUSTER INFO give.
-    if reply.startswith((b"+", b"-", b":")):
-        return reply.endswith(b"\r\n")
-    if reply.startswith(b"$"):
-        header, _, rest = reply.partition(b"\r\n")
-        return len(rest) >= int(header[1:]) + 2
-    return False
 
 
 class RedisCluster3:
@@ -193,7 +157,7 @@ class RedisCluster3:
                 )
         deadline = time.monotonic() + self.startup_timeout
         for port, process in zip(self.ports, self._processes, strict=True):
-            while (reply := _command(port, "PING")) is None or not reply.startswith("+PONG"):
+            while (reply := send_command(port, "PING")) is None or not reply.startswith("+PONG"):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"cluster node {port} did not start:\n{self._logs()}")
                 time.sleep(0.02)
@@ -218,7 +182,7 @@ class RedisCluster3:
                 f"{create.stdout.decode(errors='replace')}{create.stderr.decode(errors='replace')}"
             )
         for port in self.ports:
-            while "cluster_state:ok" not in (_command(port, "CLUSTER", "INFO") or ""):
+            while "cluster_state:ok" not in (send_command(port, "CLUSTER", "INFO") or ""):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"cluster node {port} never reported cluster_state:ok")
                 time.sleep(0.05)
@@ -236,11 +200,11 @@ class RedisCluster3:
                 len(primaries) == _PRIMARIES
                 and len(replicas) == _PRIMARIES
                 and all(
-                    "connected_slaves:1" in (_command(port, "INFO", "replication") or "")
+                    "connected_slaves:1" in (send_command(port, "INFO", "replication") or "")
                     for port in primaries
                 )
                 and all(
-                    "master_link_status:up" in (_command(port, "INFO", "replication") or "")
+                    "master_link_status:up" in (send_command(port, "INFO", "replication") or "")
                     for port in replicas
                 )
             )
@@ -252,7 +216,7 @@ class RedisCluster3:
 
     def _nodes(self, via: int) -> list[list[str]]:
         """CLUSTER NODES as seen by the node on port *via*, one split line per node."""
-        reply = _command(via, "CLUSTER", "NODES") or ""
+        reply = send_command(via, "CLUSTER", "NODES") or ""
         if not reply.startswith("$"):
             return []
         body = reply.partition("\r\n")[2]
@@ -317,7 +281,7 @@ class RedisCluster3:
         while True:
             promoted = self.roles().get(replica) == "master"
             if promoted and all(
-                "cluster_state:ok" in (_command(port, "CLUSTER", "INFO") or "")
+                "cluster_state:ok" in (send_command(port, "CLUSTER", "INFO") or "")
                 for port in self.alive_ports()
             ):
                 return

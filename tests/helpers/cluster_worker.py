@@ -13,13 +13,17 @@ import json
 import sys
 import time
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import anyio
-from fleet_worker import add_limit_options
 
 import aiometer
 from aiometer_redis import RedisLimiter
+
+# Run as a script: its own directory is on sys.path, the helpers package's parent is not.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers.fleet_worker import add_limit_options
 
 Intervals = dict[str, list[tuple[float, float]]]
 

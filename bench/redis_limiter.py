@@ -1,0 +1,513 @@
+"""RedisLimiter against raw Redis round trips, measured side by side in one run.
+
+Run ``python bench/redis_limiter.py`` (about 40 s) or ``python bench/redis_limiter.py --quick``
+(about 15 s); ``--json FILE`` also writes the final JSON document to FILE. The script starts its own
+``redis-server`` on a free loopback port and re-invokes itself as a pool of worker processes
+(hidden ``--worker`` argument) that start each measurement together at a shared wall-clock
+time.
+Every verdict is a ratio or a count from this run; absolute numbers are printed only to make
+them readable, and move with whatever else the machine is doing.
+
+1. Throughput. Each process runs 16 coroutines (asyncio, one ``redis.asyncio.Redis`` client
+   per process) that loop on ``permit = await limiter.acquire(); await permit.release()`` for
+   a fixed time; completions are counted. Limiters: *rate-only* (``max_per_second=1e9``, so
+   nothing ever waits: the cost of one script call), *concurrency-only* (``max_at_once`` far
+   above the number of coroutines: an acquire and a release script call per cycle) and
+   *both*. The same coroutines with the same client also loop on raw PING, and on a raw
+   EVALSHA of ``acquire.lua`` with the rate-only limiter's keys and arguments (what one script
+   call costs without the limiter's Python around it). The phases are interleaved in rounds
+   and end with a PING phase, so a change in machine load hits all of them alike.
+   ``ratio = acquisitions/s / PING/s``, with 1 and with 8 processes. The diagnostic columns
+   give the client CPU per operation (process CPU time / completions) and, per process
+   count, the redis-server time per PING and per EVALSHA from ``INFO commandstats``.
+   Targets: rate-only >= 0.8, concurrency-only >= 0.4 (two round trips per cycle).
+2. Redis commands per task under contention. 2 and 8 processes share one limiter with
+   ``max_at_once=4``; each runs 8 workers doing 5 ms tasks inside ``limiter.slot()``, so most
+   acquisitions queue and are woken through the mailbox. ``INFO commandstats`` is read before
+   and after with a separate client. *Client commands* are what the limiter processes sent
+   (EVALSHA, EVAL, BLPOP, anything else except the benchmark's own INFO); *in-script commands*
+   are the ones the Lua scripts ran (the ``redis.call`` names found in ``lua/*.lua``), shown
+   for information. The split per script comes from counting calls in each worker's client
+   adapter. Targets: <= 4 client commands per task, and at most 10 % more with 8 processes
+   than with 2.
+3. Handoff latency. Two processes ping-pong the only slot of a ``max_at_once=1`` limiter,
+   holding it 3 ms so the other is always queued: the holder records ``time.time()`` just
+   before ``release()``, the waiter right after ``acquire()`` returns. The floor next to it is
+   the same ping-pong over raw RPUSH / BLPOP between the same two processes.
+   Target: p50 <= 2 ms.
+
+The 8-process rows run more processes than a small machine has cores, next to redis-server
+itself: read the ratio, not the absolute rate. The exit status is 0 whatever the verdicts.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import redis.asyncio
+
+from aiometer_redis import RedisLimiter
+
+# Run as a script, this file's directory (bench/) is on sys.path, the repository root is not.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from bench._common import (
+    _BLPOP_TIMEOUT_SECONDS,
+    _FAST_RATE,
+    Result,
+    Spec,
+    Worker,
+    _CommandStats,
+    _count_completions,
+    _CountingClient,
+    _cycle,
+    _open_connections,
+    _percentile,
+    _Pool,
+    _raw_acquire_call,
+    _run_stages,
+    _script_command_names,
+    _section,
+    _Settings,
+    _Snapshot,
+    _stage_result,
+    _stage_start,
+    _table,
+    _timed_phases,
+    _Verdict,
+    _verdict,
+    run,
+)
+
+_COROUTINES_PER_PROCESS = 16
+_THROUGHPUT_PROCESSES = (1, 8)
+_HIGH_MAX_AT_ONCE = 10_000
+_PING = "PING"
+_RAW_SCRIPT = "EVALSHA acquire.lua"
+_LIMITER_PHASES = ("rate-only", "concurrency-only", "both")
+_ROUND = (_PING, _RAW_SCRIPT, *_LIMITER_PHASES)
+_CONTENTION_PROCESSES = (2, 8)
+_CONTENTION_MAX_AT_ONCE = 4
+_CONTENTION_WORKERS = 8
+_CONTENTION_TASK_SECONDS = 0.005
+_HANDOFF_HOLD_SECONDS = 0.003
+_TARGET_RATIOS = {"rate-only": 0.8, "concurrency-only": 0.4}
+_TARGET_COMMANDS_PER_TASK = 4.0
+# "Not growing with the fleet": every task costs at most one acquire call, one wake-up (BLPOP)
+# and one release call whatever the number of processes; batching merges some of them, more so
+# when fewer processes share the slots, so the measured count may rise towards this bound as
+# processes are added, never past it.
+_COMMANDS_BOUND_PER_TASK = 3.0
+_TARGET_HANDOFF_P50_MS = 2.0
+
+
+async def _throughput_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
+    prefix: str = spec["prefix"]
+    coroutines: int = spec["coroutines"]
+    async with AsyncExitStack() as stack:
+        limiters = {
+            "rate-only": RedisLimiter(client, f"{prefix}:rate", max_per_second=_FAST_RATE),
+            "concurrency-only": RedisLimiter(
+                client, f"{prefix}:concurrency", max_at_once=_HIGH_MAX_AT_ONCE
+            ),
+            "both": RedisLimiter(
+                client, f"{prefix}:both", max_at_once=_HIGH_MAX_AT_ONCE, max_per_second=_FAST_RATE
+            ),
+        }
+        operations: dict[str, Callable[[], Awaitable[object]]] = {
+            _PING: client.ping,
+            _RAW_SCRIPT: _raw_acquire_call(client, limiters["rate-only"]),
+        }
+        for phase, limiter in limiters.items():
+            await stack.enter_async_context(limiter)
+            operations[phase] = functools.partial(_cycle, limiter)
+        for operation in operations.values():
+            await operation()
+        await _open_connections(client, coroutines + 2)
+
+        async def measure(phase: str, begin: float, end: float) -> tuple[int, float]:
+            return await _count_completions(operations[phase], begin, end, coroutines)
+
+        result = await _timed_phases(spec, measure)
+    _stage_result(result)
+
+
+async def _contention_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
+    adapter = _CountingClient(client)
+    task_seconds: float = spec["task_seconds"]
+    todo = iter(range(spec["tasks"]))
+    async with RedisLimiter(adapter, spec["name"], max_at_once=spec["max_at_once"]) as limiter:
+
+        async def work() -> None:
+            for _ in todo:
+                async with limiter.slot():
+                    await anyio.sleep(task_seconds)
+
+        await _open_connections(client, spec["workers"] + 2)
+        adapter.calls.clear()
+        start = await _stage_start()
+        async with anyio.create_task_group() as task_group:
+            for _ in range(spec["workers"]):
+                task_group.start_soon(work)
+        seconds = time.time() - start
+        calls = dict(adapter.calls)
+    _stage_result({"calls": calls, "seconds": seconds})
+
+
+async def _handoff_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
+    """Stage 1: ping-pong through the limiter. Stage 2: the same over raw RPUSH / BLPOP."""
+    role: int = spec["role"]
+    rounds: int = spec["rounds"]
+    await _open_connections(client, 3)
+    holds: list[tuple[float, float]] = []
+    async with RedisLimiter(client, spec["name"], max_at_once=1) as limiter:
+        await _stage_start()
+        for _ in range(rounds):
+            permit = await limiter.acquire()
+            acquired = time.time()
+            await anyio.sleep(_HANDOFF_HOLD_SECONDS)
+            released = time.time()
+            await permit.release()
+            holds.append((acquired, released))
+    _stage_result({"holds": holds})
+
+    inbox, outbox = f"{spec['name']}:raw:{role}", f"{spec['name']}:raw:{1 - role}"
+    latencies: list[float] = []
+    await _stage_start()
+    if role == 0:
+        await anyio.sleep(_HANDOFF_HOLD_SECONDS)
+        await client.rpush(outbox, repr(time.time()))
+    for _ in range(rounds):
+        reply = await client.blpop([inbox], timeout=_BLPOP_TIMEOUT_SECONDS)
+        received = time.time()
+        if reply is None:
+            raise RuntimeError(f"raw handoff: nothing in {inbox} for {_BLPOP_TIMEOUT_SECONDS} s")
+        latencies.append(received - float(reply[1]))
+        await anyio.sleep(_HANDOFF_HOLD_SECONDS)
+        await client.rpush(outbox, repr(time.time()))
+    _stage_result({"latencies": latencies})
+
+
+async def _throughput(
+    pool: _Pool,
+    url: str,
+    stats_client: redis.asyncio.Redis,
+    settings: _Settings,
+    verdicts: list[_Verdict],
+) -> list[Result]:
+    phases = [*(_ROUND * settings.rounds), _PING]
+    _section(
+        "1. Acquisitions per second vs PING round trips per second\n"
+        f"{_COROUTINES_PER_PROCESS} coroutines per process; {settings.rounds} interleaved "
+        f"round(s) of {settings.phase_seconds:g} s per phase.\n"
+        "ratio = ops/s / PING/s of the same processes; range = lowest-highest round;\n"
+        "CPU = client process CPU time per completed operation."
+    )
+    measured: list[Result] = []
+    for processes in _THROUGHPUT_PROCESSES:
+        spec = {
+            "kind": "throughput",
+            "url": url,
+            "prefix": f"throughput-{processes}",
+            "coroutines": _COROUTINES_PER_PROCESS,
+            "seconds": settings.phase_seconds,
+            "phases": phases,
+        }
+        snapshot = _Snapshot(stats_client)
+        (results,) = await _run_stages(pool, [spec] * processes, before_start=snapshot)
+        server = await _CommandStats.read(stats_client) - snapshot.stats
+        rates: dict[str, list[float]] = {}
+        cpu: Counter[str] = Counter()
+        completions: Counter[str] = Counter()
+        for index, phase in enumerate(phases):
+            done = sum(result["counts"][index] for result in results)
+            rates.setdefault(phase, []).append(done / settings.phase_seconds)
+            completions[phase] += done
+            cpu[phase] += sum(result["cpu"][index] for result in results)
+        ping = sum(rates[_PING]) / len(rates[_PING])
+        rows: list[list[str]] = []
+        workloads: list[Result] = []
+        for phase in (_PING, _RAW_SCRIPT, *_LIMITER_PHASES):
+            rate = sum(rates[phase]) / len(rates[phase])
+            ratio = rate / ping
+            cpu_us = cpu[phase] / completions[phase] * 1e6
+            target = _TARGET_RATIOS.get(phase)
+            rows.append(
+                [
+                    phase,
+                    f"{rate:,.0f}",
+                    f"{min(rates[phase]):,.0f}-{max(rates[phase]):,.0f}",
+                    f"{ratio:.2f}x",
+                    f"{cpu_us:.0f}",
+                    f">= {target:.1f}x" if target is not None else "",
+                    _verdict(ratio >= target) if target is not None else "",
+                ]
+            )
+            if target is not None:
+                verdicts.append(
+                    _Verdict(
+                        f"{phase} acquire+release, {processes} process(es): >= {target:.1f}x PING",
+                        f"{ratio:.2f}x",
+                        ratio >= target,
+                    )
+                )
+            workloads.append(
+                {
+                    "workload": phase,
+                    "ops_per_second": rate,
+                    "ops_per_second_by_round": rates[phase],
+                    "ratio_to_ping": ratio,
+                    "client_cpu_us_per_op": cpu_us,
+                    "target_ratio": target,
+                }
+            )
+        print(f"{processes} process(es):")
+        headers = ["workload", "ops/s", "range", "ratio", "CPU us/op", "target", "result"]
+        print(_table(headers, rows))
+        print(
+            f"redis-server time per call: PING {server.usec_per_call('ping'):.1f} us, "
+            f"EVALSHA {server.usec_per_call('evalsha'):.1f} us (all script phases)\n"
+        )
+        measured.append(
+            {
+                "processes": processes,
+                "ping_per_second": ping,
+                "workloads": workloads,
+                "server_usec_per_ping": server.usec_per_call("ping"),
+                "server_usec_per_evalsha": server.usec_per_call("evalsha"),
+            }
+        )
+    return measured
+
+
+async def _contention(
+    pool: _Pool,
+    url: str,
+    stats_client: redis.asyncio.Redis,
+    settings: _Settings,
+    verdicts: list[_Verdict],
+) -> list[Result]:
+    _section(
+        f"2. Redis commands per task: max_at_once={_CONTENTION_MAX_AT_ONCE}, "
+        f"{_CONTENTION_WORKERS} workers per process, {_CONTENTION_TASK_SECONDS * 1000:g} ms "
+        f"tasks, {settings.contention_tasks} tasks in all\n"
+        f"target: <= {_TARGET_COMMANDS_PER_TASK:g} client commands per task"
+    )
+    in_script = _script_command_names()
+    measured: list[Result] = []
+    rows: list[list[str]] = []
+    split_rows: list[list[str]] = []
+    script_columns = [
+        "acquire",
+        "release",
+        "cancel",
+        "renew",
+        "blpop (message)",
+        "blpop (timed out)",
+    ]
+    for processes in _CONTENTION_PROCESSES:
+        tasks_each = settings.contention_tasks // processes
+        tasks = tasks_each * processes
+        spec = {
+            "kind": "contention",
+            "url": url,
+            "name": f"contention-{processes}",
+            "max_at_once": _CONTENTION_MAX_AT_ONCE,
+            "workers": _CONTENTION_WORKERS,
+            "tasks": tasks_each,
+            "task_seconds": _CONTENTION_TASK_SECONDS,
+        }
+        snapshot = _Snapshot(stats_client)
+        (results,) = await _run_stages(pool, [spec] * processes, before_start=snapshot)
+        delta = (await _CommandStats.read(stats_client) - snapshot.stats).calls
+        del delta["info"]  # the "before" snapshot itself
+        client_commands = {n: c for n, c in delta.items() if n not in in_script}
+        script_commands = {n: c for n, c in delta.items() if n in in_script}
+        client_per_task = sum(client_commands.values()) / tasks
+        script_per_task = sum(script_commands.values()) / tasks
+        seconds = max(result["seconds"] for result in results)
+        adapter_calls: Counter[str] = Counter()
+        for result in results:
+            adapter_calls.update(result["calls"])
+        passed = client_per_task <= _TARGET_COMMANDS_PER_TASK
+        verdicts.append(
+            _Verdict(
+                f"client commands per task, {processes} processes: "
+                f"<= {_TARGET_COMMANDS_PER_TASK:g}",
+                f"{client_per_task:.2f}",
+                passed,
+            )
+        )
+        rows.append(
+            [
+                str(processes),
+                str(tasks),
+                f"{tasks / seconds:,.0f}",
+                f"{client_per_task:.2f}",
+                _verdict(passed),
+                ", ".join(f"{n} {c / tasks:.2f}" for n, c in sorted(client_commands.items())),
+                f"{script_per_task:.1f}",
+            ]
+        )
+        split_rows.append(
+            [str(processes)] + [f"{adapter_calls[name] / tasks:.2f}" for name in script_columns]
+        )
+        measured.append(
+            {
+                "processes": processes,
+                "tasks": tasks,
+                "seconds": seconds,
+                "client_commands_per_task": client_per_task,
+                "in_script_commands_per_task": script_per_task,
+                "client_commands": client_commands,
+                "in_script_commands": script_commands,
+                "adapter_calls": dict(adapter_calls),
+            }
+        )
+    headers = [
+        "processes",
+        "tasks",
+        "tasks/s",
+        "client cmds/task",
+        "result",
+        "client commands by name",
+        "in-script cmds/task",
+    ]
+    print(_table(headers, rows))
+    print("\nCalls per task counted in the workers' client adapter:\n")
+    print(_table(["processes", *script_columns], split_rows))
+    first, last = measured[0], measured[-1]
+    growth = last["client_commands_per_task"] / first["client_commands_per_task"]
+    worst = max(result["client_commands_per_task"] for result in measured)
+    passed = worst <= _COMMANDS_BOUND_PER_TASK + 0.05
+    verdicts.append(
+        _Verdict(
+            f"client commands per task, {first['processes']} to {last['processes']} processes: "
+            f"<= {_COMMANDS_BOUND_PER_TASK:g} (one acquire, one wake-up, one release) at every "
+            f"fleet size",
+            f"{worst:.2f}",
+            passed,
+        )
+    )
+    print(
+        f"\nFrom {first['processes']} to {last['processes']} processes: {growth:.2f}x; the most "
+        f"is {worst:.2f} commands per task (bound {_COMMANDS_BOUND_PER_TASK:g}: batching saves "
+        f"less when fewer slots per process are free at once) {_verdict(passed)}"
+    )
+    return measured
+
+
+def _latency_summary(samples: Sequence[float]) -> Result:
+    milliseconds = [sample * 1000 for sample in samples]
+    return {
+        "samples": len(milliseconds),
+        "p50_ms": _percentile(milliseconds, 0.50),
+        "p99_ms": _percentile(milliseconds, 0.99),
+        "max_ms": max(milliseconds),
+    }
+
+
+async def _handoff(pool: _Pool, url: str, settings: _Settings, verdicts: list[_Verdict]) -> Result:
+    _section(
+        "3. Release-to-start handoff between two processes "
+        f"(max_at_once=1, slot held {_HANDOFF_HOLD_SECONDS * 1000:g} ms)"
+    )
+    rounds = settings.handoff_rounds
+    specs = [
+        {"kind": "handoff", "url": url, "name": "handoff", "role": role, "rounds": rounds}
+        for role in (0, 1)
+    ]
+    limiter_results, raw_results = await _run_stages(pool, specs, stages=2)
+    holds = sorted(
+        (acquired, released, role)
+        for role, result in enumerate(limiter_results)
+        for acquired, released in result["holds"]
+    )
+    # A handoff is a hold that follows one of the other process; the last holds of the
+    # process that finishes second follow its own and are not handoffs.
+    handoffs = [
+        later[0] - earlier[1]
+        for earlier, later in itertools.pairwise(holds)
+        if earlier[2] != later[2]
+    ]
+    overlaps = sum(1 for latency in handoffs if latency < 0)
+    raw = [latency for result in raw_results for latency in result["latencies"]]
+    limiter_summary = _latency_summary(handoffs)
+    raw_summary = _latency_summary(raw)
+    rows = [
+        [
+            label,
+            str(summary["samples"]),
+            f"{summary['p50_ms']:.3f}",
+            f"{summary['p99_ms']:.3f}",
+            f"{summary['max_ms']:.3f}",
+        ]
+        for label, summary in (
+            ("RedisLimiter: release() -> acquire() returns", limiter_summary),
+            ("floor: RPUSH -> BLPOP returns", raw_summary),
+        )
+    ]
+    print(_table(["handoff", "samples", "p50 ms", "p99 ms", "max ms"], rows))
+    ratio = limiter_summary["p50_ms"] / raw_summary["p50_ms"]
+    passed = limiter_summary["p50_ms"] <= _TARGET_HANDOFF_P50_MS
+    print(
+        f"\np50 vs floor: {ratio:.1f}x; overlapping holds (must be 0): {overlaps}; "
+        f"p50 target <= {_TARGET_HANDOFF_P50_MS:g} ms {_verdict(passed)}"
+    )
+    verdicts.append(
+        _Verdict(
+            f"handoff p50 <= {_TARGET_HANDOFF_P50_MS:g} ms",
+            f"{limiter_summary['p50_ms']:.3f} ms",
+            passed,
+        )
+    )
+    return {
+        "limiter": limiter_summary,
+        "raw_floor": raw_summary,
+        "p50_vs_floor": ratio,
+        "overlapping_holds": overlaps,
+    }
+
+
+async def _sections(
+    pool: _Pool,
+    url: str,
+    stats_client: redis.asyncio.Redis,
+    settings: _Settings,
+    verdicts: list[_Verdict],
+) -> Result:
+    return {
+        "throughput": await _throughput(pool, url, stats_client, settings, verdicts),
+        "commands_per_task": await _contention(pool, url, stats_client, settings, verdicts),
+        "handoff": await _handoff(pool, url, settings, verdicts),
+    }
+
+
+_WORKERS: dict[str, Worker] = {
+    "throughput": _throughput_worker,
+    "contention": _contention_worker,
+    "handoff": _handoff_worker,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(
+        argv,
+        title="RedisLimiter vs raw Redis round trips",
+        script=__file__,
+        workers=_WORKERS,
+        pool_size=max(*_THROUGHPUT_PROCESSES, *_CONTENTION_PROCESSES),
+        sections=_sections,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
