@@ -1,28 +1,23 @@
 """The fleet demo in one command on a fresh machine: ``python3 examples/fleet_demo.py``.
 
-Prepares the project's ``.venv`` (through ``tests/run.py --ensure-venv``, the same environment
-the tests use), then runs ``aiometer-redis demo`` in it with any arguments given here, e.g.
-``python3 examples/fleet_demo.py --workers 8 --plot fleet.png``. Without ``--redis-url`` the
-demo starts its own redis-server on a free loopback port.
+Prepares the project's ``.venv`` with the ``demo`` extra (``tools/bootstrap.py``, the same
+environment the tests use), then runs ``aiometer-redis demo`` in it with any arguments given
+here, e.g. ``python3 examples/fleet_demo.py --workers 8 --plot fleet.png``. Without
+``--redis-url`` the demo starts its own redis-server on a free loopback port.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from bootstrap import ensure_venv
 
 
 def main() -> None:
-    python = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "run.py"), "--ensure-venv"],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    ).stdout.strip()
+    python = ensure_venv("demo")
     os.execv(python, [python, "-m", "aiometer_redis", "demo", *sys.argv[1:]])
 
 
