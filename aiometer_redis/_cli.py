@@ -220,9 +220,20 @@ def _redis_url(text: str) -> str:
     from ._urls import parse_url
 
     try:
-        parse_url(text)
+        sentinel = parse_url(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if sentinel is None:
+        # The client library reads host and port later, and a bad port would surface there as
+        # a bare ValueError; check them now. The URL is not repeated: it may hold a password.
+        parts = urllib.parse.urlsplit(text)
+        try:
+            parts.port  # noqa: B018 - the property parses and checks the port
+        except ValueError:
+            scheme = parts.scheme
+            raise argparse.ArgumentTypeError(
+                f"invalid {scheme} URL: the port must be a number from 0 to 65535"
+            ) from None
     return text
 
 
@@ -275,7 +286,9 @@ def reason_of(exc: BaseException) -> str:
         current = current.__cause__ or current.__context__
         seen += 1
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+    # Some client errors append the repr of the client (" : <redis.asyncio.client.Redis(...").
+    text = text.splitlines()[0].split(" : <", 1)[0]
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _run_against_redis(url: str, action: Callable[[Any], Awaitable[_T]]) -> _T:
@@ -432,8 +445,7 @@ def _reset(args: argparse.Namespace) -> int:
     keys = limiter_keys(args.name, args.prefix)
     if not args.yes:
         if not sys.stdin.isatty():
-            print("refusing to reset without --yes (no terminal to ask)", file=sys.stderr)
-            return 2
+            raise CommandError("refusing to reset without --yes (no terminal to ask)", EXIT_USAGE)
         try:
             answer = input(f"Delete the keys of limiter {args.name!r} ({len(keys)} keys)? [y/N] ")
         except EOFError:

@@ -70,6 +70,16 @@ def test_wrong_password_is_one_line_without_the_password(password_server: RedisS
     assert PASSWORD not in line
 
 
+def test_sentinel_without_a_primary_is_one_line() -> None:
+    port = _closed_port()
+    url = f"redis+sentinel://127.0.0.1:{port}/mymaster"
+    line = _one_line(_cli("status", "x", "--redis-url", url), 3)
+    assert line.startswith(
+        f"aiometer-redis: cannot use Redis at mymaster via sentinels 127.0.0.1:{port}: "
+    )
+    assert len(line) < 300
+
+
 def test_missing_password_is_one_line(password_server: RedisServer) -> None:
     line = _one_line(_cli("status", "x", "--redis-url", password_server.url), 3)
     assert line == (
@@ -83,6 +93,7 @@ def test_missing_password_is_one_line(password_server: RedisServer) -> None:
     [
         (["status", "x", "--redis-url", "ftp://h"], "unsupported Redis URL scheme 'ftp'"),
         (["status", "x", "--redis-url", "redis+sentinel://h:99999/s"], "--redis-url"),
+        (["status", "x", "--redis-url", "redis://h:port/0"], "the port must be a number"),
         (["status", ""], "argument name: must not be empty"),
         (["reset", "", "--yes"], "argument name: must not be empty"),
         (["status", "x", "--prefix", "a{b}"], "--prefix: must be non-empty and without braces"),
@@ -140,4 +151,4 @@ def test_corrupt_keys_are_named(
 
 def test_reset_without_a_terminal_asks_for_yes(server: RedisServer, name: str) -> None:
     line = _one_line(_cli("reset", name, "--redis-url", server.url), 2)
-    assert line == "refusing to reset without --yes (no terminal to ask)"
+    assert line == "aiometer-redis: refusing to reset without --yes (no terminal to ask)"
