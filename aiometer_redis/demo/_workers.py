@@ -163,11 +163,15 @@ class WorkerFleet:
             worker.stderr.close()
 
     def failures(self) -> list[str]:
-        """One line per distinct failure: ``"<how many> worker(s): <why>"``, most frequent first.
+        """One line per thing the workers could not use, most frequent first:
+        ``"<how many> worker(s): cannot use Redis at <address>: <reason>"``.
 
-        Call before :meth:`stop` (which closes the captured stderr).
+        Workers that lose the same Redis may word it differently (a refused connection, a
+        call that timed out while retrying): they are counted together under the commonest
+        reason, the others named once in parentheses. Call before :meth:`stop` (which closes
+        the captured stderr).
         """
-        reasons: Counter[str] = Counter()
+        reasons: dict[str, Counter[str]] = {}
         for worker in self._workers:
             status = worker.process.poll()
             if status in (None, 0):
@@ -175,7 +179,16 @@ class WorkerFleet:
             worker.stderr.seek(0)
             lines = worker.stderr.read().decode(errors="replace").strip().splitlines()
             last = lines[-1] if lines else f"exited with status {status}"
-            # "worker 3: cannot use Redis ..." -> "cannot use Redis ...": the same failure in
-            # every worker is reported once.
-            reasons[last.partition(": ")[2] if last.startswith("worker ") else last] += 1
-        return [f"{count} worker(s): {why}" for why, count in reasons.most_common()]
+            # "worker 3: cannot use Redis at host:port: why" -> what = "cannot use Redis at
+            # host:port" (addresses hold ":" but never ": "), why = the rest.
+            text = last.partition(": ")[2] if last.startswith("worker ") else last
+            what, _, why = text.partition(": ")
+            reasons.setdefault(what, Counter())[why] += 1
+        report = []
+        for what, whys in sorted(reasons.items(), key=lambda item: -item[1].total()):
+            (main, _), *others = whys.most_common()
+            line = f"{whys.total()} worker(s): {what}" + (f": {main}" if main else "")
+            if others:
+                line += " (" + "; ".join(f"{n} of them: {why}" for why, n in others) + ")"
+            report.append(line)
+        return report
