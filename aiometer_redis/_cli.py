@@ -367,7 +367,12 @@ async def _read_checked_state(client: Any, keys: list[str]) -> Any:
     from ._limiter import read_state
     from ._scripts import Script
 
-    types = await client.run_script(Script.from_source("types", _TYPES_SOURCE), keys, [])
+    try:
+        types = await client.run_script(Script.from_source("types", _TYPES_SOURCE), keys, [])
+    except _redis_errors():
+        # An ACL user made for the limiter may not run TYPE; the state is still readable, and
+        # a key of the wrong type then fails in status.lua with Redis's own WRONGTYPE words.
+        types = []
     for key, found, expected in zip(keys, types, _KEY_TYPES, strict=False):
         if found not in ("none", expected):
             raise CommandError(

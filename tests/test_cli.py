@@ -152,3 +152,17 @@ def test_corrupt_keys_are_named(
 def test_reset_without_a_terminal_asks_for_yes(server: RedisServer, name: str) -> None:
     line = _one_line(_cli("reset", name, "--redis-url", server.url), 2)
     assert line == "aiometer-redis: refusing to reset without --yes (no terminal to ask)"
+
+
+def test_status_works_for_an_acl_user_without_type(server: RedisServer, name: str) -> None:
+    """The key-type check is a courtesy: a user limited to what the limiter runs (no TYPE)
+    still reads the state."""
+    with redis.Redis(port=server.port) as admin:
+        admin.execute_command(
+            "ACL", "SETUSER", "status-only", "reset", "on", ">pw", "~aiometer:*",
+            "-@all", "+evalsha", "+eval", "+ping", "+time", "+get", "+zrange",
+        )  # fmt: skip
+    url = f"redis://status-only:pw@127.0.0.1:{server.port}/0"
+    result = _cli("status", name, "--redis-url", url, "--json")
+    assert result.returncode == 0, result.stderr
+    assert '"holders": []' in result.stdout
