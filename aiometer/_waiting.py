@@ -1,0 +1,151 @@
+"""Targeted wake-ups: a FIFO queue of waiting tasks and a FIFO semaphore built on it.
+
+Where several tasks wait for one condition, a shared event set on every change wakes all of
+them for a single freed place (a thundering herd: the cost per item grows with the number of
+waiters). Each waiter here has its own event instead, and the side that frees places wakes
+exactly that many waiters, longest waiting first.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import anyio
+
+__all__ = ["Places", "WaitQueue"]
+
+
+class _Waiter:
+    __slots__ = ("abandoned", "event", "woken")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.woken = False
+        self.abandoned = False
+
+
+class WaitQueue:
+    """Tasks waiting for one condition, woken first come, first served, *n* at a time.
+
+    A waiter cancelled after it was woken passes its wake-up on to the next waiter, so a
+    cancellation never loses one. A waiter cancelled before that is only marked abandoned
+    (removing it from the middle of a deque would cost O(n)); wake() skips it.
+    """
+
+    __slots__ = ("_count", "_queue")
+
+    def __init__(self) -> None:
+        self._queue: deque[_Waiter] = deque()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    async def wait(self, on_lost: Callable[[], object] | None = None) -> None:
+        """Wait until woken by :meth:`wake`.
+
+        If the task is cancelled after it was woken, *on_lost* is called (by default the
+        wake-up is passed on to the next waiter).
+        """
+        waiter = _Waiter()
+        self._queue.append(waiter)
+        self._count += 1
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if not waiter.woken:
+                waiter.abandoned = True
+                self._count -= 1
+            elif on_lost is None:
+                self.wake(1)
+            else:
+                on_lost()
+            raise
+
+    def wake(self, n: int = 1) -> int:
+        """Wake the *n* longest waiting tasks (fewer if fewer wait); return how many."""
+        queue = self._queue
+        woken = 0
+        while woken < n and queue:
+            waiter = queue.popleft()
+            if waiter.abandoned:
+                continue
+            waiter.woken = True
+            self._count -= 1
+            waiter.event.set()
+            woken += 1
+        return woken
+
+    def wake_all(self) -> int:
+        """Wake every waiting task; return how many."""
+        return self.wake(self._count)
+
+
+class Places:
+    """A FIFO semaphore: *free* places, each freed place handed straight to the longest waiter.
+
+    A freed place goes to a waiter before anyone else can take it, so a task arriving later
+    never overtakes one that waits, and one freed place wakes exactly one waiter. *free* may go
+    negative (a limit lowered while places are taken): the places given back first pay that
+    off.
+    """
+
+    __slots__ = ("_count", "_free", "_waiters")
+
+    def __init__(self, free: int) -> None:
+        self._free = free
+        self._waiters: deque[_Waiter] = deque()
+        self._count = 0
+
+    @property
+    def free(self) -> int:
+        """Places free now (negative: taken beyond the current number of places)."""
+        return self._free
+
+    @property
+    def waiting(self) -> int:
+        """How many tasks wait for a place."""
+        return self._count
+
+    def take_nowait(self) -> bool:
+        """Take a place if one is free; return whether one was taken.
+
+        A free place implies that nobody waits: places are handed to waiters first.
+        """
+        if self._free > 0:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Wait for a place and take it (the caller checks for cancellation first)."""
+        if self._free > 0:
+            self._free -= 1
+            return
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        self._count += 1
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.woken:
+                # The place was handed over as we were cancelled: pass it on.
+                self.give(1)
+            else:
+                waiter.abandoned = True
+                self._count -= 1
+            raise
+
+    def give(self, n: int = 1) -> None:
+        """Free *n* places (or take -n back): hand them to waiters first, in arrival order."""
+        self._free += n
+        waiters = self._waiters
+        while self._free > 0 and waiters:
+            waiter = waiters.popleft()
+            if waiter.abandoned:
+                continue
+            waiter.woken = True
+            self._count -= 1
+            self._free -= 1
+            waiter.event.set()
