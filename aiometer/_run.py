@@ -341,7 +341,15 @@ class _Results:
         if len(self._readers):
             self._readers.wake(1)
 
-    async def put(self, value: Any) -> None:
+    def put(self, value: Any) -> Awaitable[None] | None:
+        """Put *value*; return None if it went in at once, else an awaitable to wait for room."""
+        assert self._space is not None
+        if self._space.take_nowait():
+            self.put_nowait(value)
+            return None
+        return self._put_when_room(value)
+
+    async def _put_when_room(self, value: Any) -> None:
         assert self._space is not None
         await self._space.take()
         self.put_nowait(value)

@@ -8,19 +8,54 @@ exactly that many waiters, longest waiting first.
 
 from __future__ import annotations
 
+from asyncio import Future, _get_running_loop
 from collections import deque
 from collections.abc import Callable
-
-import anyio
+from typing import Protocol
 
 __all__ = ["Places", "WaitQueue"]
+
+
+class _Signal(Protocol):
+    def set(self) -> None: ...
+
+    async def wait(self) -> object: ...
+
+
+class _FutureSignal:
+    """A one-shot event on asyncio: a bare future, much cheaper than ``anyio.Event``.
+
+    A cancelled wait cancels the future; ``set()`` then does nothing.
+    """
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: Future[None]) -> None:
+        self._future = future
+
+    def set(self) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+    async def wait(self) -> None:
+        await self._future
+
+
+def _new_signal() -> _Signal:
+    """A one-shot event for the running event loop (asyncio or trio)."""
+    loop = _get_running_loop()
+    if loop is not None:
+        return _FutureSignal(loop.create_future())
+    import trio  # anyio runs only on asyncio and trio
+
+    return trio.Event()
 
 
 class _Waiter:
     __slots__ = ("abandoned", "event", "woken")
 
     def __init__(self) -> None:
-        self.event = anyio.Event()
+        self.event = _new_signal()
         self.woken = False
         self.abandoned = False
 
