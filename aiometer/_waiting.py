@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from asyncio import Future, _get_running_loop
 from collections import deque
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 __all__ = ["Places", "WaitQueue"]
 
@@ -19,45 +19,75 @@ __all__ = ["Places", "WaitQueue"]
 class _Signal(Protocol):
     def set(self) -> None: ...
 
-    async def wait(self) -> object: ...
+    def wait(self) -> Awaitable[object]: ...
 
 
-class _FutureSignal:
-    """A one-shot event on asyncio: a bare future, much cheaper than ``anyio.Event``.
-
-    A cancelled wait cancels the future; ``set()`` then does nothing.
-    """
-
-    __slots__ = ("_future",)
-
-    def __init__(self, future: Future[None]) -> None:
-        self._future = future
-
-    def set(self) -> None:
-        if not self._future.done():
-            self._future.set_result(None)
-
-    async def wait(self) -> None:
-        await self._future
-
-
-def _new_signal() -> _Signal:
-    """A one-shot event for the running event loop (asyncio or trio)."""
-    loop = _get_running_loop()
-    if loop is not None:
-        return _FutureSignal(loop.create_future())
-    import trio  # anyio runs only on asyncio and trio
-
-    return trio.Event()
+# Tests replace this with a factory of counting events; None means "the running loop's own".
+_new_signal: Callable[[], _Signal] | None = None
 
 
 class _Waiter:
-    __slots__ = ("abandoned", "event", "woken")
+    """One waiting task's one-shot wake-up: a bare future on asyncio, a parked task on trio.
+
+    Both are much cheaper than an ``anyio.Event`` per waiter. A cancelled wait cancels the
+    future (or unparks the trio task), after which ``set()`` does nothing.
+    """
+
+    __slots__ = ("_event", "_future", "_task", "abandoned", "woken")
 
     def __init__(self) -> None:
-        self.event = _new_signal()
         self.woken = False
         self.abandoned = False
+        self._event: _Signal | None = None
+        self._future: Future[None] | None = None
+        self._task: Any = None
+        if _new_signal is not None:
+            self._event = _new_signal()
+            return
+        loop = _get_running_loop()
+        if loop is not None:
+            self._future = loop.create_future()
+
+    def set(self) -> None:
+        future = self._future
+        if future is not None:
+            if not future.done():
+                future.set_result(None)
+        elif self._event is not None:
+            self._event.set()
+        elif self._task is not None:
+            task, self._task = self._task, None
+            _trio().reschedule(task)
+
+    def wait(self) -> Awaitable[object]:
+        if self._future is not None:
+            return self._future
+        if self._event is not None:
+            return self._event.wait()
+        return self._park()
+
+    async def _park(self) -> None:
+        lowlevel = _trio()
+        self._task = lowlevel.current_task()
+
+        def abort(_: object) -> object:
+            self._task = None
+            return lowlevel.Abort.SUCCEEDED
+
+        await lowlevel.wait_task_rescheduled(abort)
+
+
+_TRIO_LOWLEVEL: Any = None
+
+
+def _trio() -> Any:
+    """``trio.lowlevel``, imported on first use (anyio runs only on asyncio and trio)."""
+    global _TRIO_LOWLEVEL
+    if _TRIO_LOWLEVEL is None:
+        import trio.lowlevel
+
+        _TRIO_LOWLEVEL = trio.lowlevel
+    return _TRIO_LOWLEVEL
 
 
 class WaitQueue:
@@ -87,7 +117,7 @@ class WaitQueue:
         self._queue.append(waiter)
         self._count += 1
         try:
-            await waiter.event.wait()
+            await waiter.wait()
         except BaseException:
             if not waiter.woken:
                 waiter.abandoned = True
@@ -108,7 +138,7 @@ class WaitQueue:
                 continue
             waiter.woken = True
             self._count -= 1
-            waiter.event.set()
+            waiter.set()
             woken += 1
         return woken
 
@@ -162,7 +192,7 @@ class Places:
         self._waiters.append(waiter)
         self._count += 1
         try:
-            await waiter.event.wait()
+            await waiter.wait()
         except BaseException:
             if waiter.woken:
                 # The place was handed over as we were cancelled: pass it on.
@@ -183,4 +213,4 @@ class Places:
             waiter.woken = True
             self._count -= 1
             self._free -= 1
-            waiter.event.set()
+            waiter.set()

@@ -48,9 +48,10 @@ def wakeups(monkeypatch: pytest.MonkeyPatch) -> WakeCounter:
         def is_set(self) -> bool:
             return self._event.is_set()
 
-        async def wait(self) -> None:
+        async def wait(self) -> bool:
             await self._event.wait()
             counter.woken += 1
+            return True
 
     # The engine's own waiter queues use the cheapest event of the running loop; any shared
     # anyio.Event (the herd this guards against) is counted too.
