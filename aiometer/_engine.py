@@ -373,6 +373,7 @@ class Engine(Generic[T]):
         limiters = self._limiters
         run_one = self._run_one
         start_soon = tg.start_soon
+        checkpoint = anyio.lowlevel.checkpoint
         sync_source = self._sync_source if self._gate is None else None
         while True:
             if sync_source is not None:
@@ -388,4 +389,11 @@ class Engine(Generic[T]):
             if self._select is not None:
                 start_soon(self._run_selected, index, item)
                 continue
-            start_soon(run_one, index, item, await self._acquire() if limiters else _NO_PERMITS)
+            if not limiters:
+                start_soon(run_one, index, item, _NO_PERMITS)
+                continue
+            start_soon(run_one, index, item, await self._acquire())
+            # Let the task begin before the next start is taken: when a rate limiter catches up
+            # after a late timer, its tasks then begin one by one as they are granted, not all
+            # together on the loop's next pass.
+            await checkpoint()

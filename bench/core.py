@@ -8,6 +8,7 @@ and its verdicts mean little, since the floors are cheaper with fewer tasks aliv
 Everything runs on asyncio and on trio in the same run, and every verdict is a ratio against a
 reference measured side by side on the same backend, so verdicts carry over between machines even
 though absolute times do not. The script always exits 0: it reports, it does not gate.
+``--sections overhead,rate`` (any subset of overhead, rate, memory, waiting) runs only those.
 
 1. Per-task overhead: 50,000 no-op tasks through run_on_each, run_all, amap (consuming every
    result) and run_any, in microseconds per task, in two modes.
@@ -34,13 +35,16 @@ though absolute times do not. The script always exits 0: it reports, it does not
    slow drift of the machine hits the floor and ours alike. The "per-round" column is the range
    of the ratios within single rounds: a wide range means a noisy machine.
 
-2. Rate accuracy: run_on_each with ``max_at_once=200`` and ``limiter=RateLimiter(rate,
-   burst=b)`` at 50, 500 and 5000 starts/s, burst 1 and 50, over ``b + rate`` items (about one
-   second). Each task records ``anyio.current_time()`` when it starts. achieved = (n - b) /
-   (last start - time of the call); "ratio" is achieved / rate. Target: >= 0.95 at 500/s burst 1
-   and at 5000/s burst 50. The window columns give the most starts seen in any closed window of
-   1/rate, 0.1 s and 1 s against the bound ``b + rate * w + 1`` the limiter promises (with
-   ``w`` at least 1 ms above 1000/s, where starts may bunch within the timers' precision).
+2. Rate accuracy at 50, 500 and 5000 starts/s, burst 1 and 50, over ``b + rate`` items (about
+   one second), on two paths: "pool" is run_on_each with ``max_at_once=200`` and
+   ``limiter=RateLimiter(rate, burst=b)``; "alone" is run_on_each with ``max_per_second=rate``
+   and no ``max_at_once`` (one loop takes each start and spawns a task per item). Each task
+   records ``anyio.current_time()`` when it starts. achieved = (n - b) / (last start - time of
+   the call); "ratio" is achieved / rate. Target: >= 0.95 at 500/s burst 1 and 5000/s burst 1 on
+   both paths and at 5000/s burst 50 on the pool. The window columns give the most starts seen
+   in any closed window of 1/rate, 0.1 s and 1 s against the bound the limiter promises,
+   ``b + rate * w + 1``, and above 1000/s (where up to 2 ms of timer lateness is caught up at
+   once) ``b + rate * (w + 0.002)``.
 
 3. Peak memory over 10**6 items pulled from a generator with ``max_at_once=100``: amap
    (consuming and dropping every result), run_on_each and run_all (keeping its result list),
@@ -52,6 +56,18 @@ though absolute times do not. The script always exits 0: it reports, it does not
    ``ru_maxrss`` starts at its parent's peak (see measure_memory); a probe that finds it did
    anyway is flagged "inherited peak!". Probes run one per CPU at a time (RSS does not depend on
    CPU contention), so their "seconds" column is only indicative.
+
+4. Waiting paths: 50,000 items at ``max_at_once`` 10, 100 and 1000, cost per item (median of
+   three interleaved rounds) of amap with a fast consumer and with a slow one (two checkpoints
+   per result, so the bounded buffer fills), the same ordered, ``limiter=`` a function of the
+   item over 4 ``ConcurrencyLimiter(1)`` (tasks ``await anyio.sleep(0)``), and a shared
+   ``ConcurrencyLimiter(max_at_once // 2)`` and ``RateLimiter(10**6)``. Target for the slow
+   consumers, the per-item limiter and the shared limiters: cost at 1000 within 1.5x of the
+   cost at 10 (a wake-up of every waiter per freed place would grow with max_at_once). The fast
+   consumers are printed for reference: at 1000 workers even a consumer that does nothing
+   between results is outpaced and the buffer fills, so they are judged only as the baseline
+   of the second target: a slow consumer may cost the workers at most 5 us per item more than
+   a fast one, beyond the consumer's own two checkpoints (measured alone in the same round).
 
 Reading the output: an overhead ratio below 1 means aiometer costs less per task than the
 hand-written floor; a rate ratio of 1.00 means the limit was reached exactly. The summary lists
@@ -472,6 +488,8 @@ WAIT_PATHS: dict[str, Callable[[int, int], Awaitable[None]]] = {
 }
 CONSUMER_ALONE = "slow consumer alone (2 checkpoints/item)"
 """A floor, not a path: what the slow consumer's own awaits cost."""
+REFERENCE_PATHS = ("amap, fast consumer", "ordered amap, fast consumer")
+"""Baselines of the slow-consumer target, not judged on growth (see the module docstring)."""
 SLOW_VS_FAST = (
     ("amap, slow consumer", "amap, fast consumer"),
     ("ordered amap, slow consumer", "ordered amap, fast consumer"),
@@ -506,14 +524,15 @@ def measure_waiting(sizes: Sizes, backends: Sequence[str]) -> list[Json]:
         for name in WAIT_PATHS:
             us = {k: statistics.median(samples[backend, f"{name}/{k}"]) * 1e6 for k in WAIT_SIZES}
             growth = us[WAIT_SIZES[-1]] / us[WAIT_SIZES[0]]
+            judged = name not in REFERENCE_PATHS
             rows.append(
                 {
                     "backend": backend,
                     "path": name,
                     "us_per_item": {str(k): value for k, value in us.items()},
                     "growth": growth,
-                    "target": WAIT_GROWTH_TARGET,
-                    "passed": growth <= WAIT_GROWTH_TARGET,
+                    "target": WAIT_GROWTH_TARGET if judged else None,
+                    "passed": growth <= WAIT_GROWTH_TARGET if judged else None,
                     "consumer_alone_us": consumer_us,
                     "us_samples": {
                         str(k): [x * 1e6 for x in samples[backend, f"{name}/{k}"]]
@@ -559,7 +578,7 @@ def waiting_table(rows: Sequence[Json]) -> str:
             row["path"],
             *(f"{row['us_per_item'][str(k)]:.2f}" for k in WAIT_SIZES),
             f"{row['growth']:.2f}x",
-            f"<= {row['target']:.1f}x",
+            "(reference)" if row["target"] is None else f"<= {row['target']:.1f}x",
             verdict(row["passed"]),
         ]
         for row in rows
@@ -868,6 +887,8 @@ def collect_targets(
 ) -> list[Json]:
     targets: list[Json] = []
     for row in waiting:
+        if row["passed"] is None:
+            continue
         targets.append(
             {
                 "name": f"{row['backend']} waiting path {row['path']}",

@@ -253,7 +253,7 @@ async def test_after_a_blocking_stall_at_most_one_start_is_caught_up(
     assert max_in_window(starts, 0.5 / rate) <= 2
     after = [t for t in starts if t >= starts[2] + 9 / rate]
     assert len(after) == 5
-    assert max_in_window(after, 0.5 / rate) == 2
+    assert max_in_window(after, 0.5 / rate) <= 2
 
 
 async def test_rate_limiter_stall_with_many_waiters() -> None:
