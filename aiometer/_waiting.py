@@ -90,6 +90,19 @@ def _trio() -> Any:
     return _TRIO_LOWLEVEL
 
 
+def _worth_compacting(abandoned: int, queued: int) -> bool:
+    """Whether cancelled waiters make up enough of a queue to rebuild it without them.
+
+    They are skipped when reached, but a queue that is never woken (a limit held for a long
+    time while waiters time out) would otherwise keep every one of them.
+    """
+    return abandoned > 32 and 2 * abandoned > queued
+
+
+def _live(queue: deque[_Waiter]) -> deque[_Waiter]:
+    return deque(waiter for waiter in queue if not waiter.abandoned)
+
+
 class WaitQueue:
     """Tasks waiting for one condition, woken first come, first served, *n* at a time.
 
@@ -98,11 +111,12 @@ class WaitQueue:
     (removing it from the middle of a deque would cost O(n)); wake() skips it.
     """
 
-    __slots__ = ("_count", "_queue")
+    __slots__ = ("_abandoned", "_count", "_queue")
 
     def __init__(self) -> None:
         self._queue: deque[_Waiter] = deque()
         self._count = 0
+        self._abandoned = 0
 
     def __len__(self) -> int:
         return self._count
@@ -122,6 +136,10 @@ class WaitQueue:
             if not waiter.woken:
                 waiter.abandoned = True
                 self._count -= 1
+                self._abandoned += 1
+                if _worth_compacting(self._abandoned, len(self._queue)):
+                    self._queue = _live(self._queue)
+                    self._abandoned = 0
             elif on_lost is None:
                 self.wake(1)
             else:
@@ -135,6 +153,7 @@ class WaitQueue:
         while woken < n and queue:
             waiter = queue.popleft()
             if waiter.abandoned:
+                self._abandoned -= 1
                 continue
             waiter.woken = True
             self._count -= 1
@@ -156,12 +175,13 @@ class Places:
     off.
     """
 
-    __slots__ = ("_count", "_free", "_waiters")
+    __slots__ = ("_abandoned", "_count", "_free", "_waiters")
 
     def __init__(self, free: int) -> None:
         self._free = free
         self._waiters: deque[_Waiter] = deque()
         self._count = 0
+        self._abandoned = 0
 
     @property
     def free(self) -> int:
@@ -200,6 +220,10 @@ class Places:
             else:
                 waiter.abandoned = True
                 self._count -= 1
+                self._abandoned += 1
+                if _worth_compacting(self._abandoned, len(self._waiters)):
+                    self._waiters = _live(self._waiters)
+                    self._abandoned = 0
             raise
 
     def give(self, n: int = 1) -> None:
@@ -209,6 +233,7 @@ class Places:
         while self._free > 0 and waiters:
             waiter = waiters.popleft()
             if waiter.abandoned:
+                self._abandoned -= 1
                 continue
             waiter.woken = True
             self._count -= 1

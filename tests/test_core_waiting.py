@@ -303,3 +303,32 @@ async def test_cancelled_waiter_passes_its_wake_up_on() -> None:
 async def _cancellable_take(limiter: aiometer.ConcurrencyLimiter, scope: anyio.CancelScope) -> None:
     with scope:
         await (await limiter.acquire()).release()
+
+
+async def test_cancelled_waiters_do_not_pile_up() -> None:
+    limiter = aiometer.ConcurrencyLimiter(1)
+    rate = aiometer.RateLimiter(0.001)
+    held = await limiter.acquire()
+    await rate.acquire()
+
+    async def acquire_rate() -> None:
+        await rate.acquire()
+
+    async with anyio.create_task_group() as head:
+        head.start_soon(acquire_rate)  # sleeps for its slot, the others queue behind it
+        for _ in range(3):
+            async with anyio.create_task_group() as tg:
+                for _ in range(1000):
+                    tg.start_soon(limiter.acquire)
+                    tg.start_soon(acquire_rate)
+                await anyio.wait_all_tasks_blocked()
+                tg.cancel_scope.cancel()
+        # Cancelled waiters are dropped from the queues, not kept until someone is woken.
+        assert limiter.statistics().waiting == 0
+        assert rate.statistics().waiting == 1
+        assert len(limiter._places._waiters) <= 100
+        assert len(rate._queue._queue) <= 100
+        head.cancel_scope.cancel()
+    await held.release()
+    async with limiter.slot():
+        pass
