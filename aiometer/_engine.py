@@ -37,11 +37,20 @@ import anyio.lowlevel
 
 from ._limiters import Limiter, Permit, RateLimiter
 from ._validation import check_max_at_once, check_max_per_second
+from ._waiting import WaitQueue
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["Deliver", "Engine", "Selector", "Source", "check_limiters", "reraise_single"]
+__all__ = [
+    "ClosingSource",
+    "Deliver",
+    "Engine",
+    "Selector",
+    "Source",
+    "check_limiters",
+    "reraise_single",
+]
 
 T = TypeVar("T")
 Source = Iterable[T] | AsyncIterable[T]
@@ -87,6 +96,30 @@ def reraise_single(group: BaseExceptionGroup[BaseException]) -> BaseException | 
 _NO_PERMITS: tuple[Permit, ...] = ()
 
 
+class ClosingSource:
+    """An async iterable that wraps an async generator passed in by the user.
+
+    The engine closes it (and with it the wrapped generator) on every way out, as it closes an
+    async generator passed in directly.
+    """
+
+    def __init__(self, inner: AsyncIterator[Any], wrapped: object) -> None:
+        self._inner = inner
+        self._wrapped = wrapped
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._inner
+
+    async def aclose(self) -> None:
+        """Close the wrapper, then the wrapped async generator."""
+        try:
+            await self._inner.aclose()  # type: ignore[attr-defined]
+        finally:
+            aclose = getattr(self._wrapped, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
 async def _release_all(permits: Sequence[Permit]) -> None:
     for permit in reversed(permits):
         await permit.release()
@@ -105,8 +138,7 @@ class Engine(Generic[T]):
             return an awaitable, which is awaited (this is how amap applies backpressure).
         on_error: called with ``(index, exception)`` for a task that raised an Exception;
             None means the exception propagates and fails the run.
-        gate: awaited with the next index before each pull (ordered amap uses it to bound
-            its reorder buffer).
+        gate: awaited before each pull (ordered amap uses it to bound its reorder buffer).
     """
 
     def __init__(
@@ -119,7 +151,7 @@ class Engine(Generic[T]):
         limiters: list[Limiter] | Selector,
         deliver: Deliver | None,
         on_error: Deliver | None = None,
-        gate: Callable[[int], Awaitable[None]] | None = None,
+        gate: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         if max_at_once is not None:
             check_max_at_once(max_at_once)
@@ -144,7 +176,7 @@ class Engine(Generic[T]):
         self._size_hint: int | None = None
         if isinstance(source, AsyncIterable):
             self._async_source = aiter(source)
-            if inspect.isasyncgen(source):
+            if inspect.isasyncgen(source) or isinstance(source, ClosingSource):
                 self._closable = source
         elif isinstance(source, Iterable):
             if isinstance(source, Sequence):
@@ -160,7 +192,8 @@ class Engine(Generic[T]):
         self._parked_total = 0
         self._park_limit = max(16 * (max_at_once or 1), 256)
         self._busy: set[tuple[int, ...]] = set()
-        self._freed: anyio.Event | None = None
+        # Selecting workers with nothing to do wait here; see _selecting_worker.
+        self._idle = WaitQueue()
         self._exhausted = False
 
     async def run(self) -> None:
@@ -190,7 +223,7 @@ class Engine(Generic[T]):
 
     async def _pull(self) -> tuple[int, Any]:
         if self._gate is not None:
-            await self._gate(self._index)
+            await self._gate()
         if self._sync_source is not None:
             item = next(self._sync_source, _DONE)
         else:
@@ -227,18 +260,24 @@ class Engine(Generic[T]):
         # site's queue and pulls the next one instead, so a slow site cannot hold up the
         # others. Parked items are served first, in order, and there are at most
         # ``_park_limit`` of them: beyond that, workers stop pulling until a site frees up.
+        #
+        # A worker with nothing to do waits in ``_idle``, and each change that makes one job
+        # possible wakes one worker: a site with parked items frees up, or the parked count
+        # drops below the limit. Only the end of the work (source exhausted, nothing parked)
+        # wakes them all, once, to return.
         while True:
             job = self._take_parked()
             if job is None:
                 if self._exhausted or self._parked_total >= self._park_limit:
                     if self._exhausted and not self._parked_total:
                         return
-                    await self._wait_freed()
+                    await self._idle.wait()
                     continue
                 index, item = await self._pull()
                 if item is _DONE:
                     self._exhausted = True
-                    self._notify_freed()
+                    if not self._parked_total:
+                        self._idle.wake_all()
                     continue
                 chosen = self._selected(item)
                 key = tuple(map(id, chosen))
@@ -253,7 +292,8 @@ class Engine(Generic[T]):
                 permits = await self._acquire(chosen)
             finally:
                 self._busy.discard(key)
-                self._notify_freed()
+                if key in self._parked:
+                    self._idle.wake(1)
             await self._run_one(index, item, permits)
             await anyio.lowlevel.checkpoint()
 
@@ -264,18 +304,13 @@ class Engine(Generic[T]):
                 if not queue:
                     del self._parked[key]
                 self._parked_total -= 1
+                if self._exhausted:
+                    if not self._parked_total:
+                        self._idle.wake_all()
+                elif self._parked_total == self._park_limit - 1:
+                    self._idle.wake(1)
                 return key, index, item, chosen
         return None
-
-    async def _wait_freed(self) -> None:
-        if self._freed is None:
-            self._freed = anyio.Event()
-        await self._freed.wait()
-
-    def _notify_freed(self) -> None:
-        if self._freed is not None:
-            self._freed.set()
-            self._freed = None
 
     async def _acquire(self, first: list[Limiter] | None = None) -> list[Permit]:
         permits: list[Permit] = []
@@ -338,6 +373,7 @@ class Engine(Generic[T]):
         limiters = self._limiters
         run_one = self._run_one
         start_soon = tg.start_soon
+        checkpoint = anyio.lowlevel.checkpoint
         sync_source = self._sync_source if self._gate is None else None
         while True:
             if sync_source is not None:
@@ -353,4 +389,11 @@ class Engine(Generic[T]):
             if self._select is not None:
                 start_soon(self._run_selected, index, item)
                 continue
-            start_soon(run_one, index, item, await self._acquire() if limiters else _NO_PERMITS)
+            if not limiters:
+                start_soon(run_one, index, item, _NO_PERMITS)
+                continue
+            start_soon(run_one, index, item, await self._acquire())
+            # Let the task begin before the next start is taken: when a rate limiter catches up
+            # after a late timer, its tasks then begin one by one as they are granted, not all
+            # together on the loop's next pass.
+            await checkpoint()

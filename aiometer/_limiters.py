@@ -18,6 +18,7 @@ import anyio
 import anyio.lowlevel
 
 from ._validation import check_burst, check_max_at_once, check_max_per_second
+from ._waiting import Places, WaitQueue
 
 __all__ = [
     "ConcurrencyLimiter",
@@ -88,8 +89,17 @@ class _NullPermit:
 
 _NULL_PERMIT = _NullPermit()
 
-# How late the event loops may wake a sleeper (asyncio's epoll waits whole milliseconds).
-_TIMER_SLACK = 0.001
+# The event loops' timers wait whole milliseconds (epoll), and a sleeper wakes a little after
+# that: a sleep shorter than a millisecond ends about 1.1 ms later.
+_TIMER_PRECISION = 0.001
+# How much lateness is caught up at rates above 1000/s: the timer's millisecond plus the
+# scheduling delay on top of it, with room to spare.
+_FAST_CATCH_UP = 0.002
+
+
+def _catch_up(interval: float) -> float:
+    """How much lateness of a start is caught up by keeping the schedule."""
+    return interval if interval >= _TIMER_PRECISION else _FAST_CATCH_UP
 
 
 @dataclass(frozen=True)
@@ -136,15 +146,15 @@ class ConcurrencyLimiter(SlotMixin):
 
     def __init__(self, max_at_once: int) -> None:
         self._max_at_once = check_max_at_once(max_at_once)
-        self._held = 0
-        # Insertion-ordered, so the first key is the longest waiter; removal of a cancelled
-        # waiter is O(1).
-        self._waiters: dict[anyio.Event, None] = {}
+        # A released permit goes straight to the longest waiter, so a newcomer calling
+        # acquire() cannot overtake it and one release wakes exactly one waiter.
+        self._places = Places(self._max_at_once)
 
     def __repr__(self) -> str:
+        stats = self.statistics()
         return (
-            f"ConcurrencyLimiter(max_at_once={self._max_at_once}, held={self._held}, "
-            f"waiting={len(self._waiters)})"
+            f"ConcurrencyLimiter(max_at_once={stats.max_at_once}, held={stats.held}, "
+            f"waiting={stats.waiting})"
         )
 
     @property
@@ -154,12 +164,16 @@ class ConcurrencyLimiter(SlotMixin):
 
     @max_at_once.setter
     def max_at_once(self, value: int) -> None:
-        self._max_at_once = check_max_at_once(value)
-        self._wake()
+        value = check_max_at_once(value)
+        old, self._max_at_once = self._max_at_once, value
+        self._places.give(value - old)
 
     def statistics(self) -> ConcurrencyStatistics:
         """Return how many permits are held and how many tasks wait."""
-        return ConcurrencyStatistics(self._max_at_once, self._held, len(self._waiters))
+        places = self._places
+        return ConcurrencyStatistics(
+            self._max_at_once, self._max_at_once - places.free, places.waiting
+        )
 
     def acquire_nowait(self) -> Permit:
         """Take a permit without waiting.
@@ -167,42 +181,18 @@ class ConcurrencyLimiter(SlotMixin):
         Raises:
             anyio.WouldBlock: no permit is free, or other tasks are already waiting for one.
         """
-        if self._held < self._max_at_once and not self._waiters:
-            self._held += 1
+        if self._places.take_nowait():
             return _ConcurrencyPermit(self)
         raise anyio.WouldBlock
 
     async def acquire(self) -> Permit:
         """Wait for a free permit and take it."""
         await anyio.lowlevel.checkpoint_if_cancelled()
-        if self._held < self._max_at_once and not self._waiters:
-            self._held += 1
-            return _ConcurrencyPermit(self)
-        event = anyio.Event()
-        self._waiters[event] = None
-        try:
-            await event.wait()
-        except BaseException:
-            if event in self._waiters:
-                del self._waiters[event]
-            else:
-                # The slot was handed to us as we were cancelled: pass it on.
-                self._release_one()
-            raise
+        await self._places.take()
         return _ConcurrencyPermit(self)
 
     def _release_one(self) -> None:
-        self._held -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        # A released slot goes straight to the longest waiter (``held`` is counted for it
-        # here), so a newcomer calling acquire() cannot overtake it.
-        while self._waiters and self._held < self._max_at_once:
-            event = next(iter(self._waiters))
-            del self._waiters[event]
-            self._held += 1
-            event.set()
+        self._places.give(1)
 
 
 @dataclass(frozen=True)
@@ -250,10 +240,13 @@ class RateLimiter(SlotMixin):
         self._max_per_second = check_max_per_second(max_per_second)
         self._burst = check_burst(burst)
         self._interval = 1.0 / self._max_per_second
+        self._catch_up = _catch_up(self._interval)
         # Theoretical arrival time of the next start (GCRA); -inf means "idle forever".
         self._tat = -math.inf
-        # Waiting tasks in arrival order; the first one is the head, the only one sleeping.
-        self._waiters: dict[anyio.Event, None] = {}
+        # The head is the one waiter that sleeps until its start is allowed; the others queue
+        # behind it and are woken one at a time, as the head hands over.
+        self._head_busy = False
+        self._queue = WaitQueue()
 
     def __repr__(self) -> str:
         return f"RateLimiter(max_per_second={self._max_per_second}, burst={self._burst})"
@@ -273,6 +266,7 @@ class RateLimiter(SlotMixin):
             self._tat = now + (self._tat - now) * interval / self._interval
         self._max_per_second = rate
         self._interval = interval
+        self._catch_up = _catch_up(interval)
 
     @property
     def burst(self) -> int:
@@ -290,9 +284,24 @@ class RateLimiter(SlotMixin):
     def statistics(self) -> RateStatistics:
         """Return the limit, the number of waiting tasks and the time to the next start."""
         delay = self._delay(anyio.current_time())
-        return RateStatistics(
-            self._max_per_second, self._burst, len(self._waiters), max(delay, 0.0)
-        )
+        return RateStatistics(self._max_per_second, self._burst, self._waiting(), max(delay, 0.0))
+
+    def _fast_path_catch_up(self) -> float:
+        return self._catch_up if self._interval < _TIMER_PRECISION else 0.0
+
+    def _waiting(self) -> int:
+        return len(self._queue) + self._head_busy
+
+    def _take(self, now: float) -> None:
+        # Above 1000 starts per second, faster than the timers, a caller that comes back within
+        # the catch-up window of its slot (a spawn loop whose head waiter woke a timer tick
+        # late) keeps the schedule: the missed slots are caught up instead of lost, or the
+        # achieved rate would drop to about two starts per timer tick. Later than that, and at
+        # lower rates, the start counts from now (plain GCRA), so an idle limiter never bursts.
+        tat = self._tat
+        if tat < now - self._fast_path_catch_up():
+            tat = now
+        self._tat = tat + self._interval
 
     def acquire_nowait(self) -> Permit:
         """Take a start that is allowed now, without waiting.
@@ -301,34 +310,36 @@ class RateLimiter(SlotMixin):
             anyio.WouldBlock: the next start is not allowed yet, or tasks are waiting.
         """
         now = anyio.current_time()
-        if self._waiters or self._delay(now) > 0:
+        if self._head_busy or self._delay(now) > 0:
             raise anyio.WouldBlock
-        self._tat = max(self._tat, now) + self._interval
+        self._take(now)
         return _NULL_PERMIT
 
     async def acquire(self) -> Permit:
         """Wait until a start is allowed, in arrival order, and take it."""
         await anyio.lowlevel.checkpoint_if_cancelled()
         now = anyio.current_time()
-        if not self._waiters and self._delay(now) <= 0:
-            self._tat = max(self._tat, now) + self._interval
-            return _NULL_PERMIT
-        event = anyio.Event()
-        self._waiters[event] = None
+        if not self._head_busy:
+            if self._delay(now) <= 0:
+                self._take(now)
+                return _NULL_PERMIT
+            self._head_busy = True
+        else:
+            # Woken when the head hands over; the head role comes with the wake-up.
+            await self._queue.wait(on_lost=self._hand_over)
         try:
-            if next(iter(self._waiters)) is not event:
-                await event.wait()
             while (delay := self._delay(anyio.current_time())) > 0:
                 await anyio.sleep(delay)
-            # A queued waiter keeps the schedule (no drift from a late wake-up) but catches up
-            # at most one interval of lateness, or one millisecond (the timer precision of the
-            # event loops) at rates above 1000/s: a long stall releases one extra start, not a
-            # bunch.
-            now = anyio.current_time() - max(self._interval, _TIMER_SLACK)
+            # The head keeps the schedule (no drift from a late wake-up) but catches up at most
+            # one interval of lateness, or two milliseconds (the timer precision of the event
+            # loops plus scheduling) at rates above 1000/s: a long stall releases one extra
+            # start, not a bunch.
+            now = anyio.current_time() - self._catch_up
             self._tat = max(self._tat, now) + self._interval
         finally:
-            head = next(iter(self._waiters)) is event
-            del self._waiters[event]
-            if head and self._waiters:
-                next(iter(self._waiters)).set()
+            self._hand_over()
         return _NULL_PERMIT
+
+    def _hand_over(self) -> None:
+        if not self._queue.wake(1):
+            self._head_busy = False

@@ -12,9 +12,10 @@ from typing import Any, Literal, TypeVar, overload
 import anyio
 import anyio.lowlevel
 
-from ._engine import Engine, Selector, Source, check_limiters, reraise_single
+from ._engine import ClosingSource, Engine, Selector, Source, check_limiters, reraise_single
 from ._limiters import Limiter
 from ._validation import check_callable, check_max_at_once, check_max_per_second
+from ._waiting import Places, WaitQueue
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup, ExceptionGroup
@@ -69,7 +70,7 @@ def _checked_fns(async_fns: Any, entrypoint: str) -> Any:
                 _check_fn(fn, entrypoint)
                 yield fn
 
-        return _Closing(checked_async(), async_fns)
+        return ClosingSource(checked_async(), async_fns)
 
     def checked() -> Iterable[Any]:
         for fn in async_fns:
@@ -77,25 +78,6 @@ def _checked_fns(async_fns: Any, entrypoint: str) -> Any:
             yield fn
 
     return checked()
-
-
-class _Closing:
-    """An async iterable wrapper that closes the wrapped async generator when closed."""
-
-    def __init__(self, inner: AsyncIterator[Any], wrapped: object) -> None:
-        self._inner = inner
-        self._wrapped = wrapped
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._inner
-
-    async def aclose(self) -> None:
-        try:
-            await self._inner.aclose()  # type: ignore[attr-defined]
-        finally:
-            aclose = getattr(self._wrapped, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
 
 async def run_on_each(
@@ -206,23 +188,21 @@ async def run_all(
 class _OrderedSink:
     """Sends results in input order while keeping the reorder buffer bounded.
 
-    A result that finishes ahead of its turn waits in ``pending``; the gate keeps workers from
-    pulling items more than ``window`` ahead of the next result to send, so ``pending`` never
-    holds more than ``window`` results however slow one task is.
+    A result that finishes ahead of its turn waits in ``pending``. The gate is a FIFO
+    semaphore of ``window`` places: each pull takes one and each result sent gives one back,
+    so no item is pulled more than ``window`` ahead of the next result to send and ``pending``
+    never holds more than ``window`` results however slow one task is. One result sent wakes
+    one waiting worker.
     """
 
     def __init__(self, send: Callable[[Any], Awaitable[None]], window: int) -> None:
         self._send = send
-        self._window = window
         self._next = 0
         self._pending: dict[int, Any] = {}
-        self._advanced: anyio.Event | None = None
+        self._places = Places(window)
 
-    async def gate(self, index: int) -> None:
-        while index - self._next >= self._window:
-            if self._advanced is None:
-                self._advanced = anyio.Event()
-            await self._advanced.wait()
+    async def gate(self) -> None:
+        await self._places.take()
 
     async def deliver(self, index: int, value: Any) -> None:
         if index != self._next:
@@ -231,9 +211,7 @@ class _OrderedSink:
         while True:
             await self._send(value)
             self._next += 1
-            if self._advanced is not None:
-                self._advanced.set()
-                self._advanced = None
+            self._places.give(1)
             if self._next not in self._pending:
                 return
             value = self._pending.pop(self._next)
@@ -345,37 +323,40 @@ class _Results:
 
     Holds at most *capacity* results: a worker delivering into a full buffer waits, which is
     how a slow consumer slows the workers down. ``capacity=None`` (amap without max_at_once,
-    where nothing bounds the number of tasks anyway) never makes a worker wait. A deque with
-    two wake-up events costs much less per item than a memory object stream.
+    where nothing bounds the number of tasks anyway) never makes a worker wait. Each result
+    taken frees one place and wakes one waiting worker; each result put wakes one waiting
+    reader. A deque with FIFO waiter queues costs much less per item than a memory object
+    stream.
     """
 
     def __init__(self, capacity: int | None) -> None:
         self._items: deque[Any] = deque()
-        self._capacity = capacity
-        self._not_empty: anyio.Event | None = None
-        self._not_full: anyio.Event | None = None
+        self._space = Places(capacity) if capacity is not None else None
+        self._readers = WaitQueue()
         self._closed = False
         self._since_checkpoint = 0
 
     def put_nowait(self, value: Any) -> None:
         self._items.append(value)
-        if self._not_empty is not None:
-            self._not_empty.set()
-            self._not_empty = None
+        if len(self._readers):
+            self._readers.wake(1)
 
-    async def put(self, value: Any) -> None:
-        assert self._capacity is not None
-        while len(self._items) >= self._capacity:
-            if self._not_full is None:
-                self._not_full = anyio.Event()
-            await self._not_full.wait()
+    def put(self, value: Any) -> Awaitable[None] | None:
+        """Put *value*; return None if it went in at once, else an awaitable to wait for room."""
+        assert self._space is not None
+        if self._space.take_nowait():
+            self.put_nowait(value)
+            return None
+        return self._put_when_room(value)
+
+    async def _put_when_room(self, value: Any) -> None:
+        assert self._space is not None
+        await self._space.take()
         self.put_nowait(value)
 
     def close(self) -> None:
         self._closed = True
-        if self._not_empty is not None:
-            self._not_empty.set()
-            self._not_empty = None
+        self._readers.wake_all()
 
     def __aiter__(self) -> _Results:
         return self
@@ -385,12 +366,10 @@ class _Results:
             if self._closed:
                 raise StopAsyncIteration
             self._since_checkpoint = 0
-            event = self._not_empty = anyio.Event()
-            await event.wait()
+            await self._readers.wait()
         value = self._items.popleft()
-        if self._not_full is not None:
-            self._not_full.set()
-            self._not_full = None
+        if self._space is not None:
+            self._space.give(1)
         # Taking buffered results needs no await; still let cancellation in now and then.
         self._since_checkpoint += 1
         if self._since_checkpoint >= 64:

@@ -8,6 +8,7 @@ and its verdicts mean little, since the floors are cheaper with fewer tasks aliv
 Everything runs on asyncio and on trio in the same run, and every verdict is a ratio against a
 reference measured side by side on the same backend, so verdicts carry over between machines even
 though absolute times do not. The script always exits 0: it reports, it does not gate.
+``--sections overhead,rate`` (any subset of overhead, rate, memory, waiting) runs only those.
 
 1. Per-task overhead: 50,000 no-op tasks through run_on_each, run_all, amap (consuming every
    result) and run_any, in microseconds per task, in two modes.
@@ -34,13 +35,16 @@ though absolute times do not. The script always exits 0: it reports, it does not
    slow drift of the machine hits the floor and ours alike. The "per-round" column is the range
    of the ratios within single rounds: a wide range means a noisy machine.
 
-2. Rate accuracy: run_on_each with ``max_at_once=200`` and ``limiter=RateLimiter(rate,
-   burst=b)`` at 50, 500 and 5000 starts/s, burst 1 and 50, over ``b + rate`` items (about one
-   second). Each task records ``anyio.current_time()`` when it starts. achieved = (n - b) /
-   (last start - time of the call); "ratio" is achieved / rate. Target: >= 0.95 at 500/s burst 1
-   and at 5000/s burst 50. The window columns give the most starts seen in any closed window of
-   1/rate, 0.1 s and 1 s against the bound ``b + rate * w + 1`` the limiter promises (with
-   ``w`` at least 1 ms above 1000/s, where starts may bunch within the timers' precision).
+2. Rate accuracy at 50, 500 and 5000 starts/s, burst 1 and 50, over ``b + rate`` items (about
+   one second), on two paths: "pool" is run_on_each with ``max_at_once=200`` and
+   ``limiter=RateLimiter(rate, burst=b)``; "alone" is run_on_each with ``max_per_second=rate``
+   and no ``max_at_once`` (one loop takes each start and spawns a task per item). Each task
+   records ``anyio.current_time()`` when it starts. achieved = (n - b) / (last start - time of
+   the call); "ratio" is achieved / rate. Target: >= 0.95 at 500/s burst 1 and 5000/s burst 1 on
+   both paths and at 5000/s burst 50 on the pool. The window columns give the most starts seen
+   in any closed window of 1/rate, 0.1 s and 1 s against the bound the limiter promises,
+   ``b + rate * w + 1``, and above 1000/s (where up to 2 ms of timer lateness is caught up at
+   once) ``b + rate * (w + 0.002)``.
 
 3. Peak memory over 10**6 items pulled from a generator with ``max_at_once=100``: amap
    (consuming and dropping every result), run_on_each and run_all (keeping its result list),
@@ -52,6 +56,18 @@ though absolute times do not. The script always exits 0: it reports, it does not
    ``ru_maxrss`` starts at its parent's peak (see measure_memory); a probe that finds it did
    anyway is flagged "inherited peak!". Probes run one per CPU at a time (RSS does not depend on
    CPU contention), so their "seconds" column is only indicative.
+
+4. Waiting paths: 50,000 items at ``max_at_once`` 10, 100 and 1000, cost per item (median of
+   three interleaved rounds) of amap with a fast consumer and with a slow one (two checkpoints
+   per result, so the bounded buffer fills), the same ordered, ``limiter=`` a function of the
+   item over 4 ``ConcurrencyLimiter(1)`` (tasks ``await anyio.sleep(0)``), and a shared
+   ``ConcurrencyLimiter(max_at_once // 2)`` and ``RateLimiter(10**6)``. Target for the slow
+   consumers, the per-item limiter and the shared limiters: cost at 1000 within 1.5x of the
+   cost at 10 (a wake-up of every waiter per freed place would grow with max_at_once). The fast
+   consumers are printed for reference: at 1000 workers even a consumer that does nothing
+   between results is outpaced and the buffer fills, so they are judged only as the baseline
+   of the second target: a slow consumer may cost the workers at most 5 us per item more than
+   a fast one, beyond the consumer's own two checkpoints (measured alone in the same round).
 
 Reading the output: an overhead ratio below 1 means aiometer costs less per task than the
 hand-written floor; a rate ratio of 1.00 means the limit was reached exactly. The summary lists
@@ -84,6 +100,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 import aiometer
 
@@ -99,8 +116,35 @@ STREAMING_TARGET_MIB = 10.0
 RUN_ALL_TARGET = 1.5
 
 FUNCTIONS = ("run_on_each", "run_all", "amap", "run_any")
-RATE_CASES = ((50.0, 1), (50.0, 50), (500.0, 1), (500.0, 50), (5000.0, 1), (5000.0, 50))
-RATE_TARGET_CASES = ((500.0, 1), (5000.0, 50))
+# (path, rate, burst): "pool" is run_on_each(max_at_once=200, limiter=RateLimiter(rate, burst)),
+# "alone" is run_on_each(max_per_second=rate) with no max_at_once (one task spawned per start).
+RATE_CASES = (
+    ("pool", 50.0, 1),
+    ("pool", 50.0, 50),
+    ("pool", 500.0, 1),
+    ("pool", 500.0, 50),
+    ("pool", 5000.0, 1),
+    ("pool", 5000.0, 50),
+    ("alone", 500.0, 1),
+    ("alone", 5000.0, 1),
+)
+RATE_TARGET_CASES = (
+    ("pool", 500.0, 1),
+    ("pool", 5000.0, 1),
+    ("pool", 5000.0, 50),
+    ("alone", 500.0, 1),
+    ("alone", 5000.0, 1),
+)
+# Above 1000/s the limiter catches up to 2 ms of timer lateness at once (see RateLimiter).
+FAST_RATE = 1000.0
+FAST_CATCH_UP = 0.002
+
+WAIT_SIZES = (10, 100, 1000)
+"""The ``max_at_once`` values of the waiting-path section."""
+WAIT_GROWTH_TARGET = 1.5
+"""Cost per item at max_at_once=1000 over the cost at 10, for every waiting path."""
+SLOW_CONSUMER_TARGET_US = 5.0
+"""What a slow amap consumer may add to the cost per item over a fast one."""
 PROBES = ("amap", "run_on_each", "run_all", "plain_list")
 
 Runner = Callable[[], Awaitable[None]]
@@ -114,10 +158,11 @@ class Sizes:
     rounds: int
     rate_seconds: float
     memory_items: int
+    wait_items: int
 
 
-FULL = Sizes(tasks=50_000, rounds=3, rate_seconds=1.0, memory_items=10**6)
-QUICK = Sizes(tasks=5_000, rounds=3, rate_seconds=0.1, memory_items=10**5)
+FULL = Sizes(tasks=50_000, rounds=3, rate_seconds=1.0, memory_items=10**6, wait_items=50_000)
+QUICK = Sizes(tasks=5_000, rounds=3, rate_seconds=0.1, memory_items=10**5, wait_items=5_000)
 
 
 def progress(message: str) -> None:
@@ -313,25 +358,33 @@ def max_in_window(times: Sequence[float], width: float) -> int:
     return best
 
 
-async def rate_case(rate: float, burst: int, seconds: float) -> Json:
+def rate_bound(rate: float, burst: int, width: float) -> int:
+    """The documented most starts in a window of *width*: ``b + rate * w + 1``, and above
+    1000/s ``b + rate * (w + 0.002)``. The small epsilon keeps ``rate * (1 / rate)`` from
+    rounding down to just below 1."""
+    extra = rate * FAST_CATCH_UP if rate > FAST_RATE else 1.0
+    return math.floor(burst + rate * width + extra + 1e-9)
+
+
+async def rate_case(path: str, rate: float, burst: int, seconds: float) -> Json:
     n = burst + max(1, round(rate * seconds))
     starts: list[float] = []
 
     async def record(_: int) -> None:
         starts.append(anyio.current_time())
 
-    limiter = aiometer.RateLimiter(rate, burst=burst)
     gc.collect()
     called = anyio.current_time()
-    await aiometer.run_on_each(record, range(n), max_at_once=RATE_WORKERS, limiter=limiter)
+    if path == "pool":
+        limiter = aiometer.RateLimiter(rate, burst=burst)
+        await aiometer.run_on_each(record, range(n), max_at_once=RATE_WORKERS, limiter=limiter)
+    else:
+        await aiometer.run_on_each(record, range(n), max_per_second=rate)
     achieved = (n - burst) / (max(starts) - called)
     windows: list[Json] = []
     for label, width in (("1/rate", 1.0 / rate), ("0.1 s", 0.1), ("1 s", 1.0)):
         seen = max_in_window(starts, width)
-        # The documented bound: b + rate * w + 1, where above 1000/s (faster than the event
-        # loops' ~1 ms timers) a window counts as at least a millisecond wide. The small epsilon
-        # keeps rate * (1 / rate) from rounding down to just below 1.
-        bound = math.floor(burst + rate * max(width, 0.001) + 1 + 1e-9)
+        bound = rate_bound(rate, burst, width)
         windows.append(
             {
                 "window": label,
@@ -342,6 +395,7 @@ async def rate_case(rate: float, burst: int, seconds: float) -> Json:
             }
         )
     return {
+        "path": path,
         "rate": rate,
         "burst": burst,
         "n": n,
@@ -352,7 +406,7 @@ async def rate_case(rate: float, burst: int, seconds: float) -> Json:
 
 
 async def rate_cases(seconds: float) -> list[Json]:
-    return [await rate_case(rate, burst, seconds) for rate, burst in RATE_CASES]
+    return [await rate_case(path, rate, burst, seconds) for path, rate, burst in RATE_CASES]
 
 
 def measure_rate(sizes: Sizes, backends: Sequence[str]) -> list[Json]:
@@ -360,7 +414,7 @@ def measure_rate(sizes: Sizes, backends: Sequence[str]) -> list[Json]:
     for backend in backends:
         progress(f"rate on {backend}")
         for row in anyio.run(rate_cases, sizes.rate_seconds, backend=backend):
-            target = (row["rate"], row["burst"]) in RATE_TARGET_CASES
+            target = (row["path"], row["rate"], row["burst"]) in RATE_TARGET_CASES
             rows.append(
                 {
                     "backend": backend,
@@ -370,6 +424,203 @@ def measure_rate(sizes: Sizes, backends: Sequence[str]) -> list[Json]:
                 }
             )
     return rows
+
+
+# --------------------------------------------------------------------------- 4. waiting paths
+
+
+async def sleep0(x: int) -> None:
+    """A task that holds its slot across one checkpoint."""
+    await anyio.lowlevel.checkpoint()
+
+
+async def consume(results: Any, slow: bool) -> None:
+    checkpoint = anyio.lowlevel.checkpoint
+    if slow:
+        async for _ in results:
+            await checkpoint()
+            await checkpoint()
+    else:
+        async for _ in results:
+            pass
+
+
+async def consumer_alone(n: int, k: int) -> None:
+    """The slow consumer's own work, two checkpoints per item, with nothing else running."""
+    checkpoint = anyio.lowlevel.checkpoint
+    for _ in range(n):
+        await checkpoint()
+        await checkpoint()
+
+
+async def path_amap(n: int, k: int, *, ordered: bool, slow: bool) -> None:
+    async with aiometer.amap(noop, range(n), max_at_once=k, ordered=ordered) as results:
+        await consume(results, slow)
+
+
+async def path_per_item_limiter(n: int, k: int) -> None:
+    sites = [aiometer.ConcurrencyLimiter(1) for _ in range(4)]
+
+    def site_of(x: int) -> aiometer.ConcurrencyLimiter:
+        return sites[x % 4]
+
+    await aiometer.run_on_each(sleep0, range(n), max_at_once=k, limiter=site_of)
+
+
+async def path_concurrency_limiter(n: int, k: int) -> None:
+    limiter = aiometer.ConcurrencyLimiter(max(k // 2, 1))
+    await aiometer.run_on_each(sleep0, range(n), max_at_once=k, limiter=limiter)
+
+
+async def path_rate_limiter(n: int, k: int) -> None:
+    limiter = aiometer.RateLimiter(10**6)
+    await aiometer.run_on_each(sleep0, range(n), max_at_once=k, limiter=limiter)
+
+
+WAIT_PATHS: dict[str, Callable[[int, int], Awaitable[None]]] = {
+    "amap, fast consumer": functools.partial(path_amap, ordered=False, slow=False),
+    "amap, slow consumer": functools.partial(path_amap, ordered=False, slow=True),
+    "ordered amap, fast consumer": functools.partial(path_amap, ordered=True, slow=False),
+    "ordered amap, slow consumer": functools.partial(path_amap, ordered=True, slow=True),
+    "limiter=f(item), 4 x ConcurrencyLimiter(1)": path_per_item_limiter,
+    "limiter=ConcurrencyLimiter(max_at_once // 2)": path_concurrency_limiter,
+    "limiter=RateLimiter(10**6)": path_rate_limiter,
+}
+CONSUMER_ALONE = "slow consumer alone (2 checkpoints/item)"
+"""A floor, not a path: what the slow consumer's own awaits cost."""
+REFERENCE_PATHS = ("amap, fast consumer", "ordered amap, fast consumer")
+"""Baselines of the slow-consumer target, not judged on growth (see the module docstring)."""
+SLOW_VS_FAST = (
+    ("amap, slow consumer", "amap, fast consumer"),
+    ("ordered amap, slow consumer", "ordered amap, fast consumer"),
+)
+
+
+async def waiting_round(n: int, round_index: int) -> dict[str, float]:
+    """Seconds per item of every waiting path at every max_at_once, on the running backend."""
+    names = list(WAIT_PATHS)
+    turn = round_index % len(names)
+    seconds: dict[str, float] = {}
+    for name in names[turn:] + names[:turn]:
+        for k in WAIT_SIZES:
+            run = functools.partial(WAIT_PATHS[name], n, k)
+            seconds[f"{name}/{k}"] = await seconds_per_task(run, n)
+    seconds[CONSUMER_ALONE] = await seconds_per_task(functools.partial(consumer_alone, n, 0), n)
+    return seconds
+
+
+def measure_waiting(sizes: Sizes, backends: Sequence[str]) -> list[Json]:
+    samples: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for round_index in range(sizes.rounds):
+        order = backends if round_index % 2 == 0 else list(reversed(backends))
+        for backend in order:
+            progress(f"waiting paths round {round_index + 1}/{sizes.rounds} on {backend}")
+            got = anyio.run(waiting_round, sizes.wait_items, round_index, backend=backend)
+            for key, value in got.items():
+                samples[backend, key].append(value)
+    rows: list[Json] = []
+    for backend in backends:
+        consumer_us = statistics.median(samples[backend, CONSUMER_ALONE]) * 1e6
+        for name in WAIT_PATHS:
+            us = {k: statistics.median(samples[backend, f"{name}/{k}"]) * 1e6 for k in WAIT_SIZES}
+            growth = us[WAIT_SIZES[-1]] / us[WAIT_SIZES[0]]
+            judged = name not in REFERENCE_PATHS
+            rows.append(
+                {
+                    "backend": backend,
+                    "path": name,
+                    "us_per_item": {str(k): value for k, value in us.items()},
+                    "growth": growth,
+                    "target": WAIT_GROWTH_TARGET if judged else None,
+                    "passed": growth <= WAIT_GROWTH_TARGET if judged else None,
+                    "consumer_alone_us": consumer_us,
+                    "us_samples": {
+                        str(k): [x * 1e6 for x in samples[backend, f"{name}/{k}"]]
+                        for k in WAIT_SIZES
+                    },
+                }
+            )
+    return rows
+
+
+def slow_consumer_rows(waiting: Sequence[Json]) -> list[Json]:
+    by_path = {(row["backend"], row["path"]): row for row in waiting}
+    rows: list[Json] = []
+    for backend in dict.fromkeys(row["backend"] for row in waiting):
+        for slow, fast in SLOW_VS_FAST:
+            for k in WAIT_SIZES:
+                slow_us = by_path[backend, slow]["us_per_item"][str(k)]
+                fast_us = by_path[backend, fast]["us_per_item"][str(k)]
+                consumer_us = by_path[backend, slow]["consumer_alone_us"]
+                # What the workers pay for a slow consumer: the difference from a fast one,
+                # less the consumer's own two checkpoints per item.
+                extra = slow_us - fast_us - consumer_us
+                rows.append(
+                    {
+                        "backend": backend,
+                        "path": slow,
+                        "max_at_once": k,
+                        "slow_us": slow_us,
+                        "fast_us": fast_us,
+                        "consumer_alone_us": consumer_us,
+                        "extra_us": extra,
+                        "target": SLOW_CONSUMER_TARGET_US,
+                        "passed": extra <= SLOW_CONSUMER_TARGET_US,
+                    }
+                )
+    return rows
+
+
+def waiting_table(rows: Sequence[Json]) -> str:
+    body = [
+        [
+            row["backend"],
+            row["path"],
+            *(f"{row['us_per_item'][str(k)]:.2f}" for k in WAIT_SIZES),
+            f"{row['growth']:.2f}x",
+            "(reference)" if row["target"] is None else f"<= {row['target']:.1f}x",
+            verdict(row["passed"]),
+        ]
+        for row in rows
+    ]
+    headers = [
+        "backend",
+        "path",
+        *(f"us/item @{k}" for k in WAIT_SIZES),
+        f"@{WAIT_SIZES[-1]} / @{WAIT_SIZES[0]}",
+        "target",
+        "",
+    ]
+    return render_table(headers, body, "llrrrrll")
+
+
+def slow_consumer_table(rows: Sequence[Json]) -> str:
+    body = [
+        [
+            row["backend"],
+            row["path"],
+            str(row["max_at_once"]),
+            f"{row['slow_us']:.2f}",
+            f"{row['fast_us']:.2f}",
+            f"{row['consumer_alone_us']:.2f}",
+            f"{row['extra_us']:+.2f}",
+            f"<= {row['target']:.1f}",
+            verdict(row["passed"]),
+        ]
+        for row in rows
+    ]
+    headers = [
+        "backend",
+        "path",
+        "max_at_once",
+        "slow us/item",
+        "fast",
+        "consumer alone",
+        "workers' extra",
+        "target",
+        "",
+    ]
+    return render_table(headers, body, "llrrrrrll")
 
 
 # --------------------------------------------------------------------------- 3. memory
@@ -575,6 +826,7 @@ def rate_table(rows: Sequence[Json]) -> str:
         body.append(
             [
                 row["backend"],
+                row["path"],
                 f"{row['rate']:g}",
                 str(row["burst"]),
                 str(row["n"]),
@@ -587,6 +839,7 @@ def rate_table(rows: Sequence[Json]) -> str:
         )
     headers = [
         "backend",
+        "path",
         "rate/s",
         "burst",
         "n",
@@ -598,7 +851,7 @@ def rate_table(rows: Sequence[Json]) -> str:
         "target",
         "",
     ]
-    return render_table(headers, body, "lrrrrrrrrll")
+    return render_table(headers, body, "llrrrrrrrrll")
 
 
 def memory_table(rows: Sequence[Json]) -> str:
@@ -626,9 +879,33 @@ def memory_table(rows: Sequence[Json]) -> str:
 
 
 def collect_targets(
-    overhead: Sequence[Json], rate: Sequence[Json], memory: Sequence[Json]
+    overhead: Sequence[Json],
+    rate: Sequence[Json],
+    memory: Sequence[Json],
+    waiting: Sequence[Json],
+    slow: Sequence[Json],
 ) -> list[Json]:
     targets: list[Json] = []
+    for row in waiting:
+        if row["passed"] is None:
+            continue
+        targets.append(
+            {
+                "name": f"{row['backend']} waiting path {row['path']}",
+                "value": f"{row['growth']:.2f}x (us/item @{WAIT_SIZES[-1]} / @{WAIT_SIZES[0]})",
+                "limit": f"<= {row['target']:.1f}x",
+                "passed": row["passed"],
+            }
+        )
+    for row in slow:
+        targets.append(
+            {
+                "name": f"{row['backend']} {row['path']} @{row['max_at_once']} vs fast consumer",
+                "value": f"{row['extra_us']:+.2f} us/item beyond the consumer's own awaits",
+                "limit": f"<= {row['target']:.1f} us",
+                "passed": row["passed"],
+            }
+        )
     for row in overhead:
         targets.append(
             {
@@ -642,7 +919,10 @@ def collect_targets(
         if row["target"] is not None:
             targets.append(
                 {
-                    "name": f"{row['backend']} rate {row['rate']:g}/s burst {row['burst']}",
+                    "name": (
+                        f"{row['backend']} rate {row['path']} {row['rate']:g}/s "
+                        f"burst {row['burst']}"
+                    ),
                     "value": f"{row['ratio']:.3f}x limit",
                     "limit": f">= {row['target']:.2f}x",
                     "passed": row["passed"],
@@ -727,17 +1007,27 @@ NOTES = [
     "Times are medians over interleaved rounds; ratio = median(ours) / median(floor).",
     "Memory probes run first, while the parent is small: a child's ru_maxrss starts at its "
     "parent's peak.",
+    "No-op tasks (sleep(0) where a slot must stay held across a checkpoint). A slow consumer "
+    "awaits two checkpoints per result, so the result buffer fills and backpressure binds. "
+    "Where several tasks wait for one condition, a freed place must wake one of them: the cost "
+    "per item must not grow with max_at_once.",
 ]
 
 
-def run_benchmarks(quick: bool, json_path: Path | None) -> None:
+SECTIONS = ("overhead", "rate", "memory", "waiting")
+
+
+def run_benchmarks(quick: bool, json_path: Path | None, sections: Sequence[str] = SECTIONS) -> None:
     sizes = QUICK if quick else FULL
     backends = available_backends()
     began = time.perf_counter()
-    memory = measure_memory(sizes, quick, backends)  # first: see its docstring
-    overhead = measure_overhead(sizes, backends)
-    rate = measure_rate(sizes, backends)
-    targets = collect_targets(overhead, rate, memory)
+    # Memory first: see its docstring.
+    memory = measure_memory(sizes, quick, backends) if "memory" in sections else []
+    overhead = measure_overhead(sizes, backends) if "overhead" in sections else []
+    rate = measure_rate(sizes, backends) if "rate" in sections else []
+    waiting = measure_waiting(sizes, backends) if "waiting" in sections else []
+    slow = slow_consumer_rows(waiting)
+    targets = collect_targets(overhead, rate, memory, waiting, slow)
     total = time.perf_counter() - began
 
     print(f"aiometer core benchmarks ({'quick' if quick else 'full'} mode)")
@@ -752,11 +1042,15 @@ def run_benchmarks(quick: bool, json_path: Path | None) -> None:
     print()
     print(overhead_table(overhead))
     print()
+    print(f"2. Rate accuracy, ~{sizes.rate_seconds:g} s per case")
     print(
-        f"2. Rate accuracy, run_on_each(max_at_once={RATE_WORKERS}, "
-        f"limiter=RateLimiter(rate, burst)), ~{sizes.rate_seconds:g} s per case"
+        f"   path pool: run_on_each(max_at_once={RATE_WORKERS}, limiter=RateLimiter(rate, burst))"
     )
-    print("   ratio = achieved / rate; w=...: most starts in any window / bound b + rate*w + 1")
+    print("   path alone: run_on_each(max_per_second=rate), no max_at_once")
+    print(
+        "   ratio = achieved / rate; w=...: most starts in any window / bound b + rate*w + 1"
+        " (above 1000/s: b + rate*(w + 2 ms))"
+    )
     print()
     print(rate_table(rate))
     print()
@@ -767,6 +1061,16 @@ def run_benchmarks(quick: bool, json_path: Path | None) -> None:
     print(wrapped(NOTES[3]))
     print()
     print(memory_table(memory))
+    print()
+    print(
+        f"4. Waiting paths, {sizes.wait_items} items, cost per item at max_at_once "
+        f"{', '.join(map(str, WAIT_SIZES))}, median of {sizes.rounds} rounds"
+    )
+    print(wrapped(NOTES[4]))
+    print()
+    print(waiting_table(waiting))
+    print()
+    print(slow_consumer_table(slow))
     print()
     print(f"Summary ({total:.0f} s)")
     for target in targets:
@@ -783,6 +1087,7 @@ def run_benchmarks(quick: bool, json_path: Path | None) -> None:
             "rounds": sizes.rounds,
             "rate_seconds": sizes.rate_seconds,
             "memory_items": sizes.memory_items,
+            "wait_items": sizes.wait_items,
         },
         "versions": versions(),
         "platform": platform.platform(),
@@ -793,6 +1098,8 @@ def run_benchmarks(quick: bool, json_path: Path | None) -> None:
         "overhead": overhead,
         "rate": rate,
         "memory": memory,
+        "waiting": waiting,
+        "slow_consumer": slow,
         "targets": targets,
         "passed": all(target["passed"] for target in targets),
     }
@@ -807,6 +1114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="~10x smaller sizes (smoke run)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the JSON here")
     parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument(
         "--memory-probe", nargs=2, metavar=("NAME", "BACKEND"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
@@ -815,7 +1127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         name, backend = args.memory_probe
         print(json.dumps(memory_probe(name, backend, sizes.memory_items)))
         return 0
-    run_benchmarks(args.quick, args.json)
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: unknown section {unknown[0]!r}; choose from {SECTIONS}")
+    run_benchmarks(args.quick, args.json, sections)
     return 0
 
 

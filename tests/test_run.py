@@ -112,8 +112,10 @@ async def test_amap_ordered_and_include_index() -> None:
 
 async def test_amap_ordered_bounds_its_reorder_buffer() -> None:
     # Item 0 is slow; the others are fast. Ordered output must not run ahead of it without
-    # bound: at most the window of max_at_once items may be pulled past it.
+    # bound: while result 0 is due, exactly the window of max_at_once items is pulled (item 0
+    # and the three behind it), however long item 0 takes.
     pulled = 0
+    pulled_while_0_ran: list[int] = []
 
     def items() -> Iterator[int]:
         nonlocal pulled
@@ -122,14 +124,17 @@ async def test_amap_ordered_bounds_its_reorder_buffer() -> None:
             yield x
 
     async def fn(x: int) -> int:
-        await anyio.sleep(0.2 if x == 0 else 0)
+        if x == 0:
+            for _ in range(4):
+                await anyio.sleep(0.05)
+                pulled_while_0_ran.append(pulled)
         return x
 
     async with aiometer.amap(fn, items(), max_at_once=4, ordered=True) as results:
         async for x in results:
             assert x == 0
-            assert pulled <= 4 + 4 + 1
             break
+    assert pulled_while_0_ran == [4, 4, 4, 4]
 
 
 async def test_namedtuple_recipe() -> None:
