@@ -21,6 +21,7 @@ import redis.asyncio
 import aiometer
 from aiometer_redis import (
     AcquireTimeoutError,
+    ConfigurationError,
     CorruptStateError,
     PoolExhaustedError,
     RedisLimiter,
@@ -584,6 +585,16 @@ def test_none_client_is_refused() -> None:
 def test_from_url_checks_host_port_and_db_at_once(url: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         RedisLimiter.from_url(url, "x", max_at_once=1)
+
+
+@pytest.mark.anyio
+async def test_db_the_server_lacks_is_a_configuration_error(server: RedisServer, name: str) -> None:
+    """db 99 is a well-formed URL, but the server has 16 databases: the first call says so
+    (ConfigurationError), instead of being retried as an outage or escaping raw."""
+    url = server.url.rsplit("/", 1)[0] + "/99"
+    async with RedisLimiter.from_url(url, name, max_at_once=1, retry_window=1) as limiter:
+        with anyio.fail_after(0.5), pytest.raises(ConfigurationError, match="database number"):
+            await limiter.acquire()
 
 
 @pytest.mark.anyio
