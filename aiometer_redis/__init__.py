@@ -9,9 +9,13 @@ leases renewed in the background, so a crashed worker gives its slots back withi
 from ._exceptions import (
     AcquireTimeoutError,
     ConfigurationError,
+    CorruptStateError,
     LeaseLostError,
+    PoolExhaustedError,
     RedisLimiterError,
+    RedisReplyError,
     RedisUnavailableError,
+    WrongEventLoopError,
 )
 from ._group import RedisLimiterGroup
 from ._limiter import Holder, RedisLimiter, RedisLimiterStatistics, RedisPermit
@@ -19,12 +23,16 @@ from ._limiter import Holder, RedisLimiter, RedisLimiterStatistics, RedisPermit
 __all__ = [
     "AcquireTimeoutError",
     "ConfigurationError",
+    "CorruptStateError",
     "Holder",
     "LeaseLostError",
+    "PoolExhaustedError",
     "RedisLimiter",
     "RedisLimiterError",
     "RedisLimiterGroup",
     "RedisLimiterStatistics",
     "RedisPermit",
+    "RedisReplyError",
     "RedisUnavailableError",
+    "WrongEventLoopError",
 ]

@@ -11,10 +11,11 @@ __all__ = ["Batcher"]
 
 
 class _Entry:
-    __slots__ = ("error", "item", "reply", "wake")
+    __slots__ = ("deadline", "error", "item", "reply", "wake")
 
-    def __init__(self, item: str) -> None:
+    def __init__(self, item: str, deadline: float) -> None:
         self.item = item
+        self.deadline = deadline
         self.wake = anyio.Event()
         self.reply: Any = _PENDING
         self.error: BaseException | None = None
@@ -37,20 +38,35 @@ class Batcher:
     cost per acquisition near that of a PING; alone, a caller pays no delay.
 
     ``submit`` is shielded from cancellation: a call that has been sent is always answered
-    and accounted for, and it lasts at most the limiter's ``retry_window``.
+    and accounted for. Each entry has a deadline: a call is given the earliest deadline of
+    the entries it carries, and an entry still queued when its deadline passes leaves the
+    queue and raises ``TimeoutError`` (nothing was sent for it). So no caller waits past its
+    own deadline, however many calls were queued before it.
     """
 
-    def __init__(self, run: Callable[[list[str]], Awaitable[list[Any]]]) -> None:
+    def __init__(self, run: Callable[[list[str], float], Awaitable[list[Any]]]) -> None:
         self._run = run
         self._queue: list[_Entry] = []
         self._busy = False
 
-    async def submit(self, item: str) -> Any:
-        entry = _Entry(item)
+    async def submit(self, item: str, deadline: float) -> Any:
+        """Send *item* in the next call, and return its part of the reply.
+
+        Raises:
+            TimeoutError: *deadline* passed while the item was still queued.
+        """
+        entry = _Entry(item, deadline)
         self._queue.append(entry)
         with anyio.CancelScope(shield=True):
             if self._busy:
-                await entry.wake.wait()
+                with anyio.move_on_at(deadline):
+                    await entry.wake.wait()
+                if not entry.wake.is_set():
+                    if entry in self._queue:
+                        self._queue.remove(entry)
+                        raise TimeoutError("not sent before the deadline (calls queued before)")
+                    # Sent in a call with an earlier deadline: its answer is due.
+                    await entry.wake.wait()
                 if entry.reply is not _PENDING or entry.error is not None:
                     return entry.reply if entry.error is None else _reraise(entry.error)
             # Leading: either nobody was, or the previous leader handed over to us.
@@ -60,7 +76,9 @@ class Batcher:
                     batch = self._queue[:_MAX_BATCH]
                     del self._queue[:_MAX_BATCH]
                     try:
-                        replies = await self._run([e.item for e in batch])
+                        replies = await self._run(
+                            [e.item for e in batch], min(e.deadline for e in batch)
+                        )
                     except BaseException as exc:
                         for e in batch:
                             e.error = exc

@@ -346,7 +346,7 @@ def _is_auth_error(exc: BaseException) -> bool:
 
 
 # What each of the limiter's keys must hold, in limiter_keys() order.
-_KEY_TYPES = ("zset", "zset", "zset", "string", "string", "hash", "zset")
+_KEY_TYPES = ("zset", "zset", "zset", "string", "string", "hash", "zset", "zset")
 
 # Read-only: one TYPE per key, so a corrupt limiter is reported key by key.
 _TYPES_SOURCE = """\

@@ -11,9 +11,13 @@ import anyio.abc
 
 from ._client import ScriptClient, adapt
 from ._exceptions import ConfigurationError
-from ._limiter import RedisLimiter, _exit_unwrapped
+from ._limiter import _NO_CLIENT, RedisLimiter, _exit_unwrapped
 
 __all__ = ["RedisLimiterGroup"]
+
+# How many of the oldest limiters each new key looks at (see _drop_idle): more than one, so
+# that the idle ones shrink back to max_idle when busy ones stand in front of them.
+_SCAN_PER_KEY = 4
 
 
 class RedisLimiterGroup:
@@ -57,13 +61,16 @@ class RedisLimiterGroup:
         if not idle_after >= 0:
             raise ConfigurationError(f"idle_after must be >= 0, got {idle_after!r}")
         # Validate the options once, with a throwaway limiter that is never entered.
-        RedisLimiter(None, "validation", **options)
+        RedisLimiter(_NO_CLIENT, "validation", **options)
         self._client: ScriptClient = adapt(redis)
         self._options = options
         self._max_idle = max_idle
         self._idle_after = float(idle_after)
-        self._limiters: OrderedDict[str, tuple[RedisLimiter, anyio.CancelScope]] = OrderedDict()
-        self._used: dict[str, float] = {}
+        self._limiters: dict[str, tuple[RedisLimiter, anyio.CancelScope]] = {}
+        # The keys used within idle_after (key -> last use, oldest first), and the older ones
+        # (least recently used first): see _drop_idle.
+        self._young: OrderedDict[str, float] = OrderedDict()
+        self._old: OrderedDict[str, None] = OrderedDict()
         self._task_group: anyio.abc.TaskGroup | None = None
 
     def __repr__(self) -> str:
@@ -85,7 +92,8 @@ class RedisLimiterGroup:
     ) -> bool | None:
         task_group, self._task_group = self._task_group, None
         self._limiters.clear()
-        self._used.clear()
+        self._young.clear()
+        self._old.clear()
         if task_group is None:
             return None
         task_group.cancel_scope.cancel()
@@ -101,31 +109,45 @@ class RedisLimiterGroup:
         """The limiter of *key*, made (and started) if this group has none for it yet."""
         if self._task_group is None:
             raise RuntimeError("enter the group first: `async with RedisLimiterGroup(...)`")
-        self._used[key] = anyio.current_time()
+        now = anyio.current_time()
         entry = self._limiters.get(key)
+        self._touch(key, now)
         if entry is not None:
-            self._limiters.move_to_end(key)
             return entry[0]
         limiter = RedisLimiter(self._client, key, **self._options)
         self._limiters[key] = (limiter, limiter._attach(self._task_group))
-        self._drop_idle()
+        self._drop_idle(now)
         return limiter
 
-    def _drop_idle(self) -> None:
-        # Idle: nothing held or awaited through it, and not asked for in the last idle_after
-        # seconds (a run may still hold on to a limiter it got a moment ago).
-        horizon = anyio.current_time() - self._idle_after
-        idle = [
-            key
-            for key, (limiter, _) in self._limiters.items()
-            if self._used[key] <= horizon
-            and not limiter._held
-            and not limiter._waiters
-            and not limiter._orphans
-            and not (limiter._local is not None and limiter._local.statistics().held)
-        ]
-        for key in idle[: max(0, len(idle) - self._max_idle)]:
-            del self._used[key]
-            limiter, scope = self._limiters.pop(key)
+    def _touch(self, key: str, now: float) -> None:
+        self._old.pop(key, None)
+        self._young.pop(key, None)
+        self._young[key] = now
+
+    def _drop_idle(self, now: float) -> None:
+        # Each new key does O(1) amortized work: keys move once from young to old as they
+        # age, and at most _SCAN_PER_KEY of the oldest are looked at. An old one that is idle
+        # (nothing held or awaited through it; not asked for in the last idle_after seconds,
+        # as a run may still hold on to a limiter it got a moment ago) is dropped while more
+        # than max_idle old ones are kept; a busy one counts as used now. So the limiters kept
+        # are the young and busy ones plus at most max_idle idle ones (give or take the busy
+        # ones a scan steps over before it reaches idle ones).
+        horizon = now - self._idle_after
+        while self._young:
+            key, used = next(iter(self._young.items()))
+            if used > horizon:
+                break
+            del self._young[key]
+            self._old[key] = None
+        for _ in range(_SCAN_PER_KEY):
+            if len(self._old) <= self._max_idle:
+                return
+            key = next(iter(self._old))
+            limiter, scope = self._limiters[key]
+            if not limiter._is_idle():
+                self._touch(key, now)
+                continue
+            del self._old[key]
+            del self._limiters[key]
             scope.cancel()
             limiter._attached = False  # an old reference now fails loudly instead of quietly

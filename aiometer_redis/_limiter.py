@@ -42,12 +42,24 @@ from aiometer._validation import check_burst, check_max_at_once, check_max_per_s
 
 from ._batch import Batcher
 from ._client import ScriptArg, ScriptClient, adapt, client_from_url
+from ._errors import (
+    TRANSIENT_CODES,
+    pool_errors,
+    refused_errors,
+    reply_code,
+    reply_errors,
+    transient_errors,
+    translate_reply,
+)
 from ._exceptions import (
     AcquireTimeoutError,
     ConfigurationError,
+    CorruptStateError,
     LeaseLostError,
+    PoolExhaustedError,
     RedisLimiterError,
     RedisUnavailableError,
+    WrongEventLoopError,
 )
 from ._scripts import Script, decode_acquire_reply, load_script
 from ._urls import parse_url
@@ -70,59 +82,11 @@ logger = logging.getLogger("aiometer_redis")
 # The longest lease, and the longest burst window, that a limiter accepts (a day).
 _MAX_SECONDS = 86_400
 
-_KEY_SUFFIXES = ("holders", "queue", "waiters", "tat", "seq", "grants", "recent")
+_KEY_SUFFIXES = ("holders", "queue", "waiters", "tat", "seq", "grants", "recent", "spare")
 
-
-def _transient_errors() -> tuple[type[BaseException], ...]:
-    """The client errors that mean "Redis is not reachable right now"."""
-    errors: list[type[BaseException]] = [
-        OSError,
-        TimeoutError,
-        anyio.ClosedResourceError,
-        anyio.BrokenResourceError,
-    ]
-    try:
-        import redis.exceptions
-    except ImportError:  # pragma: no cover - depends on the installed extras
-        pass
-    else:
-        # ClusterError: redis-py gave up following redirections (e.g. TRYAGAIN while the
-        # limiter's slot migrates); Redis refuses a script before running any of it then.
-        errors += [
-            redis.exceptions.ConnectionError,
-            redis.exceptions.TimeoutError,
-            redis.exceptions.ClusterError,
-        ]
-    try:
-        import coredis.exceptions
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        errors += [
-            coredis.exceptions.ConnectionError,
-            coredis.exceptions.BusyLoadingError,
-            coredis.exceptions.TryAgainError,
-            coredis.exceptions.ClusterDownError,
-        ]
-    return tuple(errors)
-
-
-def _refused_errors() -> tuple[type[BaseException], ...]:
-    """The client errors that mean "wrong credentials": never worth a retry."""
-    errors: list[type[BaseException]] = []
-    try:
-        import redis.exceptions
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        errors += [redis.exceptions.AuthenticationError]
-    try:
-        import coredis.exceptions
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        errors += [coredis.exceptions.AuthenticationError]
-    return tuple(errors)
+# Passed as the client by from_url and by RedisLimiterGroup's check of its options: the
+# client is made (or given) later. A user's None is refused.
+_NO_CLIENT: Any = object()
 
 
 def _escape_tag(name: str) -> str:
@@ -145,26 +109,50 @@ def _mailbox_prefix(name: str, prefix: str) -> str:
 class LimiterState:
     """What status.lua reads: holders soonest expiry first, waiters in serving order, and
     the rate state as seconds from now (``tat``: None if no rate state is stored); ``issued``
-    counts the tickets and fencing tokens handed out so far."""
+    counts the tickets and fencing tokens handed out so far; ``spare``: seconds until the
+    earliest rate start given back by a waiter that left before it (None: there is none)."""
 
     holders: tuple[Holder, ...]
     waiters: tuple[str, ...]
     tat: float | None
     issued: int
+    spare: float | None = None
 
 
-async def read_state(client: ScriptClient, keys: list[str]) -> LimiterState:
-    """Read one limiter's state from Redis in one read-only script call."""
-    now_us, holders_flat, queue_flat, tat, seq = await client.run_script(
-        load_script("status"), keys, [""]
-    )
-    now = int(now_us)
-    holders = tuple(
-        Holder(holders_flat[i], (int(holders_flat[i + 1]) - now) / 1e6)
-        for i in range(0, len(holders_flat), 2)
-    )
-    waiters = tuple(queue_flat[i] for i in range(0, len(queue_flat), 2))
-    return LimiterState(holders, waiters, (float(tat) - now) / 1e6 if tat else None, int(seq or 0))
+async def read_state(client: ScriptClient, keys: list[str], name: str = "") -> LimiterState:
+    """Read one limiter's state from Redis in one read-only script call.
+
+    Raises:
+        CorruptStateError: a key holds a value of the wrong type or form.
+        RedisReplyError: Redis answered with another error.
+    """
+    label = name or keys[0].rpartition(":")[0]
+    try:
+        reply = await client.run_script(load_script("status"), keys, [""])
+    except reply_errors() as exc:
+        raise translate_reply(label, "reading the state", exc) from exc
+    try:
+        now_us, holders_flat, queue_flat, tat, seq, *rest = reply
+        now = int(now_us)
+        holders = tuple(
+            Holder(holders_flat[i], (int(holders_flat[i + 1]) - now) / 1e6)
+            for i in range(0, len(holders_flat), 2)
+        )
+        waiters = tuple(queue_flat[i] for i in range(0, len(queue_flat), 2))
+        spare = (int(rest[0]) - now) / 1e6 if rest and rest[0] else None
+        return LimiterState(
+            holders,
+            waiters,
+            (float(tat) - now) / 1e6 if tat else None,
+            int(seq or 0),
+            spare,
+        )
+    except (ValueError, TypeError, IndexError) as exc:
+        raise CorruptStateError(
+            f"limiter {label!r}: its keys hold data no limiter wrote ({exc}); reset the "
+            "limiter (limiter.reset() or `aiometer-redis reset`) to start afresh",
+            "CORRUPT",
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -249,6 +237,13 @@ class RedisPermit:
     def __repr__(self) -> str:
         return f"RedisPermit(lease_id={self.lease_id!r}, token={self.token}, lost={self._lost})"
 
+    def _forget(self) -> Permit | None:
+        """Mark the permit released without a call (the limiter gives it back itself);
+        return its local permit, for the limiter to release."""
+        self._released = True
+        local, self._local = self._local, None
+        return local
+
     @property
     def lost(self) -> bool:
         """True if a renewal found the lease expired: the slot may have gone to another."""
@@ -261,20 +256,26 @@ class RedisPermit:
         """
         if self._released:
             return
+        limiter = self._limiter
+        if self.lease_id and limiter._is_open():
+            limiter._check_loop()
         self._released = True
-        if not self.lease_id:
-            # Rate only, or the in-process fallback: nothing is held in Redis.
+        if not self.lease_id or not limiter._is_open():
+            # Rate only, or the in-process fallback: nothing is held in Redis. Or the limiter
+            # was left (its client may be closed): the lease, no longer renewed, expires
+            # within lease_ttl.
             if self._local is not None:
                 await self._local.release()
             return
-        limiter = self._limiter
         with anyio.CancelScope(shield=True):
             try:
                 if self.lease_id:
                     limiter._held.pop(self.lease_id, None)
                     try:
-                        await limiter._releases.submit(self.lease_id)
-                    except RedisUnavailableError as exc:
+                        await limiter._releases.submit(
+                            self.lease_id, anyio.current_time() + limiter._retry_window
+                        )
+                    except (RedisLimiterError, TimeoutError) as exc:
                         limiter._orphans.add(self.lease_id)
                         logger.warning(
                             "limiter %r: could not release lease %s (%s); it is released "
@@ -397,7 +398,12 @@ class RedisLimiter(SlotMixin):
             raise ConfigurationError(str(exc)) from None
         if on_lease_lost is not None and not callable(on_lease_lost):
             raise TypeError(f"on_lease_lost must be callable, got {type(on_lease_lost).__name__}")
-        self._client: ScriptClient | None = None if redis is None else adapt(redis)
+        if redis is None:
+            raise TypeError(
+                "redis must be a Redis client (redis.asyncio.Redis, coredis.Redis, ...), got "
+                "None; use RedisLimiter.from_url(url, name, ...) to have the limiter make one"
+            )
+        self._client: ScriptClient | None = None if redis is _NO_CLIENT else adapt(redis)
         self._url: str | None = None
         self._name = name
         self._max_at_once = max_at_once
@@ -428,8 +434,14 @@ class RedisLimiter(SlotMixin):
         self._scripts: dict[str, Script] = {
             n: load_script(n) for n in ("acquire", "release", "renew", "cancel", "status")
         }
-        self._transient = _transient_errors()
-        self._refused = _refused_errors()
+        self._transient = transient_errors()
+        self._refused = refused_errors()
+        self._replies = reply_errors()
+        self._pool_errors = pool_errors()
+        # When the current run of failed Redis calls began (None: the last call succeeded).
+        self._failing_since: float | None = None
+        # The event loop the limiter was entered in (see _check_loop).
+        self._loop: object = None
         self._counter = itertools.count()
         self._local = ConcurrencyLimiter(max_at_once) if max_at_once is not None else None
         self._on_unavailable = on_unavailable
@@ -462,7 +474,7 @@ class RedisLimiter(SlotMixin):
         coredis; on trio it is coredis. The client is made when the limiter is entered.
         """
         parse_url(url)  # a malformed URL fails here, not when the limiter is entered
-        limiter = cls(None, name, **options)
+        limiter = cls(_NO_CLIENT, name, **options)
         limiter._url = url
         return limiter
 
@@ -488,6 +500,7 @@ class RedisLimiter(SlotMixin):
     async def __aenter__(self) -> RedisLimiter:
         if self._stack is not None:
             raise RuntimeError("this RedisLimiter is already open")
+        self._loop = _current_loop()
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
@@ -550,22 +563,45 @@ class RedisLimiter(SlotMixin):
         task_group.start_soon(background)
         self._task_group = task_group
         self._attached = True
+        self._loop = _current_loop()
         return scope
 
+    def _is_open(self) -> bool:
+        return self._stack is not None or self._attached
+
     def _check_open(self) -> None:
-        if self._stack is None and not self._attached:
+        if not self._is_open():
             raise RuntimeError(
                 "enter the limiter first: `async with RedisLimiter(...) as limiter:`"
             )
+        self._check_loop()
+
+    def _check_loop(self) -> None:
+        if _current_loop() is not self._loop:
+            raise WrongEventLoopError(
+                f"limiter {self._name!r} was entered in another event loop (another thread, "
+                "or another anyio.run / asyncio.run); use one limiter object per event loop"
+            )
+
+    def _is_idle(self) -> bool:
+        """True if nothing is held, awaited or left to withdraw through this limiter."""
+        return (
+            not self._held
+            and not self._waiters
+            and not self._orphans
+            and not (self._local is not None and self._local.statistics().held)
+        )
 
     # -- Redis calls ---------------------------------------------------------------------------
 
-    async def _call(self, script: str, *args: ScriptArg) -> Any:
-        """Run one script, retrying connection errors and time-outs for ``retry_window``."""
+    async def _call(self, script: str, *args: ScriptArg, deadline: float | None = None) -> Any:
+        """Run one script, retrying connection errors, time-outs and transient error replies
+        (BUSY, LOADING, ...) until *deadline* (default: ``retry_window`` from now)."""
         client = self._client
         assert client is not None
         argv = [*self._header, *args]
-        deadline = anyio.current_time() + self._retry_window
+        if deadline is None:
+            deadline = anyio.current_time() + self._retry_window
         backoff = 0.05
         last: BaseException | None = None
         while True:
@@ -573,6 +609,7 @@ class RedisLimiter(SlotMixin):
                 # A plain scope with a deadline: cheaper than fail_after on this hot path.
                 with anyio.CancelScope(deadline=deadline):
                     reply = await client.run_script(self._scripts[script], self._keys, argv)
+                    self._failing_since = None
                     if self._orphans and not self._withdrawing and self._task_group is not None:
                         # Redis answers again: free what failed calls may have left behind.
                         self._withdrawing = True
@@ -588,14 +625,34 @@ class RedisLimiter(SlotMixin):
                 ) from exc
             except self._transient as exc:
                 last = exc
+            except self._replies as exc:
+                if reply_code(exc) not in TRANSIENT_CODES:
+                    raise translate_reply(self._name, script, exc) from exc
+                last = exc
             now = anyio.current_time()
+            if self._failing_since is None:
+                self._failing_since = now
             if now >= deadline:
-                raise RedisUnavailableError(
-                    f"limiter {self._name!r}: Redis did not answer {script} within "
-                    f"{self._retry_window:g}s: {last!r}"
-                ) from last
+                raise self._unavailable(script, last)
             await anyio.sleep(min(backoff, deadline - now))
             backoff = min(backoff * 2, 1.0)
+
+    def _unavailable(self, script: str, last: BaseException | None) -> RedisLimiterError:
+        if isinstance(last, self._pool_errors):
+            error: RedisLimiterError = PoolExhaustedError(
+                f"limiter {self._name!r}: the Redis client's connection pool had no free "
+                f"connection for {script} within {self._retry_window:g}s ({last}); Redis "
+                "itself may be fine. Give the client a larger max_connections (one per "
+                "limiter object for its BLPOP, plus the calls in flight at once) or a "
+                "redis.asyncio.BlockingConnectionPool"
+            )
+        else:
+            error = RedisUnavailableError(
+                f"limiter {self._name!r}: Redis did not answer {script} within "
+                f"{self._retry_window:g}s: {last!r}"
+            )
+        error.__cause__ = last
+        return error
 
     # -- acquire / release ---------------------------------------------------------------------
 
@@ -609,11 +666,12 @@ class RedisLimiter(SlotMixin):
             RuntimeError: the limiter was not entered with ``async with``.
         """
         self._check_open()
+        start = anyio.current_time()
         if self._acquire_timeout is None:
-            return await self._acquire_or_fall_back()
+            return await self._acquire_or_fall_back(start, None)
         try:
             with anyio.fail_after(self._acquire_timeout):
-                return await self._acquire_or_fall_back()
+                return await self._acquire_or_fall_back(start, start + self._acquire_timeout)
         except TimeoutError as exc:
             if isinstance(exc, RedisLimiterError):
                 raise
@@ -621,10 +679,10 @@ class RedisLimiter(SlotMixin):
                 f"limiter {self._name!r}: no slot within {self._acquire_timeout:g}s"
             ) from None
 
-    async def _acquire_or_fall_back(self) -> RedisPermit:
+    async def _acquire_or_fall_back(self, start: float, deadline: float | None) -> RedisPermit:
         if not self._in_fallback:
             try:
-                return await self._acquire()
+                return await self._acquire(start, deadline)
             except RedisUnavailableError as exc:
                 if self._on_unavailable != "local":
                     raise
@@ -672,11 +730,11 @@ class RedisLimiter(SlotMixin):
             raise
         return RedisPermit(self, "", 0, local, fallback=True)
 
-    async def _acquire(self) -> RedisPermit:
-        local = await self._local.acquire() if self._local is not None else None
+    async def _acquire(self, start: float, deadline: float | None) -> RedisPermit:
+        local = await self._local_permit(start)
         waiter_id = f"{self._process_id}:{next(self._counter)}"
         try:
-            token, delay_us = await self._take(waiter_id)
+            token, delay_us = await self._take(waiter_id, start, deadline)
         except BaseException:
             if local is not None:
                 await local.release()
@@ -688,35 +746,119 @@ class RedisLimiter(SlotMixin):
             self._held[waiter_id] = permit
         try:
             if delay_us > 0:
+                if deadline is not None and anyio.current_time() + delay_us / 1e6 > deadline:
+                    # A grant handed on from the queue, whose rate start lies past the
+                    # deadline: give it back now rather than sleep towards it.
+                    raise self._too_late()
                 await anyio.sleep(delay_us / 1e6)
             else:
                 # The grant may have arrived after the caller was cancelled (the call on the
                 # wire is shielded): give it back rather than hand it to a cancelled caller.
                 await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
-            await permit.release()
+            if delay_us > 0:
+                await self._give_back(waiter_id, permit)
+            else:
+                await permit.release()
             raise
         return permit
 
-    async def _acquire_many(self, waiter_ids: list[str]) -> list[Any]:
-        return decode_acquire_reply(await self._call("acquire", *waiter_ids))
+    def _too_late(self) -> AcquireTimeoutError:
+        return AcquireTimeoutError(
+            f"limiter {self._name!r}: no slot within {self._acquire_timeout:g}s (the rate "
+            "limit's next start is further away)"
+        )
 
-    async def _release_many(self, lease_ids: list[str]) -> list[Any]:
-        reply = await self._call("release", *lease_ids)
+    async def _local_permit(self, start: float) -> Permit | None:
+        """The local concurrency permit; raises RedisUnavailableError once Redis has failed
+        every call for ``retry_window`` of this caller's wait (the holders it waits for
+        cannot give their slots back meanwhile)."""
+        if self._local is None:
+            return None
+        try:
+            return self._local.acquire_nowait()
+        except anyio.WouldBlock:
+            pass
+        check_at = start + self._retry_window
+        while True:
+            with anyio.move_on_at(check_at):
+                return await self._local.acquire()
+            since = self._failing_since
+            now = anyio.current_time()
+            if since is None:
+                check_at = now + self._retry_window
+            elif now - max(since, start) >= self._retry_window * 0.999:
+                raise RedisUnavailableError(
+                    f"limiter {self._name!r}: Redis did not answer any call within "
+                    f"{self._retry_window:g}s while this caller waited for a slot"
+                )
+            else:
+                check_at = max(since, start) + self._retry_window
+
+    async def _give_back(self, waiter_id: str, permit: RedisPermit) -> None:
+        """Withdraw a grant whose rate start has not come: its lease (if any) and its start
+        are given back, so that later acquisitions may use them."""
+        local = permit._forget()
+        self._held.pop(waiter_id, None)
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._call("cancel", waiter_id)
+            except RedisLimiterError as exc:
+                self._orphans.add(waiter_id)
+                logger.warning(
+                    "limiter %r: could not give back grant %s (%s); it is given back when "
+                    "Redis answers again",
+                    self._name,
+                    waiter_id,
+                    exc,
+                )
+            finally:
+                if local is not None:
+                    await local.release()
+
+    def _redis_deadline(self, start: float) -> float:
+        # While Redis is failing, a caller's retry window runs from its own start: calls
+        # queued behind others must not each get a fresh one.
+        now = anyio.current_time()
+        if self._failing_since is not None:
+            return min(now + self._retry_window, max(start + self._retry_window, now))
+        return now + self._retry_window
+
+    async def _submit_acquire(self, waiter_id: str, start: float, deadline: float | None) -> Any:
+        item = waiter_id
+        if deadline is not None and self._max_per_second is not None:
+            # Never reserve a rate start past the caller's deadline.
+            item += f"/{max(0, int((deadline - anyio.current_time()) * 1e6))}"
+        try:
+            return await self._acquires.submit(item, self._redis_deadline(start))
+        except TimeoutError as exc:
+            if isinstance(exc, RedisLimiterError):
+                raise
+            raise RedisUnavailableError(
+                f"limiter {self._name!r}: Redis did not answer within "
+                f"{self._retry_window:g}s (the calls queued before this one were not answered)"
+            ) from None
+
+    async def _acquire_many(self, items: list[str], deadline: float) -> list[Any]:
+        return decode_acquire_reply(await self._call("acquire", *items, deadline=deadline))
+
+    async def _release_many(self, lease_ids: list[str], deadline: float) -> list[Any]:
+        reply = await self._call("release", *lease_ids, deadline=deadline)
         return [reply] * len(lease_ids)
 
-    async def _take(self, waiter_id: str) -> tuple[int, int]:
+    async def _take(self, waiter_id: str, start: float, deadline: float | None) -> tuple[int, int]:
         """Get a grant ``(token, delay_us)`` for *waiter_id*, queueing until one comes."""
         try:
-            reply = await self._acquires.submit(waiter_id)
-        except RedisUnavailableError:
+            reply = await self._submit_acquire(waiter_id, start, deadline)
+        except (RedisUnavailableError, PoolExhaustedError):
             # The call may have run on the server after we gave up on its reply, leaving a
-            # lease (a rate reservation has nothing to give back).
-            if self._max_at_once is not None:
-                self._orphans.add(waiter_id)
+            # lease or a rate reservation: withdraw it when Redis answers again.
+            self._orphans.add(waiter_id)
             raise
         if reply[0] == 1:
             return int(reply[1]), int(reply[2])
+        if reply[0] == 2:
+            raise self._too_late()
         waiter = _Waiter()
         self._waiters[waiter_id] = waiter
         self._waiters_added.set()
@@ -729,15 +871,17 @@ class RedisLimiter(SlotMixin):
                 # No wake-up (lost, or the queue entry expired): ask again. The same waiter id
                 # makes this idempotent: a grant already made is returned, not made twice.
                 waiter.event = anyio.Event()
-                reply = await self._acquires.submit(waiter_id)
+                reply = await self._submit_acquire(waiter_id, anyio.current_time(), deadline)
                 if reply[0] == 1:
                     return int(reply[1]), int(reply[2])
+                if reply[0] == 2:
+                    raise self._too_late()
         except BaseException:
             # Withdraw from the queue; a grant that raced with us is freed by the script.
             with anyio.CancelScope(shield=True):
                 try:
                     await self._call("cancel", waiter_id)
-                except RedisUnavailableError:
+                except RedisLimiterError:
                     self._orphans.add(waiter_id)
                     logger.warning(
                         "limiter %r: could not withdraw waiter %s; it is withdrawn when "
@@ -778,7 +922,9 @@ class RedisLimiter(SlotMixin):
                 await self._waiters_added.wait()
             try:
                 message = await client.blpop(self._mailbox, self._recheck_interval)
-            except self._transient:
+            except (*self._transient, *self._replies) as exc:
+                if isinstance(exc, self._replies):
+                    logger.warning("limiter %r: reading the mailbox failed: %s", self._name, exc)
                 # The waiters' own re-checks cover the outage; just don't spin.
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
@@ -804,7 +950,7 @@ class RedisLimiter(SlotMixin):
             for entry_id in list(self._orphans):
                 try:
                     await self._call("cancel", entry_id)
-                except RedisUnavailableError:
+                except RedisLimiterError:
                     return
                 self._orphans.discard(entry_id)
         finally:
@@ -823,7 +969,7 @@ class RedisLimiter(SlotMixin):
                 lost_leases, lost_waiters, _ = await self._call(
                     "renew", len(leases), *leases, *waiters
                 )
-            except RedisUnavailableError as exc:
+            except RedisLimiterError as exc:
                 logger.warning("limiter %r: renewal failed: %s", self._name, exc)
                 continue
             for lease_id in lost_leases:
@@ -862,11 +1008,13 @@ class RedisLimiter(SlotMixin):
         client = self._client
         if client is None:
             raise RuntimeError("enter the limiter first: `async with RedisLimiter(...)`")
-        state = await read_state(client, self._keys)
+        state = await read_state(client, self._keys, self._name)
         next_start = 0.0
         if state.tat is not None and self._max_per_second is not None:
             interval = 1 / self._max_per_second
             next_start = max(0.0, state.tat - (self._burst - 1) * interval)
+            if state.spare is not None:
+                next_start = min(next_start, max(0.0, state.spare))
         return RedisLimiterStatistics(
             name=self._name,
             max_at_once=self._max_at_once,
@@ -892,12 +1040,31 @@ class RedisLimiter(SlotMixin):
         await client.delete(*self._keys, self._mailbox)
 
 
+def _same(one: BaseException, other: BaseException) -> bool:
+    """*one* is *other*, or a copy of the group *other* with the same leaves (trio splits
+    groups on their way through a cancelled scope, which derives new group objects)."""
+    if one is other:
+        return True
+    if not (isinstance(one, BaseExceptionGroup) and isinstance(other, BaseExceptionGroup)):
+        return False
+    return (
+        one.message == other.message
+        and len(one.exceptions) == len(other.exceptions)
+        and all(_same(a, b) for a, b in zip(one.exceptions, other.exceptions, strict=True))
+    )
+
+
 def _only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
-    """True if every leaf of *group* is *exc* itself."""
-    return all(
-        _only(inner, exc) if isinstance(inner, BaseExceptionGroup) else inner is exc
+    """True if *group* is *exc*, or only wraps *exc* (itself possibly a group)."""
+    return _same(group, exc) or all(
+        _same(inner, exc) or (isinstance(inner, BaseExceptionGroup) and _only(inner, exc))
         for inner in group.exceptions
     )
+
+
+def _current_loop() -> object:
+    """The running event loop (asyncio) or run (trio), as an object compared by identity."""
+    return anyio.lowlevel.current_token().native_token
 
 
 async def _exit_unwrapped(

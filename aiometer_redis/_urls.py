@@ -14,6 +14,7 @@ parameters are the sentinels' own credentials, when they have any. A port left o
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from dataclasses import dataclass
 
@@ -113,12 +114,47 @@ def _parse_sentinel(url: str) -> SentinelURL:
     )
 
 
+# A host name or IPv4 address (letters, digits, '.', '-', '_'), or an IPv6 address.
+_HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+(%[A-Za-z0-9._-]+)?\]")
+# The largest database number Redis can be configured with (``databases`` is an int).
+_MAX_DB = 2**31 - 1
+
+
+def _check_db(url: str, text: str) -> None:
+    if not text.isdigit() or int(text) > _MAX_DB:
+        raise _bad(url, f"db must be an integer from 0 to {_MAX_DB}, got {text!r}")
+
+
+def _check_plain(url: str) -> None:
+    """Check the host, port and db of a ``redis://`` or ``rediss://`` URL."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    bracketed = netloc.startswith("[")
+    host = netloc[: netloc.find("]") + 1] if bracketed else netloc.partition(":")[0]
+    if host and not _HOST.fullmatch(host):
+        raise _bad(url, f"malformed host {host!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        port_text = parts.netloc.rpartition("@")[2].rpartition(":")[2]
+        raise _bad(url, f"port must be an integer from 1 to 65535, got {port_text!r}") from None
+    if port == 0:
+        raise _bad(url, "port must be an integer from 1 to 65535, got '0'")
+    path = parts.path.strip("/")
+    if path:
+        _check_db(url, path)
+    for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if key == "db":
+            _check_db(url, value)
+
+
 def parse_url(url: str) -> SentinelURL | None:
     """Check *url*'s form; return the parsed Sentinel URL, or None for a plain Redis URL.
 
     Raises:
         TypeError: *url* is not a str.
-        ValueError: an unknown scheme, or a malformed Sentinel URL.
+        ValueError: an unknown scheme, a malformed host, a port out of 1-65535, a db that is
+            not an integer from 0 to 2**31 - 1, or a malformed Sentinel URL.
     """
     if not isinstance(url, str):
         raise TypeError(f"url must be a str, got {type(url).__name__}")
@@ -127,6 +163,8 @@ def parse_url(url: str) -> SentinelURL | None:
         raise ValueError("expected a Redis URL such as redis://127.0.0.1:6379/0 (no '://' found)")
     scheme = scheme.lower()
     if scheme in _PLAIN_SCHEMES:
+        if scheme != "unix":
+            _check_plain(url)
         return None
     if scheme == SENTINEL_SCHEME:
         return _parse_sentinel(url)

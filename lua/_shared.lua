@@ -2,7 +2,7 @@
 --
 -- Redis scripts cannot include each other, so aiometer_redis/_scripts.py sends
 -- this file followed by the operation's own file as one script (its SHA1 is that
--- of the concatenation). It binds the seven KEYS and the common ARGV[1..7] that
+-- of the concatenation). It binds the eight KEYS and the common ARGV[1..7] that
 -- every writing script receives (see the header of each script) and defines the
 -- helpers they share. It is not a script on its own.
 
@@ -16,6 +16,8 @@ local seq_key = KEYS[5]
 local grants_key = KEYS[6]
 -- Read and written only by the rate-only path of acquire.lua (see its header).
 local recent_key = KEYS[7]
+-- Rate starts given back by waiters that left before them (see give_back).
+local spare_key = KEYS[8]
 
 local now_arg = ARGV[1]
 local max_at_once = tonumber(ARGV[2])
@@ -48,8 +50,8 @@ end
 
 -- Returns an error reply for the first malformed common argument, or nil.
 local function check_common_args()
-  if #KEYS ~= 7 then
-    return redis.error_reply('ERR_ARG expected 7 keys, got ' .. #KEYS)
+  if #KEYS ~= 8 then
+    return redis.error_reply('ERR_ARG expected 8 keys, got ' .. #KEYS)
   end
   if now_arg == nil or (now_arg ~= '' and not is_int(tonumber(now_arg), 0)) then
     return bad_arg('now_us', 'empty or an integer >= 0', now_arg)
@@ -102,19 +104,104 @@ local tat_loaded = false
 local tat_value = 0
 local tat_text = nil
 
--- Reserves the next GCRA slot; returns the start delay in whole microseconds.
-local function reserve(now)
+local function load_tat()
   if not tat_loaded then
     tat_value = tonumber(redis.call('GET', tat_key) or '') or 0
     tat_loaded = true
   end
-  local t = math.max(tat_value, now)
-  local delay = math.max(0, t - (burst - 1) * interval - now)
-  -- Keep the TAT exactly as stored ('%.3f'), as if it were written and read
-  -- back between two reservations.
-  tat_text = string.format('%.3f', t + interval)
+end
+
+-- Keeps the TAT exactly as stored ('%.3f'), as if it were written and read
+-- back between two reservations.
+local function set_tat(value)
+  tat_text = string.format('%.3f', value)
   tat_value = tonumber(tat_text)
-  return math.ceil(delay)
+end
+
+-- The earliest start given back and not yet passed: {member, start_us}, or nil.
+-- Read at most once per call while it finds none (the common case: one
+-- ZRANGEBYSCORE per call).
+local spare_empty = false
+local function earliest_spare(now)
+  if spare_empty then
+    return nil
+  end
+  local first = redis.call('ZRANGEBYSCORE', spare_key, int(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if #first == 0 then
+    spare_empty = true
+    return nil
+  end
+  return {first[1], tonumber(first[2])}
+end
+
+-- Reserves the next rate start: a start given back (spare) if one is still
+-- ahead, else the next GCRA slot. Returns the start delay in whole
+-- microseconds, or nil (and reserves nothing) if that delay would exceed
+-- max_delay (nil: no bound).
+--
+-- A start given back is always earlier than the next GCRA slot (it was taken
+-- from before the TAT), and it is a slot GCRA granted once and nobody used, so
+-- handing it out again keeps every window within the GCRA bound.
+local function reserve(now, max_delay)
+  local spare = earliest_spare(now)
+  if spare then
+    local delay = math.ceil(spare[2] - now)
+    if max_delay and delay > max_delay then
+      return nil
+    end
+    redis.call('ZREM', spare_key, spare[1])
+    spare_empty = false
+    return delay
+  end
+  load_tat()
+  local t = math.max(tat_value, now)
+  local delay = math.ceil(math.max(0, t - (burst - 1) * interval - now))
+  if max_delay and delay > max_delay then
+    return nil
+  end
+  set_tat(t + interval)
+  return delay
+end
+
+-- Gives back the rate start `start_at` (microseconds) reserved by `id` that
+-- nobody will use: a start already passed is gone; the latest start reserved
+-- rolls the TAT back (and with it any given-back starts that thereby become
+-- the latest); any other one is kept in spare for the next reservation. So
+-- withdrawn reservations never push later starts further away.
+local function give_back(id, start_at, now)
+  if interval <= 0 or start_at <= now then
+    return
+  end
+  -- Starts already passed are gone (at most 100 per call; the key's TTL ends the rest).
+  local passed = redis.call('ZRANGEBYSCORE', spare_key, '-inf', '(' .. int(now), 'LIMIT', 0, 100)
+  if #passed > 0 then
+    redis.call('ZREM', spare_key, unpack(passed))
+  end
+  load_tat()
+  if tat_value <= 0 then
+    return  -- the rate state is gone (flushed or expired): nothing to give back to
+  end
+  -- A future start s was reserved with TAT t = s + (burst - 1) * interval,
+  -- within the microsecond its delay was rounded up by, and left the TAT at
+  -- t + interval.
+  local function is_latest(s)
+    local latest = tat_value - burst * interval
+    return latest > s - 1.001 and latest <= s + 0.001
+  end
+  if not is_latest(start_at) then
+    redis.call('ZADD', spare_key, int(start_at), id)
+    redis.call('PEXPIRE', spare_key, int(ttl_until(tat_value, now)))
+    return
+  end
+  set_tat(tat_value - interval)
+  while true do
+    local top = redis.call('ZRANGE', spare_key, -1, -1, 'WITHSCORES')
+    if #top == 0 or not is_latest(tonumber(top[2])) then
+      break
+    end
+    redis.call('ZREM', spare_key, top[1])
+    set_tat(tat_value - interval)
+  end
 end
 
 -- Writes the TAT back if this call moved it, with a TTL that outlasts it.
@@ -154,14 +241,18 @@ end
 -- Makes `id` a holder (only when max_at_once > 0): a fencing token, when rate
 -- limited the next GCRA slot, and a lease running from the start. A queued id
 -- must be unqueued first. Returns token, delay_us (integer, how long the
--- holder must wait).
-local function grant(id, now)
-  local token = redis.call('INCR', seq_key)
-  wrote_seq = true
+-- holder must wait); or nil, and changes nothing, if the rate start would be
+-- more than max_delay away (nil: no bound).
+local function grant(id, now, max_delay)
   local delay = 0
   if interval > 0 then
-    delay = reserve(now)
+    delay = reserve(now, max_delay)
+    if delay == nil then
+      return nil
+    end
   end
+  local token = redis.call('INCR', seq_key)
+  wrote_seq = true
   local start_at = now + delay
   redis.call('ZADD', holders_key, int(start_at + lease_ttl), id)
   redis.call('HSET', grants_key, id, int(token) .. '|' .. int(start_at))

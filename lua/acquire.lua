@@ -1,7 +1,7 @@
 -- acquire.lua: take a slot for one or more waiters, or queue them and report
 -- their positions.
 --
--- KEYS (the same seven, in this order, for every script; all share one hash tag):
+-- KEYS (the same eight, in this order, for every script; all share one hash tag):
 --   1 holders  ZSET   lease id -> lease expiry (integer microseconds, server time)
 --   2 queue    ZSET   waiter id -> ticket (from KEYS[5]); lower ticket is served first
 --   3 waiters  ZSET   waiter id -> liveness expiry (microseconds)
@@ -10,7 +10,11 @@
 --   6 grants   HASH   lease id (or remembered rate-only waiter id) ->
 --                     "<token>|<start_at_us>"
 --   7 recent   ZSET   rate-only waiter id -> end of its memory (microseconds);
---                     only the rate-only path of acquire.lua reads or writes it
+--                     only the rate-only path of acquire.lua reads or writes it,
+--                     and cancel.lua deletes from it
+--   8 spare    ZSET   rate start given back -> that start (microseconds): a
+--                     start reserved by a waiter that left before it, handed
+--                     to the next reservation (see give_back in _shared.lua)
 --
 -- One more key is written without being in KEYS: the mailbox of the process
 -- that owns a waiter, ARGV[7] .. <process id>, where the process id is the part
@@ -28,7 +32,10 @@
 --   6 key_ttl_ms     integer >= 1; every written key is given at least this TTL
 --   7 mailbox prefix e.g. 'aiometer:{name}:mb:'
 --   8 ..            one or more waiter ids '<process id>:<n>'; a waiter id
---                    becomes the lease id when granted
+--                    becomes the lease id when granted. An id may end in
+--                    '/<max delay us>' (the caller's remaining time): it is then
+--                    never given a rate start further away than that (the
+--                    suffix is not part of the id)
 --
 -- The call does exactly what one call per waiter id, in ARGV order and with the
 -- same now, would do (expired leases and dead waiters are purged once, first):
@@ -45,6 +52,10 @@
 --                     nothing.
 --   0,ahead           queued; ahead = 0-based position in the queue. The
 --                     waiter's liveness is extended to now + lease_ttl_us.
+--   2,0               refused: the waiter's next rate start would be further
+--                     away than its max delay. Nothing is reserved, held or
+--                     queued for it (an entry it already had in the queue
+--                     stays, for its caller to cancel).
 --
 -- Rate only (max_at_once = 0) takes a fast path that keeps no lease: holders,
 -- queue and waiters are neither read nor written (nor purged). Every id is
@@ -61,9 +72,11 @@
 --     remembered: ZADD recent <now + lease_ttl_us> id, and
 --     HSET grants id "<token>|<now + delay_us>".
 -- So an id given twice in one batch is new the first time and a retry the
--- second. The new ids of a call take their tokens from one INCRBY seq <number
--- of new ids> and their rate slots in ARGV order; a call in which no id is new
--- writes nothing (tat, seq and every TTL stay as they were).
+-- second. The new ids of a call take their rate starts in ARGV order (a start
+-- given back first, see reserve), and the granted ones their tokens from one
+-- INCRBY seq <number granted>; a refused id (its max delay) is not
+-- remembered. A call in which no id is granted anew writes nothing (tat, seq
+-- and every TTL stay as they were).
 --
 -- How long an id is remembered: lease_ttl_us (ARGV[5]), so that the ARGV
 -- layout stays that of every other script. A client repeats a call only within
@@ -89,10 +102,16 @@ local count = #ARGV - 7
 if count < 1 then
   return bad_arg('waiter id', "'<process id>:<n>' (at least one)", nil)
 end
+-- ids[i] and max_delays[i] (nil: no bound) of ARGV[7 + i].
+local ids = {}
+local max_delays = {}
 for i = 8, #ARGV do
-  if not string.find(ARGV[i], '^[^:]+:') then
-    return bad_arg('waiter id', "'<process id>:<n>'", ARGV[i])
+  if not string.find(ARGV[i], '^[^:/]+:[^/]*$') and not string.find(ARGV[i], '^[^:/]+:[^/]*/%d+$') then
+    return bad_arg('waiter id', "'<process id>:<n>[/<max delay us>]'", ARGV[i])
   end
+  local id, max_delay = string.match(ARGV[i], '^(.*)/(%d+)$')
+  ids[i - 7] = id or ARGV[i]
+  max_delays[i - 7] = tonumber(max_delay)
 end
 
 -- ---------------------------------------------------------------------------
@@ -109,17 +128,17 @@ local function call_in_slices(command, key, flat)
   end
 end
 
--- The ids of ARGV[8..] that are remembered: id -> {token, start_at_us}; an id
--- checked and not remembered maps to false. One HMGET grants per SLICE ids;
--- only an id with a grant (in practice, a retry) costs a ZSCORE recent, to
--- check that its memory has not ended.
+-- The ids that are remembered: id -> {token, start_at_us}; an id checked and
+-- not remembered maps to false. One HMGET grants per SLICE ids; only an id
+-- with a grant (in practice, a retry) costs a ZSCORE recent, to check that its
+-- memory has not ended.
 local function remembered_grants(now)
   local known = {}
-  for first = 8, #ARGV, SLICE do
-    local last = math.min(first + SLICE - 1, #ARGV)
-    local values = redis.call('HMGET', grants_key, unpack(ARGV, first, last))
+  for first = 1, count, SLICE do
+    local last = math.min(first + SLICE - 1, count)
+    local values = redis.call('HMGET', grants_key, unpack(ids, first, last))
     for i = first, last do
-      local id = ARGV[i]
+      local id = ids[i]
       local token, start_at = string.match(values[i - first + 1] or '', '^(%d+)|(%d+)$')
       if token and known[id] == nil then
         known[id] = false
@@ -142,6 +161,8 @@ local function encode_replies(replies)
   for i, reply in ipairs(replies) do
     if reply[1] == 1 then
       entries[i] = '1,' .. int(reply[2]) .. ',' .. int(reply[3])
+    elseif reply[1] == 2 then
+      entries[i] = '2,0'
     else
       entries[i] = '0,' .. int(reply[2])
     end
@@ -161,31 +182,47 @@ local replies = {}
 if max_at_once == 0 then
   drop_ended(recent_key, grants_key, 'HDEL', now)  -- ended memories
   local known = remembered_grants(now)
+  -- The new ids in ARGV order, and their rate start delays (false: refused).
   local new_ids = {}
-  for i = 8, #ARGV do
-    local id = ARGV[i]
+  local delays = {}
+  local granted = 0
+  -- refused[i]: the id at ARGV position 7 + i was refused (its max delay).
+  local refused = {}
+  for i = 1, count do
+    local id = ids[i]
     if not known[id] then
-      known[id] = {}
+      local delay = 0
+      if interval > 0 then
+        delay = reserve(now, max_delays[i]) or false
+      end
+      if delay then
+        known[id] = {}
+        granted = granted + 1
+      else
+        refused[i] = true
+      end
       new_ids[#new_ids + 1] = id
+      delays[#new_ids] = delay
     end
   end
-  if #new_ids > 0 then
-    local before = redis.call('INCRBY', seq_key, #new_ids) - #new_ids
+  if granted > 0 then
+    local before = redis.call('INCRBY', seq_key, granted) - granted
     redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
     local ends = int(now + lease_ttl)
     local members = {}
     local fields = {}
-    for n, id in ipairs(new_ids) do
-      local delay = 0
-      if interval > 0 then
-        delay = reserve(now)
+    local n = 0
+    for k, id in ipairs(new_ids) do
+      local delay = delays[k]
+      if delay then
+        n = n + 1
+        local token = before + n
+        known[id] = {token, now + delay}
+        members[#members + 1] = ends
+        members[#members + 1] = id
+        fields[#fields + 1] = id
+        fields[#fields + 1] = int(token) .. '|' .. int(now + delay)
       end
-      local token = before + n
-      known[id] = {token, now + delay}
-      members[#members + 1] = ends
-      members[#members + 1] = id
-      fields[#fields + 1] = id
-      fields[#fields + 1] = int(token) .. '|' .. int(now + delay)
     end
     call_in_slices('ZADD', recent_key, members)
     call_in_slices('HSET', grants_key, fields)
@@ -194,9 +231,13 @@ if max_at_once == 0 then
     redis.call('PEXPIRE', grants_key, memory_ttl)
     flush_tat(now)
   end
-  for i = 8, #ARGV do
-    local grant_info = known[ARGV[i]]
-    replies[i - 7] = {1, grant_info[1], math.max(0, grant_info[2] - now)}
+  for i = 1, count do
+    local grant_info = known[ids[i]]
+    if refused[i] then
+      replies[i] = {2}
+    else
+      replies[i] = {1, grant_info[1], math.max(0, grant_info[2] - now)}
+    end
   end
   return encode_replies(replies)
 end
@@ -208,7 +249,7 @@ local held = nil
 local queue_len = nil
 
 for i = 1, count do
-  local id = ARGV[7 + i]
+  local id = ids[i]
   if redis.call('ZSCORE', holders_key, id) then
     local grant_info = redis.call('HGET', grants_key, id) or ''
     local token, start_at = string.match(grant_info, '^(%d+)|(%d+)$')
@@ -225,17 +266,22 @@ for i = 1, count do
       queue_len = queue_len or redis.call('ZCARD', queue_key)
       ahead = queue_len
     end
+    local token, delay = nil, nil
     if held + ahead < max_at_once then
-      if rank then
+      token, delay = grant(id, now, max_delays[i])
+      if token == nil then
+        replies[i] = {2}
+      elseif rank then
         unqueue({id})
         if queue_len then
           queue_len = queue_len - 1
         end
       end
-      local token, delay = grant(id, now)
+    end
+    if token then
       held = held + 1
       replies[i] = {1, token, delay}
-    else
+    elseif replies[i] == nil then
       if not rank then
         local ticket = redis.call('INCR', seq_key)
         redis.call('ZADD', queue_key, int(ticket), id)

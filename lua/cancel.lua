@@ -1,6 +1,7 @@
--- cancel.lua: withdraw a waiter (queued, or granted while the caller gave up).
+-- cancel.lua: withdraw a waiter (queued, or granted while the caller gave up,
+-- or sleeping towards a rate start it will not use).
 --
--- KEYS (the same seven, in this order, for every script; all share one hash tag):
+-- KEYS (the same eight, in this order, for every script; all share one hash tag):
 --   1 holders  ZSET   lease id -> lease expiry (integer microseconds, server time)
 --   2 queue    ZSET   waiter id -> ticket (from KEYS[5]); lower ticket is served first
 --   3 waiters  ZSET   waiter id -> liveness expiry (microseconds)
@@ -9,7 +10,11 @@
 --   6 grants   HASH   lease id (or remembered rate-only waiter id) ->
 --                     "<token>|<start_at_us>"
 --   7 recent   ZSET   rate-only waiter id -> end of its memory (microseconds);
---                     only the rate-only path of acquire.lua reads or writes it
+--                     only the rate-only path of acquire.lua reads or writes it,
+--                     and cancel.lua deletes from it
+--   8 spare    ZSET   rate start given back -> that start (microseconds): a
+--                     start reserved by a waiter that left before it, handed
+--                     to the next reservation (see give_back in _shared.lua)
 --
 -- One more key is written without being in KEYS: the mailbox of the process
 -- that owns a waiter, ARGV[7] .. <process id>, where the process id is the part
@@ -26,6 +31,10 @@
 --   6 key_ttl_ms     integer >= 1; every written key is given at least this TTL
 --   7 mailbox prefix e.g. 'aiometer:{name}:mb:'
 --   8 waiter id
+--
+-- A rate start the waiter was granted (with a lease, or remembered by the
+-- rate-only path) that is still ahead is given back (give_back): the next
+-- reservation may use it.
 --
 -- Reply: {was_granted, granted}
 --   was_granted  1 if the waiter had been granted a lease meanwhile (the lease
@@ -52,7 +61,18 @@ local now = read_now()
 redis.call('ZREM', queue_key, waiter_id)
 redis.call('ZREM', waiters_key, waiter_id)
 local was_granted = redis.call('ZREM', holders_key, waiter_id)
-redis.call('HDEL', grants_key, waiter_id)
+local start_at = string.match(redis.call('HGET', grants_key, waiter_id) or '', '^%d+|(%d+)$')
+if start_at then
+  redis.call('HDEL', grants_key, waiter_id)
+  redis.call('ZREM', recent_key, waiter_id)
+  give_back(waiter_id, tonumber(start_at), now)
+end
+if max_at_once == 0 then
+  -- Rate only: no lease, queue or waiter to hand on; the memory of the other
+  -- ids keeps its TTL.
+  flush_tat(now)
+  return {0, 0}
+end
 purge(now)
 local granted = handoff(now)
 expire_keys(now)

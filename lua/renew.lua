@@ -1,6 +1,6 @@
 -- renew.lua: extend a process's leases and waiter liveness in one call.
 --
--- KEYS (the same seven, in this order, for every script; all share one hash tag):
+-- KEYS (the same eight, in this order, for every script; all share one hash tag):
 --   1 holders  ZSET   lease id -> lease expiry (integer microseconds, server time)
 --   2 queue    ZSET   waiter id -> ticket (from KEYS[5]); lower ticket is served first
 --   3 waiters  ZSET   waiter id -> liveness expiry (microseconds)
@@ -9,7 +9,11 @@
 --   6 grants   HASH   lease id (or remembered rate-only waiter id) ->
 --                     "<token>|<start_at_us>"
 --   7 recent   ZSET   rate-only waiter id -> end of its memory (microseconds);
---                     only the rate-only path of acquire.lua reads or writes it
+--                     only the rate-only path of acquire.lua reads or writes it,
+--                     and cancel.lua deletes from it
+--   8 spare    ZSET   rate start given back -> that start (microseconds): a
+--                     start reserved by a waiter that left before it, handed
+--                     to the next reservation (see give_back in _shared.lua)
 --
 -- One more key is written without being in KEYS: the mailbox of the process
 -- that owns a waiter, ARGV[7] .. <process id>, where the process id is the part

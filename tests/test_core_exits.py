@@ -21,9 +21,9 @@ import anyio.lowlevel
 import pytest
 import trio
 import trio.testing
-from windows import max_in_window
 
 import aiometer
+from aiometer_redis.testing import max_in_window
 
 pytestmark = pytest.mark.anyio
 

@@ -167,7 +167,7 @@ async def test_cancelled_rate_waiter_gives_its_start_back() -> None:
 
 
 async def test_rate_limiter_shared_by_concurrent_runs() -> None:
-    from windows import window_violations
+    from aiometer_redis.testing import window_violations
 
     limiter = aiometer.RateLimiter(100)
     starts: list[float] = []

@@ -456,7 +456,7 @@ async def test_failure_releases_every_permit() -> None:
     ("rate", "burst"), [(5, 1), (50, 1), (200, 1), (1000, 1), (50, 10), (1000, 50)]
 )
 async def test_rate_limit_windows(rate: float, burst: int) -> None:
-    from windows import window_violations
+    from aiometer_redis.testing import window_violations
 
     starts: list[float] = []
     count = burst + max(int(rate * 0.6), 4)
@@ -475,7 +475,7 @@ async def test_rate_limit_windows(rate: float, burst: int) -> None:
 
 
 async def test_max_per_second_argument_and_unbounded() -> None:
-    from windows import window_violations
+    from aiometer_redis.testing import window_violations
 
     starts: list[float] = []
 
