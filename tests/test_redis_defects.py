@@ -384,7 +384,7 @@ async def test_wrong_type_and_garbage_are_corrupt_state(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py's pool: asyncio only
+@pytest.mark.backends("asyncio")  # redis-py's pool: asyncio only
 async def test_exhausted_pool_is_named(server: RedisServer, name: str, anyio_backend: str) -> None:
     """A client with max_connections=1: the waiter's dispatcher holds the one connection in
     BLPOP, so the waiter's re-check finds no free connection. That is reported as a full
@@ -600,7 +600,7 @@ async def test_db_the_server_lacks_is_a_configuration_error(server: RedisServer,
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # counts redis-py's connections
+@pytest.mark.backends("asyncio")  # counts redis-py's connections
 async def test_release_after_exit_does_not_reopen_the_client(
     server: RedisServer, name: str, anyio_backend: str
 ) -> None:
