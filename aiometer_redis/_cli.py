@@ -364,6 +364,7 @@ return {redis.call('GET', KEYS[1]) or '', redis.call('GET', KEYS[2]) or ''}
 
 
 async def _read_checked_state(client: Any, keys: list[str]) -> Any:
+    from ._exceptions import CorruptStateError
     from ._limiter import read_state
     from ._scripts import Script
 
@@ -381,7 +382,7 @@ async def _read_checked_state(client: Any, keys: list[str]) -> Any:
             )
     try:
         return await read_state(client, keys)
-    except ValueError:
+    except (ValueError, CorruptStateError):
         numbers = keys[3:5]
         stored = await client.run_script(
             Script.from_source("numbers", _NUMBERS_SOURCE), numbers, []

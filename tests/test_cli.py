@@ -93,7 +93,7 @@ def test_missing_password_is_one_line(password_server: RedisServer) -> None:
     [
         (["status", "x", "--redis-url", "ftp://h"], "unsupported Redis URL scheme 'ftp'"),
         (["status", "x", "--redis-url", "redis+sentinel://h:99999/s"], "--redis-url"),
-        (["status", "x", "--redis-url", "redis://h:port/0"], "the port must be a number"),
+        (["status", "x", "--redis-url", "redis://h:port/0"], "port must be an integer"),
         (["status", ""], "argument name: must not be empty"),
         (["reset", "", "--yes"], "argument name: must not be empty"),
         (["status", "x", "--prefix", "a{b}"], "--prefix: must be non-empty and without braces"),
@@ -160,7 +160,7 @@ def test_status_works_for_an_acl_user_without_type(server: RedisServer, name: st
     with redis.Redis(port=server.port) as admin:
         admin.execute_command(
             "ACL", "SETUSER", "status-only", "reset", "on", ">pw", "~aiometer:*",
-            "-@all", "+evalsha", "+eval", "+ping", "+time", "+get", "+zrange",
+            "-@all", "+evalsha", "+eval", "+ping", "+time", "+get", "+zrange", "+zrangebyscore",
         )  # fmt: skip
     url = f"redis://status-only:pw@127.0.0.1:{server.port}/0"
     result = _cli("status", name, "--redis-url", url, "--json")
