@@ -185,36 +185,61 @@ async def run_all(
     return results
 
 
-class _OrderedSink:
-    """Sends results in input order while keeping the reorder buffer bounded.
+class _OrderedResults:
+    """Ordered amap's results: a reorder buffer that the consumer reads in input order.
 
-    A result that finishes ahead of its turn waits in ``pending``. The gate is a FIFO
-    semaphore of ``window`` places: each pull takes one and each result sent gives one back,
-    so no item is pulled more than ``window`` ahead of the next result to send and ``pending``
-    never holds more than ``window`` results however slow one task is. One result sent wakes
-    one waiting worker.
+    Workers put every result into ``pending`` without waiting. The gate is a FIFO semaphore of
+    ``window`` places: each pull takes one, and the consumer gives one back for each result it
+    takes, so no item is pulled more than ``window`` ahead of the next result taken, and
+    ``pending`` (results finished out of turn plus results ready and not yet taken) never
+    holds more than ``window`` results however slow one task or the consumer is. A result
+    taken wakes one worker waiting at the gate: one hand-off per item, where a reorder buffer
+    feeding a separate bounded buffer needs two.
     """
 
-    def __init__(self, send: Callable[[Any], Awaitable[None]], window: int) -> None:
-        self._send = send
+    def __init__(self, window: int) -> None:
         self._next = 0
         self._pending: dict[int, Any] = {}
         self._places = Places(window)
+        self._readers = WaitQueue()
+        self._closed = False
+        self._since_checkpoint = 0
 
     async def gate(self) -> None:
         await self._places.take()
 
-    async def deliver(self, index: int, value: Any) -> None:
-        if index != self._next:
-            self._pending[index] = value
-            return
-        while True:
-            await self._send(value)
-            self._next += 1
-            self._places.give(1)
-            if self._next not in self._pending:
-                return
-            value = self._pending.pop(self._next)
+    def deliver(self, index: int, value: Any) -> None:
+        self._pending[index] = value
+        if index == self._next and len(self._readers):
+            self._readers.wake(1)
+
+    def deliver_pair(self, index: int, value: Any) -> None:
+        self.deliver(index, (index, value))
+
+    def close(self) -> None:
+        self._closed = True
+        self._readers.wake_all()
+
+    def __aiter__(self) -> _OrderedResults:
+        return self
+
+    async def __anext__(self) -> Any:
+        pending = self._pending
+        while self._next not in pending:
+            if self._closed:
+                raise StopAsyncIteration
+            self._since_checkpoint = 0
+            await self._readers.wait()
+        value = pending.pop(self._next)
+        self._next += 1
+        self._places.give(1)
+        if self._next in pending and len(self._readers):
+            self._readers.wake(1)
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= 64:
+            self._since_checkpoint = 0
+            await anyio.lowlevel.checkpoint()
+        return value
 
 
 @overload
@@ -390,41 +415,30 @@ async def _amap(
     include_index: bool,
     return_exceptions: bool,
 ) -> AsyncIterator[AsyncIterator[Any]]:
-    results = _Results(max_at_once)
-    put: Callable[[Any], Awaitable[None] | None] = (
-        results.put_nowait if max_at_once is None else results.put
-    )
+    results: _Results | _OrderedResults
     gate = None
     deliver: Callable[[int, Any], Awaitable[None] | None]
     if ordered:
-
-        async def send(value: Any) -> None:
-            delivered = put(value)
-            if delivered is not None:
-                await delivered
-
-        sink = _OrderedSink(send, window=max_at_once or 2**62)
-        gate = sink.gate
+        ordered_results = results = _OrderedResults(window=max_at_once or 2**62)
+        gate = ordered_results.gate
+        deliver = ordered_results.deliver_pair if include_index else ordered_results.deliver
+    else:
+        plain = results = _Results(max_at_once)
+        put: Callable[[Any], Awaitable[None] | None] = (
+            plain.put_nowait if max_at_once is None else plain.put
+        )
         if include_index:
 
-            async def deliver_pair(index: int, value: Any) -> None:
-                await sink.deliver(index, (index, value))
+            def deliver_index(index: int, value: Any) -> Awaitable[None] | None:
+                return put((index, value))
 
-            deliver = deliver_pair
+            deliver = deliver_index
         else:
-            deliver = sink.deliver
-    elif include_index:
 
-        def deliver_index(index: int, value: Any) -> Awaitable[None] | None:
-            return put((index, value))
+            def deliver_value(index: int, value: Any) -> Awaitable[None] | None:
+                return put(value)
 
-        deliver = deliver_index
-    else:
-
-        def deliver_value(index: int, value: Any) -> Awaitable[None] | None:
-            return put(value)
-
-        deliver = deliver_value
+            deliver = deliver_value
 
     engine = Engine(
         async_fn,

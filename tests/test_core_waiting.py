@@ -128,7 +128,7 @@ async def test_amap_several_readers_one_result_wakes_one_reader(wakeups: WakeCou
 # -- ordered amap's gate ----------------------------------------------------------------------
 
 
-async def test_ordered_amap_one_result_sent_wakes_one_worker_and_pulls_within_window(
+async def test_ordered_amap_one_result_taken_wakes_one_worker_and_pulls_within_window(
     wakeups: WakeCounter,
 ) -> None:
     window = 4
@@ -141,16 +141,15 @@ async def test_ordered_amap_one_result_sent_wakes_one_worker_and_pulls_within_wi
             yield x
 
     async with aiometer.amap(instant, items(), max_at_once=window, ordered=True) as results:
-        # Nobody reads: the buffer (window results) fills, one worker blocks sending the next
-        # result and the others wait at the gate.
+        # Nobody reads: the window's results are ready and every worker waits at the gate.
         await wakeups.settle()
-        assert pulled == window + window
+        assert pulled == window
         for consumed in range(1, 8):
             assert await results.__anext__() == consumed - 1
-            # The blocked sender, then one gate waiter for the one place that result freed.
-            assert await wakeups.settle() == 2
-            # Sent so far: consumed + the buffer; pulled never beyond the window past that.
-            assert pulled == consumed + window + window
+            # The one place that result freed wakes exactly one gate waiter.
+            assert await wakeups.settle() == 1
+            # Never more than the window past the results taken.
+            assert pulled == consumed + window
 
 
 # -- limiter= as a function of the item -------------------------------------------------------
