@@ -210,7 +210,7 @@ class _OrderedResults:
 
     def deliver(self, index: int, value: Any) -> None:
         self._pending[index] = value
-        if index == self._next and len(self._readers):
+        if index == self._next and self._readers.waiting:
             self._readers.wake(1)
 
     def deliver_pair(self, index: int, value: Any) -> None:
@@ -233,7 +233,7 @@ class _OrderedResults:
         value = pending.pop(self._next)
         self._next += 1
         self._places.give(1)
-        if self._next in pending and len(self._readers):
+        if self._next in pending and self._readers.waiting:
             self._readers.wake(1)
         self._since_checkpoint += 1
         if self._since_checkpoint >= 64:
@@ -356,28 +356,35 @@ class _Results:
 
     def __init__(self, capacity: int | None) -> None:
         self._items: deque[Any] = deque()
-        self._space = Places(capacity) if capacity is not None else None
+        # Free places; a place freed while a worker waits is handed straight to it.
+        self._free = capacity if capacity is not None else 0
+        self._bounded = capacity is not None
+        self._putters = WaitQueue()
         self._readers = WaitQueue()
         self._closed = False
         self._since_checkpoint = 0
 
     def put_nowait(self, value: Any) -> None:
         self._items.append(value)
-        if len(self._readers):
+        if self._readers.waiting:
             self._readers.wake(1)
 
     def put(self, value: Any) -> Awaitable[None] | None:
         """Put *value*; return None if it went in at once, else an awaitable to wait for room."""
-        assert self._space is not None
-        if self._space.take_nowait():
+        if self._free > 0:
+            self._free -= 1
             self.put_nowait(value)
             return None
         return self._put_when_room(value)
 
     async def _put_when_room(self, value: Any) -> None:
-        assert self._space is not None
-        await self._space.take()
+        # Woken means a place was handed over; cancelled right after, it is passed on.
+        await self._putters.wait(on_lost=self._give_place)
         self.put_nowait(value)
+
+    def _give_place(self) -> None:
+        if not self._putters.wake(1):
+            self._free += 1
 
     def close(self) -> None:
         self._closed = True
@@ -393,8 +400,11 @@ class _Results:
             self._since_checkpoint = 0
             await self._readers.wait()
         value = self._items.popleft()
-        if self._space is not None:
-            self._space.give(1)
+        if self._bounded:
+            if self._putters.waiting:
+                self._putters.wake(1)
+            else:
+                self._free += 1
         # Taking buffered results needs no await; still let cancellation in now and then.
         self._since_checkpoint += 1
         if self._since_checkpoint >= 64:

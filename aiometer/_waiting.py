@@ -111,15 +111,16 @@ class WaitQueue:
     (removing it from the middle of a deque would cost O(n)); wake() skips it.
     """
 
-    __slots__ = ("_abandoned", "_count", "_queue")
+    __slots__ = ("_abandoned", "_queue", "waiting")
 
     def __init__(self) -> None:
         self._queue: deque[_Waiter] = deque()
-        self._count = 0
+        #: How many tasks wait (read-only; a plain attribute, cheap to test on hot paths).
+        self.waiting = 0
         self._abandoned = 0
 
     def __len__(self) -> int:
-        return self._count
+        return self.waiting
 
     async def wait(self, on_lost: Callable[[], object] | None = None) -> None:
         """Wait until woken by :meth:`wake`.
@@ -129,13 +130,13 @@ class WaitQueue:
         """
         waiter = _Waiter()
         self._queue.append(waiter)
-        self._count += 1
+        self.waiting += 1
         try:
             await waiter.wait()
         except BaseException:
             if not waiter.woken:
                 waiter.abandoned = True
-                self._count -= 1
+                self.waiting -= 1
                 self._abandoned += 1
                 if _worth_compacting(self._abandoned, len(self._queue)):
                     self._queue = _live(self._queue)
@@ -156,14 +157,14 @@ class WaitQueue:
                 self._abandoned -= 1
                 continue
             waiter.woken = True
-            self._count -= 1
+            self.waiting -= 1
             waiter.set()
             woken += 1
         return woken
 
     def wake_all(self) -> int:
         """Wake every waiting task; return how many."""
-        return self.wake(self._count)
+        return self.wake(self.waiting)
 
 
 class Places:
