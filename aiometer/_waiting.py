@@ -122,6 +122,11 @@ class WaitQueue:
     def __len__(self) -> int:
         return self.waiting
 
+    @property
+    def backlog(self) -> int:
+        """Entries kept in the queue: the waiting tasks plus cancelled ones not yet dropped."""
+        return len(self._queue)
+
     async def wait(self, on_lost: Callable[[], object] | None = None) -> None:
         """Wait until woken by :meth:`wake`.
 
@@ -176,13 +181,11 @@ class Places:
     off.
     """
 
-    __slots__ = ("_abandoned", "_count", "_free", "_waiters")
+    __slots__ = ("_free", "_queue")
 
     def __init__(self, free: int) -> None:
         self._free = free
-        self._waiters: deque[_Waiter] = deque()
-        self._count = 0
-        self._abandoned = 0
+        self._queue = WaitQueue()
 
     @property
     def free(self) -> int:
@@ -192,7 +195,12 @@ class Places:
     @property
     def waiting(self) -> int:
         """How many tasks wait for a place."""
-        return self._count
+        return self._queue.waiting
+
+    @property
+    def backlog(self) -> int:
+        """Entries kept in the queue: the waiting tasks plus cancelled ones not yet dropped."""
+        return self._queue.backlog
 
     def take_nowait(self) -> bool:
         """Take a place if one is free; return whether one was taken.
@@ -209,34 +217,14 @@ class Places:
         if self._free > 0:
             self._free -= 1
             return
-        waiter = _Waiter()
-        self._waiters.append(waiter)
-        self._count += 1
-        try:
-            await waiter.wait()
-        except BaseException:
-            if waiter.woken:
-                # The place was handed over as we were cancelled: pass it on.
-                self.give(1)
-            else:
-                waiter.abandoned = True
-                self._count -= 1
-                self._abandoned += 1
-                if _worth_compacting(self._abandoned, len(self._waiters)):
-                    self._waiters = _live(self._waiters)
-                    self._abandoned = 0
-            raise
+        # Woken means a place was handed over; cancelled right after, it is passed on.
+        await self._queue.wait(on_lost=self._pass_on)
+
+    def _pass_on(self) -> None:
+        self.give(1)
 
     def give(self, n: int = 1) -> None:
         """Free *n* places (or take -n back): hand them to waiters first, in arrival order."""
         self._free += n
-        waiters = self._waiters
-        while self._free > 0 and waiters:
-            waiter = waiters.popleft()
-            if waiter.abandoned:
-                self._abandoned -= 1
-                continue
-            waiter.woken = True
-            self._count -= 1
-            self._free -= 1
-            waiter.set()
+        if self._free > 0 and self._queue.waiting:
+            self._free -= self._queue.wake(self._free)

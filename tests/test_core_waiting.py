@@ -325,8 +325,8 @@ async def test_cancelled_waiters_do_not_pile_up() -> None:
         # Cancelled waiters are dropped from the queues, not kept until someone is woken.
         assert limiter.statistics().waiting == 0
         assert rate.statistics().waiting == 1
-        assert len(limiter._places._waiters) <= 100
-        assert len(rate._queue._queue) <= 100
+        assert limiter._places.backlog <= 100
+        assert rate._queue.backlog <= 100
         head.cancel_scope.cancel()
     await held.release()
     async with limiter.slot():
