@@ -18,6 +18,7 @@ from types import MappingProxyType
 __all__ = [
     "PRELUDE",
     "SCRIPT_NAMES",
+    "TOOL_SCRIPTS",
     "WRITERS",
     "Script",
     "all_scripts",
@@ -28,6 +29,9 @@ __all__ = [
 
 #: Names of every script, one ``<name>.lua`` file each.
 SCRIPT_NAMES: tuple[str, ...] = ("acquire", "release", "renew", "cancel", "status")
+
+#: Read-only scripts of the command line (``aiometer-redis status``), not of the limiter.
+TOOL_SCRIPTS: tuple[str, ...] = ("key_types", "stored_numbers")
 
 #: The scripts that write. Redis scripts cannot include one another, so each of these is sent
 #: as ``_shared.lua`` (key and argument bindings, shared helpers) followed by its own file.
@@ -83,10 +87,10 @@ def load_script(name: str) -> Script:
     """Return the script called ``name`` (e.g. ``"acquire"``), read once and cached.
 
     Raises:
-        ValueError: ``name`` is not one of :data:`SCRIPT_NAMES`.
+        ValueError: ``name`` is not one of :data:`SCRIPT_NAMES` or :data:`TOOL_SCRIPTS`.
         FileNotFoundError: the script files are missing from the installation.
     """
-    if name not in SCRIPT_NAMES:
+    if name not in SCRIPT_NAMES and name not in TOOL_SCRIPTS:
         raise ValueError(f"unknown script {name!r}, expected one of {', '.join(SCRIPT_NAMES)}")
     # Bytes, not text mode: the SHA1 must match the bytes Redis receives.
     directory = script_dir()

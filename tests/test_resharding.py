@@ -22,7 +22,7 @@ import redis.asyncio
 
 import aiometer
 from aiometer_redis import RedisLimiter
-from aiometer_redis._limiter import limiter_keys
+from aiometer_redis._keys import limiter_keys
 from aiometer_redis.testing import RedisCluster3, max_overlap
 
 # redis-py's cluster client is asyncio only.

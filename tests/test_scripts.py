@@ -42,6 +42,7 @@ from aiometer_redis._client import (
     encode_args,
     normalize_reply,
 )
+from aiometer_redis._errors import ErrorReply
 from aiometer_redis._scripts import (
     PRELUDE,
     SCRIPT_NAMES,
@@ -220,7 +221,6 @@ class Limiter:
 class Opened:
     client: ScriptClient
     flush_scripts: Callable[[], Awaitable[Any]]
-    response_error: type[Exception]
 
 
 @dataclass
@@ -233,23 +233,21 @@ class Backend:
         if self.kind == "fakeredis":
             fake = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
             try:
-                yield Opened(adapt(fake), fake.script_flush, redis.exceptions.ResponseError)
+                yield Opened(adapt(fake), fake.script_flush)
             finally:
                 await fake.aclose()
         elif self.kind == "redis-py":
             assert self.url is not None
             client = redis.asyncio.Redis.from_url(self.url)
             try:
-                yield Opened(adapt(client), client.script_flush, redis.exceptions.ResponseError)
+                yield Opened(adapt(client), client.script_flush)
             finally:
                 await client.aclose()
         else:
             assert self.url is not None
             core = coredis.Redis.from_url(self.url)
             async with core:
-                yield Opened(
-                    adapt(core), lambda: core.script_flush(), coredis.exceptions.ResponseError
-                )
+                yield Opened(adapt(core), lambda: core.script_flush())
 
 
 # (client, backend) pairs; conftest.py parametrizes "flavour" and "anyio_backend" from them.
@@ -901,31 +899,31 @@ async def test_bad_arguments_are_rejected_without_writes(backend: Backend) -> No
             for value in values:
                 args = list(good)
                 args[bad_headers[name]] = value
-                with pytest.raises(opened.response_error, match=f"ERR_ARG {name} must be"):
+                with pytest.raises(ErrorReply, match=f"ERR_ARG {name} must be"):
                     await opened.client.run_script(load_script("acquire"), lim.keys, [*args, "p:1"])
         rate_only = dataclasses.replace(lim, max_at_once=0, interval_us=100_000.0)
         for limiter in (lim, rate_only):
-            with pytest.raises(opened.response_error, match="ERR_ARG waiter id"):
+            with pytest.raises(ErrorReply, match="ERR_ARG waiter id"):
                 await limiter.acquire(NOW, "no-process-part")
-            with pytest.raises(opened.response_error, match=r"ERR_ARG waiter id .*at least one"):
+            with pytest.raises(ErrorReply, match=r"ERR_ARG waiter id .*at least one"):
                 await limiter.acquire(NOW)
             # One malformed id anywhere in a batch rejects the whole batch.
-            with pytest.raises(opened.response_error, match=r"ERR_ARG waiter id .*got bad$"):
+            with pytest.raises(ErrorReply, match=r"ERR_ARG waiter id .*got bad$"):
                 await limiter.acquire(NOW, "p:1", "p:2", "bad")
-        with pytest.raises(opened.response_error, match="ERR_ARG lease id"):
+        with pytest.raises(ErrorReply, match="ERR_ARG lease id"):
             await lim.release(NOW)
-        with pytest.raises(opened.response_error, match="ERR_ARG lease count"):
+        with pytest.raises(ErrorReply, match="ERR_ARG lease count"):
             await lim.call("renew", NOW, 3, "a:1")
         for name in ("acquire", "release", "renew", "cancel"):
             # A client that predates spare (seven keys) is refused with a clear error.
-            with pytest.raises(opened.response_error, match="ERR_ARG expected 8 keys, got 7"):
+            with pytest.raises(ErrorReply, match="ERR_ARG expected 8 keys, got 7"):
                 await opened.client.run_script(load_script(name), lim.keys[:7], [*good, "p:1"])
-        with pytest.raises(opened.response_error, match=r"ERR_ARG expected 8 keys \(or the"):
+        with pytest.raises(ErrorReply, match=r"ERR_ARG expected 8 keys \(or the"):
             await opened.client.run_script(load_script("status"), lim.keys[:5], [""])
         # status.lua does not read recent, nor spare without its key: the first six are enough.
         six = await opened.client.run_script(load_script("status"), lim.keys[:6], [NOW])
         assert six == [NOW, [], [], "", "0", ""]
-        with pytest.raises(opened.response_error, match="ERR_ARG now_us"):
+        with pytest.raises(ErrorReply, match="ERR_ARG now_us"):
             await lim.status(-5)
         assert await lim.status(NOW) == [NOW, [], [], "", "0"]
 
