@@ -16,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 __all__ = [
-    "PRELUDE",
+    "PRELUDES",
     "SCRIPT_NAMES",
     "TOOL_SCRIPTS",
     "WRITERS",
@@ -33,10 +33,19 @@ SCRIPT_NAMES: tuple[str, ...] = ("acquire", "release", "renew", "cancel", "statu
 #: Read-only scripts of the command line (``aiometer-redis status``), not of the limiter.
 TOOL_SCRIPTS: tuple[str, ...] = ("key_types", "stored_numbers")
 
-#: The scripts that write. Redis scripts cannot include one another, so each of these is sent
-#: as ``_shared.lua`` (key and argument bindings, shared helpers) followed by its own file.
+#: The scripts that write.
 WRITERS = frozenset({"acquire", "release", "renew", "cancel"})
-PRELUDE = "_shared"
+
+#: Redis scripts cannot include one another, so each script of the limiter is sent after its
+#: preludes, as one script (see ``lua/README.md``): ``_read.lua`` (the key and ARGV[1]
+#: bindings and the helpers a read-only script needs) for all of them, then ``_shared.lua``
+#: (the rest of the header, the writers' helpers) for the writers.
+PRELUDES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        **dict.fromkeys(WRITERS, ("_read", "_shared")),
+        "status": ("_read",),
+    }
+)
 
 
 def decode_acquire_reply(reply: str) -> list[list[int]]:
@@ -95,9 +104,8 @@ def load_script(name: str) -> Script:
     # Bytes, not text mode: the SHA1 must match the bytes Redis receives.
     directory = script_dir()
     source = (directory / f"{name}.lua").read_bytes().decode("utf-8")
-    if name in WRITERS:
-        prelude = (directory / f"{PRELUDE}.lua").read_bytes().decode("utf-8")
-        source = prelude + "\n" + source
+    for prelude in reversed(PRELUDES.get(name, ())):
+        source = (directory / f"{prelude}.lua").read_bytes().decode("utf-8") + "\n" + source
     return Script.from_source(name, source)
 
 

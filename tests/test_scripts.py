@@ -44,8 +44,9 @@ from aiometer_redis._client import (
 )
 from aiometer_redis._errors import ErrorReply
 from aiometer_redis._scripts import (
-    PRELUDE,
+    PRELUDES,
     SCRIPT_NAMES,
+    TOOL_SCRIPTS,
     WRITERS,
     Script,
     all_scripts,
@@ -1102,19 +1103,25 @@ async def test_contended_acquire_and_release_refresh_only_what_they_write(
 # -- the scripts as files ----------------------------------------------------------------
 
 
-def test_writers_are_sent_with_the_shared_prelude() -> None:
-    prelude = (script_dir() / f"{PRELUDE}.lua").read_text("utf-8")
+def test_scripts_are_sent_after_their_preludes() -> None:
+    def text(file: str) -> str:
+        return (script_dir() / f"{file}.lua").read_text("utf-8")
+
+    assert PRELUDES["status"] == ("_read",)
     for name in SCRIPT_NAMES:
         source = load_script(name).source
-        own = (script_dir() / f"{name}.lua").read_text("utf-8")
+        own = text(name)
+        assert source == "".join(text(prelude) + "\n" for prelude in PRELUDES[name]) + own
+        assert "if redis.replicate_commands" not in own
+        # The KEYS/ARGV contract is written once, in lua/README.md; each header points there.
+        header = own[: own.index("-- The prelude")]
+        for word in ("KEYS", "ARGV", "Reply", "lua/README.md"):
+            assert word in header
         if name in WRITERS:
-            assert source == prelude + "\n" + own
-            assert "if redis.replicate_commands" not in own
-            header = own[: own.index("-- The prelude lua/_shared.lua comes first")]
-            for word in ("KEYS", "ARGV", "Reply", "mailbox"):
-                assert word in header
-        else:
-            assert source == own
+            assert PRELUDES[name] == ("_read", "_shared")
+            assert "1 holders" not in header
+    for name in TOOL_SCRIPTS:
+        assert load_script(name).source == text(name)
 
 
 def test_load_script_reads_and_caches() -> None:
@@ -1124,8 +1131,8 @@ def test_load_script_reads_and_caches() -> None:
         assert script is load_script(name)
         assert script.name == name
         raw = (script_dir() / f"{name}.lua").read_bytes()
-        if name in WRITERS:
-            raw = (script_dir() / f"{PRELUDE}.lua").read_bytes() + b"\n" + raw
+        for prelude in reversed(PRELUDES[name]):
+            raw = (script_dir() / f"{prelude}.lua").read_bytes() + b"\n" + raw
         assert script.source.encode() == raw
         assert script.sha1 == hashlib.sha1(raw).hexdigest()
     with pytest.raises(ValueError, match="unknown script 'nope'"):
