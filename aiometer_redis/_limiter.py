@@ -268,8 +268,10 @@ class RedisLimiter:
         # Read on every call: kept as plain attributes rather than looked up in the config.
         self._retry_window = config.retry_window
         self._max_per_second = config.max_per_second
-        # When the current run of failed Redis calls began (None: the last call succeeded).
+        # When the current run of failed Redis calls began (None: the last call succeeded), and
+        # the client library's error of its latest attempt.
         self._failing_since: float | None = None
+        self._last_failure: BaseException | None = None
         self._counter = itertools.count()
         max_at_once = config.max_at_once
         self._local = ConcurrencyLimiter(max_at_once) if max_at_once is not None else None
@@ -420,7 +422,7 @@ class RedisLimiter:
                 # A plain scope with a deadline: cheaper than fail_after on this hot path.
                 with anyio.CancelScope(deadline=deadline):
                     reply = await client.run_script(self._scripts[script], self._keys, argv)
-                    self._failing_since = None
+                    self._failing_since = self._last_failure = None
                     if self._leases.orphans:
                         self._leases.withdraw_soon(self._task_group)
                     return reply
@@ -434,6 +436,7 @@ class RedisLimiter:
                 ) from exc.__cause__
             except Unavailable as exc:
                 last = exc
+                self._last_failure = exc.__cause__ or exc
             except ErrorReply as exc:
                 raise translate_reply(self._name, script, exc) from exc.__cause__
             now = anyio.current_time()
@@ -643,10 +646,12 @@ class RedisLimiter:
         except TimeoutError as exc:
             if isinstance(exc, RedisLimiterError):
                 raise
+            # Chained to the failure of the call in flight, if any: it says why (an entry's
+            # deadline can pass a moment before the failing call it queued behind gives up).
             raise RedisUnavailableError(
                 f"limiter {self._name!r}: Redis did not answer within "
                 f"{self._retry_window:g}s (the calls queued before this one were not answered)"
-            ) from None
+            ) from self._last_failure
 
     async def _acquire_many(self, items: list[str], deadline: float) -> list[Any]:
         return decode_acquire_reply(await self._call("acquire", *items, deadline=deadline))
