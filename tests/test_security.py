@@ -295,10 +295,25 @@ async def test_acl_user_runs_the_whole_flow(
 ) -> None:
     _command(acl_admin, "ACL", "LOG", "RESET")
     await exercise(_acl_url(acl_server), _unique("acl"))
-    # Not even a denial that a client swallowed: the limiter never sends CLIENT, and the
-    # clients it makes from URLs do not send CLIENT SETINFO in their handshake (granting
-    # CLIENT would let the user kill other connections, so the rules stay without it).
-    assert _command(acl_admin, "ACL", "LOG") == []
+    # Not even a denial that a client swallowed. The limiter never sends CLIENT, and the
+    # redis-py clients it makes from URLs skip CLIENT SETINFO. One handshake command is left:
+    # redis-py 8 asks for maintenance notifications (CLIENT MAINT_NOTIFICATIONS, RESP3) and
+    # ignores a refusal; the limiter keeps that default, which helps on managed Redis. Redis 7
+    # answers it "unknown subcommand" and logs nothing; 6.2, which checks CLIENT as a whole,
+    # logs a denial of "client". Granting CLIENT would let the user kill other connections, so
+    # the rules stay without it.
+    denials = _command(acl_admin, "ACL", "LOG")
+    if int(acl_admin.info("server")["redis_version"].split(".")[0]) >= 7:
+        assert denials == []
+    assert [entry for entry in denials if not _is_client_handshake(entry)] == []
+
+
+def _is_client_handshake(entry: dict[str, Any]) -> bool:
+    return (
+        entry.get("object") == "client"
+        and entry.get("username") == ACL_USER
+        and " cmd=client " in f" {entry.get('client-info', '')} "
+    )
 
 
 def test_acl_user_cannot_touch_other_keys_or_commands(acl_server: RedisServer) -> None:
