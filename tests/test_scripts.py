@@ -43,6 +43,7 @@ from aiometer_redis._client import (
     normalize_reply,
 )
 from aiometer_redis._errors import ErrorReply
+from aiometer_redis._keys import limiter_keys, mailbox_prefix
 from aiometer_redis._scripts import (
     PRELUDES,
     SCRIPT_NAMES,
@@ -58,7 +59,6 @@ from aiometer_redis.testing import ENV_VAR, RedisServer, find_redis_server
 
 NOW = 1_700_000_000_000_000
 SECOND = 1_000_000
-KEY_SUFFIXES = ("holders", "queue", "waiters", "tat", "seq", "grants", "recent", "spare")
 
 # Test-only helper scripts, run through the same adapters as the real ones.
 LRANGE = Script.from_source("test_lrange", "return redis.call('LRANGE', KEYS[1], 0, -1)")
@@ -109,15 +109,6 @@ SNAPSHOT = Script.from_source(
     return out
     """,
 )
-
-
-def limiter_keys(tag: str) -> list[str]:
-    """The eight keys of limiter ``tag``, in script order."""
-    return [f"aiometer:{{{tag}}}:{suffix}" for suffix in KEY_SUFFIXES]
-
-
-def mailbox_prefix(tag: str) -> str:
-    return f"aiometer:{{{tag}}}:mb:"
 
 
 @dataclass

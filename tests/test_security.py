@@ -40,7 +40,7 @@ from aiometer_redis import (
     RedisLimiter,
     RedisUnavailableError,
 )
-from aiometer_redis._keys import limiter_keys
+from aiometer_redis._keys import limiter_keys, mailbox_prefix
 from aiometer_redis._scripts import all_scripts
 from aiometer_redis.testing import RedisServer
 
@@ -781,11 +781,11 @@ def test_any_configuration_is_rejected_or_keeps_to_its_keys(
     assert not wrong, f"accepted although {wrong} are wrong"
     own = {key.encode() for key in outcome}
     assert len(own) == len(outcome)
-    mailbox_prefix = outcome[0][: outcome[0].index("}") + 1].encode() + b":mb:"
+    mailboxes = outcome[0][: outcome[0].index("}") + 1].encode() + b":mb:"
     present = _keys_of(names_admin)
     assert present, "the limiter wrote nothing"
     for key in present:
-        assert key in own or key.startswith(mailbox_prefix), key
+        assert key in own or key.startswith(mailboxes), key
     tags = {_hash_tag(key) for key in present | own}
     assert len(tags) == 1
     assert tags != {b""}
@@ -811,7 +811,7 @@ def test_different_names_or_prefixes_never_share_a_key(
     if first == second:
         assert keys[first] == keys[second]
         return
-    mailboxes = {pair: k[0][: k[0].index("}") + 1] + ":mb:" for pair, k in keys.items()}
+    mailboxes = {pair: mailbox_prefix(pair[1], pair[0]) for pair in keys}
     assert not set(keys[first]) & set(keys[second])
     assert not mailboxes[first].startswith(mailboxes[second])
     assert not mailboxes[second].startswith(mailboxes[first])
