@@ -19,7 +19,8 @@ from ._exceptions import (
     WrongEventLoopError,
 )
 from ._group import RedisLimiterGroup
-from ._limiter import RedisLimiter, RedisPermit
+from ._limiter import RedisLimiter
+from ._permit import RedisPermit
 from ._state import Holder, RedisLimiterStatistics
 
 __all__ = [
