@@ -6,6 +6,7 @@ leases renewed in the background, so a crashed worker gives its slots back withi
 ``lease_ttl``. See :class:`RedisLimiter`.
 """
 
+from ._config import LimiterConfig
 from ._exceptions import (
     AcquireTimeoutError,
     ConfigurationError,
@@ -18,7 +19,9 @@ from ._exceptions import (
     WrongEventLoopError,
 )
 from ._group import RedisLimiterGroup
-from ._limiter import Holder, RedisLimiter, RedisLimiterStatistics, RedisPermit
+from ._limiter import RedisLimiter
+from ._permit import RedisPermit
+from ._state import Holder, RedisLimiterStatistics
 
 __all__ = [
     "AcquireTimeoutError",
@@ -26,6 +29,7 @@ __all__ = [
     "CorruptStateError",
     "Holder",
     "LeaseLostError",
+    "LimiterConfig",
     "PoolExhaustedError",
     "RedisLimiter",
     "RedisLimiterError",

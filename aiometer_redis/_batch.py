@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -67,8 +68,10 @@ class Batcher:
                         raise TimeoutError("not sent before the deadline (calls queued before)")
                     # Sent in a call with an earlier deadline: its answer is due.
                     await entry.wake.wait()
-                if entry.reply is not _PENDING or entry.error is not None:
-                    return entry.reply if entry.error is None else _reraise(entry.error)
+                if entry.error is not None:
+                    raise _own_copy(entry.error)
+                if entry.reply is not _PENDING:
+                    return entry.reply
             # Leading: either nobody was, or the previous leader handed over to us.
             self._busy = True
             try:
@@ -95,5 +98,15 @@ class Batcher:
         return entry.reply
 
 
-def _reraise(error: BaseException) -> Any:
-    raise error
+def _own_copy(error: BaseException) -> BaseException:
+    """An exception of its own for one waiter of a failed call, chained from *error* (which
+    the leader raises): raising one object in many coroutines would pile their tracebacks onto
+    it, and an ExceptionGroup of those coroutines would hold the same object many times."""
+    try:
+        own = copy.copy(error)
+    except Exception:  # an exception class whose constructor its args do not fit
+        return error
+    own.__traceback__ = None
+    own.__cause__ = error
+    own.__suppress_context__ = True
+    return own

@@ -15,9 +15,17 @@ import os
 import sys
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
+
+from ._config import name_problem, prefix_problem
+from ._errors import ClientError
+from ._exceptions import RedisLimiterError
+from ._keys import KeyLayout
+
+if TYPE_CHECKING:
+    from ._state import LimiterState
 
 __all__ = ["CommandError", "build_parser", "main"]
 
@@ -90,25 +98,18 @@ def _worker_id(text: str) -> int:
 
 
 def _limiter_name(text: str) -> str:
-    # The same rules as RedisLimiter's constructor, checked before anything connects.
-    if not text:
-        raise argparse.ArgumentTypeError("must not be empty")
-    _check_utf8(text)
+    # The library's own rules, checked before anything connects.
+    problem = name_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
 def _key_prefix(text: str) -> str:
-    if not text or "{" in text or "}" in text:
-        raise argparse.ArgumentTypeError(f"must be non-empty and without braces, got {text!r}")
-    _check_utf8(text)
+    problem = prefix_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
-
-
-def _check_utf8(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(f"must be encodable as UTF-8, got {text!r}") from None
 
 
 def _plot_path(text: str) -> str:
@@ -301,11 +302,13 @@ def _run_against_redis(url: str, action: Callable[[Any], Awaitable[_T]]) -> _T:
                 return await action(client)
 
     address = redis_address(url)
+    failures: tuple[type[BaseException], ...] = (*_redis_errors(), ClientError, RedisLimiterError)
     try:
         return anyio.run(run)
     except CommandError:
         raise
-    except _redis_errors() as exc:
+    except failures as caught:
+        exc = _library_error(caught)
         if isinstance(exc, TimeoutError) and not str(exc):
             raise CommandError(
                 f"Redis at {address} did not answer within {REDIS_TIMEOUT:g} s"
@@ -319,6 +322,13 @@ def _run_against_redis(url: str, action: Callable[[Any], Awaitable[_T]]) -> _T:
                 f"Redis at {address} refused the credentials: {reason_of(exc)}"
             ) from None
         raise CommandError(f"cannot use Redis at {address}: {reason_of(exc)}") from None
+
+
+def _library_error(exc: BaseException) -> BaseException:
+    """The client library's own error behind the adapter's neutral one and the limiter's."""
+    while isinstance(exc, (ClientError, RedisLimiterError)) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
 
 
 def _needs_password(exc: BaseException) -> bool:
@@ -345,36 +355,19 @@ def _is_auth_error(exc: BaseException) -> bool:
     )
 
 
-# What each of the limiter's keys must hold, in limiter_keys() order.
-_KEY_TYPES = ("zset", "zset", "zset", "string", "string", "hash", "zset", "zset")
-
-# Read-only: one TYPE per key, so a corrupt limiter is reported key by key.
-_TYPES_SOURCE = """\
-local types = {}
-for i, key in ipairs(KEYS) do
-  types[i] = redis.call('TYPE', key)['ok']
-end
-return types
-"""
-
-# Read-only: the two string keys (tat, seq) as stored.
-_NUMBERS_SOURCE = """\
-return {redis.call('GET', KEYS[1]) or '', redis.call('GET', KEYS[2]) or ''}
-"""
-
-
-async def _read_checked_state(client: Any, keys: list[str]) -> Any:
+async def _read_checked_state(client: Any, layout: KeyLayout) -> LimiterState:
     from ._exceptions import CorruptStateError
-    from ._limiter import read_state
-    from ._scripts import Script
+    from ._scripts import load_script
+    from ._state import read_state
 
+    keys = list(layout.keys)
     try:
-        types = await client.run_script(Script.from_source("types", _TYPES_SOURCE), keys, [])
-    except _redis_errors():
+        types = await client.run_script(load_script("key_types"), keys, [])
+    except ClientError:
         # An ACL user made for the limiter may not run TYPE; the state is still readable, and
         # a key of the wrong type then fails in status.lua with Redis's own WRONGTYPE words.
         types = []
-    for key, found, expected in zip(keys, types, _KEY_TYPES, strict=False):
+    for (key, expected), found in zip(layout.typed(), types, strict=False):
         if found not in ("none", expected):
             raise CommandError(
                 f"key {key!r} holds a {found}, not the {expected} the limiter writes "
@@ -382,11 +375,9 @@ async def _read_checked_state(client: Any, keys: list[str]) -> Any:
             )
     try:
         return await read_state(client, keys)
-    except (ValueError, CorruptStateError):
+    except CorruptStateError:
         numbers = keys[3:5]
-        stored = await client.run_script(
-            Script.from_source("numbers", _NUMBERS_SOURCE), numbers, []
-        )
+        stored = await client.run_script(load_script("stored_numbers"), numbers, [])
         for key, value, kind in zip(numbers, stored, (float, int), strict=True):
             try:
                 kind(value or 0)
@@ -399,10 +390,8 @@ async def _read_checked_state(client: Any, keys: list[str]) -> Any:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from ._limiter import limiter_keys
-
-    keys = limiter_keys(args.name, args.prefix)
-    state = _run_against_redis(args.redis_url, lambda c: _read_checked_state(c, keys))
+    layout = KeyLayout.of(args.name, args.prefix)
+    state = _run_against_redis(args.redis_url, lambda c: _read_checked_state(c, layout))
     if args.json:
         print(
             json.dumps(
@@ -446,9 +435,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _reset(args: argparse.Namespace) -> int:
-    from ._limiter import limiter_keys
-
-    keys = limiter_keys(args.name, args.prefix)
+    keys = list(KeyLayout.of(args.name, args.prefix).keys)
     if not args.yes:
         if not sys.stdin.isatty():
             raise CommandError("refusing to reset without --yes (no terminal to ask)", EXIT_USAGE)

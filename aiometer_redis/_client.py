@@ -13,11 +13,16 @@ Both client libraries are optional and are never imported here at run time: a cl
 object can only be an instance of a class whose module is already imported.
 
 Every reply is normalised with :func:`normalize_reply` (bytes become str, recursively),
-so callers see the same shapes whatever ``decode_responses`` the client was built with.
+so callers see the same shapes whatever ``decode_responses`` the client was built with, and
+every error of the client library is mapped by the adapter to the neutral errors of
+:mod:`aiometer_redis._errors` (chained from the library's own), so the limiter never needs to
+know a client library's exception classes.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -27,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 import anyio
 import sniffio
 
+from ._errors import ErrorMap
 from ._scripts import Script
 from ._urls import SentinelURL, parse_url
 
@@ -53,8 +59,9 @@ ScriptArg = str | int | float
 class ScriptClient(Protocol):
     """What the Redis limiters need from a client.
 
-    Implementations return replies normalised by :func:`normalize_reply` and let the
-    client library's own exceptions propagate (the limiter maps them).
+    Implementations return replies normalised by :func:`normalize_reply` and raise the
+    neutral errors of :mod:`aiometer_redis._errors` (``Unavailable``, ``PoolFull``,
+    ``Refused``, ``ErrorReply``) in place of the client library's own.
     """
 
     async def run_script(
@@ -118,6 +125,38 @@ def _popped_value(reply: Any) -> str | None:
     return value
 
 
+@functools.cache
+def _redis_py_errors() -> ErrorMap:
+    import redis.exceptions as errors
+
+    # ClusterError: redis-py gave up following redirections (e.g. TRYAGAIN while the limiter's
+    # slot migrates); Redis refuses a script before running any of it then. MaxConnectionsError
+    # and AuthenticationError derive from ConnectionError: ErrorMap looks at them first.
+    return ErrorMap(
+        refused=(errors.AuthenticationError,),
+        pool=(errors.MaxConnectionsError,),
+        unavailable=(errors.ConnectionError, errors.TimeoutError, errors.ClusterError),
+        reply=(errors.ResponseError,),
+    )
+
+
+@functools.cache
+def _coredis_errors() -> ErrorMap:
+    import coredis.exceptions as errors
+
+    return ErrorMap(
+        refused=(errors.AuthenticationError,),
+        pool=(),
+        unavailable=(
+            errors.ConnectionError,
+            errors.BusyLoadingError,
+            errors.TryAgainError,
+            errors.ClusterDownError,
+        ),
+        reply=(errors.ResponseError,),
+    )
+
+
 class RedisPyClient:
     """:class:`ScriptClient` over ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster``.
 
@@ -143,6 +182,7 @@ class RedisPyClient:
         # discovered the cluster, redis-py 8 can drop a connection while it is still
         # connecting; discovering it once, first, avoids that.
         self._needs_init = hasattr(client, "initialize")
+        self._errors = _redis_py_errors()
 
     async def _ready(self) -> None:
         if self._needs_init:
@@ -161,14 +201,17 @@ class RedisPyClient:
         """Run ``script`` with EVALSHA; on NOSCRIPT run it with EVAL (which caches it)."""
         from redis.exceptions import NoScriptError
 
-        await self._ready()
         argv = encode_args(args)
         try:
-            reply = await self._client.evalsha(script.sha1, len(keys), *keys, *argv)
-        except NoScriptError:
-            # EVAL goes to the node that owns the keys' slot and leaves the script
-            # cached there, so this also repairs the cache after a flush or failover.
-            reply = await self._client.eval(script.source, len(keys), *keys, *argv)
+            await self._ready()
+            try:
+                reply = await self._client.evalsha(script.sha1, len(keys), *keys, *argv)
+            except NoScriptError:
+                # EVAL goes to the node that owns the keys' slot and leaves the script
+                # cached there, so this also repairs the cache after a flush or failover.
+                reply = await self._client.eval(script.source, len(keys), *keys, *argv)
+        except Exception as exc:
+            raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
         return normalize_reply(reply)
 
     async def blpop(self, key: str, timeout: float) -> str | None:
@@ -176,21 +219,31 @@ class RedisPyClient:
 
         ``timeout`` may be fractional; 0 waits forever (Redis semantics).
         """
-        await self._ready()
-        reply = await self._client.blpop([key], timeout=_check_timeout(timeout))
+        timeout = _check_timeout(timeout)
+        try:
+            await self._ready()
+            reply = await self._client.blpop([key], timeout=timeout)
+        except Exception as exc:
+            raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
         return _popped_value(reply)
 
     async def ping(self) -> None:
         """Round-trip a PING."""
-        await self._ready()
-        await self._client.ping()
+        try:
+            await self._ready()
+            await self._client.ping()
+        except Exception as exc:
+            raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
 
     async def delete(self, *keys: str) -> int:
         """Delete ``keys``; return how many existed."""
         if not keys:
             return 0
-        await self._ready()
-        return int(await self._client.delete(*keys))
+        try:
+            await self._ready()
+            return int(await self._client.delete(*keys))
+        except Exception as exc:
+            raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
 
     async def aclose(self) -> None:
         """Close the client if this adapter owns it."""
@@ -213,6 +266,7 @@ class CoredisClient:
 
     def __init__(self, client: coredis.Redis[Any] | coredis.RedisCluster[Any]) -> None:
         self._client: Any = client
+        self._errors = _coredis_errors()
 
     @property
     def client(self) -> coredis.Redis[Any] | coredis.RedisCluster[Any]:
@@ -229,9 +283,12 @@ class CoredisClient:
         key_list = list(keys)
         argv = encode_args(args)
         try:
-            reply = await self._client.evalsha(script.sha1, keys=key_list, args=argv)
-        except NoScriptError:
-            reply = await self._client.eval(script.source, keys=key_list, args=argv)
+            try:
+                reply = await self._client.evalsha(script.sha1, keys=key_list, args=argv)
+            except NoScriptError:
+                reply = await self._client.eval(script.source, keys=key_list, args=argv)
+        except Exception as exc:
+            raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
         return normalize_reply(reply)
 
     async def blpop(self, key: str, timeout: float) -> str | None:
@@ -239,24 +296,44 @@ class CoredisClient:
 
         ``timeout`` may be fractional; 0 waits forever (Redis semantics).
         """
-        reply = await self._client.blpop([key], timeout=_check_timeout(timeout))
+        timeout = _check_timeout(timeout)
+        try:
+            reply = await self._client.blpop([key], timeout=timeout)
+        except Exception as exc:
+            raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
         return _popped_value(reply)
 
     async def ping(self) -> None:
         """Round-trip a PING."""
-        await self._client.ping()
+        try:
+            await self._client.ping()
+        except Exception as exc:
+            raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
 
     async def delete(self, *keys: str) -> int:
         """Delete ``keys``; return how many existed."""
         if not keys:
             return 0
-        return int(await self._client.delete(list(keys)))
+        try:
+            return int(await self._client.delete(list(keys)))
+        except Exception as exc:
+            raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
 
     async def aclose(self) -> None:
         """Do nothing: the coredis client is closed by the ``async with`` that opened it."""
 
     def __repr__(self) -> str:
         return f"CoredisClient({self._client!r})"
+
+
+def _neutral(errors: ErrorMap, exc: Exception) -> Exception:
+    """The neutral error for the library's *exc*, chained from it; an error the map does not
+    know (a bug, a TypeError) is returned as it is."""
+    mapped = errors.map(exc)
+    if mapped is None or mapped is exc:
+        return exc
+    mapped.__cause__ = exc
+    return mapped
 
 
 def _is_instance_from(client: object, module_name: str, class_names: Sequence[str]) -> bool:
@@ -315,7 +392,7 @@ async def client_from_url(url: str) -> AsyncIterator[ScriptClient]:
         else:
             async with AsyncExitStack() as stack:
                 if sentinel is None:
-                    client: Any = redis.asyncio.Redis.from_url(url)
+                    client: Any = redis.asyncio.Redis.from_url(url, **_no_client_info())
                 else:
                     client = _redis_py_primary(sentinel, stack)
                 adapter = RedisPyClient(client, owned=True)
@@ -330,6 +407,20 @@ async def client_from_url(url: str) -> AsyncIterator[ScriptClient]:
         else:
             coredis_client = await _coredis_primary(sentinel, stack)
         yield adapt(coredis_client)
+
+
+@functools.cache
+def _no_client_info() -> dict[str, Any]:
+    """Options that keep redis-py from sending CLIENT SETINFO on every new connection (its
+    library name and version): a Redis user made for the limiter may not run CLIENT, and each
+    refused handshake would leave an entry in the ACL log. Empty for a redis-py without
+    them."""
+    import redis.asyncio
+
+    parameters = inspect.signature(redis.asyncio.Redis.__init__).parameters
+    if "driver_info" in parameters:  # redis-py 7.1 and later (lib_name is deprecated there)
+        return {"driver_info": None}
+    return {name: None for name in ("lib_name", "lib_version") if name in parameters}
 
 
 async def _closed_shielded(adapter: RedisPyClient) -> None:
@@ -354,6 +445,7 @@ def _redis_py_primary(url: SentinelURL, stack: AsyncExitStack) -> Any:
         sentinel_kwargs=_credentials(url.sentinel_username, url.sentinel_password),
         db=url.db,
         **_credentials(url.username, url.password),
+        **_no_client_info(),
     )
 
     async def close_sentinels() -> None:

@@ -1,7 +1,9 @@
-"""How the limiters read the client libraries' errors: retry, refuse, or report.
+"""The few neutral errors the limiter understands, and how error replies become typed errors.
 
-The limiter never imports a client library for this: each function looks up the classes of
-the libraries that are installed.
+Each client adapter (``_client.py``) maps its own library's exceptions to these with an
+:class:`ErrorMap`, as httpx's transports map httpcore's: the limiter catches only
+:class:`Unavailable` (retry), :class:`Refused` (wrong credentials) and :class:`ErrorReply`
+(Redis refused the call), and never imports a client library.
 """
 
 from __future__ import annotations
@@ -15,15 +17,19 @@ from ._exceptions import (
     CorruptStateError,
     RedisLimiterError,
     RedisReplyError,
+    RedisUnavailableError,
 )
 
 __all__ = [
     "TRANSIENT_CODES",
-    "pool_errors",
-    "refused_errors",
+    "ClientError",
+    "ErrorMap",
+    "ErrorReply",
+    "PoolFull",
+    "Refused",
+    "Unavailable",
+    "as_limiter_error",
     "reply_code",
-    "reply_errors",
-    "transient_errors",
     "translate_reply",
 ]
 
@@ -51,86 +57,86 @@ _CLASS_CODES = {
 }
 
 
-def transient_errors() -> tuple[type[BaseException], ...]:
-    """The client errors that mean "Redis is not reachable right now"."""
-    errors: list[type[BaseException]] = [
-        OSError,
-        TimeoutError,
-        anyio.ClosedResourceError,
-        anyio.BrokenResourceError,
-    ]
-    try:
-        import redis.exceptions
-    except ImportError:  # pragma: no cover - depends on the installed extras
-        pass
-    else:
-        # ClusterError: redis-py gave up following redirections (e.g. TRYAGAIN while the
-        # limiter's slot migrates); Redis refuses a script before running any of it then.
-        errors += [
-            redis.exceptions.ConnectionError,
-            redis.exceptions.TimeoutError,
-            redis.exceptions.ClusterError,
-        ]
-    try:
-        import coredis.exceptions
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        errors += [
-            coredis.exceptions.ConnectionError,
-            coredis.exceptions.BusyLoadingError,
-            coredis.exceptions.TryAgainError,
-            coredis.exceptions.ClusterDownError,
-        ]
-    return tuple(errors)
+class ClientError(Exception):
+    """A client library's error, as a client adapter hands it to the limiter (the library's
+    own exception is its ``__cause__``). The limiter catches only these."""
 
 
-def refused_errors() -> tuple[type[BaseException], ...]:
-    """The client errors that mean "wrong credentials": never worth a retry."""
-    errors: list[type[BaseException]] = []
-    try:
-        import redis.exceptions
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        errors += [redis.exceptions.AuthenticationError]
-    try:
-        import coredis.exceptions
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        errors += [coredis.exceptions.AuthenticationError]
-    return tuple(errors)
+class Unavailable(ClientError):
+    """No answer for now: a connection error, a time-out, a failover or migration under
+    way (``BUSY``, ``LOADING``, ``TRYAGAIN``, ...). Worth retrying."""
 
 
-def pool_errors() -> tuple[type[BaseException], ...]:
-    """The client errors that mean "the client's own connection pool is full"."""
-    errors: list[type[BaseException]] = []
-    try:
-        import redis.exceptions
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        errors += [redis.exceptions.MaxConnectionsError]
-    return tuple(errors)
+class PoolFull(Unavailable):
+    """The client's own connection pool had no free connection; Redis itself may be fine."""
 
 
-def reply_errors() -> tuple[type[BaseException], ...]:
-    """The client errors that carry an error reply from Redis."""
-    errors: list[type[BaseException]] = []
-    try:
-        import redis.exceptions
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        errors += [redis.exceptions.ResponseError]
-    try:
-        import coredis.exceptions
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        errors += [coredis.exceptions.ResponseError]
-    return tuple(errors)
+class Refused(ClientError):
+    """Redis refused the credentials: never worth a retry."""
+
+
+class ErrorReply(ClientError):
+    """Redis answered with an error reply that is not transient.
+
+    Attributes:
+        code: the reply's error code (``"WRONGTYPE"``, ``"NOPERM"``, ... ``"ERR"``).
+    """
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ErrorMap:
+    """How one client library's exceptions map to the neutral ones; each adapter has one.
+
+    Args:
+        refused: the library's "wrong credentials" errors.
+        pool: its "connection pool exhausted" errors.
+        unavailable: its connection, time-out and "try again later" errors (besides the
+            ones every library raises: OSError, TimeoutError, anyio's stream errors).
+        reply: its error-reply class(es).
+    """
+
+    __slots__ = ("_pool", "_refused", "_reply", "_unavailable")
+
+    def __init__(
+        self,
+        *,
+        refused: tuple[type[BaseException], ...],
+        pool: tuple[type[BaseException], ...],
+        unavailable: tuple[type[BaseException], ...],
+        reply: tuple[type[BaseException], ...],
+    ) -> None:
+        self._refused = refused
+        self._pool = pool
+        self._unavailable: tuple[type[BaseException], ...] = (
+            OSError,
+            TimeoutError,
+            anyio.ClosedResourceError,
+            anyio.BrokenResourceError,
+            *unavailable,
+        )
+        self._reply = reply
+
+    def map(self, exc: BaseException) -> ClientError | None:
+        """The neutral error for *exc* (None: not one of the library's Redis errors). The
+        order matters: the libraries derive their credential and pool errors from their
+        connection errors."""
+        if isinstance(exc, ClientError):
+            return exc
+        if isinstance(exc, self._refused):
+            return Refused(str(exc))
+        if isinstance(exc, self._pool):
+            return PoolFull(str(exc))
+        if isinstance(exc, self._unavailable):
+            return Unavailable(str(exc) or type(exc).__name__)
+        if isinstance(exc, self._reply):
+            code = reply_code(exc)
+            if code in TRANSIENT_CODES:
+                return Unavailable(str(exc))
+            return ErrorReply(str(exc), code)
+        return None
 
 
 def reply_code(exc: BaseException) -> str:
@@ -155,9 +161,9 @@ _HINTS = {
 }
 
 
-def translate_reply(name: str, what: str, exc: BaseException) -> RedisLimiterError:
+def translate_reply(name: str, what: str, exc: ErrorReply) -> RedisLimiterError:
     """The typed error for an error reply to limiter *name*'s call *what* (not transient)."""
-    code = reply_code(exc)
+    code = exc.code
     text = str(exc)
     if "DB index is out of range" in text:
         return ConfigurationError(
@@ -167,3 +173,12 @@ def translate_reply(name: str, what: str, exc: BaseException) -> RedisLimiterErr
     message = f"limiter {name!r}: {what} failed with {code}: {hint} ({text})"
     error_type = CorruptStateError if code == "WRONGTYPE" else RedisReplyError
     return error_type(message, code)
+
+
+def as_limiter_error(name: str, what: str, exc: ClientError) -> RedisLimiterError:
+    """The typed error for a failed call *what* of limiter *name* that is not retried."""
+    if isinstance(exc, ErrorReply):
+        return translate_reply(name, what, exc)
+    if isinstance(exc, Refused):
+        return ConfigurationError(f"limiter {name!r}: Redis refused the credentials: {exc}")
+    return RedisUnavailableError(f"limiter {name!r}: Redis did not answer {what}: {exc}")

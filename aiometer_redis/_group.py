@@ -10,8 +10,10 @@ import anyio
 import anyio.abc
 
 from ._client import ScriptClient, adapt
+from ._config import LimiterConfig
 from ._exceptions import ConfigurationError
-from ._limiter import _NO_CLIENT, RedisLimiter, _exit_unwrapped
+from ._exits import exit_unwrapped
+from ._limiter import RedisLimiter
 
 __all__ = ["RedisLimiterGroup"]
 
@@ -60,8 +62,7 @@ class RedisLimiterGroup:
             raise TypeError(f"idle_after must be a number, got {type(idle_after).__name__}")
         if not idle_after >= 0:
             raise ConfigurationError(f"idle_after must be >= 0, got {idle_after!r}")
-        # Validate the options once, with a throwaway limiter that is never entered.
-        RedisLimiter(_NO_CLIENT, "validation", **options)
+        self._config = LimiterConfig(**options)
         self._client: ScriptClient = adapt(redis)
         self._options = options
         self._max_idle = max_idle
@@ -97,7 +98,7 @@ class RedisLimiterGroup:
         if task_group is None:
             return None
         task_group.cancel_scope.cancel()
-        return await _exit_unwrapped(lambda: task_group.__aexit__(exc_type, exc, tb), exc)
+        return await exit_unwrapped(lambda: task_group.__aexit__(exc_type, exc, tb), exc)
 
     def __getitem__(self, key: str) -> RedisLimiter:
         return self.for_key(key)
@@ -114,8 +115,8 @@ class RedisLimiterGroup:
         self._touch(key, now)
         if entry is not None:
             return entry[0]
-        limiter = RedisLimiter(self._client, key, **self._options)
-        self._limiters[key] = (limiter, limiter._attach(self._task_group))
+        limiter = RedisLimiter.with_config(self._client, key, self._config)
+        self._limiters[key] = (limiter, limiter.attach(self._task_group))
         self._drop_idle(now)
         return limiter
 
@@ -144,10 +145,10 @@ class RedisLimiterGroup:
                 return
             key = next(iter(self._old))
             limiter, scope = self._limiters[key]
-            if not limiter._is_idle():
+            if not limiter.is_idle():
                 self._touch(key, now)
                 continue
             del self._old[key]
             del self._limiters[key]
             scope.cancel()
-            limiter._attached = False  # an old reference now fails loudly instead of quietly
+            limiter.detach()  # an old reference now fails loudly instead of quietly

@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
-import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
@@ -37,259 +34,41 @@ import anyio.abc
 import anyio.lowlevel
 
 from aiometer import ConcurrencyLimiter, Permit, RateLimiter
-from aiometer._limiters import SlotMixin
-from aiometer._validation import check_burst, check_max_at_once, check_max_per_second
 
 from ._batch import Batcher
 from ._client import ScriptArg, ScriptClient, adapt, client_from_url
+from ._config import LimiterConfig, check_name
 from ._errors import (
-    TRANSIENT_CODES,
-    pool_errors,
-    refused_errors,
-    reply_code,
-    reply_errors,
-    transient_errors,
+    ClientError,
+    ErrorReply,
+    PoolFull,
+    Refused,
+    Unavailable,
+    as_limiter_error,
     translate_reply,
 )
 from ._exceptions import (
     AcquireTimeoutError,
     ConfigurationError,
-    CorruptStateError,
     LeaseLostError,
     PoolExhaustedError,
     RedisLimiterError,
     RedisUnavailableError,
-    WrongEventLoopError,
 )
+from ._exits import current_loop, exit_unwrapped
+from ._keys import KeyLayout
+from ._leases import LeaseTable
+from ._permit import RedisPermit
 from ._scripts import Script, decode_acquire_reply, load_script
+from ._state import RedisLimiterStatistics, next_start, read_state
 from ._urls import parse_url
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
-
-__all__ = [
-    "Holder",
-    "LimiterState",
-    "RedisLimiter",
-    "RedisLimiterStatistics",
-    "RedisPermit",
-    "limiter_keys",
-    "read_state",
-]
+__all__ = ["RedisLimiter"]
 
 logger = logging.getLogger("aiometer_redis")
 
-# The longest lease, and the longest burst window, that a limiter accepts (a day).
-_MAX_SECONDS = 86_400
 
-_KEY_SUFFIXES = ("holders", "queue", "waiters", "tat", "seq", "grants", "recent", "spare")
-
-# Passed as the client by from_url and by RedisLimiterGroup's check of its options: the
-# client is made (or given) later. A user's None is refused.
-_NO_CLIENT: Any = object()
-
-
-def _escape_tag(name: str) -> str:
-    # Redis hashes the text between the first "{" and the next "}"; escaping both braces
-    # (and "%", to keep the mapping one-to-one) keeps any name inside its own tag.
-    return name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
-
-
-def limiter_keys(name: str, prefix: str = "aiometer") -> list[str]:
-    """The keys the scripts are given for limiter *name*, in KEYS order (one hash slot)."""
-    tag = _escape_tag(name)
-    return [f"{prefix}:{{{tag}}}:{suffix}" for suffix in _KEY_SUFFIXES]
-
-
-def _mailbox_prefix(name: str, prefix: str) -> str:
-    return f"{prefix}:{{{_escape_tag(name)}}}:mb:"
-
-
-@dataclass(frozen=True)
-class LimiterState:
-    """What status.lua reads: holders soonest expiry first, waiters in serving order, and
-    the rate state as seconds from now (``tat``: None if no rate state is stored); ``issued``
-    counts the tickets and fencing tokens handed out so far; ``spare``: seconds until the
-    earliest rate start given back by a waiter that left before it (None: there is none)."""
-
-    holders: tuple[Holder, ...]
-    waiters: tuple[str, ...]
-    tat: float | None
-    issued: int
-    spare: float | None = None
-
-
-async def read_state(client: ScriptClient, keys: list[str], name: str = "") -> LimiterState:
-    """Read one limiter's state from Redis in one read-only script call.
-
-    Raises:
-        CorruptStateError: a key holds a value of the wrong type or form.
-        RedisReplyError: Redis answered with another error.
-    """
-    label = name or keys[0].rpartition(":")[0]
-    try:
-        reply = await client.run_script(load_script("status"), keys, [""])
-    except reply_errors() as exc:
-        raise translate_reply(label, "reading the state", exc) from exc
-    try:
-        now_us, holders_flat, queue_flat, tat, seq, *rest = reply
-        now = int(now_us)
-        holders = tuple(
-            Holder(holders_flat[i], (int(holders_flat[i + 1]) - now) / 1e6)
-            for i in range(0, len(holders_flat), 2)
-        )
-        waiters = tuple(queue_flat[i] for i in range(0, len(queue_flat), 2))
-        spare = (int(rest[0]) - now) / 1e6 if rest and rest[0] else None
-        return LimiterState(
-            holders,
-            waiters,
-            (float(tat) - now) / 1e6 if tat else None,
-            int(seq or 0),
-            spare,
-        )
-    except (ValueError, TypeError, IndexError) as exc:
-        raise CorruptStateError(
-            f"limiter {label!r}: its keys hold data no limiter wrote ({exc}); reset the "
-            "limiter (limiter.reset() or `aiometer-redis reset`) to start afresh",
-            "CORRUPT",
-        ) from exc
-
-
-@dataclass(frozen=True)
-class Holder:
-    """One held slot as seen in Redis.
-
-    Attributes:
-        lease_id: ``"<process id>:<n>"``, unique per acquisition.
-        expires_in: seconds until the lease expires unless renewed.
-    """
-
-    lease_id: str
-    expires_in: float
-
-
-@dataclass(frozen=True)
-class RedisLimiterStatistics:
-    """A snapshot of one limiter, read from Redis by :meth:`RedisLimiter.statistics`.
-
-    Attributes:
-        name: the limiter's name.
-        max_at_once, max_per_second, burst: the limits this process applies.
-        holders: every live lease of every process, soonest expiry first.
-        waiters: waiter ids of every process, in the order they will be served.
-        next_start: seconds until the rate limit allows another start (0.0: now).
-        local_held: slots held by this process through this object.
-        local_waiting: coroutines of this process waiting in ``acquire()``.
-        leases_lost: leases of this process found expired on renewal since it started.
-    """
-
-    name: str
-    max_at_once: int | None
-    max_per_second: float | None
-    burst: int
-    holders: tuple[Holder, ...]
-    waiters: tuple[str, ...]
-    next_start: float
-    local_held: int
-    local_waiting: int
-    leases_lost: int
-
-
-class _Waiter:
-    __slots__ = ("event", "grant")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.grant: tuple[int, int] | None = None
-
-
-class RedisPermit:
-    """A slot held through a :class:`RedisLimiter`.
-
-    Attributes:
-        lease_id: the lease's id in Redis (empty for a rate-only limiter, which keeps no lease).
-        token: a fencing token, increasing with every grant of this limiter; pass it to a
-            downstream system that can reject writes from a holder whose lease was lost.
-            0 for a permit taken in the in-process fallback.
-        fallback: True if Redis was unavailable and the permit comes from the in-process
-            fallback (``on_unavailable="local"``).
-    """
-
-    __slots__ = ("_limiter", "_local", "_lost", "_released", "fallback", "lease_id", "token")
-
-    def __init__(
-        self,
-        limiter: RedisLimiter,
-        lease_id: str,
-        token: int,
-        local: Permit | None,
-        *,
-        fallback: bool = False,
-    ) -> None:
-        self._limiter = limiter
-        self._local = local
-        self._lost = False
-        self._released = False
-        self.lease_id = lease_id
-        self.token = token
-        self.fallback = fallback
-
-    def __repr__(self) -> str:
-        return f"RedisPermit(lease_id={self.lease_id!r}, token={self.token}, lost={self._lost})"
-
-    def _forget(self) -> Permit | None:
-        """Mark the permit released without a call (the limiter gives it back itself);
-        return its local permit, for the limiter to release."""
-        self._released = True
-        local, self._local = self._local, None
-        return local
-
-    @property
-    def lost(self) -> bool:
-        """True if a renewal found the lease expired: the slot may have gone to another."""
-        return self._lost
-
-    async def release(self) -> None:
-        """Give the slot back (idempotent; completes even inside a cancelled scope).
-
-        If Redis cannot be reached the lease is left to expire within ``lease_ttl``.
-        """
-        if self._released:
-            return
-        limiter = self._limiter
-        if self.lease_id and limiter._is_open():
-            limiter._check_loop()
-        self._released = True
-        if not self.lease_id or not limiter._is_open():
-            # Rate only, or the in-process fallback: nothing is held in Redis. Or the limiter
-            # was left (its client may be closed): the lease, no longer renewed, expires
-            # within lease_ttl.
-            if self._local is not None:
-                await self._local.release()
-            return
-        with anyio.CancelScope(shield=True):
-            try:
-                if self.lease_id:
-                    limiter._held.pop(self.lease_id, None)
-                    try:
-                        await limiter._releases.submit(
-                            self.lease_id, anyio.current_time() + limiter._retry_window
-                        )
-                    except (RedisLimiterError, TimeoutError) as exc:
-                        limiter._orphans.add(self.lease_id)
-                        logger.warning(
-                            "limiter %r: could not release lease %s (%s); it is released "
-                            "when Redis answers again, or expires within lease_ttl",
-                            limiter.name,
-                            self.lease_id,
-                            exc,
-                        )
-            finally:
-                if self._local is not None:
-                    await self._local.release()
-
-
-class RedisLimiter(SlotMixin):
+class RedisLimiter:
     """``max_at_once`` and ``max_per_second`` enforced for every process that uses the same
     *name* on the same Redis.
 
@@ -355,116 +134,25 @@ class RedisLimiter(SlotMixin):
         on_unavailable: Literal["fail", "local"] = "fail",
         on_lease_lost: Callable[[LeaseLostError], object] | None = None,
     ) -> None:
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}")
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-        try:
-            if not name:
-                raise ValueError("name must not be empty")
-            for label, text in (("name", name), ("prefix", prefix)):
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ValueError(f"{label} must be encodable as UTF-8, got {text!r}") from None
-            if not prefix or "{" in prefix or "}" in prefix:
-                raise ValueError(f"prefix must be non-empty and without braces, got {prefix!r}")
-            if max_at_once is None and max_per_second is None:
-                raise ValueError("give max_at_once, max_per_second or both")
-            if max_at_once is not None:
-                check_max_at_once(max_at_once)
-            if max_per_second is not None:
-                check_max_per_second(max_per_second)
-            check_burst(burst)
-            lease_ttl = _check_seconds(lease_ttl, "lease_ttl", minimum=0.1)
-            retry_window = _check_seconds(retry_window, "retry_window")
-            recheck_interval = _check_seconds(recheck_interval, "recheck_interval")
-            if acquire_timeout is not None:
-                acquire_timeout = _check_seconds(acquire_timeout, "acquire_timeout")
-            if lease_ttl > _MAX_SECONDS:
-                raise ValueError(f"lease_ttl must be at most {_MAX_SECONDS} s, got {lease_ttl!r}")
-            if max_per_second is not None and burst / max_per_second > _MAX_SECONDS:
-                raise ValueError(
-                    f"burst / max_per_second must be at most {_MAX_SECONDS} s (the rate state "
-                    f"would outlive its keys), got {burst / max_per_second:g} s"
-                )
-            if on_unavailable not in ("fail", "local"):
-                raise ValueError(
-                    f"on_unavailable must be 'fail' or 'local', got {on_unavailable!r}"
-                )
-        except ConfigurationError:
-            raise
-        except ValueError as exc:
-            raise ConfigurationError(str(exc)) from None
-        if on_lease_lost is not None and not callable(on_lease_lost):
-            raise TypeError(f"on_lease_lost must be callable, got {type(on_lease_lost).__name__}")
+        check_name(name)
+        config = LimiterConfig(
+            max_at_once=max_at_once,
+            max_per_second=max_per_second,
+            burst=burst,
+            lease_ttl=lease_ttl,
+            prefix=prefix,
+            acquire_timeout=acquire_timeout,
+            retry_window=retry_window,
+            recheck_interval=recheck_interval,
+            on_unavailable=on_unavailable,
+            on_lease_lost=on_lease_lost,
+        )
         if redis is None:
             raise TypeError(
                 "redis must be a Redis client (redis.asyncio.Redis, coredis.Redis, ...), got "
                 "None; use RedisLimiter.from_url(url, name, ...) to have the limiter make one"
             )
-        self._client: ScriptClient | None = None if redis is _NO_CLIENT else adapt(redis)
-        self._url: str | None = None
-        self._name = name
-        self._max_at_once = max_at_once
-        self._max_per_second = max_per_second
-        self._burst = burst
-        self._lease_ttl = lease_ttl
-        self._acquire_timeout = acquire_timeout
-        self._retry_window = retry_window
-        self._recheck_interval = recheck_interval
-        interval_us = 1e6 / max_per_second if max_per_second is not None else 0.0
-        self._keys = limiter_keys(name, prefix)
-        self._process_id = uuid.uuid4().hex[:16]
-        mailbox_prefix = _mailbox_prefix(name, prefix)
-        self._mailbox = mailbox_prefix + self._process_id
-        # An abandoned limiter's keys vanish after this long; every call refreshes it.
-        key_ttl = max(60.0, 2 * lease_ttl, 2 * burst * interval_us / 1e6)
-        self._header: list[ScriptArg] = [
-            "",
-            max_at_once or 0,
-            interval_us,
-            burst,
-            # Without max_at_once there are no leases; the scripts then use this span to
-            # remember rate-only grants, so that a retry within the retry window finds them.
-            math.ceil((lease_ttl if max_at_once else max(lease_ttl, 2 * retry_window)) * 1e6),
-            math.ceil(key_ttl * 1000),
-            mailbox_prefix,
-        ]
-        self._scripts: dict[str, Script] = {
-            n: load_script(n) for n in ("acquire", "release", "renew", "cancel", "status")
-        }
-        self._transient = transient_errors()
-        self._refused = refused_errors()
-        self._replies = reply_errors()
-        self._pool_errors = pool_errors()
-        # When the current run of failed Redis calls began (None: the last call succeeded).
-        self._failing_since: float | None = None
-        # The event loop the limiter was entered in (see _check_loop).
-        self._loop: object = None
-        self._counter = itertools.count()
-        self._local = ConcurrencyLimiter(max_at_once) if max_at_once is not None else None
-        self._on_unavailable = on_unavailable
-        self._on_lease_lost = on_lease_lost
-        # The in-process stand-in while Redis is away (on_unavailable="local"): the local
-        # concurrency gate above, plus a local rate limiter.
-        self._fallback_rate = (
-            RateLimiter(max_per_second, burst=burst) if max_per_second is not None else None
-        )
-        self._in_fallback = False
-        self._task_group: anyio.abc.TaskGroup | None = None
-        self._attached = False
-        # Waiter and lease ids whose last call failed on the client side (see
-        # _withdraw_orphans).
-        self._orphans: set[str] = set()
-        self._withdrawing = False
-        self._acquires = Batcher(self._acquire_many)
-        self._releases = Batcher(self._release_many)
-        self._held: dict[str, RedisPermit] = {}
-        self._waiters: dict[str, _Waiter] = {}
-        self._waiters_added = anyio.Event()
-        self._leases_lost = 0
-        self._stack: AsyncExitStack | None = None
+        self._setup(name, config, adapt(redis), None)
 
     @classmethod
     def from_url(cls, url: str, name: str, **options: Any) -> RedisLimiter:
@@ -474,15 +162,74 @@ class RedisLimiter(SlotMixin):
         coredis; on trio it is coredis. The client is made when the limiter is entered.
         """
         parse_url(url)  # a malformed URL fails here, not when the limiter is entered
-        limiter = cls(_NO_CLIENT, name, **options)
-        limiter._url = url
+        check_name(name)
+        return cls._made(name, LimiterConfig(**options), None, url)
+
+    @classmethod
+    def with_config(cls, redis: Any, name: str, config: LimiterConfig) -> RedisLimiter:
+        """A limiter with the options of *config* (checked once, and shared by many limiters:
+        what :class:`RedisLimiterGroup` makes for each key).
+
+        Raises:
+            TypeError, ConfigurationError: *name* cannot name a limiter, or *redis* is not a
+                supported client.
+        """
+        return cls._made(check_name(name), config, adapt(redis), None)
+
+    @classmethod
+    def _made(
+        cls, name: str, config: LimiterConfig, client: ScriptClient | None, url: str | None
+    ) -> RedisLimiter:
+        limiter = cls.__new__(cls)
+        limiter._setup(name, config, client, url)
         return limiter
 
+    def _setup(
+        self, name: str, config: LimiterConfig, client: ScriptClient | None, url: str | None
+    ) -> None:
+        """The one path of construction (the constructor, from_url and groups): *name* and
+        *config* are checked, and exactly one of *client* and *url* is given."""
+        self._name = name
+        self._config = config
+        self._client = client
+        self._url = url
+        layout = KeyLayout.of(name, config.prefix)
+        self._keys = list(layout.keys)
+        self._process_id = uuid.uuid4().hex[:16]
+        self._mailbox = layout.mailbox(self._process_id)
+        self._header = config.script_header(layout.mailbox_prefix)
+        self._scripts: dict[str, Script] = {
+            n: load_script(n) for n in ("acquire", "release", "renew", "cancel", "status")
+        }
+        # Read on every call: kept as plain attributes rather than looked up in the config.
+        self._retry_window = config.retry_window
+        self._max_per_second = config.max_per_second
+        # When the current run of failed Redis calls began (None: the last call succeeded), and
+        # the client library's error of its latest attempt.
+        self._failing_since: float | None = None
+        self._last_failure: BaseException | None = None
+        self._counter = itertools.count()
+        max_at_once = config.max_at_once
+        self._local = ConcurrencyLimiter(max_at_once) if max_at_once is not None else None
+        # The in-process stand-in while Redis is away (on_unavailable="local"): the local
+        # concurrency gate above, plus a local rate limiter.
+        self._fallback_rate = (
+            RateLimiter(config.max_per_second, burst=config.burst)
+            if config.max_per_second is not None
+            else None
+        )
+        self._in_fallback = False
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._leases = LeaseTable(name, config, self._call)
+        self._acquires = Batcher(self._acquire_many)
+        self._stack: AsyncExitStack | None = None
+
     def __repr__(self) -> str:
+        config = self._config
         return (
-            f"RedisLimiter(name={self._name!r}, max_at_once={self._max_at_once}, "
-            f"max_per_second={self._max_per_second}, burst={self._burst}, "
-            f"lease_ttl={self._lease_ttl})"
+            f"RedisLimiter(name={self._name!r}, max_at_once={config.max_at_once}, "
+            f"max_per_second={config.max_per_second}, burst={config.burst}, "
+            f"lease_ttl={config.lease_ttl})"
         )
 
     @property
@@ -495,12 +242,18 @@ class RedisLimiter(SlotMixin):
         """Every key of this limiter that the scripts are given (all in one hash slot)."""
         return tuple(self._keys)
 
+    @property
+    def script_header(self) -> tuple[ScriptArg, ...]:
+        """The arguments every script call of this limiter begins with (ARGV[1..7] of
+        ``lua/README.md``), for tools that call the scripts the way the limiter does."""
+        return tuple(self._header)
+
     # -- lifetime ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> RedisLimiter:
         if self._stack is not None:
             raise RuntimeError("this RedisLimiter is already open")
-        self._loop = _current_loop()
+        self._leases.loop = current_loop()
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
@@ -512,14 +265,13 @@ class RedisLimiter(SlotMixin):
             # client owner close the client.
             stack.callback(closing.set)
             stack.callback(task_group.cancel_scope.cancel)
-            task_group.start_soon(self._renew_loop)
+            self._start_background(task_group)
             self._task_group = task_group
-            if self._max_at_once is not None:
-                task_group.start_soon(self._dispatch_loop)
         except BaseException:
             await stack.aclose()
             raise
         self._stack = stack
+        self._leases.open = True
         return self
 
     async def __aexit__(
@@ -529,9 +281,10 @@ class RedisLimiter(SlotMixin):
         tb: TracebackType | None,
     ) -> None:
         stack, self._stack = self._stack, None
+        self._leases.open = False
         self._task_group = None
         if stack is not None:
-            await _exit_unwrapped(lambda: stack.__aexit__(exc_type, exc, tb), exc)
+            await exit_unwrapped(lambda: stack.__aexit__(exc_type, exc, tb), exc)
 
     async def _own_client(
         self,
@@ -548,49 +301,45 @@ class RedisLimiter(SlotMixin):
                 task_status.started(client)
                 await closing.wait()
 
-    def _attach(self, task_group: anyio.abc.TaskGroup) -> anyio.CancelScope:
-        """Run this limiter's background tasks in *task_group* (a group of limiters owns
-        them); the returned scope stops them."""
+    def _start_background(self, task_group: anyio.abc.TaskGroup) -> None:
+        task_group.start_soon(self._leases.renew_loop)
+        if self._config.max_at_once is not None:
+            assert self._client is not None
+            task_group.start_soon(self._leases.dispatch_loop, self._client, self._mailbox)
+
+    def attach(self, task_group: anyio.abc.TaskGroup) -> anyio.CancelScope:
+        """Open the limiter with its background tasks in *task_group*, instead of with
+        ``async with`` (what :class:`RedisLimiterGroup` does); the returned scope stops them.
+        Undo with :meth:`detach`."""
         scope = anyio.CancelScope()
 
         async def background() -> None:
             with scope:
                 async with anyio.create_task_group() as inner:
-                    inner.start_soon(self._renew_loop)
-                    if self._max_at_once is not None:
-                        inner.start_soon(self._dispatch_loop)
+                    self._start_background(inner)
 
         task_group.start_soon(background)
         self._task_group = task_group
-        self._attached = True
-        self._loop = _current_loop()
+        self._leases.loop = current_loop()
+        self._leases.open = True
         return scope
 
-    def _is_open(self) -> bool:
-        return self._stack is not None or self._attached
+    def detach(self) -> None:
+        """Close a limiter opened with :meth:`attach`: using it afterwards fails loudly."""
+        self._leases.open = False
+
+    def is_idle(self) -> bool:
+        """True if nothing is held, awaited or left to withdraw through this limiter."""
+        return self._leases.is_idle() and not (
+            self._local is not None and self._local.statistics().held
+        )
 
     def _check_open(self) -> None:
-        if not self._is_open():
+        if not self._leases.open:
             raise RuntimeError(
                 "enter the limiter first: `async with RedisLimiter(...) as limiter:`"
             )
-        self._check_loop()
-
-    def _check_loop(self) -> None:
-        if _current_loop() is not self._loop:
-            raise WrongEventLoopError(
-                f"limiter {self._name!r} was entered in another event loop (another thread, "
-                "or another anyio.run / asyncio.run); use one limiter object per event loop"
-            )
-
-    def _is_idle(self) -> bool:
-        """True if nothing is held, awaited or left to withdraw through this limiter."""
-        return (
-            not self._held
-            and not self._waiters
-            and not self._orphans
-            and not (self._local is not None and self._local.statistics().held)
-        )
+        self._leases.check_loop()
 
     # -- Redis calls ---------------------------------------------------------------------------
 
@@ -609,26 +358,23 @@ class RedisLimiter(SlotMixin):
                 # A plain scope with a deadline: cheaper than fail_after on this hot path.
                 with anyio.CancelScope(deadline=deadline):
                     reply = await client.run_script(self._scripts[script], self._keys, argv)
-                    self._failing_since = None
-                    if self._orphans and not self._withdrawing and self._task_group is not None:
-                        # Redis answers again: free what failed calls may have left behind.
-                        self._withdrawing = True
-                        self._task_group.start_soon(self._withdraw_orphans)
+                    self._failing_since = self._last_failure = None
+                    if self._leases.orphans:
+                        self._leases.withdraw_soon(self._task_group)
                     return reply
                 # Cut short by the deadline: keep the failure of an earlier attempt, if any,
                 # as the reason.
                 if last is None:
                     last = TimeoutError(f"no reply within {self._retry_window:g}s")
-            except self._refused as exc:
+            except Refused as exc:
                 raise ConfigurationError(
                     f"limiter {self._name!r}: Redis refused the credentials: {exc}"
-                ) from exc
-            except self._transient as exc:
+                ) from exc.__cause__
+            except Unavailable as exc:
                 last = exc
-            except self._replies as exc:
-                if reply_code(exc) not in TRANSIENT_CODES:
-                    raise translate_reply(self._name, script, exc) from exc
-                last = exc
+                self._last_failure = exc.__cause__ or exc
+            except ErrorReply as exc:
+                raise translate_reply(self._name, script, exc) from exc.__cause__
             now = anyio.current_time()
             if self._failing_since is None:
                 self._failing_since = now
@@ -638,10 +384,12 @@ class RedisLimiter(SlotMixin):
             backoff = min(backoff * 2, 1.0)
 
     def _unavailable(self, script: str, last: BaseException | None) -> RedisLimiterError:
-        if isinstance(last, self._pool_errors):
+        # The client library's own error, as the reason (the neutral one only wraps it).
+        reason = last.__cause__ or last if isinstance(last, ClientError) else last
+        if isinstance(last, PoolFull):
             error: RedisLimiterError = PoolExhaustedError(
                 f"limiter {self._name!r}: the Redis client's connection pool had no free "
-                f"connection for {script} within {self._retry_window:g}s ({last}); Redis "
+                f"connection for {script} within {self._retry_window:g}s ({reason}); Redis "
                 "itself may be fine. Give the client a larger max_connections (one per "
                 "limiter object for its BLPOP, plus the calls in flight at once) or a "
                 "redis.asyncio.BlockingConnectionPool"
@@ -649,9 +397,9 @@ class RedisLimiter(SlotMixin):
         else:
             error = RedisUnavailableError(
                 f"limiter {self._name!r}: Redis did not answer {script} within "
-                f"{self._retry_window:g}s: {last!r}"
+                f"{self._retry_window:g}s: {reason!r}"
             )
-        error.__cause__ = last
+        error.__cause__ = reason
         return error
 
     # -- acquire / release ---------------------------------------------------------------------
@@ -667,16 +415,17 @@ class RedisLimiter(SlotMixin):
         """
         self._check_open()
         start = anyio.current_time()
-        if self._acquire_timeout is None:
+        timeout = self._config.acquire_timeout
+        if timeout is None:
             return await self._acquire_or_fall_back(start, None)
         try:
-            with anyio.fail_after(self._acquire_timeout):
-                return await self._acquire_or_fall_back(start, start + self._acquire_timeout)
+            with anyio.fail_after(timeout):
+                return await self._acquire_or_fall_back(start, start + timeout)
         except TimeoutError as exc:
             if isinstance(exc, RedisLimiterError):
                 raise
             raise AcquireTimeoutError(
-                f"limiter {self._name!r}: no slot within {self._acquire_timeout:g}s"
+                f"limiter {self._name!r}: no slot within {self._config.acquire_timeout:g}s"
             ) from None
 
     async def _acquire_or_fall_back(self, start: float, deadline: float | None) -> RedisPermit:
@@ -684,7 +433,7 @@ class RedisLimiter(SlotMixin):
             try:
                 return await self._acquire(start, deadline)
             except RedisUnavailableError as exc:
-                if self._on_unavailable != "local":
+                if self._config.on_unavailable != "local":
                     raise
                 self._fall_back(exc)
         return await self._acquire_locally()
@@ -710,13 +459,13 @@ class RedisLimiter(SlotMixin):
             with anyio.move_on_after(self._retry_window):
                 try:
                     await client.ping()
-                except self._transient:
+                except ClientError:
                     continue
                 self._in_fallback = False
                 logger.warning(
                     "limiter %r: Redis is back; leaving the in-process fallback", self._name
                 )
-                await self._withdraw_orphans()
+                await self._leases.withdraw_orphans()
                 return
 
     async def _acquire_locally(self) -> RedisPermit:
@@ -728,7 +477,7 @@ class RedisLimiter(SlotMixin):
             if local is not None:
                 await local.release()
             raise
-        return RedisPermit(self, "", 0, local, fallback=True)
+        return RedisPermit(self._leases, None, 0, local, fallback=True)
 
     async def _acquire(self, start: float, deadline: float | None) -> RedisPermit:
         local = await self._local_permit(start)
@@ -739,11 +488,10 @@ class RedisLimiter(SlotMixin):
             if local is not None:
                 await local.release()
             raise
-        if self._max_at_once is None:
-            permit = RedisPermit(self, "", token, None)
+        if self._config.max_at_once is None:
+            permit = RedisPermit(self._leases, None, token, None)
         else:
-            permit = RedisPermit(self, waiter_id, token, local)
-            self._held[waiter_id] = permit
+            permit = RedisPermit(self._leases, self._leases.hold(waiter_id), token, local)
         try:
             if delay_us > 0:
                 if deadline is not None and anyio.current_time() + delay_us / 1e6 > deadline:
@@ -757,7 +505,7 @@ class RedisLimiter(SlotMixin):
                 await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             if delay_us > 0:
-                await self._give_back(waiter_id, permit)
+                await self._give_back(waiter_id, permit.lease_id, local)
             else:
                 await permit.release()
             raise
@@ -765,7 +513,7 @@ class RedisLimiter(SlotMixin):
 
     def _too_late(self) -> AcquireTimeoutError:
         return AcquireTimeoutError(
-            f"limiter {self._name!r}: no slot within {self._acquire_timeout:g}s (the rate "
+            f"limiter {self._name!r}: no slot within {self._config.acquire_timeout:g}s (the rate "
             "limit's next start is further away)"
         )
 
@@ -795,16 +543,16 @@ class RedisLimiter(SlotMixin):
             else:
                 check_at = max(since, start) + self._retry_window
 
-    async def _give_back(self, waiter_id: str, permit: RedisPermit) -> None:
+    async def _give_back(self, waiter_id: str, lease_id: str, local: Permit | None) -> None:
         """Withdraw a grant whose rate start has not come: its lease (if any) and its start
-        are given back, so that later acquisitions may use them."""
-        local = permit._forget()
-        self._held.pop(waiter_id, None)
+        are given back, so that later acquisitions may use them. Its permit is never handed
+        out; *local* is the permit's local part."""
+        self._leases.forget(lease_id)
         with anyio.CancelScope(shield=True):
             try:
                 await self._call("cancel", waiter_id)
             except RedisLimiterError as exc:
-                self._orphans.add(waiter_id)
+                self._leases.orphan(waiter_id)
                 logger.warning(
                     "limiter %r: could not give back grant %s (%s); it is given back when "
                     "Redis answers again",
@@ -834,17 +582,15 @@ class RedisLimiter(SlotMixin):
         except TimeoutError as exc:
             if isinstance(exc, RedisLimiterError):
                 raise
+            # Chained to the failure of the call in flight, if any: it says why (an entry's
+            # deadline can pass a moment before the failing call it queued behind gives up).
             raise RedisUnavailableError(
                 f"limiter {self._name!r}: Redis did not answer within "
                 f"{self._retry_window:g}s (the calls queued before this one were not answered)"
-            ) from None
+            ) from self._last_failure
 
     async def _acquire_many(self, items: list[str], deadline: float) -> list[Any]:
         return decode_acquire_reply(await self._call("acquire", *items, deadline=deadline))
-
-    async def _release_many(self, lease_ids: list[str], deadline: float) -> list[Any]:
-        reply = await self._call("release", *lease_ids, deadline=deadline)
-        return [reply] * len(lease_ids)
 
     async def _take(self, waiter_id: str, start: float, deadline: float | None) -> tuple[int, int]:
         """Get a grant ``(token, delay_us)`` for *waiter_id*, queueing until one comes."""
@@ -853,18 +599,16 @@ class RedisLimiter(SlotMixin):
         except (RedisUnavailableError, PoolExhaustedError):
             # The call may have run on the server after we gave up on its reply, leaving a
             # lease or a rate reservation: withdraw it when Redis answers again.
-            self._orphans.add(waiter_id)
+            self._leases.orphan(waiter_id)
             raise
         if reply[0] == 1:
             return int(reply[1]), int(reply[2])
         if reply[0] == 2:
             raise self._too_late()
-        waiter = _Waiter()
-        self._waiters[waiter_id] = waiter
-        self._waiters_added.set()
+        waiter = self._leases.wait(waiter_id)
         try:
             while True:
-                with anyio.move_on_after(self._recheck_interval):
+                with anyio.move_on_after(self._config.recheck_interval):
                     await waiter.event.wait()
                 if waiter.grant is not None:
                     return waiter.grant
@@ -882,7 +626,7 @@ class RedisLimiter(SlotMixin):
                 try:
                     await self._call("cancel", waiter_id)
                 except RedisLimiterError:
-                    self._orphans.add(waiter_id)
+                    self._leases.orphan(waiter_id)
                     logger.warning(
                         "limiter %r: could not withdraw waiter %s; it is withdrawn when "
                         "Redis answers again, or expires within lease_ttl",
@@ -891,7 +635,7 @@ class RedisLimiter(SlotMixin):
                     )
             raise
         finally:
-            del self._waiters[waiter_id]
+            self._leases.stop_waiting(waiter_id)
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[RedisPermit]:
@@ -910,97 +654,6 @@ class RedisLimiter(SlotMixin):
                 f"limiter {self._name!r}: lease {permit.lease_id} expired while the block ran"
             )
 
-    # -- background tasks ----------------------------------------------------------------------
-
-    async def _dispatch_loop(self) -> None:
-        client = self._client
-        assert client is not None
-        backoff = 0.05
-        while True:
-            if not self._waiters:
-                self._waiters_added = anyio.Event()
-                await self._waiters_added.wait()
-            try:
-                message = await client.blpop(self._mailbox, self._recheck_interval)
-            except (*self._transient, *self._replies) as exc:
-                if isinstance(exc, self._replies):
-                    logger.warning("limiter %r: reading the mailbox failed: %s", self._name, exc)
-                # The waiters' own re-checks cover the outage; just don't spin.
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-                continue
-            backoff = 0.05
-            if message is None:
-                continue
-            waiter_id, token, delay_us = message.split("|")
-            waiter = self._waiters.get(waiter_id)
-            if waiter is not None:
-                waiter.grant = (int(token), int(delay_us))
-                waiter.event.set()
-
-    async def _withdraw_orphans(self) -> None:
-        """Free what calls that failed on the client side may have taken on the server.
-
-        A call whose reply never came (a dropped connection, Redis paused past the retry
-        window) may still have run: an acquire may hold a lease nobody will release, a failed
-        release or cancel left its entry. cancel.lua frees an id whatever state it is in.
-        """
-        self._withdrawing = True
-        try:
-            for entry_id in list(self._orphans):
-                try:
-                    await self._call("cancel", entry_id)
-                except RedisLimiterError:
-                    return
-                self._orphans.discard(entry_id)
-        finally:
-            self._withdrawing = False
-
-    async def _renew_loop(self) -> None:
-        while True:
-            await anyio.sleep(self._lease_ttl / 3)
-            if self._orphans:
-                await self._withdraw_orphans()
-            leases = list(self._held)
-            waiters = list(self._waiters)
-            if not leases and not waiters:
-                continue
-            try:
-                lost_leases, lost_waiters, _ = await self._call(
-                    "renew", len(leases), *leases, *waiters
-                )
-            except RedisLimiterError as exc:
-                logger.warning("limiter %r: renewal failed: %s", self._name, exc)
-                continue
-            for lease_id in lost_leases:
-                permit = self._held.get(lease_id)
-                if permit is not None and not permit._lost:
-                    permit._lost = True
-                    self._leases_lost += 1
-                    logger.warning(
-                        "limiter %r: lease %s expired before renewal; its slot may have "
-                        "been given to another process",
-                        self._name,
-                        lease_id,
-                    )
-                    if self._on_lease_lost is not None:
-                        self._report_lost(lease_id)
-            for waiter_id in lost_waiters:
-                waiter = self._waiters.get(waiter_id)
-                if waiter is not None:
-                    # Its queue entry expired: wake it so it queues again at once.
-                    waiter.event.set()
-
-    def _report_lost(self, lease_id: str) -> None:
-        assert self._on_lease_lost is not None
-        error = LeaseLostError(
-            f"limiter {self._name!r}: lease {lease_id} expired before it was renewed"
-        )
-        try:
-            self._on_lease_lost(error)
-        except Exception:
-            logger.exception("limiter %r: the on_lease_lost callback failed", self._name)
-
     # -- operator views ------------------------------------------------------------------------
 
     async def statistics(self) -> RedisLimiterStatistics:
@@ -1009,23 +662,18 @@ class RedisLimiter(SlotMixin):
         if client is None:
             raise RuntimeError("enter the limiter first: `async with RedisLimiter(...)`")
         state = await read_state(client, self._keys, self._name)
-        next_start = 0.0
-        if state.tat is not None and self._max_per_second is not None:
-            interval = 1 / self._max_per_second
-            next_start = max(0.0, state.tat - (self._burst - 1) * interval)
-            if state.spare is not None:
-                next_start = min(next_start, max(0.0, state.spare))
+        config = self._config
         return RedisLimiterStatistics(
             name=self._name,
-            max_at_once=self._max_at_once,
-            max_per_second=self._max_per_second,
-            burst=self._burst,
+            max_at_once=config.max_at_once,
+            max_per_second=config.max_per_second,
+            burst=config.burst,
             holders=state.holders,
             waiters=state.waiters,
-            next_start=next_start,
-            local_held=len(self._held),
-            local_waiting=len(self._waiters),
-            leases_lost=self._leases_lost,
+            next_start=next_start(state, config),
+            local_held=len(self._leases.held),
+            local_waiting=len(self._leases.waiters),
+            leases_lost=self._leases.lost_count,
         )
 
     async def reset(self) -> None:
@@ -1037,54 +685,7 @@ class RedisLimiter(SlotMixin):
         client = self._client
         if client is None:
             raise RuntimeError("enter the limiter first: `async with RedisLimiter(...)`")
-        await client.delete(*self._keys, self._mailbox)
-
-
-def _same(one: BaseException, other: BaseException) -> bool:
-    """*one* is *other*, or a copy of the group *other* with the same leaves (trio splits
-    groups on their way through a cancelled scope, which derives new group objects)."""
-    if one is other:
-        return True
-    if not (isinstance(one, BaseExceptionGroup) and isinstance(other, BaseExceptionGroup)):
-        return False
-    return (
-        one.message == other.message
-        and len(one.exceptions) == len(other.exceptions)
-        and all(_same(a, b) for a, b in zip(one.exceptions, other.exceptions, strict=True))
-    )
-
-
-def _only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
-    """True if *group* is *exc*, or only wraps *exc* (itself possibly a group)."""
-    return _same(group, exc) or all(
-        _same(inner, exc) or (isinstance(inner, BaseExceptionGroup) and _only(inner, exc))
-        for inner in group.exceptions
-    )
-
-
-def _current_loop() -> object:
-    """The running event loop (asyncio) or run (trio), as an object compared by identity."""
-    return anyio.lowlevel.current_token().native_token
-
-
-async def _exit_unwrapped(
-    aexit: Callable[[], Awaitable[bool | None]], exc: BaseException | None
-) -> bool | None:
-    """Run *aexit* (the exit of a task group, or of a stack holding one) for an ``async with``
-    block that raised *exc*: a group that only wraps *exc* is handed back as *exc* itself, so
-    ``except SomeError`` around the block works."""
-    try:
-        return await aexit()
-    except BaseExceptionGroup as group:
-        if exc is None or not _only(group, exc):
-            raise
-    # Raised here, outside the handler, so that the group is not chained onto it.
-    raise exc
-
-
-def _check_seconds(value: object, name: str, *, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= minimum:
-        raise ValueError(f"{name} must be a finite number > {minimum:g}, got {value!r}")
-    return float(value)
+        try:
+            await client.delete(*self._keys, self._mailbox)
+        except ClientError as exc:
+            raise as_limiter_error(self._name, "reset", exc) from exc.__cause__

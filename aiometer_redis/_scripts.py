@@ -16,8 +16,9 @@ from pathlib import Path
 from types import MappingProxyType
 
 __all__ = [
-    "PRELUDE",
+    "PRELUDES",
     "SCRIPT_NAMES",
+    "TOOL_SCRIPTS",
     "WRITERS",
     "Script",
     "all_scripts",
@@ -29,10 +30,22 @@ __all__ = [
 #: Names of every script, one ``<name>.lua`` file each.
 SCRIPT_NAMES: tuple[str, ...] = ("acquire", "release", "renew", "cancel", "status")
 
-#: The scripts that write. Redis scripts cannot include one another, so each of these is sent
-#: as ``_shared.lua`` (key and argument bindings, shared helpers) followed by its own file.
+#: Read-only scripts of the command line (``aiometer-redis status``), not of the limiter.
+TOOL_SCRIPTS: tuple[str, ...] = ("key_types", "stored_numbers")
+
+#: The scripts that write.
 WRITERS = frozenset({"acquire", "release", "renew", "cancel"})
-PRELUDE = "_shared"
+
+#: Redis scripts cannot include one another, so each script of the limiter is sent after its
+#: preludes, as one script (see ``lua/README.md``): ``_read.lua`` (the key and ARGV[1]
+#: bindings and the helpers a read-only script needs) for all of them, then ``_shared.lua``
+#: (the rest of the header, the writers' helpers) for the writers.
+PRELUDES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        **dict.fromkeys(WRITERS, ("_read", "_shared")),
+        "status": ("_read",),
+    }
+)
 
 
 def decode_acquire_reply(reply: str) -> list[list[int]]:
@@ -83,17 +96,16 @@ def load_script(name: str) -> Script:
     """Return the script called ``name`` (e.g. ``"acquire"``), read once and cached.
 
     Raises:
-        ValueError: ``name`` is not one of :data:`SCRIPT_NAMES`.
+        ValueError: ``name`` is not one of :data:`SCRIPT_NAMES` or :data:`TOOL_SCRIPTS`.
         FileNotFoundError: the script files are missing from the installation.
     """
-    if name not in SCRIPT_NAMES:
+    if name not in SCRIPT_NAMES and name not in TOOL_SCRIPTS:
         raise ValueError(f"unknown script {name!r}, expected one of {', '.join(SCRIPT_NAMES)}")
     # Bytes, not text mode: the SHA1 must match the bytes Redis receives.
     directory = script_dir()
     source = (directory / f"{name}.lua").read_bytes().decode("utf-8")
-    if name in WRITERS:
-        prelude = (directory / f"{PRELUDE}.lua").read_bytes().decode("utf-8")
-        source = prelude + "\n" + source
+    for prelude in reversed(PRELUDES.get(name, ())):
+        source = (directory / f"{prelude}.lua").read_bytes().decode("utf-8") + "\n" + source
     return Script.from_source(name, source)
 
 

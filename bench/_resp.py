@@ -101,7 +101,7 @@ class LimiterCall:
     def of(cls, limiter: RedisLimiter, script: str) -> LimiterCall:
         """*script* (e.g. ``"acquire"``) with *limiter*'s keys and its private argument
         header, encoded as its client adapter does: the bytes the limiter itself sends."""
-        return cls(load_script(script).sha1, limiter.keys, encode_args(limiter._header))
+        return cls(load_script(script).sha1, limiter.keys, encode_args(limiter.script_header))
 
     def prefix(self) -> bytes:
         # The id comes last: count it in the array length, append it per call.

@@ -49,7 +49,7 @@ import redis.asyncio
 from redis.crc import key_slot
 
 from aiometer_redis import RedisLimiter
-from aiometer_redis._limiter import limiter_keys
+from aiometer_redis._keys import limiter_keys
 from aiometer_redis._scripts import all_scripts
 from aiometer_redis.testing import RedisCluster3, find_redis_cli
 

@@ -1,25 +1,11 @@
--- _shared.lua: the prelude of acquire.lua, release.lua, renew.lua and cancel.lua.
+-- _shared.lua: the prelude of the writing scripts acquire.lua, release.lua,
+-- renew.lua and cancel.lua, sent after _read.lua (see lua/README.md).
 --
--- Redis scripts cannot include each other, so aiometer_redis/_scripts.py sends
--- this file followed by the operation's own file as one script (its SHA1 is that
--- of the concatenation). It binds the eight KEYS and the common ARGV[1..7] that
--- every writing script receives (see the header of each script) and defines the
--- helpers they share. It is not a script on its own.
+-- It binds the common ARGV[2..7] and defines the helpers the writers share. It
+-- is not a script on its own.
 
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 
-local holders_key = KEYS[1]
-local queue_key = KEYS[2]
-local waiters_key = KEYS[3]
-local tat_key = KEYS[4]
-local seq_key = KEYS[5]
-local grants_key = KEYS[6]
--- Read and written only by the rate-only path of acquire.lua (see its header).
-local recent_key = KEYS[7]
--- Rate starts given back by waiters that left before them (see give_back).
-local spare_key = KEYS[8]
-
-local now_arg = ARGV[1]
 local max_at_once = tonumber(ARGV[2])
 local interval = tonumber(ARGV[3])
 local burst = tonumber(ARGV[4])
@@ -30,31 +16,14 @@ local mailbox_prefix = ARGV[7]
 -- ---------------------------------------------------------------------------
 -- Shared helpers.
 
--- Integers are always sent to Redis through '%d': Lua's tostring() switches to
--- exponent notation above 1e14, and microsecond timestamps are larger than that.
-local function int(x)
-  return string.format('%d', x)
-end
-
-local function is_finite(n)
-  return n ~= nil and n == n and n ~= math.huge and n ~= -math.huge
-end
-
-local function is_int(n, min)
-  return is_finite(n) and n == math.floor(n) and n >= min
-end
-
-local function bad_arg(name, expected, raw)
-  return redis.error_reply('ERR_ARG ' .. name .. ' must be ' .. expected .. ', got ' .. tostring(raw))
-end
-
 -- Returns an error reply for the first malformed common argument, or nil.
 local function check_common_args()
   if #KEYS ~= 8 then
     return redis.error_reply('ERR_ARG expected 8 keys, got ' .. #KEYS)
   end
-  if now_arg == nil or (now_arg ~= '' and not is_int(tonumber(now_arg), 0)) then
-    return bad_arg('now_us', 'empty or an integer >= 0', now_arg)
+  local err = check_now()
+  if err then
+    return err
   end
   if not is_int(max_at_once, 0) then
     return bad_arg('max_at_once', 'an integer >= 0', ARGV[2])
@@ -77,12 +46,18 @@ local function check_common_args()
   return nil
 end
 
-local function read_now()
-  if now_arg ~= '' then
-    return tonumber(now_arg)
+-- Ids per command when one command takes a whole batch: unpack() is bounded by
+-- the Lua stack.
+local SLICE = 1000
+
+-- Runs `command key` with the elements of `list` from index `first` on, at most
+-- `per` of them per command. Returns the sum of the (integer) replies.
+local function call_in_slices(command, key, list, first, per)
+  local total = 0
+  for from = first, #list, per do
+    total = total + redis.call(command, key, unpack(list, from, math.min(from + per - 1, #list)))
   end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+  return total
 end
 
 -- Milliseconds a key must live so that it outlasts `until_us` by key_ttl_ms.

@@ -1,36 +1,9 @@
 -- acquire.lua: take a slot for one or more waiters, or queue them and report
 -- their positions.
 --
--- KEYS (the same eight, in this order, for every script; all share one hash tag):
---   1 holders  ZSET   lease id -> lease expiry (integer microseconds, server time)
---   2 queue    ZSET   waiter id -> ticket (from KEYS[5]); lower ticket is served first
---   3 waiters  ZSET   waiter id -> liveness expiry (microseconds)
---   4 tat      STRING GCRA theoretical arrival time in microseconds ('%.3f')
---   5 seq      STRING counter for tickets and fencing tokens
---   6 grants   HASH   lease id (or remembered rate-only waiter id) ->
---                     "<token>|<start_at_us>"
---   7 recent   ZSET   rate-only waiter id -> end of its memory (microseconds);
---                     only the rate-only path of acquire.lua reads or writes it,
---                     and cancel.lua deletes from it
---   8 spare    ZSET   rate start given back -> that start (microseconds): a
---                     start reserved by a waiter that left before it, handed
---                     to the next reservation (see give_back in _shared.lua)
+-- KEYS, the common ARGV[1..7] and the mailboxes: see lua/README.md.
 --
--- One more key is written without being in KEYS: the mailbox of the process
--- that owns a waiter, ARGV[7] .. <process id>, where the process id is the part
--- of the waiter id before the first ':'. This is deliberate: the set of
--- processes is open-ended. The prefix carries the limiter's hash tag, so the
--- mailbox lives in the same cluster slot as KEYS. (acquire.lua itself never
--- posts to a mailbox.)
---
--- ARGV (common header):
---   1 now_us         '' = read the server clock (TIME); an integer = use it (tests only)
---   2 max_at_once    integer, 0 = no concurrency limit
---   3 interval_us    float, emission interval 1e6 / max_per_second, 0 = no rate limit
---   4 burst          integer >= 1
---   5 lease_ttl_us   integer >= 1
---   6 key_ttl_ms     integer >= 1; every written key is given at least this TTL
---   7 mailbox prefix e.g. 'aiometer:{name}:mb:'
+-- ARGV after the common header:
 --   8 ..            one or more waiter ids '<process id>:<n>'; a waiter id
 --                    becomes the lease id when granted. An id may end in
 --                    '/<max delay us>' (the caller's remaining time): it is then
@@ -90,8 +63,9 @@
 -- Only the keys the call wrote get their TTL refreshed (see expire_written).
 -- Errors: 'ERR_ARG ...' for malformed arguments (nothing is written).
 
--- The prelude lua/_shared.lua comes first: it binds KEYS, ARGV[1..7] and the
--- shared helpers (int, read_now, purge, grant, handoff, expire_written, ...).
+-- The preludes lua/_read.lua and lua/_shared.lua come first: they bind KEYS,
+-- ARGV[1..7] and the shared helpers (int, read_now, purge, grant, handoff,
+-- expire_written, call_in_slices, ...).
 
 
 local err = check_common_args()
@@ -116,17 +90,6 @@ end
 
 -- ---------------------------------------------------------------------------
 -- Rate-only helpers.
-
--- Ids per command when one command takes the whole batch: unpack() is bounded
--- by the Lua stack.
-local SLICE = 1000
-
--- Runs `command key <pairs>` over a flat list of pairs, SLICE pairs at a time.
-local function call_in_slices(command, key, flat)
-  for first = 1, #flat, 2 * SLICE do
-    redis.call(command, key, unpack(flat, first, math.min(first + 2 * SLICE - 1, #flat)))
-  end
-end
 
 -- The ids that are remembered: id -> {token, start_at_us}; an id checked and
 -- not remembered maps to false. One HMGET grants per SLICE ids; only an id
@@ -224,8 +187,9 @@ if max_at_once == 0 then
         fields[#fields + 1] = int(token) .. '|' .. int(now + delay)
       end
     end
-    call_in_slices('ZADD', recent_key, members)
-    call_in_slices('HSET', grants_key, fields)
+    -- Pairs: SLICE ids per command.
+    call_in_slices('ZADD', recent_key, members, 1, 2 * SLICE)
+    call_in_slices('HSET', grants_key, fields, 1, 2 * SLICE)
     local memory_ttl = int(ttl_until(now + lease_ttl, now))
     redis.call('PEXPIRE', recent_key, memory_ttl)
     redis.call('PEXPIRE', grants_key, memory_ttl)

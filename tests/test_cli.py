@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from aiometer_redis._limiter import limiter_keys
+from aiometer_redis._keys import limiter_keys
 from aiometer_redis.testing import RedisServer
 
 pytestmark = pytest.mark.redis

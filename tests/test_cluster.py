@@ -25,7 +25,7 @@ import redis.asyncio
 
 import aiometer
 from aiometer_redis import RedisLimiter
-from aiometer_redis._limiter import _mailbox_prefix, limiter_keys
+from aiometer_redis._keys import limiter_keys, mailbox_prefix
 from aiometer_redis.testing import RedisCluster3, max_overlap, window_violations
 from aiometer_redis.testing._resp import encode_command
 
@@ -205,7 +205,7 @@ def owners(cluster: RedisCluster3) -> dict[str, int]:
         found: dict[str, int] = {}
         for name in LIMITERS:
             # The mailbox key is built inside the scripts: it must share the slot too.
-            keys = [*limiter_keys(name), _mailbox_prefix(name, "aiometer") + "0123abcd"]
+            keys = [*limiter_keys(name), mailbox_prefix(name, "aiometer") + "0123abcd"]
             slots = {int(node.execute_command("CLUSTER", "KEYSLOT", key)) for key in keys}
             assert len(slots) == 1, (name, slots)
             (slot,) = slots

@@ -35,7 +35,7 @@ import redis.asyncio.sentinel
 import aiometer
 from aiometer_redis import RedisLimiter
 from aiometer_redis._client import RedisPyClient, adapt
-from aiometer_redis._limiter import limiter_keys
+from aiometer_redis._keys import limiter_keys
 from aiometer_redis.testing import (
     RedisCluster3,
     find_redis_server,

@@ -31,8 +31,9 @@ from helpers.tcp_proxy import Request, TcpProxy, script_rule
 import aiometer
 from aiometer_redis import RedisLimiter, RedisPermit, RedisUnavailableError
 from aiometer_redis._client import ScriptClient, adapt
-from aiometer_redis._limiter import LimiterState, limiter_keys, read_state
+from aiometer_redis._keys import limiter_keys
 from aiometer_redis._scripts import WRITERS, load_script
+from aiometer_redis._state import LimiterState, read_state
 from aiometer_redis.testing import RedisServer, max_overlap, over_limit_seconds, window_violations
 
 pytestmark = pytest.mark.redis

@@ -30,7 +30,7 @@ from aiometer_redis import (
     RedisUnavailableError,
     WrongEventLoopError,
 )
-from aiometer_redis._limiter import limiter_keys
+from aiometer_redis._keys import limiter_keys
 from aiometer_redis._server import RedisServer
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -413,14 +413,14 @@ async def test_group_new_keys_cost_constant_work(
     """Each new key looks at a bounded number of limiters (before the fix: all of them), and
     the idle ones kept stay at max_idle."""
     looked_at = 0
-    original = RedisLimiter._is_idle
+    original = RedisLimiter.is_idle
 
     def counting(self: RedisLimiter) -> bool:
         nonlocal looked_at
         looked_at += 1
         return original(self)
 
-    monkeypatch.setattr(RedisLimiter, "_is_idle", counting)
+    monkeypatch.setattr(RedisLimiter, "is_idle", counting)
     async with (
         redis_client(server) as client,
         RedisLimiterGroup(client, max_at_once=1, max_idle=10, idle_after=0) as group,

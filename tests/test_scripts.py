@@ -42,9 +42,12 @@ from aiometer_redis._client import (
     encode_args,
     normalize_reply,
 )
+from aiometer_redis._errors import ErrorReply
+from aiometer_redis._keys import limiter_keys, mailbox_prefix
 from aiometer_redis._scripts import (
-    PRELUDE,
+    PRELUDES,
     SCRIPT_NAMES,
+    TOOL_SCRIPTS,
     WRITERS,
     Script,
     all_scripts,
@@ -56,7 +59,6 @@ from aiometer_redis.testing import ENV_VAR, RedisServer, find_redis_server
 
 NOW = 1_700_000_000_000_000
 SECOND = 1_000_000
-KEY_SUFFIXES = ("holders", "queue", "waiters", "tat", "seq", "grants", "recent", "spare")
 
 # Test-only helper scripts, run through the same adapters as the real ones.
 LRANGE = Script.from_source("test_lrange", "return redis.call('LRANGE', KEYS[1], 0, -1)")
@@ -107,15 +109,6 @@ SNAPSHOT = Script.from_source(
     return out
     """,
 )
-
-
-def limiter_keys(tag: str) -> list[str]:
-    """The eight keys of limiter ``tag``, in script order."""
-    return [f"aiometer:{{{tag}}}:{suffix}" for suffix in KEY_SUFFIXES]
-
-
-def mailbox_prefix(tag: str) -> str:
-    return f"aiometer:{{{tag}}}:mb:"
 
 
 @dataclass
@@ -220,7 +213,6 @@ class Limiter:
 class Opened:
     client: ScriptClient
     flush_scripts: Callable[[], Awaitable[Any]]
-    response_error: type[Exception]
 
 
 @dataclass
@@ -233,23 +225,21 @@ class Backend:
         if self.kind == "fakeredis":
             fake = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
             try:
-                yield Opened(adapt(fake), fake.script_flush, redis.exceptions.ResponseError)
+                yield Opened(adapt(fake), fake.script_flush)
             finally:
                 await fake.aclose()
         elif self.kind == "redis-py":
             assert self.url is not None
             client = redis.asyncio.Redis.from_url(self.url)
             try:
-                yield Opened(adapt(client), client.script_flush, redis.exceptions.ResponseError)
+                yield Opened(adapt(client), client.script_flush)
             finally:
                 await client.aclose()
         else:
             assert self.url is not None
             core = coredis.Redis.from_url(self.url)
             async with core:
-                yield Opened(
-                    adapt(core), lambda: core.script_flush(), coredis.exceptions.ResponseError
-                )
+                yield Opened(adapt(core), lambda: core.script_flush())
 
 
 # (client, backend) pairs; conftest.py parametrizes "flavour" and "anyio_backend" from them.
@@ -901,31 +891,31 @@ async def test_bad_arguments_are_rejected_without_writes(backend: Backend) -> No
             for value in values:
                 args = list(good)
                 args[bad_headers[name]] = value
-                with pytest.raises(opened.response_error, match=f"ERR_ARG {name} must be"):
+                with pytest.raises(ErrorReply, match=f"ERR_ARG {name} must be"):
                     await opened.client.run_script(load_script("acquire"), lim.keys, [*args, "p:1"])
         rate_only = dataclasses.replace(lim, max_at_once=0, interval_us=100_000.0)
         for limiter in (lim, rate_only):
-            with pytest.raises(opened.response_error, match="ERR_ARG waiter id"):
+            with pytest.raises(ErrorReply, match="ERR_ARG waiter id"):
                 await limiter.acquire(NOW, "no-process-part")
-            with pytest.raises(opened.response_error, match=r"ERR_ARG waiter id .*at least one"):
+            with pytest.raises(ErrorReply, match=r"ERR_ARG waiter id .*at least one"):
                 await limiter.acquire(NOW)
             # One malformed id anywhere in a batch rejects the whole batch.
-            with pytest.raises(opened.response_error, match=r"ERR_ARG waiter id .*got bad$"):
+            with pytest.raises(ErrorReply, match=r"ERR_ARG waiter id .*got bad$"):
                 await limiter.acquire(NOW, "p:1", "p:2", "bad")
-        with pytest.raises(opened.response_error, match="ERR_ARG lease id"):
+        with pytest.raises(ErrorReply, match="ERR_ARG lease id"):
             await lim.release(NOW)
-        with pytest.raises(opened.response_error, match="ERR_ARG lease count"):
+        with pytest.raises(ErrorReply, match="ERR_ARG lease count"):
             await lim.call("renew", NOW, 3, "a:1")
         for name in ("acquire", "release", "renew", "cancel"):
             # A client that predates spare (seven keys) is refused with a clear error.
-            with pytest.raises(opened.response_error, match="ERR_ARG expected 8 keys, got 7"):
+            with pytest.raises(ErrorReply, match="ERR_ARG expected 8 keys, got 7"):
                 await opened.client.run_script(load_script(name), lim.keys[:7], [*good, "p:1"])
-        with pytest.raises(opened.response_error, match=r"ERR_ARG expected 8 keys \(or the"):
+        with pytest.raises(ErrorReply, match=r"ERR_ARG expected 8 keys \(or the"):
             await opened.client.run_script(load_script("status"), lim.keys[:5], [""])
         # status.lua does not read recent, nor spare without its key: the first six are enough.
         six = await opened.client.run_script(load_script("status"), lim.keys[:6], [NOW])
         assert six == [NOW, [], [], "", "0", ""]
-        with pytest.raises(opened.response_error, match="ERR_ARG now_us"):
+        with pytest.raises(ErrorReply, match="ERR_ARG now_us"):
             await lim.status(-5)
         assert await lim.status(NOW) == [NOW, [], [], "", "0"]
 
@@ -1104,19 +1094,25 @@ async def test_contended_acquire_and_release_refresh_only_what_they_write(
 # -- the scripts as files ----------------------------------------------------------------
 
 
-def test_writers_are_sent_with_the_shared_prelude() -> None:
-    prelude = (script_dir() / f"{PRELUDE}.lua").read_text("utf-8")
+def test_scripts_are_sent_after_their_preludes() -> None:
+    def text(file: str) -> str:
+        return (script_dir() / f"{file}.lua").read_text("utf-8")
+
+    assert PRELUDES["status"] == ("_read",)
     for name in SCRIPT_NAMES:
         source = load_script(name).source
-        own = (script_dir() / f"{name}.lua").read_text("utf-8")
+        own = text(name)
+        assert source == "".join(text(prelude) + "\n" for prelude in PRELUDES[name]) + own
+        assert "if redis.replicate_commands" not in own
+        # The KEYS/ARGV contract is written once, in lua/README.md; each header points there.
+        header = own[: own.index("-- The prelude")]
+        for word in ("KEYS", "ARGV", "Reply", "lua/README.md"):
+            assert word in header
         if name in WRITERS:
-            assert source == prelude + "\n" + own
-            assert "if redis.replicate_commands" not in own
-            header = own[: own.index("-- The prelude lua/_shared.lua comes first")]
-            for word in ("KEYS", "ARGV", "Reply", "mailbox"):
-                assert word in header
-        else:
-            assert source == own
+            assert PRELUDES[name] == ("_read", "_shared")
+            assert "1 holders" not in header
+    for name in TOOL_SCRIPTS:
+        assert load_script(name).source == text(name)
 
 
 def test_load_script_reads_and_caches() -> None:
@@ -1126,8 +1122,8 @@ def test_load_script_reads_and_caches() -> None:
         assert script is load_script(name)
         assert script.name == name
         raw = (script_dir() / f"{name}.lua").read_bytes()
-        if name in WRITERS:
-            raw = (script_dir() / f"{PRELUDE}.lua").read_bytes() + b"\n" + raw
+        for prelude in reversed(PRELUDES[name]):
+            raw = (script_dir() / f"{prelude}.lua").read_bytes() + b"\n" + raw
         assert script.source.encode() == raw
         assert script.sha1 == hashlib.sha1(raw).hexdigest()
     with pytest.raises(ValueError, match="unknown script 'nope'"):

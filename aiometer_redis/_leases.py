@@ -1,0 +1,241 @@
+"""This process's side of one limiter in Redis: the leases it holds, its queued waiters, the
+ids left to withdraw, and the background loops that keep them.
+
+* The renewal loop extends every lease and queue entry of the process in one call every
+  ``lease_ttl / 3``, and reports the leases it finds expired (a warning, a count, the
+  ``on_lease_lost`` callback, and :attr:`Lease.lost` for the permit).
+* The dispatch loop blocks on the process's mailbox (BLPOP) and hands each grant pushed there
+  to its waiter.
+* Orphans are ids whose last call failed on the client side: the call may still have run on
+  the server (an acquire holding a lease nobody will release, a release or cancel that did
+  not happen). ``cancel.lua`` frees an id whatever state it is in, so they are cancelled when
+  Redis answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from ._batch import Batcher
+from ._client import ScriptArg, ScriptClient
+from ._config import LimiterConfig
+from ._errors import ClientError, Unavailable
+from ._exceptions import LeaseLostError, RedisLimiterError, WrongEventLoopError
+from ._exits import current_loop
+
+__all__ = ["Lease", "LeaseTable", "ScriptCall", "Waiter"]
+
+logger = logging.getLogger("aiometer_redis")
+
+#: Runs one of the limiter's scripts with these ARGV after the header, retrying until the
+#: deadline (default: the retry window); raises RedisLimiterError.
+ScriptCall = Callable[..., Awaitable[Any]]
+
+
+class Lease:
+    """One slot held in Redis by this process.
+
+    Attributes:
+        lease_id: ``"<process id>:<n>"``, the id of the lease in Redis.
+        lost: set when a renewal found the lease expired.
+    """
+
+    __slots__ = ("lease_id", "lost")
+
+    def __init__(self, lease_id: str) -> None:
+        self.lease_id = lease_id
+        self.lost = False
+
+
+class Waiter:
+    """A coroutine of this process queued in Redis; the dispatch loop sets *grant*."""
+
+    __slots__ = ("event", "grant")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.grant: tuple[int, int] | None = None
+
+
+class LeaseTable:
+    """The leases, waiters and orphans of one limiter object, and its background loops.
+
+    Args:
+        name: the limiter's name, for messages.
+        config: the limiter's options.
+        call: runs a script of the limiter (see :data:`ScriptCall`).
+    """
+
+    def __init__(self, name: str, config: LimiterConfig, call: ScriptCall) -> None:
+        self.name = name
+        self._config = config
+        self._call = call
+        #: True while the limiter is entered (or attached to a group).
+        self.open = False
+        #: The event loop the limiter was entered in.
+        self.loop: object = None
+        self.held: dict[str, Lease] = {}
+        self.waiters: dict[str, Waiter] = {}
+        self.orphans: set[str] = set()
+        #: Leases found expired on renewal since the limiter was made.
+        self.lost_count = 0
+        self._withdrawing = False
+        self._waiters_added = anyio.Event()
+        self._releases = Batcher(self._release_many)
+
+    # -- what the limiter and its permits ask -----------------------------------------------------
+
+    def check_loop(self) -> None:
+        """Raise WrongEventLoopError unless the running event loop is the limiter's."""
+        if current_loop() is not self.loop:
+            raise WrongEventLoopError(
+                f"limiter {self.name!r} was entered in another event loop (another thread, "
+                "or another anyio.run / asyncio.run); use one limiter object per event loop"
+            )
+
+    def hold(self, lease_id: str) -> Lease:
+        """Record a lease granted to this process: it is renewed until released."""
+        lease = self.held[lease_id] = Lease(lease_id)
+        return lease
+
+    def forget(self, lease_id: str) -> None:
+        """Stop renewing *lease_id* (it is being given back)."""
+        self.held.pop(lease_id, None)
+
+    def orphan(self, entry_id: str) -> None:
+        """Withdraw *entry_id* when Redis answers again (its last call failed)."""
+        self.orphans.add(entry_id)
+
+    def wait(self, waiter_id: str) -> Waiter:
+        """Queue a waiter of this process: the dispatch loop wakes it on a grant."""
+        waiter = self.waiters[waiter_id] = Waiter()
+        self._waiters_added.set()
+        return waiter
+
+    def stop_waiting(self, waiter_id: str) -> None:
+        """Remove a waiter queued with :meth:`wait`."""
+        del self.waiters[waiter_id]
+
+    def is_idle(self) -> bool:
+        """True if nothing is held, awaited or left to withdraw."""
+        return not self.held and not self.waiters and not self.orphans
+
+    async def release(self, lease: Lease) -> None:
+        """Give *lease* back in Redis (merged with the releases of other coroutines); if
+        Redis does not answer, it is withdrawn later or expires within lease_ttl."""
+        self.held.pop(lease.lease_id, None)
+        try:
+            await self._releases.submit(
+                lease.lease_id, anyio.current_time() + self._config.retry_window
+            )
+        except (RedisLimiterError, TimeoutError) as exc:
+            self.orphans.add(lease.lease_id)
+            logger.warning(
+                "limiter %r: could not release lease %s (%s); it is released when Redis "
+                "answers again, or expires within lease_ttl",
+                self.name,
+                lease.lease_id,
+                exc,
+            )
+
+    def withdraw_soon(self, task_group: anyio.abc.TaskGroup | None) -> None:
+        """Redis answers again: free in the background what failed calls left behind."""
+        if self.orphans and not self._withdrawing and task_group is not None:
+            self._withdrawing = True
+            task_group.start_soon(self.withdraw_orphans)
+
+    async def _release_many(self, lease_ids: list[str], deadline: float) -> list[Any]:
+        reply = await self._call("release", *lease_ids, deadline=deadline)
+        return [reply] * len(lease_ids)
+
+    # -- background tasks ----------------------------------------------------------------------
+
+    async def withdraw_orphans(self) -> None:
+        """Cancel every orphan in Redis; stop at the first call that fails."""
+        self._withdrawing = True
+        try:
+            for entry_id in list(self.orphans):
+                try:
+                    await self._call("cancel", entry_id)
+                except RedisLimiterError:
+                    return
+                self.orphans.discard(entry_id)
+        finally:
+            self._withdrawing = False
+
+    async def renew_loop(self) -> None:
+        """Every ``lease_ttl / 3``: withdraw orphans, renew every lease and queue entry."""
+        while True:
+            await anyio.sleep(self._config.lease_ttl / 3)
+            if self.orphans:
+                await self.withdraw_orphans()
+            leases = list(self.held)
+            waiters = list(self.waiters)
+            if not leases and not waiters:
+                continue
+            args: list[ScriptArg] = [len(leases), *leases, *waiters]
+            try:
+                lost_leases, lost_waiters, _ = await self._call("renew", *args)
+            except RedisLimiterError as exc:
+                logger.warning("limiter %r: renewal failed: %s", self.name, exc)
+                continue
+            for lease_id in lost_leases:
+                lease = self.held.get(lease_id)
+                if lease is not None and not lease.lost:
+                    lease.lost = True
+                    self.lost_count += 1
+                    logger.warning(
+                        "limiter %r: lease %s expired before renewal; its slot may have "
+                        "been given to another process",
+                        self.name,
+                        lease_id,
+                    )
+                    if self._config.on_lease_lost is not None:
+                        self._report_lost(lease_id)
+            for waiter_id in lost_waiters:
+                waiter = self.waiters.get(waiter_id)
+                if waiter is not None:
+                    # Its queue entry expired: wake it so it queues again at once.
+                    waiter.event.set()
+
+    def _report_lost(self, lease_id: str) -> None:
+        callback = self._config.on_lease_lost
+        assert callback is not None
+        error = LeaseLostError(
+            f"limiter {self.name!r}: lease {lease_id} expired before it was renewed"
+        )
+        try:
+            callback(error)
+        except Exception:
+            logger.exception("limiter %r: the on_lease_lost callback failed", self.name)
+
+    async def dispatch_loop(self, client: ScriptClient, mailbox: str) -> None:
+        """Hand the grants pushed to this process's *mailbox* to their waiters."""
+        recheck_interval = self._config.recheck_interval
+        backoff = 0.05
+        while True:
+            if not self.waiters:
+                self._waiters_added = anyio.Event()
+                await self._waiters_added.wait()
+            try:
+                message = await client.blpop(mailbox, recheck_interval)
+            except ClientError as exc:
+                if not isinstance(exc, Unavailable):
+                    logger.warning("limiter %r: reading the mailbox failed: %s", self.name, exc)
+                # The waiters' own re-checks cover the outage; just don't spin.
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            backoff = 0.05
+            if message is None:
+                continue
+            waiter_id, token, delay_us = message.split("|")
+            waiter = self.waiters.get(waiter_id)
+            if waiter is not None:
+                waiter.grant = (int(token), int(delay_us))
+                waiter.event.set()
