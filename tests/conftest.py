@@ -8,7 +8,8 @@ provides ``redis_server`` and ``redis_url``).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from helpers.capabilities import require
@@ -53,6 +54,22 @@ def server() -> Iterator[RedisServer]:
     """A redis-server on a free loopback port, one per test module."""
     with RedisServer() as running:
         yield running
+
+
+@pytest.fixture
+async def raw(server: RedisServer, anyio_backend: str) -> AsyncIterator[Any]:
+    """A plain client for poking at Redis from a test: redis-py on asyncio, coredis on trio."""
+    if anyio_backend == "asyncio":
+        import redis.asyncio
+
+        client: Any = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
+        yield client
+        await client.aclose()
+    else:
+        import coredis
+
+        async with coredis.Redis.from_url(server.url, decode_responses=True) as other:
+            yield other
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -37,20 +36,6 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-async def raw(server: RedisServer, anyio_backend: str) -> AsyncIterator[Any]:
-    """A plain client for poking at Redis from the test (redis-py or coredis by backend)."""
-    if anyio_backend == "asyncio":
-        client: Any = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
-        yield client
-        await client.aclose()
-    else:
-        import coredis
-
-        async with coredis.Redis.from_url(server.url, decode_responses=True) as other:
-            yield other
 
 
 # -- 1. rate reservations nobody uses ---------------------------------------------------------

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +34,6 @@ from aiometer_redis.testing import RedisServer, max_overlap, window_violations
 pytestmark = pytest.mark.redis
 
 WORKER = Path(__file__).parent / "helpers" / "fleet_worker.py"
-
-
-@pytest.fixture
-async def raw(server: RedisServer, anyio_backend: str) -> AsyncIterator[Any]:
-    """A plain client for poking at Redis from the test (redis-py or coredis by backend)."""
-    if anyio_backend == "asyncio":
-        client: Any = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
-        yield client
-        await client.aclose()
-    else:
-        import coredis
-
-        async with coredis.Redis.from_url(server.url, decode_responses=True) as other:
-            yield other
 
 
 def test_public_names() -> None:
