@@ -304,15 +304,28 @@ async def overhead_round(n: int, round_index: int) -> dict[str, float]:
     return seconds
 
 
-def measure_overhead(sizes: Sizes, backends: Sequence[str]) -> list[Json]:
+def sample_rounds(
+    label: str,
+    one_round: Callable[[int, int], Awaitable[dict[str, float]]],
+    n: int,
+    rounds: int,
+    backends: Sequence[str],
+) -> dict[tuple[str, str], list[float]]:
+    """Run *one_round(n, round_index)* *rounds* times on every backend, alternating the order of
+    the backends from round to round; return every sample by ``(backend, key)``."""
     samples: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for round_index in range(sizes.rounds):
+    for round_index in range(rounds):
         order = backends if round_index % 2 == 0 else list(reversed(backends))
         for backend in order:
-            progress(f"overhead round {round_index + 1}/{sizes.rounds} on {backend}")
-            got = anyio.run(overhead_round, sizes.tasks, round_index, backend=backend)
+            progress(f"{label} round {round_index + 1}/{rounds} on {backend}")
+            got = anyio.run(one_round, n, round_index, backend=backend)
             for key, value in got.items():
                 samples[backend, key].append(value)
+    return samples
+
+
+def measure_overhead(sizes: Sizes, backends: Sequence[str]) -> list[Json]:
+    samples = sample_rounds("overhead", overhead_round, sizes.tasks, sizes.rounds, backends)
 
     rows: list[Json] = []
     for backend in backends:
@@ -510,14 +523,9 @@ async def waiting_round(n: int, round_index: int) -> dict[str, float]:
 
 
 def measure_waiting(sizes: Sizes, backends: Sequence[str]) -> list[Json]:
-    samples: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for round_index in range(sizes.rounds):
-        order = backends if round_index % 2 == 0 else list(reversed(backends))
-        for backend in order:
-            progress(f"waiting paths round {round_index + 1}/{sizes.rounds} on {backend}")
-            got = anyio.run(waiting_round, sizes.wait_items, round_index, backend=backend)
-            for key, value in got.items():
-                samples[backend, key].append(value)
+    samples = sample_rounds(
+        "waiting paths", waiting_round, sizes.wait_items, sizes.rounds, backends
+    )
     rows: list[Json] = []
     for backend in backends:
         consumer_us = statistics.median(samples[backend, CONSUMER_ALONE]) * 1e6
