@@ -14,6 +14,7 @@ from ._limiters import (
     RateLimiter,
     RateStatistics,
 )
+from ._rate import Rate
 from ._run import amap, run_all, run_any, run_on_each
 
 __version__ = "1.1.0.dev0"
@@ -23,6 +24,7 @@ __all__ = [
     "ConcurrencyStatistics",
     "Limiter",
     "Permit",
+    "Rate",
     "RateLimiter",
     "RateStatistics",
     "__version__",
