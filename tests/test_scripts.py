@@ -43,7 +43,7 @@ from aiometer_redis._client import (
     normalize_reply,
 )
 from aiometer_redis._errors import ErrorReply
-from aiometer_redis._keys import limiter_keys, mailbox_prefix
+from aiometer_redis._keys import costs_key, limiter_keys, mailbox_prefix
 from aiometer_redis._scripts import (
     PRELUDES,
     SCRIPT_NAMES,
@@ -104,7 +104,9 @@ SNAPSHOT = Script.from_source(
       redis.call('ZRANGE', KEYS[8], 0, -1, 'WITHSCORES'),
     }
     for i = 9, #KEYS do
-      out[#out + 1] = redis.call('LRANGE', KEYS[i], 0, -1)
+      if string.find(KEYS[i], ':mb:', 1, true) then
+        out[#out + 1] = redis.call('LRANGE', KEYS[i], 0, -1)
+      end
     end
     return out
     """,
@@ -122,10 +124,22 @@ class Limiter:
     lease_ttl_us: int = SECOND
     key_ttl_ms: int = 60_000
     tag: str = "t"
+    # ARGV[8]: '<limit units>,<per us>,<k>' per window, joined by ';'.
+    window_spec: str = ""
 
     @property
     def keys(self) -> list[str]:
-        return limiter_keys(self.tag)
+        """KEYS of the writing scripts: the eight, costs, then one log per window."""
+        return [*limiter_keys(self.tag), costs_key(self.tag), *self.window_keys]
+
+    @property
+    def window_keys(self) -> list[str]:
+        keys = []
+        for entry in filter(None, self.window_spec.split(";")):
+            _, per_us, k = entry.split(",")
+            counts = "calls" if k == "1" else "cost"
+            keys.append(f"aiometer:{{{self.tag}}}:window:{per_us}:{counts}")
+        return keys
 
     def header(self, now: int | None) -> list[ScriptArg]:
         return [
@@ -136,6 +150,7 @@ class Limiter:
             self.lease_ttl_us,
             self.key_ttl_ms,
             mailbox_prefix(self.tag),
+            self.window_spec,
         ]
 
     async def call(self, name: str, now: int | None, *extra: ScriptArg) -> Any:
@@ -739,7 +754,7 @@ async def test_large_batches(backend: Backend) -> None:
 async def test_rate_only_fast_path_writes_tat_seq_grants_and_recent(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, key_ttl_ms=5_000)
-        _, _, _, tat, seq, grants, recent, _ = lim.keys
+        _, _, _, tat, seq, grants, recent, _ = lim.keys[:8]
         assert (await lim.acquire(NOW, "p:1", "p:2", "p:3"))[2] == [1, 3, 200_000]
         assert (await lim.acquire_one(None, "p:4"))[:2] == [1, 4]
         ttls = await lim.existing_ttls()
@@ -761,10 +776,10 @@ async def test_every_written_key_gets_a_ttl(backend: Backend) -> None:
         await lim.acquire(NOW, "c:1")
         await lim.release(NOW, "a:1")
         ttls = await lim.pttls(mailbox_prefix(lim.tag) + "b")
-        holders, queue, waiters, tat, seq, grants, recent, spare, mailbox = ttls.values()
-        # Only the rate-only path writes recent, only a start given back spare (PTTL -2: no
-        # such key).
-        assert recent == spare == -2
+        holders, queue, waiters, tat, seq, grants, recent, spare, costs, mailbox = ttls.values()
+        # Only the rate-only path writes recent, only a start given back spare, and costs
+        # only costs other than one unit, or windows (PTTL -2: no such key).
+        assert recent == spare == costs == -2
         assert all(ttl > 0 for key, ttl in ttls.items() if key not in lim.keys[6:]), ttls
         # b:1's lease runs to NOW + 100 ms + 1 s: its keys outlive that by key_ttl_ms.
         assert 61_000 < holders <= 61_100
@@ -906,11 +921,14 @@ async def test_bad_arguments_are_rejected_without_writes(backend: Backend) -> No
             await lim.release(NOW)
         with pytest.raises(ErrorReply, match="ERR_ARG lease count"):
             await lim.call("renew", NOW, 3, "a:1")
-        for name in ("acquire", "release", "renew", "cancel"):
-            # A client that predates spare (seven keys) is refused with a clear error.
-            with pytest.raises(ErrorReply, match="ERR_ARG expected 8 keys, got 7"):
-                await opened.client.run_script(load_script(name), lim.keys[:7], [*good, "p:1"])
-        with pytest.raises(ErrorReply, match=r"ERR_ARG expected 8 keys \(or the"):
+        for name in ("acquire", "release", "renew", "cancel", "settle"):
+            # A caller that predates spare (seven keys) or costs (eight) is refused clearly.
+            for known in (7, 8):
+                with pytest.raises(ErrorReply, match=f"ERR_ARG expected 9 keys .*, got {known}$"):
+                    await opened.client.run_script(
+                        load_script(name), lim.keys[:known], [*good, "p:1", 1, 1]
+                    )
+        with pytest.raises(ErrorReply, match=r"ERR_ARG expected at least the first 6 keys"):
             await opened.client.run_script(load_script("status"), lim.keys[:5], [""])
         # status.lua does not read recent, nor spare without its key: the first six are enough.
         six = await opened.client.run_script(load_script("status"), lim.keys[:6], [NOW])
@@ -1015,7 +1033,7 @@ async def test_rate_only_fast_path_runs_few_commands(
 ) -> None:
     async with connected_client(redis_url) as client:
         lim = Limiter(client, max_at_once=0, interval_us=100_000.0, burst=3)
-        _, _, _, tat, seq, grants, recent, spare = lim.keys
+        _, _, _, tat, seq, grants, recent, spare = lim.keys[:8]
         first_call = {"time", "zrangebyscore", "hmget", "incrby", "get", "set", "zadd", "hset"}
         for batch in (["p:1"], ["p:2", "p:3", "p:4", "p:5"], ["p:6"]):
             calls = await in_script_calls(probe, lim.acquire(None, *batch))
@@ -1066,7 +1084,7 @@ async def test_contended_acquire_and_release_refresh_only_what_they_write(
 ) -> None:
     async with connected_client(redis_url) as client:
         lim = Limiter(client, max_at_once=1, interval_us=100_000.0)
-        holders, queue, waiters, tat, seq, grants, recent, _ = lim.keys
+        holders, queue, waiters, tat, seq, grants, recent, _ = lim.keys[:8]
         assert (await lim.acquire_one(None, "a:1"))[0] == 1
 
         queued = await in_script_calls(probe, lim.acquire(None, "b:1"))
@@ -1084,8 +1102,9 @@ async def test_contended_acquire_and_release_refresh_only_what_they_write(
         released = await in_script_calls(probe, lim.release(None, "a:1"))
         commands = await in_script_commands(probe, lim.release(None, "b:1"))
         assert len(commands) == sum(released.values())
-        # Measured: 21 (24 before; 20 before the handoff read spare once).
-        assert sum(released.values()) <= 21, released
+        # Measured: 22 (21 before costs, whose one HMGET reads the granted waiters' costs;
+        # 24 before that; 20 before the handoff read spare once).
+        assert sum(released.values()) <= 22, released
         assert pexpired(commands) == {holders, grants, tat, seq, mailbox_prefix(lim.tag) + "c"}
         [message] = await lim.mailbox("c")
         assert message.startswith("c:1|")
@@ -1283,8 +1302,9 @@ class ScriptsMatchModel(RuleBasedStateMachine):
             self.lease_ttl_us,
             60_000,
             mailbox_prefix("m"),
+            "",
         ]
-        reply = self.run(load_script(name), [*header, *extra])
+        reply = self.run(load_script(name), [*header, *extra], [costs_key("m")])
         return decode_acquire_reply(reply) if name == "acquire" else reply
 
     @initialize(
