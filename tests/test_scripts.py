@@ -1219,9 +1219,10 @@ async def test_batched_items_with_costs_equal_one_by_one(backend: Backend) -> No
         items = [item(f"p:{n}", c) for n, c in enumerate(costs)]
         items[4] = item("p:4", 2, 300_000)  # refused by its deadline in both
         for max_at_once in (0, 6):
-            kwargs = {"max_at_once": max_at_once, "interval_us": 50_000.0, "burst": 10}
-            batched = Limiter(opened.client, tag=f"b{max_at_once}", window_spec=spec, **kwargs)
-            single = Limiter(opened.client, tag=f"s{max_at_once}", window_spec=spec, **kwargs)
+            batched, single = (
+                Limiter(opened.client, max_at_once, 50_000.0, 10, tag=tag, window_spec=spec)
+                for tag in (f"b{max_at_once}", f"s{max_at_once}")
+            )
             together = await batched.acquire(NOW, *items)
             one_by_one = [await single.acquire_one(NOW, i) for i in items]
             assert together == one_by_one
