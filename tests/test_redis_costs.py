@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from aiometer import Rate
-from aiometer_redis import ConfigurationError, RedisLimiter
+from aiometer_redis import ConfigurationError, RedisLimiter, RedisLimiterGroup
 from aiometer_redis._client import ScriptClient, client_from_url
 from aiometer_redis._scripts import Script, decode_acquire_reply
 from aiometer_redis.testing import RedisServer, max_overlap, window_violations
@@ -301,3 +301,18 @@ async def test_previous_version_shares_a_limiter_without_rates(
     assert max_overlap(intervals) <= 3
     starts = [began for began, _ in intervals]
     assert window_violations(starts, 40, 1, [0.1, 0.3, 0.5]) == []
+
+
+@pytest.mark.anyio
+async def test_group_gives_every_key_its_own_windows(server: RedisServer, name: str) -> None:
+    async with (
+        client_from_url(server.url) as client,
+        RedisLimiterGroup(client, rates=[Rate(4, per=5)]) as sites,
+    ):
+        began = anyio.current_time()
+        for site in ("a", "b"):
+            await sites[f"{name}-{site}"].acquire(cost=4)
+        # Each key has its own 4 per 5 s: both started at once; one more unit on "a" waits.
+        assert anyio.current_time() - began < 1
+        with pytest.raises(TimeoutError), anyio.fail_after(0.5):
+            await sites[f"{name}-a"].acquire(cost=1)
