@@ -316,3 +316,15 @@ async def test_group_gives_every_key_its_own_windows(server: RedisServer, name: 
         assert anyio.current_time() - began < 1
         with pytest.raises(TimeoutError), anyio.fail_after(0.5):
             await sites[f"{name}-a"].acquire(cost=1)
+
+
+@pytest.mark.anyio
+async def test_statistics_report_the_use_of_each_window(server: RedisServer, name: str) -> None:
+    rates = [Rate(10, per=60), Rate(5, per=60, counts="calls")]
+    async with RedisLimiter.from_url(server.url, name, max_at_once=3, rates=rates) as limiter:
+        for cost in (2.5, 4):
+            async with limiter.slot(cost=cost):
+                pass
+        stats = await limiter.statistics()
+        assert stats.rates == tuple(rates)
+        assert stats.rates_used == (6.5, 2)
