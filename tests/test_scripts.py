@@ -1253,6 +1253,23 @@ async def test_window_keys_and_costs_get_a_ttl(backend: Backend) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_retried_acquire_is_charged_once(backend: Backend) -> None:
+    async with backend.open() as opened:
+        for max_at_once in (0, 2):
+            lim = Limiter(
+                opened.client, max_at_once, tag=f"r{max_at_once}", window_spec=TEN_PER_SECOND
+            )
+            first = await lim.acquire(NOW, item("p:1", 6), item("p:2", 6))
+            # The same ids again (a reply lost on the way): the same grants, nothing charged.
+            again = await lim.acquire(NOW + 10, item("p:1", 6), item("p:2", 6))
+            assert first == [[1, 1, 0], [1, 2, SECOND]]
+            assert again == [[1, 1, 0], [1, 2, SECOND - 10]]
+            costs, [log] = await windows_of(lim)
+            assert log == {"p:1": NOW, "p:2": NOW + SECOND}
+            assert costs[f"sum:{SECOND}:0"] == str(12 * SECOND)
+
+
+@pytest.mark.anyio
 async def test_status_reports_the_use_of_each_window(backend: Backend) -> None:
     async with backend.open() as opened:
         spec = f"{TEN_PER_SECOND};{TWO_CALLS_PER_SECOND}"
