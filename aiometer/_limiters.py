@@ -215,9 +215,9 @@ class ConcurrencyLimiter(SlotMixin):
         Raises:
             TypeError, ValueError: *cost* is not a finite number > 0.
         """
+        await anyio.lowlevel.checkpoint_if_cancelled()
         if cost.__class__ is not int or cost != 1:
             check_cost(cost)
-        await anyio.lowlevel.checkpoint_if_cancelled()
         await self._places.take()
         return _ConcurrencyPermit(self)
 
@@ -437,9 +437,9 @@ class RateLimiter(SlotMixin):
                 start (larger than ``burst`` with ``max_per_second``, or than the limit of a
                 ``counts="cost"`` window).
         """
+        await anyio.lowlevel.checkpoint_if_cancelled()
         if cost.__class__ is not int or cost != 1:
             cost = self._checked_cost(cost)
-        await anyio.lowlevel.checkpoint_if_cancelled()
         if not self._head_busy:
             reservation = self._take_now(anyio.current_time(), cost)
             if reservation is not None:
