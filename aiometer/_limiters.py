@@ -248,14 +248,10 @@ class RateStatistics:
     used: tuple[float, ...] = ()
 
 
-class _RatePermit:
+class _RatePermit(Reservation):
     """A started reservation: nothing to release, its cost can be settled."""
 
-    __slots__ = ("_reservation", "_schedule")
-
-    def __init__(self, schedule: Schedule, reservation: Reservation) -> None:
-        self._schedule = schedule
-        self._reservation = reservation
+    __slots__ = ()
 
     async def release(self) -> None:
         return None
@@ -263,7 +259,7 @@ class _RatePermit:
     async def settle(self, actual: float) -> None:
         """Charge or refund the difference between *actual* and the cost charged so far, at
         the original start (see :class:`RateLimiter`)."""
-        self._schedule.settle(self._reservation, check_actual_cost(actual))
+        self.schedule.settle(self, check_actual_cost(actual))
 
 
 class RateLimiter(SlotMixin):
@@ -332,7 +328,7 @@ class RateLimiter(SlotMixin):
             raise ValueError("RateLimiter needs max_per_second or rates, got neither")
         self._max_per_second = max_per_second
         interval = None if max_per_second is None else 1.0 / max_per_second
-        self._schedule = Schedule(interval, self._burst, windows)
+        self._schedule = Schedule(interval, self._burst, windows, _RatePermit)
         self._catch_up = 0.0 if interval is None else _catch_up(interval)
         self._fast_catch_up = 0.0 if interval is None else _fast_path_catch_up(interval)
         # The head is the one waiter that sleeps until its start is allowed; the others queue
@@ -414,12 +410,12 @@ class RateLimiter(SlotMixin):
             cost = self._checked_cost(cost)
         if self._head_busy:
             raise anyio.WouldBlock
-        reservation = self._take_now(anyio.current_time(), cost)
-        if reservation is None:
+        permit = self._take_now(anyio.current_time(), cost)
+        if permit is None:
             raise anyio.WouldBlock
-        return _RatePermit(self._schedule, reservation)
+        return permit
 
-    def _take_now(self, now: float, cost: float) -> Reservation | None:
+    def _take_now(self, now: float, cost: float) -> _RatePermit | None:
         # Above 1000 starts per second, faster than the timers, a caller that comes back within
         # the catch-up window of its slot (a spawn loop whose head waiter woke a timer tick
         # late) keeps the schedule: the missed slots are caught up instead of lost, or the
@@ -441,9 +437,14 @@ class RateLimiter(SlotMixin):
         if cost.__class__ is not int or cost != 1:
             cost = self._checked_cost(cost)
         if not self._head_busy:
-            reservation = self._take_now(anyio.current_time(), cost)
-            if reservation is not None:
-                return _RatePermit(self._schedule, reservation)
+            now = anyio.current_time()
+            schedule = self._schedule
+            tat = schedule.tat
+            permit = schedule.reserve(
+                now, cost, now, tat if tat >= now - self._fast_catch_up else now
+            )
+            if permit is not None:
+                return permit
             self._head_busy = True
         else:
             # Woken when the head hands over; the head role comes with the wake-up.
@@ -463,7 +464,7 @@ class RateLimiter(SlotMixin):
                 await anyio.sleep(schedule.earliest(now, cost) - now)
         finally:
             self._hand_over()
-        return _RatePermit(schedule, reservation)
+        return reservation
 
     def _hand_over(self) -> None:
         if not self._queue.wake(1):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from itertools import islice
+from typing import Any, Generic, TypeVar
 
 from ._rate import Rate
 
@@ -46,11 +47,19 @@ _RESYNC_EVERY = 1024
 
 
 class Reservation:
-    """One charged start: its time, the cost it was charged with, and its settled cost."""
+    """One charged start: its time, the cost it was charged with, and its settled cost.
 
-    __slots__ = ("actual", "cost", "previous_latest", "start")
+    A limiter may hand out a subclass of its own as the permit (see ``Schedule``), which saves
+    an object per acquisition.
+    """
 
-    def __init__(self, start: float, cost: float, previous_latest: float) -> None:
+    __slots__ = ("actual", "cost", "previous_latest", "schedule", "start")
+
+    def __init__(
+        self, schedule: Schedule[Any], start: float, cost: float, previous_latest: float
+    ) -> None:
+        #: The schedule that charged it.
+        self.schedule = schedule
         self.start = start
         #: The cost asked for when the start was reserved.
         self.cost = cost
@@ -162,7 +171,10 @@ class _Window:
         return max(t0, last + self.per)
 
 
-class Schedule:
+R = TypeVar("R", bound="Reservation")
+
+
+class Schedule(Generic[R]):
     """When starts of a given cost may happen: a GCRA and any number of windows, charged
     together.
 
@@ -170,11 +182,28 @@ class Schedule:
         interval: ``1 / max_per_second``, or None for no GCRA.
         burst: the GCRA's burst, in cost units.
         rates: the windows; each keeps one entry per start of its last ``per`` seconds.
+        reservation: the class of the reservations handed out (a subclass of Reservation).
     """
 
-    __slots__ = ("_gcra_owner", "_last", "_windows", "burst", "interval", "latest", "tat")
+    __slots__ = (
+        "_gcra_owner",
+        "_last",
+        "_new",
+        "_windows",
+        "burst",
+        "interval",
+        "latest",
+        "tat",
+    )
 
-    def __init__(self, interval: float | None, burst: int, rates: tuple[Rate, ...] = ()) -> None:
+    def __init__(
+        self,
+        interval: float | None,
+        burst: int,
+        rates: tuple[Rate, ...],
+        reservation: type[R],
+    ) -> None:
+        self._new = reservation
         self.interval = interval
         self.burst = burst
         #: Theoretical arrival time of the GCRA; -inf: idle for ever.
@@ -184,8 +213,8 @@ class Schedule:
         self._windows = tuple(_Window(rate) for rate in rates)
         # The reservation that last moved tat (its settle may refund the GCRA) and the last
         # reservation made (its withdrawal restores ``latest``).
-        self._gcra_owner: Reservation | None = None
-        self._last: Reservation | None = None
+        self._gcra_owner: R | None = None
+        self._last: R | None = None
 
     @property
     def rates(self) -> tuple[Rate, ...]:
@@ -247,17 +276,26 @@ class Schedule:
         cost: float,
         deadline: float = math.inf,
         gcra_from: float | None = None,
-    ) -> Reservation | None:
+    ) -> R | None:
         """Charge *cost* at its earliest start, unless that is later than *deadline*.
 
         Returns the reservation, or None (nothing charged anywhere). *gcra_from* is the time
         the GCRA counts the start from, if not the start itself (a late waiter keeping the
         schedule).
         """
-        start = self.earliest(now, cost)
+        if self._windows:
+            start = self.earliest(now, cost)
+        else:
+            # The GCRA alone (the common case), inline.
+            latest = self.latest
+            start = latest if latest > now else now
+            if self.interval is not None:
+                allowed = self.tat - (self.burst - cost) * self.interval
+                if allowed > start:
+                    start = allowed
         if start > deadline:
             return None
-        reservation = Reservation(start, cost, self.latest)
+        reservation = self._new(self, start, cost, self.latest)
         self.latest = start
         self._last = reservation
         interval = self.interval
@@ -270,7 +308,7 @@ class Schedule:
             window.add(reservation)
         return reservation
 
-    def settle(self, reservation: Reservation, actual: float) -> None:
+    def settle(self, reservation: R, actual: float) -> None:
         """Charge or refund *reservation* to *actual* (see the module's rules)."""
         delta = actual - reservation.actual
         if not delta:
@@ -284,7 +322,7 @@ class Schedule:
             self.tat += delta * interval
             self._gcra_owner = reservation
 
-    def withdraw(self, reservation: Reservation) -> None:
+    def withdraw(self, reservation: R) -> None:
         """Take back a reservation that will not start: removed from every window, and from
         the GCRA if no later start moved it."""
         for window in self._windows:
