@@ -18,7 +18,6 @@ is spawned), so a generator of any length runs in memory bounded by ``max_at_onc
 from __future__ import annotations
 
 import inspect
-import math
 import sys
 from collections import deque
 from collections.abc import (
@@ -36,7 +35,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from ._limiters import Limiter, Permit, RateLimiter
+from ._limiters import Limiter, Permit, SpacingRateLimiter
 from ._validation import (
     check_actual_cost,
     check_callable,
@@ -197,15 +196,12 @@ class Engine(Generic[T]):
             self._limiters: list[Limiter] = []
         else:
             self._limiters = list(limiters)
-        # The local max_per_second counts cost units too. Its burst is 1 unit, or the cost
-        # of one call if that is more (raised as larger costs come, with a cost function):
-        # a call then starts when the schedule has room for all of it, never in pieces.
-        self._local_rate: RateLimiter | None = None
+        # The local max_per_second counts cost units too: a call of cost c takes
+        # c / max_per_second of its schedule (burst 1: a cost above 1 starts once the
+        # previous calls' time is paid).
         if max_per_second is not None:
             check_max_per_second(max_per_second)
-            burst = max(1, math.ceil(self._cost)) if self._cost is not None else 1
-            self._local_rate = RateLimiter(max_per_second, burst=burst)
-            self._limiters.append(self._local_rate)
+            self._limiters.append(SpacingRateLimiter(max_per_second))
         self._fn = fn
         self._max_at_once = max_at_once
         self._deliver = deliver
@@ -303,11 +299,7 @@ class Engine(Generic[T]):
         if self._cost_fn is None:
             assert self._cost is not None
             return self._cost
-        cost = check_cost(self._cost_fn(item), "cost(item)")
-        local = self._local_rate
-        if local is not None and cost > local.burst:
-            local.burst = math.ceil(cost)
-        return cost
+        return check_cost(self._cost_fn(item), "cost(item)")
 
     async def _start_costed(self, index: int, item: Any, first: list[Limiter] | None) -> None:
         """Acquire the limiters with the item's cost and run it; a cost function's error is

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import anyio
 import anyio.lowlevel
@@ -30,11 +30,13 @@ from ._windows import Reservation, Schedule
 __all__ = [
     "ConcurrencyLimiter",
     "ConcurrencyStatistics",
+    "CostPermit",
     "Limiter",
     "Permit",
     "RateLimiter",
     "RateStatistics",
     "SlotMixin",
+    "SpacingRateLimiter",
 ]
 
 
@@ -58,6 +60,23 @@ class Permit(Protocol):
 
 
 @runtime_checkable
+class CostPermit(Permit, Protocol):
+    """A permit of a limiter that counts cost: it can also settle the actual cost.
+
+    The permits of :class:`RateLimiter`, :class:`ConcurrencyLimiter` (a checked no-op) and
+    ``aiometer_redis.RedisLimiter`` are CostPermits.
+    """
+
+    async def settle(self, actual: float) -> None:
+        """Charge or refund the difference between *actual* (a finite number >= 0) and the
+        cost charged so far, at the permit's original start.
+
+        A second call replaces the first; a call after :meth:`release` is allowed.
+        """
+        ...
+
+
+@runtime_checkable
 class Limiter(Protocol):
     """Anything that can make a task wait before it starts.
 
@@ -75,11 +94,17 @@ class Limiter(Protocol):
         ...
 
 
-class SlotMixin:
-    """Adds ``async with limiter.slot(): ...`` to a class with an ``acquire()`` method."""
+P = TypeVar("P", bound=Permit)
+
+
+class SlotMixin(Generic[P]):
+    """Adds ``async with limiter.slot(): ...`` to a class with an ``acquire()`` method.
+
+    The type parameter is the type of the permits ``acquire()`` returns.
+    """
 
     @asynccontextmanager
-    async def slot(self, cost: float = 1) -> AsyncIterator[Permit]:
+    async def slot(self, cost: float = 1) -> AsyncIterator[P]:
         """Hold one permit of *cost* for the duration of the ``async with`` block.
 
         ``acquire()`` is called without an argument when *cost* is left at 1, so a class whose
@@ -90,6 +115,7 @@ class SlotMixin:
             async with limiter.slot(cost=len(batch)):
                 await client.post(url, json=batch)
         """
+        permit: P
         if cost.__class__ is int and cost == 1:
             permit = await self.acquire()  # type: ignore[attr-defined]
         else:
@@ -150,7 +176,7 @@ class _ConcurrencyPermit:
             limiter._release_one()
 
 
-class ConcurrencyLimiter(SlotMixin):
+class ConcurrencyLimiter(SlotMixin[CostPermit]):
     """At most ``max_at_once`` permits held at any moment; waiters are served first come, first
     served.
 
@@ -195,7 +221,7 @@ class ConcurrencyLimiter(SlotMixin):
             self._max_at_once, self._max_at_once - places.free, places.waiting
         )
 
-    def acquire_nowait(self, cost: float = 1) -> Permit:
+    def acquire_nowait(self, cost: float = 1) -> CostPermit:
         """Take a permit without waiting (*cost* is checked, and ignored: a task is a task).
 
         Raises:
@@ -208,7 +234,7 @@ class ConcurrencyLimiter(SlotMixin):
             return _ConcurrencyPermit(self)
         raise anyio.WouldBlock
 
-    async def acquire(self, cost: float = 1) -> Permit:
+    async def acquire(self, cost: float = 1) -> CostPermit:
         """Wait for a free permit and take it (*cost* is checked, and ignored: ``max_at_once``
         counts tasks).
 
@@ -262,7 +288,7 @@ class _RatePermit(Reservation):
         self.schedule.settle(self, check_actual_cost(actual))
 
 
-class RateLimiter(SlotMixin):
+class RateLimiter(SlotMixin[CostPermit]):
     """At most ``max_per_second`` cost units started per second, with bursts of up to
     ``burst`` units, and at most ``limit`` units in any window of each ``Rate`` of ``rates``.
 
@@ -313,6 +339,8 @@ class RateLimiter(SlotMixin):
             await permit.settle(reply.tokens)
     """
 
+    _whole_calls = False
+
     def __init__(
         self,
         max_per_second: float | None = None,
@@ -329,6 +357,7 @@ class RateLimiter(SlotMixin):
         self._max_per_second = max_per_second
         interval = None if max_per_second is None else 1.0 / max_per_second
         self._schedule = Schedule(interval, self._burst, windows, _RatePermit)
+        self._schedule.whole_calls = self._whole_calls
         self._catch_up = 0.0 if interval is None else _catch_up(interval)
         self._fast_catch_up = 0.0 if interval is None else _fast_path_catch_up(interval)
         # The head is the one waiter that sleeps until its start is allowed; the others queue
@@ -399,7 +428,7 @@ class RateLimiter(SlotMixin):
             raise ValueError(reason)
         return value
 
-    def acquire_nowait(self, cost: float = 1) -> Permit:
+    def acquire_nowait(self, cost: float = 1) -> CostPermit:
         """Take a start of *cost* that is allowed now, without waiting.
 
         Raises:
@@ -425,7 +454,7 @@ class RateLimiter(SlotMixin):
         tat = schedule.tat
         return schedule.reserve(now, cost, now, tat if tat >= now - self._fast_catch_up else now)
 
-    async def acquire(self, cost: float = 1) -> Permit:
+    async def acquire(self, cost: float = 1) -> CostPermit:
         """Wait until a start of *cost* is allowed, in arrival order, and take it.
 
         Raises:
@@ -469,3 +498,12 @@ class RateLimiter(SlotMixin):
     def _hand_over(self) -> None:
         if not self._queue.wake(1):
             self._head_busy = False
+
+
+class SpacingRateLimiter(RateLimiter):
+    """The run functions' local ``max_per_second``: a call of cost ``c`` takes ``c /
+    max_per_second`` of the schedule and starts once the schedule has room for all of it, so a
+    cost above the burst waits instead of being refused. (Not exported: ``RateLimiter`` refuses
+    such a cost, since its burst bound could not hold.)"""
+
+    _whole_calls = True

@@ -15,7 +15,8 @@ Rules (one set for every limiter):
   ``(t - per, t]`` plus ``c`` stay within the limit (``counts="calls"`` windows count 1 per
   start). Finding the earliest such ``t`` walks the log oldest first.
 - **First come, first served.** No start is ever earlier than the latest start already
-  reserved, so a large cost at the head of the line is never overtaken by small ones.
+  reserved, so a large cost at the head of the line is never overtaken by small ones. (The
+  GCRA alone never reserves out of order, so only schedules with windows track it.)
 - **All or nothing.** The start is the latest of the GCRA's and every window's earliest; it is
   charged to all of them, or (past the caller's deadline) to none.
 - **Settle.** Settling a reservation to its actual cost changes its entry, at its original
@@ -53,11 +54,9 @@ class Reservation:
     an object per acquisition.
     """
 
-    __slots__ = ("actual", "cost", "previous_latest", "schedule", "start")
+    __slots__ = ("actual", "cost", "schedule", "start")
 
-    def __init__(
-        self, schedule: Schedule[Any], start: float, cost: float, previous_latest: float
-    ) -> None:
+    def __init__(self, schedule: Schedule[Any], start: float, cost: float) -> None:
         #: The schedule that charged it.
         self.schedule = schedule
         self.start = start
@@ -65,7 +64,6 @@ class Reservation:
         self.cost = cost
         #: The cost the windows hold now: ``cost`` until settled, then the settled value.
         self.actual = cost
-        self.previous_latest = previous_latest
 
 
 class _Window:
@@ -187,13 +185,13 @@ class Schedule(Generic[R]):
 
     __slots__ = (
         "_gcra_owner",
-        "_last",
         "_new",
         "_windows",
         "burst",
         "interval",
         "latest",
         "tat",
+        "whole_calls",
     )
 
     def __init__(
@@ -204,6 +202,10 @@ class Schedule(Generic[R]):
         reservation: type[R],
     ) -> None:
         self._new = reservation
+        #: If true, a cost above the burst is not refused: it starts once the GCRA has caught
+        #: up (``t >= tat``), taking ``cost * interval`` of the schedule, which keeps
+        #: ``max_per_second`` a spacing of calls by their cost (the run functions' local limit).
+        self.whole_calls = False
         self.interval = interval
         self.burst = burst
         #: Theoretical arrival time of the GCRA; -inf: idle for ever.
@@ -211,10 +213,8 @@ class Schedule(Generic[R]):
         #: The latest start reserved (no later reservation may start before it).
         self.latest = -math.inf
         self._windows = tuple(_Window(rate) for rate in rates)
-        # The reservation that last moved tat (its settle may refund the GCRA) and the last
-        # reservation made (its withdrawal restores ``latest``).
+        # The reservation that last moved tat (its settle may refund the GCRA).
         self._gcra_owner: R | None = None
-        self._last: R | None = None
 
     @property
     def rates(self) -> tuple[Rate, ...]:
@@ -223,7 +223,7 @@ class Schedule(Generic[R]):
 
     def impossible(self, cost: float) -> str | None:
         """Why *cost* can never start, or None if it can."""
-        if self.interval is not None and cost > self.burst:
+        if self.interval is not None and cost > self.burst and not self.whole_calls:
             return (
                 f"cost {cost:g} can never start: max_per_second allows bursts of at most "
                 f"{self.burst} (raise burst, or use rates=[Rate(...)])"
@@ -253,12 +253,16 @@ class Schedule(Generic[R]):
         self.trim(now)
         return tuple(window.used() for window in self._windows)
 
+    def _headroom(self, cost: float) -> float:
+        room = self.burst - cost
+        return 0.0 if room < 0 and self.whole_calls else room
+
     def earliest(self, now: float, cost: float) -> float:
         """The earliest start of *cost* from *now* (inf if it can never start)."""
         start = self.latest if self.latest > now else now
         interval = self.interval
         if interval is not None:
-            allowed = self.tat - (self.burst - cost) * interval
+            allowed = self.tat - self._headroom(cost) * interval
             if allowed > start:
                 start = allowed
         if self._windows:
@@ -287,25 +291,24 @@ class Schedule(Generic[R]):
             start = self.earliest(now, cost)
         else:
             # The GCRA alone (the common case), inline.
-            latest = self.latest
-            start = latest if latest > now else now
+            start = now
             if self.interval is not None:
-                allowed = self.tat - (self.burst - cost) * self.interval
+                allowed = self.tat - self._headroom(cost) * self.interval
                 if allowed > start:
                     start = allowed
         if start > deadline:
             return None
-        reservation = self._new(self, start, cost, self.latest)
-        self.latest = start
-        self._last = reservation
+        reservation = self._new(self, start, cost)
         interval = self.interval
         if interval is not None:
             tat = self.tat
             base = start if gcra_from is None else gcra_from
             self.tat = (tat if tat > base else base) + cost * interval
             self._gcra_owner = reservation
-        for window in self._windows:
-            window.add(reservation)
+        if self._windows:
+            self.latest = start
+            for window in self._windows:
+                window.add(reservation)
         return reservation
 
     def settle(self, reservation: R, actual: float) -> None:
@@ -331,6 +334,10 @@ class Schedule(Generic[R]):
         if self.interval is not None and self._gcra_owner is reservation:
             self.tat -= reservation.actual * self.interval
             self._gcra_owner = None
-        if self._last is reservation:
-            self.latest = reservation.previous_latest
-            self._last = None
+        if self._windows and reservation.start >= self.latest:
+            # The latest start still reserved is the newest entry of some window (one trimmed
+            # from all of them is in the past, where it no longer matters).
+            self.latest = max(
+                (window.entries[-1].start for window in self._windows if window.entries),
+                default=-math.inf,
+            )
