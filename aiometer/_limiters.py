@@ -305,9 +305,12 @@ class RateLimiter(SlotMixin[CostPermit]):
 
     Each :class:`~aiometer.Rate` of ``rates`` is a sliding window, exact: the cost (or the
     number of calls) started in any ``per`` seconds never exceeds its ``limit``, except for
-    the overspend of :meth:`settled <_RatePermit.settle>` permits. An acquisition is charged to
-    the GCRA and to every window, or waits; it never charges one window while another refuses.
-    Each window keeps one entry (about 100 bytes) per start of its last ``per`` seconds.
+    the overspend (actual minus estimate) of permits in that window that settled above their
+    estimate after later starts were reserved: one such call exceeds the limit by at most its
+    own overspend, and the debt delays later starts until every window is back under its limit.
+    An acquisition is charged to the GCRA and to every window, or waits; it never charges one
+    window while another refuses. A window keeps one entry per start of its last ``per``
+    seconds (about 100 bytes per start for all windows together, plus 8 per window).
 
     Waiters are served first come, first served: only the oldest sleeps until its start is
     allowed, and it hands over to the next when it starts or is cancelled. So a large cost at

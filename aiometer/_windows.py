@@ -120,7 +120,11 @@ class _Window:
     def add(self, reservation: Reservation) -> None:
         self.entries.append(reservation)
         if not self.calls:
-            self._set_total(self.total + reservation.actual)
+            self.changes += 1
+            if self.changes < _RESYNC_EVERY:
+                self.total += reservation.actual
+            else:
+                self._set_total(self.total + reservation.actual)
 
     def change(self, reservation: Reservation, delta: float) -> None:
         """*reservation* (held here) now costs *delta* more (less if negative)."""
@@ -152,10 +156,16 @@ class _Window:
 
     def earliest(self, t0: float, cost: float) -> float:
         """The earliest start >= *t0* at which this window has room for *cost*."""
-        need = 1.0 if self.calls else cost
+        calls = self.calls
+        need = 1.0 if calls else cost
+        entries = self.entries
+        if not entries or entries[0].start > t0 - self.per:
+            # Nothing stale to skip: a clear fit is decided on the running total.
+            used = len(entries) if calls else self.total
+            if used + need <= self.limit * (1 - _CLOSE):
+                return t0
         if need > self.limit:
             return math.inf
-        calls = self.calls
         total = self.used()
         stale = t0 - self.per
         last = -math.inf
