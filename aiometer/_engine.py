@@ -139,6 +139,12 @@ class ClosingSource:
                 await aclose()
 
 
+def _cost_checks(limiters: Sequence[Limiter]) -> list[Callable[[float], object]]:
+    """The ``check_cost`` methods of the limiters that have one."""
+    checks = (getattr(limiter, "check_cost", None) for limiter in limiters)
+    return [check for check in checks if callable(check)]
+
+
 async def _release_all(permits: Sequence[Permit]) -> None:
     for permit in reversed(permits):
         await permit.release()
@@ -202,6 +208,12 @@ class Engine(Generic[T]):
         if max_per_second is not None:
             check_max_per_second(max_per_second)
             self._limiters.append(SpacingRateLimiter(max_per_second))
+        # Limiters that can tell a cost they would never admit (check_cost) are asked before
+        # anything runs (a constant cost) or as each item's cost is known.
+        self._cost_checks = _cost_checks(self._limiters)
+        if self._cost is not None:
+            for check in self._cost_checks:
+                check(self._cost)
         self._fn = fn
         self._max_at_once = max_at_once
         self._deliver = deliver
@@ -295,17 +307,24 @@ class Engine(Generic[T]):
         else:
             await self._run(index, item, await self._acquire(self._selected(item)))
 
-    def _cost_of(self, item: Any) -> float:
+    def _cost_of(self, item: Any, chosen: list[Limiter] | None = None) -> float:
         if self._cost_fn is None:
             assert self._cost is not None
-            return self._cost
-        return check_cost(self._cost_fn(item), "cost(item)")
+            cost = self._cost
+        else:
+            cost = check_cost(self._cost_fn(item), "cost(item)")
+            for check in self._cost_checks:
+                check(cost)
+        if chosen:
+            for check in _cost_checks(chosen):
+                check(cost)
+        return cost
 
     async def _start_costed(self, index: int, item: Any, first: list[Limiter] | None) -> None:
         """Acquire the limiters with the item's cost and run it; a cost function's error is
         the task's error."""
         try:
-            cost = self._cost_of(item)
+            cost = self._cost_of(item, first)
         except Exception as exc:
             await self._fail(index, exc)
             return
@@ -354,7 +373,7 @@ class Engine(Generic[T]):
             cost = None
             if self._costed:
                 try:
-                    cost = self._cost_of(item)
+                    cost = self._cost_of(item, chosen)
                 except Exception as exc:
                     await self._fail(index, exc)
                     await anyio.lowlevel.checkpoint()

@@ -214,6 +214,11 @@ class ConcurrencyLimiter(SlotMixin[CostPermit]):
         old, self._max_at_once = self._max_at_once, value
         self._places.give(value - old)
 
+    def check_cost(self, cost: object) -> float:
+        """Return *cost* as a float if it is a finite number > 0, else raise TypeError or
+        ValueError (any valid cost is admitted: ``max_at_once`` counts tasks)."""
+        return check_cost(cost)
+
     def statistics(self) -> ConcurrencyStatistics:
         """Return how many permits are held and how many tasks wait."""
         places = self._places
@@ -424,7 +429,16 @@ class RateLimiter(SlotMixin[CostPermit]):
     def _waiting(self) -> int:
         return len(self._queue) + self._head_busy
 
-    def _checked_cost(self, cost: object) -> float:
+    def check_cost(self, cost: object) -> float:
+        """Return *cost* as a float if this limiter can ever start it, else raise.
+
+        The run functions call it before any work for a constant ``cost=``.
+
+        Raises:
+            TypeError, ValueError: *cost* is not a finite number > 0.
+            ValueError: *cost* can never start (larger than ``burst`` with
+                ``max_per_second``, or than the limit of a ``counts="cost"`` window).
+        """
         value = check_cost(cost)
         reason = self._schedule.impossible(value)
         if reason is not None:
@@ -439,7 +453,7 @@ class RateLimiter(SlotMixin[CostPermit]):
             anyio.WouldBlock: the start is not allowed yet, or tasks are waiting.
         """
         if cost.__class__ is not int or cost != 1:
-            cost = self._checked_cost(cost)
+            cost = self.check_cost(cost)
         if self._head_busy:
             raise anyio.WouldBlock
         permit = self._take_now(anyio.current_time(), cost)
@@ -467,7 +481,7 @@ class RateLimiter(SlotMixin[CostPermit]):
         """
         await anyio.lowlevel.checkpoint_if_cancelled()
         if cost.__class__ is not int or cost != 1:
-            cost = self._checked_cost(cost)
+            cost = self.check_cost(cost)
         if not self._head_busy:
             now = anyio.current_time()
             schedule = self._schedule

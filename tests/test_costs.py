@@ -684,3 +684,66 @@ async def test_run_on_each_holds_windows_and_settle_refunds_let_more_start() -> 
     )
     # Two settled calls fill a window of 10; starts at 0, 0, 0.3, 0.3 at the earliest.
     assert starts[-1][0] - starts[0][0] >= 0.3 - 0.03
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("max_at_once", [None, 5])
+async def test_impossible_constant_cost_fails_the_run_before_any_call(
+    max_at_once: int | None,
+) -> None:
+    called: list[int] = []
+
+    async def work(x: int) -> None:
+        called.append(x)
+
+    limiter = aiometer.RateLimiter(10, burst=2)
+    with pytest.raises(ValueError, match="cost 5 can never start"):
+        await aiometer.run_on_each(
+            work, range(10), max_at_once=max_at_once, limiter=limiter, cost=5
+        )
+    assert called == []
+
+
+@pytest.mark.anyio
+async def test_cost_with_a_limiter_per_item() -> None:
+    sites = {"a": _Recording(), "b": _Recording()}
+    shared = _Recording()
+    results = await aiometer.run_all(
+        [functools.partial(_identity, n) for n in range(6)],
+        max_at_once=3,
+        limiter=lambda fn: [sites["ab"[fn.args[0] % 2]], shared],
+        cost=lambda fn: fn.args[0] + 1,
+        settle=lambda fn, result: result * 2,
+    )
+    assert results == list(range(6))
+    assert sorted(sites["a"].acquired) == [1, 3, 5]
+    assert sorted(sites["b"].acquired) == [2, 4, 6]
+    assert sorted(shared.acquired) == [1, 2, 3, 4, 5, 6]
+    settled = sorted(v[1] for kind, v in shared.events if kind == "settle")
+    assert settled == [0, 2, 4, 6, 8, 10]
+
+
+@pytest.mark.anyio
+async def test_impossible_cost_from_a_cost_function_is_that_items_error() -> None:
+    limiter = aiometer.RateLimiter(rates=[Rate(10, per=60)])
+    results = await aiometer.run_all(
+        [functools.partial(_identity, n) for n in (3, 30, 4)],
+        max_at_once=2,
+        limiter=limiter,
+        cost=lambda fn: fn.args[0],
+        return_exceptions=True,
+    )
+    assert results[0] == 3
+    assert results[2] == 4
+    assert isinstance(results[1], ValueError)
+    assert "cost 30 can never start: Rate(10, per=60)" in str(results[1])
+    assert limiter.statistics().used == (7.0,)
+
+
+def test_check_cost() -> None:
+    assert aiometer.RateLimiter(rates=[Rate(10, per=1)]).check_cost(10) == 10.0
+    assert aiometer.ConcurrencyLimiter(1).check_cost(10**9) == 1e9
+    with pytest.raises(ValueError, match="cost 2 can never start"):
+        aiometer.RateLimiter(1).check_cost(2)
+    with pytest.raises(TypeError, match="cost must be a number"):
+        aiometer.ConcurrencyLimiter(1).check_cost("1")
