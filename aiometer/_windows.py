@@ -48,21 +48,19 @@ _RESYNC_EVERY = 1024
 
 
 class Reservation:
-    """One charged start: its time, the cost it was charged with, and its settled cost.
+    """One charged start: its time and the cost the windows hold for it.
 
     A limiter may hand out a subclass of its own as the permit (see ``Schedule``), which saves
     an object per acquisition.
     """
 
-    __slots__ = ("actual", "cost", "schedule", "start")
+    __slots__ = ("actual", "schedule", "start")
 
     def __init__(self, schedule: Schedule[Any], start: float, cost: float) -> None:
         #: The schedule that charged it.
         self.schedule = schedule
         self.start = start
-        #: The cost asked for when the start was reserved.
-        self.cost = cost
-        #: The cost the windows hold now: ``cost`` until settled, then the settled value.
+        #: The cost charged now: the cost acquired until settled, then the settled value.
         self.actual = cost
 
 
@@ -303,7 +301,10 @@ class Schedule(Generic[R]):
             # The GCRA alone (the common case), inline.
             start = now
             if self.interval is not None:
-                allowed = self.tat - self._headroom(cost) * self.interval
+                room = self.burst - cost
+                if room < 0 and self.whole_calls:
+                    room = 0
+                allowed = self.tat - room * self.interval
                 if allowed > start:
                     start = allowed
         if start > deadline:
