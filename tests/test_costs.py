@@ -747,3 +747,19 @@ def test_check_cost() -> None:
         aiometer.RateLimiter(1).check_cost(2)
     with pytest.raises(TypeError, match="cost must be a number"):
         aiometer.ConcurrencyLimiter(1).check_cost("1")
+
+
+@pytest.mark.anyio
+async def test_windows_only_limiter_can_get_a_rate_later() -> None:
+    limiter = aiometer.RateLimiter(rates=[Rate(100, per=1)])
+    assert repr(limiter) == "RateLimiter(rates=[Rate(100, per=1)])"
+    limiter.acquire_nowait(5)
+    limiter.acquire_nowait(5)  # no GCRA yet: only the window counts
+    limiter.max_per_second = 10
+    limiter.acquire_nowait(1)
+    with pytest.raises(anyio.WouldBlock):
+        limiter.acquire_nowait(1)  # burst 1 at 10/s: the next start is 0.1 s away
+    stats = limiter.statistics()
+    assert stats.max_per_second == 10
+    assert stats.used == (11.0,)
+    assert 0.05 < stats.next_start <= 0.1
