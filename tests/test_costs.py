@@ -252,6 +252,16 @@ def test_schedule_fractional_costs_fill_a_window_exactly() -> None:
     assert eleventh.start == pytest.approx(1.0)
 
 
+def test_schedule_decides_close_calls_on_exact_sums() -> None:
+    schedule = Schedule(None, 1, (Rate(1, per=1),), Reservation)
+    for cost in (0.2, 0.4, 0.3):
+        assert schedule.reserve(0.0, cost, 0.0) is not None
+    # 0.2 + 0.4 + 0.3 + 0.1 is 1.0000000000000002 in running floats, 1 in fact: it fits.
+    last = schedule.reserve(0.0, 0.1, 0.0)
+    assert last is not None
+    assert schedule.reserve(0.0, 1e-6, 0.0) is None
+
+
 def test_schedule_memory_is_one_entry_per_start_in_the_window() -> None:
     schedule = Schedule(None, 1, (Rate(64, per=1), Rate(640, per=10)), Reservation)
     for tick in range(1, 2000):
