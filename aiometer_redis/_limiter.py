@@ -21,7 +21,6 @@ Redis clock):
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import uuid
@@ -34,7 +33,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from aiometer import ConcurrencyLimiter, Permit, Rate, RateLimiter
+from aiometer import ConcurrencyLimiter, CostPermit, Permit, Rate, RateLimiter
 
 from ._batch import Batcher
 from ._client import ScriptArg, ScriptClient, adapt, client_from_url
@@ -223,7 +222,7 @@ class RedisLimiter:
         self._local = ConcurrencyLimiter(max_at_once) if max_at_once is not None else None
         # The in-process stand-in while Redis is away (on_unavailable="local"): the local
         # concurrency gate above, plus a local rate limiter.
-        self._fallback_rate, self._fallback_costs = _local_rate_limiter(config)
+        self._fallback_rate = _local_rate_limiter(config)
         self._in_fallback = False
         self._task_group: anyio.abc.TaskGroup | None = None
         self._leases = LeaseTable(name, config, self._call)
@@ -445,6 +444,19 @@ class RedisLimiter:
                 f"limiter {self._name!r}: no slot within {self._config.acquire_timeout:g}s"
             ) from None
 
+    def check_cost(self, cost: object) -> float:
+        """Return *cost* as a float if this limiter can ever admit it, else raise.
+
+        The run functions call it before any work for a constant ``cost=``.
+
+        Raises:
+            TypeError: *cost* is not a number.
+            ConfigurationError: *cost* is not a finite number > 0, or no limit can ever admit
+                it (above ``burst`` with ``max_per_second``, or above the limit of a Rate
+                counting cost).
+        """
+        return self._check_cost(cost) / UNIT
+
     def _check_cost(self, cost: object) -> int:
         units = cost_units(cost)
         problem = self._config.cost_problem(units)
@@ -496,13 +508,10 @@ class RedisLimiter:
 
     async def _acquire_locally(self, units: int) -> RedisPermit:
         local = await self._local.acquire() if self._local is not None else None
-        rate_permit: Permit | None = None
+        rate_permit: CostPermit | None = None
         try:
             if self._fallback_rate is not None:
-                if self._fallback_costs and units != UNIT:
-                    rate_permit = await self._fallback_rate.acquire(cost=units / UNIT)  # type: ignore[call-arg,unused-ignore]
-                else:
-                    rate_permit = await self._fallback_rate.acquire()
+                rate_permit = await self._fallback_rate.acquire(units / UNIT)
         except BaseException:
             if local is not None:
                 await local.release()
@@ -749,14 +758,8 @@ class RedisLimiter:
             raise as_limiter_error(self._name, "reset", exc) from exc.__cause__
 
 
-def _local_rate_limiter(config: LimiterConfig) -> tuple[RateLimiter | None, bool]:
-    """The in-process rate limiter standing in while Redis is away, and whether its acquire
-    takes a cost. A RateLimiter without ``rates=`` (or ``cost=``) gets what it supports."""
-    takes_rates = "rates" in inspect.signature(RateLimiter).parameters
-    takes_cost = "cost" in inspect.signature(RateLimiter.acquire).parameters
-    if takes_rates and (config.max_per_second is not None or config.rates):
-        factory: Any = RateLimiter
-        return factory(config.max_per_second, burst=config.burst, rates=config.rates), takes_cost
-    if config.max_per_second is not None:
-        return RateLimiter(config.max_per_second, burst=config.burst), takes_cost
-    return None, False
+def _local_rate_limiter(config: LimiterConfig) -> RateLimiter | None:
+    """The in-process rate limiter standing in while Redis is away (None: no rate limit)."""
+    if config.max_per_second is None and not config.rates:
+        return None
+    return RateLimiter(config.max_per_second, burst=config.burst, rates=config.rates)

@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 
-from aiometer import Permit
+from aiometer import CostPermit, Permit
 
 from ._config import UNIT, cost_units
 from ._leases import Lease, LeaseTable
@@ -56,7 +56,7 @@ class RedisPermit:
         waiter_id: str = "",
         units: int = UNIT,
         settler: Settler | None = None,
-        local_rate: Permit | None = None,
+        local_rate: CostPermit | None = None,
     ) -> None:
         self._leases = leases
         self._lease = lease
@@ -102,10 +102,9 @@ class RedisPermit:
         """
         units = cost_units(actual, "actual", zero=True)
         if self.fallback:
-            settle = getattr(self._local_rate, "settle", None)
-            if settle is not None:
+            if self._local_rate is not None:
                 with anyio.CancelScope(shield=True):
-                    await settle(actual)
+                    await self._local_rate.settle(actual)
             self._units = units
             return
         if self._settler is None or units == self._units:

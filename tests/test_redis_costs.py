@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
+import aiometer
 from aiometer import Rate
 from aiometer_redis import ConfigurationError, RedisLimiter, RedisLimiterGroup
 from aiometer_redis._client import ScriptClient, client_from_url
@@ -165,6 +166,30 @@ async def test_impossible_and_bad_costs_are_refused_before_redis(
     calls_only = RedisLimiter.from_url(server.url, name, rates=[Rate(1, per=1, counts="calls")])
     async with calls_only:
         await calls_only.acquire(cost=50)
+
+
+@pytest.mark.anyio
+async def test_run_functions_refuse_an_impossible_cost_before_any_work(
+    server: RedisServer, name: str
+) -> None:
+    calls: list[int] = []
+
+    async def task(n: int) -> None:
+        calls.append(n)
+
+    async with RedisLimiter.from_url(server.url, name, rates=[Rate(10, per=60)]) as limiter:
+        assert limiter.check_cost(10) == 10.0
+        with pytest.raises(ConfigurationError, match=r"cost 11 can never start"):
+            await aiometer.run_on_each(task, range(3), limiter=limiter, cost=11)
+        assert calls == []
+        # A cost function is asked per item: that item fails, as its task would.
+        with pytest.raises(ConfigurationError, match=r"cost 20 can never start"):
+            await aiometer.run_on_each(task, [1, 2], limiter=limiter, cost=lambda n: 10 * n)
+        assert calls == [1]
+        # settle= settles every permit: 10 units charged, 4 spent, 6 given back at once.
+        await aiometer.run_on_each(task, [5], limiter=limiter, cost=10, settle=lambda n, result: 4)
+        stats = await limiter.statistics()
+        assert stats.rates_used == (4.0,)
 
 
 @pytest.mark.anyio
