@@ -15,6 +15,7 @@ from typing import Literal
 
 from ._client import ScriptArg
 from ._exceptions import ConfigurationError, LeaseLostError
+from ._metrics import check_metrics
 
 __all__ = ["MAX_SECONDS", "LimiterConfig", "check_name", "name_problem", "prefix_problem"]
 
@@ -104,6 +105,7 @@ class LimiterConfig:
     recheck_interval: float = 1.0
     on_unavailable: Literal["fail", "local"] = "fail"
     on_lease_lost: Callable[[LeaseLostError], object] | None = None
+    metrics: object = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str):
@@ -142,6 +144,7 @@ class LimiterConfig:
             raise TypeError(
                 f"on_lease_lost must be callable, got {type(self.on_lease_lost).__name__}"
             )
+        check_metrics(self.metrics)
         for field, value in normalized.items():
             object.__setattr__(self, field, value)
 

@@ -58,6 +58,7 @@ from ._exceptions import (
 from ._exits import current_loop, exit_unwrapped
 from ._keys import KeyLayout
 from ._leases import LeaseTable
+from ._metrics import limiter_metrics
 from ._permit import RedisPermit
 from ._scripts import Script, decode_acquire_reply, load_script
 from ._state import RedisLimiterStatistics, next_start, read_state
@@ -109,6 +110,9 @@ class RedisLimiter:
         on_lease_lost: called with a :class:`LeaseLostError` when a renewal finds one of this
             process's leases expired (besides the warning logged and the count in
             ``statistics().leases_lost``).
+        metrics: ``True`` reports Prometheus metrics of this limiter to prometheus_client's
+            default registry, a ``prometheus_client.CollectorRegistry`` to that one (needs the
+            ``metrics`` extra); off by default. See the README's "Observability".
 
     The limits travel with every call: processes configured differently each apply their
     own numbers to their own calls (a rolling deploy converges as old processes leave).
@@ -133,6 +137,7 @@ class RedisLimiter:
         recheck_interval: float = 1.0,
         on_unavailable: Literal["fail", "local"] = "fail",
         on_lease_lost: Callable[[LeaseLostError], object] | None = None,
+        metrics: object = False,
     ) -> None:
         check_name(name)
         config = LimiterConfig(
@@ -146,6 +151,7 @@ class RedisLimiter:
             recheck_interval=recheck_interval,
             on_unavailable=on_unavailable,
             on_lease_lost=on_lease_lost,
+            metrics=metrics,
         )
         if redis is None:
             raise TypeError(
@@ -221,6 +227,9 @@ class RedisLimiter:
         self._in_fallback = False
         self._task_group: anyio.abc.TaskGroup | None = None
         self._leases = LeaseTable(name, config, self._call)
+        self._metrics = self._leases.metrics = limiter_metrics(name, config.metrics, self._leases)
+        if client is not None and self._metrics is not None:
+            self._client = self._metrics.timed(client)
         self._acquires = Batcher(self._acquire_many)
         self._stack: AsyncExitStack | None = None
 
@@ -298,7 +307,9 @@ class RedisLimiter:
         # take them down while cancelled tasks still release their slots through them.
         with anyio.CancelScope(shield=True):
             async with client_from_url(url) as client:
-                task_status.started(client)
+                task_status.started(
+                    client if self._metrics is None else self._metrics.timed(client)
+                )
                 await closing.wait()
 
     def _start_background(self, task_group: anyio.abc.TaskGroup) -> None:
@@ -413,6 +424,11 @@ class RedisLimiter:
                 ``on_unavailable="local"``, which falls back to in-process limits instead).
             RuntimeError: the limiter was not entered with ``async with``.
         """
+        if self._metrics is not None:
+            return await self._metrics.acquire(self._acquire_checked)
+        return await self._acquire_checked()
+
+    async def _acquire_checked(self) -> RedisPermit:
         self._check_open()
         start = anyio.current_time()
         timeout = self._config.acquire_timeout
@@ -442,6 +458,8 @@ class RedisLimiter:
         if self._in_fallback:
             return
         self._in_fallback = True
+        if self._metrics is not None:
+            self._metrics.fell_back()
         logger.warning(
             "limiter %r: %s; falling back to in-process limits (per process, not global) "
             "until Redis answers again",
@@ -462,6 +480,8 @@ class RedisLimiter:
                 except ClientError:
                     continue
                 self._in_fallback = False
+                if self._metrics is not None:
+                    self._metrics.recovered()
                 logger.warning(
                     "limiter %r: Redis is back; leaving the in-process fallback", self._name
                 )
