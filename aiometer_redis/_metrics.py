@@ -22,6 +22,7 @@ What a limiter reports, every series labelled with the limiter's ``name`` as ``l
 ``aiometer_redis_call_seconds``           histogram  one script call's round trip (each retry
                                                      counts), by ``script``
 ``aiometer_redis_errors_total``           counter    failed script calls, by ``error``:
+                                                     ``no_reply`` (cut short),
                                                      ``unavailable``, ``pool_full``,
                                                      ``refused`` or ``reply``
 ========================================  =========  ==========================================
@@ -35,7 +36,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
@@ -150,7 +151,8 @@ class _Families:
         )
         self.call_errors = Counter(
             "aiometer_redis_errors",
-            "Script calls to Redis that failed, by kind (unavailable, pool_full, refused, reply)",
+            "Script calls to Redis that failed, by kind (no_reply, unavailable, pool_full, "
+            "refused, reply)",
             [*names, "error"],
             registry=registry,
         )
@@ -251,7 +253,8 @@ class LimiterMetrics:
         self._fallbacks = families.fallbacks.labels(name)
         self._calls: dict[str, Any] = {}
         self._call_errors = {
-            kind: families.call_errors.labels(name, kind) for _, kind in _ERROR_KINDS
+            kind: families.call_errors.labels(name, kind)
+            for kind in [*(kind for _, kind in _ERROR_KINDS), "no_reply"]
         }
         families.add(self)
 
@@ -304,10 +307,15 @@ class LimiterMetrics:
             child = self._calls[script] = self._families.calls.labels(self.name, script)
         return child
 
-    def observe_call(self, script: str, seconds: float, error: ClientError | None) -> None:
-        """Record one script call of *seconds*, failed with *error* (None: answered)."""
+    def observe_call(
+        self, script: str, seconds: float, error: ClientError | Literal["no_reply"] | None
+    ) -> None:
+        """Record one script call of *seconds*, failed with *error* (None: answered;
+        ``"no_reply"``: cut short, by the limiter's deadline or a cancellation)."""
         self._call_histogram(script).observe(seconds)
-        if error is not None:
+        if error == "no_reply":
+            self._call_errors["no_reply"].inc()
+        elif error is not None:
             for kind_class, kind in _ERROR_KINDS:
                 if isinstance(error, kind_class):
                     self._call_errors[kind].inc()
@@ -335,6 +343,12 @@ class _TimedClient:
             reply = await self._client.run_script(script, keys, args)
         except ClientError as exc:
             self._metrics.observe_call(script.name, anyio.current_time() - start, exc)
+            raise
+        except BaseException:
+            # Cancelled: almost always by the limiter's deadline for the call (the calls on
+            # the wire are shielded from their callers' cancellation), so Redis did not
+            # answer in time. anyio does not tell a passed deadline from a cancel().
+            self._metrics.observe_call(script.name, anyio.current_time() - start, "no_reply")
             raise
         self._metrics.observe_call(script.name, anyio.current_time() - start, None)
         return reply
