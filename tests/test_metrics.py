@@ -291,7 +291,7 @@ async def test_fallbacks_are_counted_while_redis_is_frozen(name: str) -> None:
             assert value(registry, "aiometer_wait_seconds_count", name) == fallback + from_redis
 
 
-# -- Redis calls ----------------------------------------------------------------------------------------
+# -- Redis calls -------------------------------------------------------------------------------
 
 
 async def _acquire_release_rounds(limiter: RedisLimiter, rounds: int) -> None:
