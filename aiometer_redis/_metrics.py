@@ -34,11 +34,10 @@ is collected; the rest are counted as things happen.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
-
-import anyio
 
 from ._client import ScriptArg, ScriptClient
 from ._errors import ClientError, ErrorReply, PoolFull, Refused, Unavailable
@@ -271,7 +270,7 @@ class LimiterMetrics:
         """Run the limiter's *acquire* and count it: waiting while it runs, then the wait,
         the acquisition and the held permit, or the error it raised."""
         self.waiting += 1
-        start = anyio.current_time()
+        start = time.perf_counter()
         try:
             permit = await acquire()
         except RedisLimiterError as exc:
@@ -280,7 +279,7 @@ class LimiterMetrics:
         finally:
             self.waiting -= 1
         self._out.add(permit)
-        self._wait.observe(anyio.current_time() - start)
+        self._wait.observe(time.perf_counter() - start)
         (self._from_fallback if permit.fallback else self._from_redis).inc()
         return permit
 
@@ -338,19 +337,19 @@ class _TimedClient:
     async def run_script(
         self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]
     ) -> Any:
-        start = anyio.current_time()
+        start = time.perf_counter()
         try:
             reply = await self._client.run_script(script, keys, args)
         except ClientError as exc:
-            self._metrics.observe_call(script.name, anyio.current_time() - start, exc)
+            self._metrics.observe_call(script.name, time.perf_counter() - start, exc)
             raise
         except BaseException:
             # Cancelled: almost always by the limiter's deadline for the call (the calls on
             # the wire are shielded from their callers' cancellation), so Redis did not
             # answer in time. anyio does not tell a passed deadline from a cancel().
-            self._metrics.observe_call(script.name, anyio.current_time() - start, "no_reply")
+            self._metrics.observe_call(script.name, time.perf_counter() - start, "no_reply")
             raise
-        self._metrics.observe_call(script.name, anyio.current_time() - start, None)
+        self._metrics.observe_call(script.name, time.perf_counter() - start, None)
         return reply
 
     async def blpop(self, key: str, timeout: float) -> str | None:
