@@ -266,13 +266,15 @@ class LimiterMetrics:
             int(self.in_fallback and self._leases.open),
         )
 
-    async def acquire(self, acquire: Callable[[], Awaitable[RedisPermit]]) -> RedisPermit:
-        """Run the limiter's *acquire* and count it: waiting while it runs, then the wait,
-        the acquisition and the held permit, or the error it raised."""
+    async def acquire(
+        self, acquire: Callable[..., Awaitable[RedisPermit]], *args: Any
+    ) -> RedisPermit:
+        """Run the limiter's ``acquire(*args)`` and count it: waiting while it runs, then the
+        wait, the acquisition and the held permit, or the error it raised."""
         self.waiting += 1
         start = time.perf_counter()
         try:
-            permit = await acquire()
+            permit = await acquire(*args)
         except RedisLimiterError as exc:
             self._families.acquire_errors.labels(self.name, type(exc).__name__).inc()
             raise
