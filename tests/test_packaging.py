@@ -637,7 +637,7 @@ def test_compose_observability_is_wired_to_the_exporter() -> None:
     assert urlsplit(exporter.redis_url).hostname == "redis"
     assert services["exporter"]["depends_on"]["redis"]["condition"] == "service_healthy"
     health = " ".join(_healthcheck_command(services["exporter"]))
-    assert f"127.0.0.1:{exporter.port}/metrics" in health
+    assert f"('127.0.0.1', {exporter.port})" in health
     # Prometheus reads the mounted config, which scrapes the exporter's service and port.
     mounts = {}
     for name in ("prometheus", "grafana"):
@@ -691,7 +691,7 @@ def test_kubernetes_exporter_reads_the_fleet_redis() -> None:
     assert (redis_url.port or 6379) == redis_ports["redis"]
     (port,) = container["ports"]
     assert port["containerPort"] == exporter.port
-    assert container["readinessProbe"]["httpGet"]["path"] == "/metrics"
+    assert container["readinessProbe"]["tcpSocket"]["port"] == port["name"]
     annotations = deployments["exporter"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(exporter.port)
     (service_port,) = services["exporter"]["spec"]["ports"]
