@@ -11,10 +11,12 @@ from typing import Any
 
 import anyio
 import pytest
+from helpers.tcp_proxy import TcpProxy, script_rule
 from prometheus_client import CollectorRegistry, generate_latest
 
 import aiometer
 from aiometer_redis import AcquireTimeoutError, LimiterConfig, RedisLimiter, RedisLimiterGroup
+from aiometer_redis._scripts import load_script
 from aiometer_redis.testing import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -309,3 +311,34 @@ async def test_metrics_make_no_redis_calls_of_their_own(server: RedisServer, nam
         await _acquire_release_rounds(limiter, 10)
     assert value(registry, "aiometer_redis_call_seconds_count", name, script="acquire") == 10
     assert value(registry, "aiometer_redis_call_seconds_count", name, script="release") == 10
+
+
+@pytest.mark.anyio
+async def test_lost_replies_count_once_each(
+    server: RedisServer, name: str, raw: Any, anyio_backend: str
+) -> None:
+    """The scenario of test_faults' lost replies: a proxy cuts the connection after every 3rd
+    acquire script has run, before its reply. The acquisitions are counted once each. With
+    redis-py (asyncio) each dropped reply is one failed call (``unavailable``) and one more
+    call; coredis (trio) sends the request again on a new connection by itself, so the limiter
+    sees neither."""
+    count = 15
+    acquire = load_script("acquire")
+    await raw.script_load(acquire.source)
+    registry = CollectorRegistry()
+    with anyio.fail_after(20):
+        async with (
+            TcpProxy(server.port, drop=script_rule([acquire.sha1], every=3)) as proxy,
+            RedisLimiter.from_url(
+                proxy.url, name, max_per_second=1000.0, metrics=registry
+            ) as limiter,
+        ):
+            for _ in range(count):
+                await limiter.acquire()
+    dropped = len(proxy.dropped)
+    assert dropped >= count // 3
+    assert value(registry, "aiometer_acquisitions_total", name, source="redis") == count
+    failed = value(registry, "aiometer_redis_errors_total", name, error="unavailable")
+    assert failed == (dropped if anyio_backend == "asyncio" else 0)
+    calls = value(registry, "aiometer_redis_call_seconds_count", name, script="acquire")
+    assert calls == count + failed
