@@ -369,4 +369,12 @@ def serve(
         registry.register(FleetCollector(portal, client, prefix, max_limiters=max_limiters))
         shown_host = f"[{host}]" if ":" in host else host
         ready(f"http://{shown_host}:{httpd.server_port}/metrics")
-        httpd.serve_forever()
+        # Served from a thread of its own: wsgiref's handler swallows any exception raised
+        # while it answers, a KeyboardInterrupt too, so Ctrl-C must reach this thread instead.
+        server = threading.Thread(target=httpd.serve_forever, name="exporter", daemon=True)
+        server.start()
+        try:
+            while server.is_alive():
+                server.join(0.5)
+        finally:
+            httpd.shutdown()
