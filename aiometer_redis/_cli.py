@@ -1,4 +1,5 @@
-"""The ``aiometer-redis`` command line: the fleet demo and two operator commands.
+"""The ``aiometer-redis`` command line: the fleet demo and the operator commands (status, reset,
+exporter, top).
 
 Every failure a user can cause (an unreachable or refusing Redis, a bad option, keys in Redis
 that are not what the limiter wrote, Ctrl-C) ends in one line on stderr that starts with
@@ -132,7 +133,8 @@ def _plot_path(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``aiometer-redis`` (subcommands demo, status, reset)."""
+    """The argument parser of ``aiometer-redis`` (subcommands demo, status, reset, exporter,
+    top)."""
     parser = _Parser(
         prog="aiometer-redis",
         description="Fleet-wide concurrency and rate limits on Redis: demo and operator tools.",
@@ -206,6 +208,61 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="print JSON")
         else:
             sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    exporter = commands.add_parser(
+        "exporter",
+        help="serve the state of every limiter under a prefix as Prometheus metrics",
+        description=(
+            "Serve /metrics for Prometheus: on each scrape, find the limiters under --prefix "
+            "(SCAN, on every primary of a cluster) and read each one's holders, waiters, next "
+            "start and tokens issued from Redis. Each scrape reads at most --max-limiters "
+            "limiters."
+        ),
+    )
+    top = commands.add_parser(
+        "top",
+        help="show every limiter under a prefix in a live table",
+        description=(
+            "Every limiter under --prefix in one table (holders, waiters, next start, tokens "
+            "issued and issued per second), refreshed every --interval seconds; Ctrl-C quits."
+        ),
+    )
+    for sub in (exporter, top):
+        sub.add_argument(
+            "--redis-url",
+            type=_redis_url,
+            default=DEFAULT_URL,
+            help=f"redis://, rediss://, unix:// or redis+sentinel:// URL (default {DEFAULT_URL})",
+        )
+        sub.add_argument(
+            "--cluster",
+            action="store_true",
+            help="the URL names a node of a Redis Cluster: scan every primary",
+        )
+        sub.add_argument(
+            "--prefix", type=_key_prefix, default="aiometer", help="the limiters' key prefix"
+        )
+        sub.add_argument(
+            "--max-limiters",
+            type=_positive_int,
+            default=1000,
+            help="read at most this many limiters per scrape or refresh (default 1000)",
+        )
+    exporter.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)",
+    )
+    exporter.add_argument(
+        "--port", type=_port, default=9464, help="port to listen on (default 9464; 0: any free)"
+    )
+    top.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=1.0,
+        help="seconds between refreshes (default 1)",
+    )
+    top.add_argument("--once", action="store_true", help="print one table and exit")
     return parser
 
 
@@ -252,7 +309,8 @@ def redis_address(url: str) -> str:
     return f"{host}:{port}"
 
 
-def _redis_errors() -> tuple[type[BaseException], ...]:
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions of the installed client libraries that mean "Redis failed"."""
     errors: list[type[BaseException]] = [OSError, TimeoutError]
     try:
         import redis.exceptions
@@ -284,36 +342,46 @@ def reason_of(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _run_against_redis(url: str, action: Callable[[Any], Awaitable[_T]]) -> _T:
-    """Run *action* with a client of *url*; any Redis failure becomes a :class:`CommandError`."""
-    from ._client import client_from_url
+def _run_against_redis(
+    url: str,
+    action: Callable[[Any], Awaitable[_T]],
+    *,
+    timeout: float | None = REDIS_TIMEOUT,
+    cluster: bool = False,
+) -> _T:
+    """Run *action* with a client of *url* (a cluster client with *cluster*), for at most
+    *timeout* seconds (None: as long as it takes); any Redis failure becomes a
+    :class:`CommandError`."""
+    from ._exporter import fleet_client
 
     async def run() -> _T:
-        with anyio.fail_after(REDIS_TIMEOUT):
-            async with client_from_url(url) as client:
+        with anyio.fail_after(timeout):
+            async with fleet_client(url, cluster=cluster) as client:
                 return await action(client)
 
     address = redis_address(url)
-    failures: tuple[type[BaseException], ...] = (*_redis_errors(), ClientError, RedisLimiterError)
     try:
         return anyio.run(run)
     except CommandError:
         raise
-    except failures as caught:
-        exc = _library_error(caught)
-        if isinstance(exc, TimeoutError) and not str(exc):
-            raise CommandError(
-                f"Redis at {address} did not answer within {REDIS_TIMEOUT:g} s"
-            ) from None
-        if _needs_password(exc):
-            raise CommandError(
-                f"Redis at {address} needs a password, and the URL gives none"
-            ) from None
-        if _is_auth_error(exc):
-            raise CommandError(
-                f"Redis at {address} refused the credentials: {reason_of(exc)}"
-            ) from None
-        raise CommandError(f"cannot use Redis at {address}: {reason_of(exc)}") from None
+    except _failures() as caught:
+        raise _command_error(caught, address) from None
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    return (*redis_errors(), ClientError, RedisLimiterError)
+
+
+def _command_error(caught: BaseException, address: str) -> CommandError:
+    """The one line that says why the Redis at *address* could not be used."""
+    exc = _library_error(caught)
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return CommandError(f"Redis at {address} did not answer within {REDIS_TIMEOUT:g} s")
+    if _needs_password(exc):
+        return CommandError(f"Redis at {address} needs a password, and the URL gives none")
+    if _is_auth_error(exc):
+        return CommandError(f"Redis at {address} refused the credentials: {reason_of(exc)}")
+    return CommandError(f"cannot use Redis at {address}: {reason_of(exc)}")
 
 
 def _library_error(exc: BaseException) -> BaseException:
@@ -448,11 +516,70 @@ def _reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exporter(args: argparse.Namespace) -> int:
+    try:
+        import prometheus_client  # noqa: F401 - only whether it is there
+    except ImportError:
+        raise CommandError(
+            "the exporter needs prometheus_client: pip install 'aiometer[metrics]'"
+        ) from None
+    from ._exporter import serve
+
+    address = redis_address(args.redis_url)
+
+    def ready(url: str) -> None:
+        print(
+            f"serving {url} for the limiters under {args.prefix!r} on Redis at {address}",
+            flush=True,
+        )
+
+    try:
+        serve(
+            args.redis_url,
+            host=args.host,
+            port=args.port,
+            prefix=args.prefix,
+            cluster=args.cluster,
+            max_limiters=args.max_limiters,
+            ready=ready,
+        )
+    except CommandError:
+        raise
+    except _failures() as caught:
+        raise _command_error(caught, address) from None
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ._top import watch
+
+    console = Console()
+
+    async def show(client: Any) -> None:
+        await watch(
+            client,
+            console,
+            args.prefix,
+            interval=args.interval,
+            once=args.once,
+            max_limiters=args.max_limiters,
+        )
+
+    _run_against_redis(args.redis_url, show, timeout=None, cluster=args.cluster)
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         return _status(args)
     if args.command == "reset":
         return _reset(args)
+    if args.command == "exporter":
+        return _exporter(args)
+    if args.command == "top":
+        return _top(args)
     from . import demo
 
     if args.role == "worker":

@@ -17,6 +17,7 @@ from aiometer import Rate
 
 from ._client import ScriptArg
 from ._exceptions import ConfigurationError, LeaseLostError
+from ._metrics import check_metrics
 
 __all__ = [
     "MAX_SECONDS",
@@ -172,6 +173,7 @@ class LimiterConfig:
     on_unavailable: Literal["fail", "local"] = "fail"
     on_lease_lost: Callable[[LeaseLostError], object] | None = None
     rates: Sequence[Rate] = ()
+    metrics: object = False
 
     def __post_init__(self) -> None:
         rates = _check_rates(self.rates)
@@ -211,6 +213,7 @@ class LimiterConfig:
             raise TypeError(
                 f"on_lease_lost must be callable, got {type(self.on_lease_lost).__name__}"
             )
+        check_metrics(self.metrics)
         for field, value in normalized.items():
             object.__setattr__(self, field, value)
         object.__setattr__(self, "rates", rates)

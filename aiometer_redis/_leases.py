@@ -27,6 +27,7 @@ from ._config import LimiterConfig
 from ._errors import ClientError, Unavailable
 from ._exceptions import LeaseLostError, RedisLimiterError, WrongEventLoopError
 from ._exits import current_loop
+from ._metrics import LimiterMetrics
 
 __all__ = ["Lease", "LeaseTable", "ScriptCall", "Waiter"]
 
@@ -84,6 +85,8 @@ class LeaseTable:
         self.orphans: set[str] = set()
         #: Leases found expired on renewal since the limiter was made.
         self.lost_count = 0
+        #: The limiter's metrics (None: off), told of each permit released.
+        self.metrics: LimiterMetrics | None = None
         self._withdrawing = False
         self._waiters_added = anyio.Event()
         self._releases = Batcher(self._release_many)

@@ -58,6 +58,7 @@ from ._exceptions import (
 from ._exits import current_loop, exit_unwrapped
 from ._keys import KeyLayout
 from ._leases import LeaseTable
+from ._metrics import limiter_metrics
 from ._permit import RedisPermit
 from ._scripts import Script, decode_acquire_reply, load_script
 from ._state import RedisLimiterStatistics, next_start, read_state
@@ -114,6 +115,9 @@ class RedisLimiter:
             next to (or instead of) ``max_per_second``. Every acquisition is charged to all of
             them or, while any is full, waits; starts are served first come, first served.
             Each window keeps one entry per start of its last ``per`` seconds in Redis.
+        metrics: ``True`` reports Prometheus metrics of this limiter to prometheus_client's
+            default registry, a ``prometheus_client.CollectorRegistry`` to that one (needs the
+            ``metrics`` extra); off by default. See the README's "Observability".
 
     The limits travel with every call: processes configured differently each apply their
     own numbers to their own calls (a rolling deploy converges as old processes leave).
@@ -139,6 +143,7 @@ class RedisLimiter:
         on_unavailable: Literal["fail", "local"] = "fail",
         on_lease_lost: Callable[[LeaseLostError], object] | None = None,
         rates: Sequence[Rate] = (),
+        metrics: object = False,
     ) -> None:
         check_name(name)
         config = LimiterConfig(
@@ -153,6 +158,7 @@ class RedisLimiter:
             on_unavailable=on_unavailable,
             on_lease_lost=on_lease_lost,
             rates=rates,
+            metrics=metrics,
         )
         if redis is None:
             raise TypeError(
@@ -226,6 +232,9 @@ class RedisLimiter:
         self._in_fallback = False
         self._task_group: anyio.abc.TaskGroup | None = None
         self._leases = LeaseTable(name, config, self._call)
+        self._metrics = self._leases.metrics = limiter_metrics(name, config.metrics, self._leases)
+        if client is not None and self._metrics is not None:
+            self._client = self._metrics.timed(client)
         self._acquires = Batcher(self._acquire_many)
         self._stack: AsyncExitStack | None = None
 
@@ -304,7 +313,9 @@ class RedisLimiter:
         # take them down while cancelled tasks still release their slots through them.
         with anyio.CancelScope(shield=True):
             async with client_from_url(url) as client:
-                task_status.started(client)
+                task_status.started(
+                    client if self._metrics is None else self._metrics.timed(client)
+                )
                 await closing.wait()
 
     def _start_background(self, task_group: anyio.abc.TaskGroup) -> None:
@@ -429,6 +440,11 @@ class RedisLimiter:
             RuntimeError: the limiter was not entered with ``async with``.
         """
         units = UNIT if cost == 1 and type(cost) is int else self._check_cost(cost)
+        if self._metrics is not None:
+            return await self._metrics.acquire(self._acquire_checked, units)
+        return await self._acquire_checked(units)
+
+    async def _acquire_checked(self, units: int) -> RedisPermit:
         self._check_open()
         start = anyio.current_time()
         timeout = self._config.acquire_timeout
@@ -480,6 +496,8 @@ class RedisLimiter:
         if self._in_fallback:
             return
         self._in_fallback = True
+        if self._metrics is not None:
+            self._metrics.fell_back()
         logger.warning(
             "limiter %r: %s; falling back to in-process limits (per process, not global) "
             "until Redis answers again",
@@ -500,6 +518,8 @@ class RedisLimiter:
                 except ClientError:
                     continue
                 self._in_fallback = False
+                if self._metrics is not None:
+                    self._metrics.recovered()
                 logger.warning(
                     "limiter %r: Redis is back; leaving the in-process fallback", self._name
                 )

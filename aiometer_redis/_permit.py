@@ -126,6 +126,8 @@ class RedisPermit:
         if self._lease is not None and leases.open:
             leases.check_loop()
         self._released = True
+        if leases.metrics is not None:
+            leases.metrics.released(self)
         if self._lease is None or not leases.open:
             # Rate only, or the in-process fallback: nothing is held in Redis. Or the limiter
             # was left (its client may be closed): the lease, no longer renewed, expires

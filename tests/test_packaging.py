@@ -292,7 +292,14 @@ def _healthcheck_command(service: Mapping[str, Any]) -> list[str]:
 
 
 def test_compose_services() -> None:
-    assert set(_compose()["services"]) == {"redis", "target", "worker"}
+    assert set(_compose()["services"]) == {
+        "redis",
+        "target",
+        "worker",
+        "exporter",
+        "prometheus",
+        "grafana",
+    }
 
 
 def test_compose_redis_is_healthchecked() -> None:
@@ -325,7 +332,7 @@ def test_compose_commands_parse() -> None:
         arguments = _cli_arguments(_compose_command(service))
         if arguments is not None:
             parsed[name] = _parse(arguments)
-    assert set(parsed) == {"target", "worker"}
+    assert set(parsed) == {"target", "worker", "exporter"}
     _check_fleet(
         parsed["target"],
         parsed["worker"],
@@ -384,9 +391,11 @@ def test_kubernetes_files_parse() -> None:
         assert document["metadata"]["name"]
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in documents)
     assert kinds == [
+        ("Deployment", "exporter"),
         ("Deployment", "redis"),
         ("Deployment", "target"),
         ("Job", "aiometer-worker"),
+        ("Service", "exporter"),
         ("Service", "redis"),
         ("Service", "target"),
     ]
@@ -435,7 +444,7 @@ def test_kubernetes_pods_run_the_demo_image_as_non_root() -> None:
                 assert container["imagePullPolicy"] in ("IfNotPresent", "Never")
                 pod = workload["spec"]["template"]["spec"]
                 assert pod["securityContext"]["runAsNonRoot"] is True
-    assert users == 2
+    assert users == 3
 
 
 def test_kubernetes_commands_parse() -> None:
@@ -550,3 +559,140 @@ def test_scraper_processes_share_the_limits() -> None:
     assert max_overlap(served) <= 2
     arrivals = [arrival for arrival, _ in served]
     assert not window_violations(arrivals, 20, 1, [0.05, 0.25, 0.5])
+
+
+# -- observability: the exporter, Prometheus and Grafana -----------------------------------------
+
+GRAFANA = ROOT / "examples" / "grafana"
+
+
+def _exported_names() -> set[str]:
+    """Every sample name the library exports: a limiter's in-process metrics and the fleet
+    exporter's, made by their own code (no Redis: a lease table and a fleet read stand in)."""
+    import anyio
+    from prometheus_client import CollectorRegistry
+
+    from aiometer_redis import AcquireTimeoutError, LimiterConfig
+    from aiometer_redis._exporter import Fleet, FleetCollector, FleetLimiter
+    from aiometer_redis._leases import LeaseTable
+    from aiometer_redis._metrics import LimiterMetrics
+
+    registry = CollectorRegistry()
+    leases = LeaseTable("x", LimiterConfig(max_at_once=1), None)  # type: ignore[arg-type]
+    metrics = LimiterMetrics("x", registry, leases)
+    metrics.observe_call("acquire", 0.001, None)
+
+    async def times_out() -> Any:
+        raise AcquireTimeoutError("no slot")
+
+    with contextlib.suppress(AcquireTimeoutError):
+        anyio.run(metrics.acquire, times_out)
+
+    class Read(FleetCollector):
+        def read(self) -> Fleet:
+            return Fleet((FleetLimiter("x", 1, 2, 0.5, 3),), False, (), 0.01)
+
+    registry.register(Read(None, None, "aiometer"))  # type: ignore[arg-type]
+    return {sample.name for family in registry.collect() for sample in family.samples}
+
+
+def test_metrics_extra_and_the_image_have_prometheus_client() -> None:
+    extras = _pyproject()["project"]["optional-dependencies"]
+    for extra in ("metrics", "demo"):  # the image installs demo, and runs the exporter
+        assert any(r.startswith("prometheus_client") for r in extras[extra]), extra
+    assert any("metrics" in r for r in extras["dev"] if r.startswith("aiometer["))
+
+
+def test_dashboard_queries_only_exported_metrics() -> None:
+    dashboard = json.loads((GRAFANA / "dashboard.json").read_text())
+    exported = _exported_names()
+    datasource = yaml.safe_load(
+        (GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
+    (source,) = datasource["datasources"]
+    panels = [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+    assert len(panels) >= 10
+    used: set[str] = set()
+    for panel in panels:
+        assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = set(re.findall(r"\baiometer_[a-z_]+", target["expr"]))
+            assert names, target["expr"]
+            assert names <= exported, (panel["title"], names - exported)
+            used |= names
+    # Every metric family the library exports has a panel.
+    families = {re.sub(r"_(bucket|count|sum|total|created)$", "", n) for n in exported}
+    shown = {re.sub(r"_(bucket|count|sum|total|created)$", "", n) for n in used}
+    assert families <= shown, families - shown
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_compose_observability_is_wired_to_the_exporter() -> None:
+    services = _compose()["services"]
+    exporter = _parse(_cli_arguments(_compose_command(services["exporter"])) or [])
+    assert exporter.command == "exporter"
+    assert exporter.host == "0.0.0.0", "Prometheus reaches the exporter over the compose network"
+    assert urlsplit(exporter.redis_url).hostname == "redis"
+    assert services["exporter"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    health = " ".join(_healthcheck_command(services["exporter"]))
+    assert f"('127.0.0.1', {exporter.port})" in health
+    # Prometheus reads the mounted config, which scrapes the exporter's service and port.
+    mounts = {}
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source, target, *_ = volume.split(":")
+            assert (ROOT / source).exists(), volume
+            mounts[target] = ROOT / source
+    config_path = next(
+        word.split("=", 1)[1]
+        for word in _compose_command(services["prometheus"])
+        if word.startswith("--config.file=")
+    )
+    config = yaml.safe_load(mounts[config_path].read_text())
+    targets = [
+        target
+        for job in config["scrape_configs"]
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+    ]
+    assert f"exporter:{exporter.port}" in targets
+    # Grafana provisions the data source and the dashboard from the mounted files.
+    provisioning = mounts["/etc/grafana/provisioning"]
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    assert urlsplit(source["url"]).hostname == "prometheus"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "aiometer.yml").read_text())[
+        "providers"
+    ]
+    dashboards = [t for t in mounts if t.startswith(provider["options"]["path"] + "/")]
+    assert [mounts[t].name for t in dashboards] == ["dashboard.json"]
+    # Published on the host's loopback only.
+    for name in ("prometheus", "grafana"):
+        for port in services[name]["ports"]:
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+    assert "ports" not in services["exporter"]
+
+
+def test_kubernetes_exporter_reads_the_fleet_redis() -> None:
+    services = {s["metadata"]["name"]: s for s in _of_kind("Service")}
+    deployments = {d["metadata"]["name"]: d for d in _of_kind("Deployment")}
+    (container,) = _containers(deployments["exporter"])
+    arguments = _cli_arguments(container["command"])
+    assert arguments is not None
+    exporter = _parse(arguments)
+    assert exporter.command == "exporter"
+    assert exporter.host == "0.0.0.0"
+    redis_url = urlsplit(exporter.redis_url)
+    redis_ports = {p["name"]: p["port"] for p in services["redis"]["spec"]["ports"]}
+    assert redis_url.hostname == "redis"
+    assert (redis_url.port or 6379) == redis_ports["redis"]
+    (port,) = container["ports"]
+    assert port["containerPort"] == exporter.port
+    assert container["readinessProbe"]["tcpSocket"]["port"] == port["name"]
+    annotations = deployments["exporter"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(exporter.port)
+    (service_port,) = services["exporter"]["spec"]["ports"]
+    assert service_port["targetPort"] == port["name"]
