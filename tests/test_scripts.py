@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import os
 import random
 import re
@@ -197,6 +198,19 @@ class Limiter:
         return await self.client.run_script(
             load_script("status"), self.keys, ["" if now is None else now]
         )
+
+    async def control(self, now: int | None, operation: str, *args: ScriptArg) -> Any:
+        """control.lua: ``[now, cut, paused_until, max_at_once, interval_us, adaptive, rate]``."""
+        return await self.client.run_script(
+            load_script("control"),
+            self.keys,
+            ["" if now is None else now, self.key_ttl_ms, operation, *args],
+        )
+
+    async def throttled(self, now: int, retry_us: int | str = "") -> int:
+        """control.lua 'throttled' with this limiter's interval and adaptive spec: 1 if cut."""
+        reply = await self.control(now, "throttled", retry_us, self.interval_us, self.adaptive_spec)
+        return int(reply[1])
 
     async def spare(self) -> dict[str, int]:
         """The starts given back: waiter id -> start."""
@@ -2008,3 +2022,160 @@ def test_redis_server_reports_startup_failure_with_log_tail() -> None:
         server.start()
     with pytest.raises(RuntimeError, match="not running"):
         _ = server.pid
+
+
+# -- control: pause, push-back, limits set at run time ------------------------------------
+
+# Adaptive: halve, floor 1/s, cool-down 1 s, from the floor to the max in 9 s.
+ADAPTIVE = f"0.5,1,{SECOND},{9 * SECOND}"
+
+
+@pytest.mark.anyio
+async def test_pause_delays_every_grant_to_its_end_and_keeps_the_queue(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=2)
+        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        reply = await lim.control(NOW, "pause", 2 * SECOND)
+        assert reply[:3] == [NOW, 0, str(NOW + 2 * SECOND)]
+        # A shorter pause does not shorten it; a longer one extends it.
+        assert (await lim.control(NOW + 1, "pause", SECOND))[2] == str(NOW + 2 * SECOND)
+        # Granted during the pause: the delay runs to its end (the lease from there).
+        assert await lim.acquire(NOW + 10, "b:1") == [[1, 2, 2 * SECOND - 10]]
+        assert await lim.acquire(NOW + 20, "c:1") == [[0, 0]]
+        assert await lim.acquire(NOW + 20, "d:1") == [[0, 1]]
+        # The queue keeps its order; the handoff in the pause carries the delay too.
+        assert await lim.release(NOW + SECOND, "a:1") == [1, 1]
+        # (tokens and tickets share one counter: c:1 and d:1 took tickets 3 and 4)
+        assert await lim.mailbox("c") == [f"c:1|5|{SECOND}"]
+        assert (await lim.status(NOW + SECOND))[2] == ["d:1", "4"]
+        holders = (await lim.status(NOW + SECOND))[1]
+        assert holders[holders.index("c:1") + 1] == str(NOW + 2 * SECOND + SECOND)
+        # After the pause, grants are immediate again.
+        await lim.release(NOW + 3 * SECOND, "b:1", "c:1")
+        assert (await lim.acquire(NOW + 3 * SECOND, "e:1"))[0][2] == 0
+        # A waiter whose max delay ends before the pause does is refused.
+        await lim.control(NOW + 3 * SECOND, "pause", SECOND)
+        assert await lim.acquire(NOW + 3 * SECOND, "f:1/500000") == [[2, 0]]
+
+
+@pytest.mark.anyio
+async def test_pause_moves_the_rate_schedule_to_its_end(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, burst=2)
+        assert [r[2] for r in await lim.acquire(NOW, "p:1")] == [0]
+        await lim.control(NOW, "pause", SECOND)
+        replies = await lim.acquire(NOW + 10, "p:2", "p:3", "p:4")
+        # From the pause's end, the GCRA allows its burst (2), then one per interval.
+        assert [r[2] for r in replies] == [SECOND - 10, SECOND - 10, SECOND + 100_000 - 10]
+        windows = dataclasses.replace(
+            lim, tag="w", interval_us=0.0, burst=1, window_spec=f"{2 * SECOND},{SECOND},1"
+        )
+        await windows.control(NOW, "pause", SECOND)
+        replies = await windows.acquire(NOW, "q:1", "q:2", "q:3")
+        assert [r[2] for r in replies] == [SECOND, SECOND, 2 * SECOND]
+
+
+@pytest.mark.anyio
+async def test_throttled_cuts_once_per_cooldown_never_below_the_floor(backend: Backend) -> None:
+    async with backend.open() as opened:
+        # 10 per second; adaptive floor 1/s.
+        lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, adaptive_spec=ADAPTIVE)
+        # A burst of reports within the cool-down: one cut.
+        cuts = [await lim.throttled(NOW + n * 1000) for n in range(20)]
+        assert cuts == [1] + [0] * 19
+        reply = await lim.control(NOW + 1000, "read")
+        assert reply[5].startswith(f"5.000000|{NOW}|10.000000|1.000000|{9 * SECOND}")
+        assert float(reply[6]) == pytest.approx(5 + 1000 / 1e6, abs=1e-6)
+        # The next cut needs the cool-down (1 s) to pass: 5 -> recovered by 1/s -> 6 * 0.5.
+        assert await lim.throttled(NOW + SECOND - 1) == 0
+        assert await lim.throttled(NOW + SECOND) == 1
+        assert float((await lim.control(NOW + SECOND, "read"))[6]) == pytest.approx(3.0)
+        # A deeper factor meets the floor (1/s): 10 -> 1, and 2 (recovered) -> 1.
+        deep = dataclasses.replace(lim, tag="deep", adaptive_spec=f"0.1,1,{SECOND},{9 * SECOND}")
+        assert await deep.throttled(NOW) == 1
+        assert float((await deep.control(NOW, "read"))[6]) == pytest.approx(1.0)
+        assert await deep.throttled(NOW + SECOND) == 1
+        assert float((await deep.control(NOW + SECOND, "read"))[6]) == pytest.approx(1.0)
+        # Not adaptive, or without a rate: a report cuts nothing.
+        plain = dataclasses.replace(lim, tag="plain", adaptive_spec="")
+        assert await plain.throttled(NOW) == 0
+        assert (await plain.control(NOW, "read"))[5] == ""
+
+
+@pytest.mark.anyio
+async def test_acquire_uses_the_adaptive_rate_and_it_recovers(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, adaptive_spec=ADAPTIVE)
+        await lim.throttled(NOW)  # 10/s -> 5/s: 200 ms apart
+        replies = await lim.acquire(NOW, "p:1", "p:2", "p:3")
+        assert [r[2] for r in replies] == [0, 200_000, 400_000]
+        # 4.5 s later: 5 + 4.5 * 1 = 9.5/s; 9 s after the cut: 10/s again.
+        later = await lim.acquire(NOW + 4_500_000, "p:4", "p:5")
+        assert later[1][2] - later[0][2] == math.ceil(1e6 / 9.5)
+        again = await lim.acquire(NOW + 20 * SECOND, "p:6", "p:7")
+        assert again[1][2] - again[0][2] == 100_000
+        # A process that is not adaptive applies its own max_per_second.
+        plain = dataclasses.replace(lim, adaptive_spec="")
+        await lim.throttled(NOW + 30 * SECOND)
+        replies = await plain.acquire(NOW + 40 * SECOND, "q:1", "q:2")
+        assert replies[1][2] - replies[0][2] == 100_000
+
+
+@pytest.mark.anyio
+async def test_limits_set_at_run_time_apply_from_the_next_call(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, interval_us=100_000.0)
+        assert (await lim.acquire(NOW, "a:1"))[0][0] == 1
+        assert await lim.acquire(NOW, "b:1") == [[0, 0]]
+        reply = await lim.control(NOW, "set", 3, 50_000.0, 86_400 * SECOND)
+        assert reply[3:5] == ["3", "50000.000"]
+        # The next call grants up to 3, 50 ms apart.
+        assert await lim.acquire(NOW + 1, "b:1", "c:1", "d:1") == [
+            [1, 3, 99_999],
+            [1, 4, 149_999],
+            [0, 0],
+        ]
+        # One limit at a time: '' leaves the other as it is.
+        assert (await lim.control(NOW + 2, "set", "", 200_000.0, SECOND))[3:5] == [
+            "3",
+            "200000.000",
+        ]
+        # A rate-only caller stays rate-only (no max_at_once to replace), at the set rate.
+        rate_only = dataclasses.replace(lim, max_at_once=0)
+        replies = await rate_only.acquire(NOW + 3, "r:1", "r:2")
+        assert replies[1][2] - replies[0][2] == 200_000
+        await lim.control(NOW + 4, "clear")
+        assert (await lim.control(NOW + 4, "read"))[3:5] == ["", ""]
+        released = await lim.release(NOW + 5, "a:1", "b:1", "c:1")
+        assert released == [3, 1]  # d:1, back to max_at_once 1
+
+
+@pytest.mark.anyio
+async def test_control_keeps_a_ttl_and_refuses_bad_arguments(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, key_ttl_ms=60_000)
+        control = lim.keys[9]
+        await lim.control(NOW, "pause", 30 * SECOND)
+        assert 89_000 < (await lim.pttls())[control] <= 90_000
+        await lim.control(NOW, "set", 2, "", 3600 * SECOND)
+        assert 3_659_000 < (await lim.pttls())[control] <= 3_660_000
+        # Every writer that finds control keeps it while the limiter is used.
+        await lim.set_ttls(1_000)
+        await lim.acquire(NOW, "a:1")
+        assert 3_659_000 < (await lim.pttls())[control] <= 3_660_000
+        bad = [
+            (("pause", -1), "pause us"),
+            (("pause", "x"), "pause us"),
+            (("throttled", "", "x", ""), "interval_us"),
+            (("throttled", "", 1000, "2,0,0,1"), "adaptive spec"),
+            (("set", 0, "", 1), "max_at_once"),
+            (("set", "", -5, 1), "interval_us"),
+            (("nope",), "operation"),
+        ]
+        for args, message in bad:
+            with pytest.raises(ErrorReply, match=f"ERR_ARG {message}"):
+                await lim.control(NOW, *args)
+        with pytest.raises(ErrorReply, match="ERR_ARG expected at least 10 keys"):
+            await opened.client.run_script(load_script("control"), lim.keys[:9], [NOW, 1, "read"])
+        with pytest.raises(ErrorReply, match="ERR_ARG adaptive spec"):
+            await dataclasses.replace(lim, adaptive_spec="1.5,0,0,1").acquire(NOW, "z:1")
