@@ -18,6 +18,7 @@ is spawned), so a generator of any length runs in memory bounded by ``max_at_onc
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 from collections import deque
 from collections.abc import (
@@ -36,7 +37,13 @@ import anyio.abc
 import anyio.lowlevel
 
 from ._limiters import Limiter, Permit, RateLimiter
-from ._validation import check_max_at_once, check_max_per_second
+from ._validation import (
+    check_actual_cost,
+    check_callable,
+    check_cost,
+    check_max_at_once,
+    check_max_per_second,
+)
 from ._waiting import WaitQueue
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -44,10 +51,13 @@ if sys.version_info < (3, 11):  # pragma: no cover
 
 __all__ = [
     "ClosingSource",
+    "CostArg",
     "Deliver",
     "Engine",
     "Selector",
+    "SettleArg",
     "Source",
+    "check_costs",
     "check_limiters",
     "reraise_single",
 ]
@@ -60,6 +70,16 @@ _DONE: Any = object()
 
 
 Selector = Callable[[Any], "Limiter | Sequence[Limiter]"]
+CostArg = float | Callable[[Any], float] | None
+SettleArg = Callable[[Any, Any], float] | None
+
+
+def check_costs(cost: CostArg, settle: SettleArg) -> None:
+    """Check ``cost=`` (a number or a function of the item) and ``settle=`` (a function)."""
+    if cost is not None and not callable(cost):
+        check_cost(cost)
+    if settle is not None:
+        check_callable(settle, "settle")
 
 
 def check_limiters(
@@ -139,6 +159,10 @@ class Engine(Generic[T]):
         on_error: called with ``(index, exception)`` for a task that raised an Exception;
             None means the exception propagates and fails the run.
         gate: awaited before each pull (ordered amap uses it to bound its reorder buffer).
+        cost: the cost of each item (a number, or a function of the item) passed to every
+            limiter's ``acquire(cost=...)``; None calls ``acquire()`` without an argument.
+        settle: ``settle(item, result)`` returns the actual cost of a task that succeeded;
+            each permit with a ``settle`` method is settled to it before it is released.
     """
 
     def __init__(
@@ -152,18 +176,36 @@ class Engine(Generic[T]):
         deliver: Deliver | None,
         on_error: Deliver | None = None,
         gate: Callable[[], Awaitable[None]] | None = None,
+        cost: CostArg = None,
+        settle: SettleArg = None,
     ) -> None:
         if max_at_once is not None:
             check_max_at_once(max_at_once)
+        check_costs(cost, settle)
+        self._cost_fn: Callable[[Any], float] | None = None
+        self._cost: float | None = None
+        if callable(cost):
+            self._cost_fn = cost
+        elif cost is not None:
+            self._cost = check_cost(cost)
+        self._costed = cost is not None
+        self._settle = settle
+        self._run = self._run_settling if settle is not None else self._run_one
         self._select: Selector | None = None
         if callable(limiters):
             self._select = limiters
             self._limiters: list[Limiter] = []
         else:
             self._limiters = list(limiters)
+        # The local max_per_second counts cost units too. Its burst is 1 unit, or the cost
+        # of one call if that is more (raised as larger costs come, with a cost function):
+        # a call then starts when the schedule has room for all of it, never in pieces.
+        self._local_rate: RateLimiter | None = None
         if max_per_second is not None:
             check_max_per_second(max_per_second)
-            self._limiters.append(RateLimiter(max_per_second))
+            burst = max(1, math.ceil(self._cost)) if self._cost is not None else 1
+            self._local_rate = RateLimiter(max_per_second, burst=burst)
+            self._limiters.append(self._local_rate)
         self._fn = fn
         self._max_at_once = max_at_once
         self._deliver = deliver
@@ -252,7 +294,37 @@ class Engine(Generic[T]):
         return chosen_list
 
     async def _run_selected(self, index: int, item: Any) -> None:
-        await self._run_one(index, item, await self._acquire(self._selected(item)))
+        if self._costed:
+            await self._start_costed(index, item, self._selected(item))
+        else:
+            await self._run(index, item, await self._acquire(self._selected(item)))
+
+    def _cost_of(self, item: Any) -> float:
+        if self._cost_fn is None:
+            assert self._cost is not None
+            return self._cost
+        cost = check_cost(self._cost_fn(item), "cost(item)")
+        local = self._local_rate
+        if local is not None and cost > local.burst:
+            local.burst = math.ceil(cost)
+        return cost
+
+    async def _start_costed(self, index: int, item: Any, first: list[Limiter] | None) -> None:
+        """Acquire the limiters with the item's cost and run it; a cost function's error is
+        the task's error."""
+        try:
+            cost = self._cost_of(item)
+        except Exception as exc:
+            await self._fail(index, exc)
+            return
+        await self._run(index, item, await self._acquire(first, cost))
+
+    async def _fail(self, index: int, exc: Exception) -> None:
+        if self._on_error is None:
+            raise exc
+        delivered = self._on_error(index, exc)
+        if delivered is not None:
+            await delivered
 
     async def _selecting_worker(self) -> None:
         # With a limiter per item (e.g. one per site), a worker that would wait for a busy
@@ -287,14 +359,22 @@ class Engine(Generic[T]):
                     continue
                 job = (key, index, item, chosen)
             key, index, item, chosen = job
+            cost = None
+            if self._costed:
+                try:
+                    cost = self._cost_of(item)
+                except Exception as exc:
+                    await self._fail(index, exc)
+                    await anyio.lowlevel.checkpoint()
+                    continue
             self._busy.add(key)
             try:
-                permits = await self._acquire(chosen)
+                permits = await self._acquire(chosen, cost)
             finally:
                 self._busy.discard(key)
                 if key in self._parked:
                     self._idle.wake(1)
-            await self._run_one(index, item, permits)
+            await self._run(index, item, permits)
             await anyio.lowlevel.checkpoint()
 
     def _take_parked(self) -> tuple[tuple[int, ...], int, Any, list[Limiter]] | None:
@@ -312,13 +392,21 @@ class Engine(Generic[T]):
                 return key, index, item, chosen
         return None
 
-    async def _acquire(self, first: list[Limiter] | None = None) -> list[Permit]:
+    async def _acquire(
+        self, first: list[Limiter] | None = None, cost: float | None = None
+    ) -> list[Permit]:
         permits: list[Permit] = []
         try:
-            for limiter in first or ():
-                permits.append(await limiter.acquire())
-            for limiter in self._limiters:
-                permits.append(await limiter.acquire())
+            if cost is None:
+                for limiter in first or ():
+                    permits.append(await limiter.acquire())
+                for limiter in self._limiters:
+                    permits.append(await limiter.acquire())
+            else:
+                for limiter in first or ():
+                    permits.append(await limiter.acquire(cost=cost))  # type: ignore[call-arg]
+                for limiter in self._limiters:
+                    permits.append(await limiter.acquire(cost=cost))  # type: ignore[call-arg]
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await _release_all(permits)
@@ -348,10 +436,43 @@ class Engine(Generic[T]):
         if delivered is not None:
             await delivered
 
+    async def _run_settling(self, index: int, item: Any, permits: Sequence[Permit]) -> None:
+        """``_run_one`` with ``settle=``: a task that succeeded settles its permits to the
+        actual cost before they are released; an error of ``settle`` is the task's error."""
+        fn = self._fn
+        settle = self._settle
+        assert settle is not None
+        try:
+            result = await (item() if fn is None else fn(item))
+            actual = check_actual_cost(settle(item, result), "settle(item, result)")
+            for permit in permits:
+                settle_permit = getattr(permit, "settle", None)
+                if settle_permit is not None:
+                    await settle_permit(actual)
+        except Exception as exc:
+            if permits:
+                await _release_all(permits)
+            if self._on_error is None:
+                raise
+            delivered = self._on_error(index, exc)
+        except BaseException:
+            if permits:
+                await _release_all(permits)
+            raise
+        else:
+            if permits:
+                await _release_all(permits)
+            if self._deliver is None:
+                return
+            delivered = self._deliver(index, result)
+        if delivered is not None:
+            await delivered
+
     async def _worker(self) -> None:
         sync_source = self._sync_source if self._gate is None else None
         limiters = self._limiters
-        run_one = self._run_one
+        run_one = self._run
+        costed = self._costed and bool(limiters)
         checkpoint = anyio.lowlevel.checkpoint
         while True:
             if sync_source is not None:
@@ -365,13 +486,16 @@ class Engine(Generic[T]):
                 index, item = await self._pull()
                 if item is _DONE:
                     return
-            await run_one(index, item, await self._acquire() if limiters else _NO_PERMITS)
+            if costed:
+                await self._start_costed(index, item, None)
+            else:
+                await run_one(index, item, await self._acquire() if limiters else _NO_PERMITS)
             # A task that never awaits would otherwise keep this worker from yielding.
             await checkpoint()
 
     async def _spawn_loop(self, tg: anyio.abc.TaskGroup) -> None:
         limiters = self._limiters
-        run_one = self._run_one
+        run_one = self._run
         start_soon = tg.start_soon
         checkpoint = anyio.lowlevel.checkpoint
         sync_source = self._sync_source if self._gate is None else None
@@ -392,7 +516,15 @@ class Engine(Generic[T]):
             if not limiters:
                 start_soon(run_one, index, item, _NO_PERMITS)
                 continue
-            start_soon(run_one, index, item, await self._acquire())
+            if self._costed:
+                try:
+                    cost = self._cost_of(item)
+                except Exception as exc:
+                    await self._fail(index, exc)
+                    continue
+                start_soon(run_one, index, item, await self._acquire(None, cost))
+            else:
+                start_soon(run_one, index, item, await self._acquire())
             # Let the task begin before the next start is taken: when a rate limiter catches up
             # after a late timer, its tasks then begin one by one as they are granted, not all
             # together on the loop's next pass.

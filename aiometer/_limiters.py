@@ -8,8 +8,7 @@ freed concurrency slots can never start more tasks than the rate allows.
 
 from __future__ import annotations
 
-import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -17,8 +16,16 @@ from typing import Protocol, runtime_checkable
 import anyio
 import anyio.lowlevel
 
-from ._validation import check_burst, check_max_at_once, check_max_per_second
+from ._rate import Rate, check_rates
+from ._validation import (
+    check_actual_cost,
+    check_burst,
+    check_cost,
+    check_max_at_once,
+    check_max_per_second,
+)
 from ._waiting import Places, WaitQueue
+from ._windows import Reservation, Schedule
 
 __all__ = [
     "ConcurrencyLimiter",
@@ -33,7 +40,12 @@ __all__ = [
 
 @runtime_checkable
 class Permit(Protocol):
-    """The right of one task to run, handed out by :meth:`Limiter.acquire`."""
+    """The right of one task to run, handed out by :meth:`Limiter.acquire`.
+
+    Permits of limiters that count cost (:class:`RateLimiter`, ``RedisLimiter``) also have
+    ``async def settle(actual)``; it is not part of this protocol, so a limiter of your own
+    needs only ``release()``. The run functions call ``settle`` on the permits that have it.
+    """
 
     async def release(self) -> None:
         """Give the permit back.
@@ -55,7 +67,11 @@ class Limiter(Protocol):
     """
 
     async def acquire(self) -> Permit:
-        """Wait until one more task may start and return its permit."""
+        """Wait until one more task may start and return its permit.
+
+        The in-process limiters and ``RedisLimiter`` also take ``acquire(cost=...)``; the run
+        functions pass ``cost`` only when they are given ``cost=``.
+        """
         ...
 
 
@@ -63,31 +79,26 @@ class SlotMixin:
     """Adds ``async with limiter.slot(): ...`` to a class with an ``acquire()`` method."""
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[Permit]:
-        """Hold one permit for the duration of the ``async with`` block.
+    async def slot(self, cost: float = 1) -> AsyncIterator[Permit]:
+        """Hold one permit of *cost* for the duration of the ``async with`` block.
+
+        ``acquire()`` is called without an argument when *cost* is left at 1, so a class whose
+        ``acquire()`` takes no cost keeps working.
 
         Example::
 
-            async with limiter.slot():
-                await client.get(url)
+            async with limiter.slot(cost=len(batch)):
+                await client.post(url, json=batch)
         """
-        permit = await self.acquire()  # type: ignore[attr-defined]
+        if cost.__class__ is int and cost == 1:
+            permit = await self.acquire()  # type: ignore[attr-defined]
+        else:
+            permit = await self.acquire(cost=cost)  # type: ignore[attr-defined]
         try:
             yield permit
         finally:
             await permit.release()
 
-
-class _NullPermit:
-    """The permit of a limiter that has nothing to give back (rate limits)."""
-
-    __slots__ = ()
-
-    async def release(self) -> None:
-        return None
-
-
-_NULL_PERMIT = _NullPermit()
 
 # The event loops' timers wait whole milliseconds (epoll), and a sleeper wakes a little after
 # that: a sleep shorter than a millisecond ends about 1.1 ms later.
@@ -100,6 +111,11 @@ _FAST_CATCH_UP = 0.002
 def _catch_up(interval: float) -> float:
     """How much lateness of a start is caught up by keeping the schedule."""
     return interval if interval >= _TIMER_PRECISION else _FAST_CATCH_UP
+
+
+def _fast_path_catch_up(interval: float) -> float:
+    """How late a caller that does not wait may be and still keep the schedule."""
+    return _FAST_CATCH_UP if interval < _TIMER_PRECISION else 0.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +138,10 @@ class _ConcurrencyPermit:
 
     def __init__(self, limiter: ConcurrencyLimiter) -> None:
         self._limiter: ConcurrencyLimiter | None = limiter
+
+    async def settle(self, actual: float) -> None:
+        """Nothing to settle: ``max_at_once`` counts tasks, not cost (*actual* is checked)."""
+        check_actual_cost(actual)
 
     async def release(self) -> None:
         limiter = self._limiter
@@ -175,19 +195,29 @@ class ConcurrencyLimiter(SlotMixin):
             self._max_at_once, self._max_at_once - places.free, places.waiting
         )
 
-    def acquire_nowait(self) -> Permit:
-        """Take a permit without waiting.
+    def acquire_nowait(self, cost: float = 1) -> Permit:
+        """Take a permit without waiting (*cost* is checked, and ignored: a task is a task).
 
         Raises:
+            TypeError, ValueError: *cost* is not a finite number > 0.
             anyio.WouldBlock: no permit is free, or other tasks are already waiting for one.
         """
+        if cost.__class__ is not int or cost != 1:
+            check_cost(cost)
         if self._places.take_nowait():
             return _ConcurrencyPermit(self)
         raise anyio.WouldBlock
 
-    async def acquire(self) -> Permit:
-        """Wait for a free permit and take it."""
+    async def acquire(self, cost: float = 1) -> Permit:
+        """Wait for a free permit and take it (*cost* is checked, and ignored: ``max_at_once``
+        counts tasks).
+
+        Raises:
+            TypeError, ValueError: *cost* is not a finite number > 0.
+        """
         await anyio.lowlevel.checkpoint_if_cancelled()
+        if cost.__class__ is not int or cost != 1:
+            check_cost(cost)
         await self._places.take()
         return _ConcurrencyPermit(self)
 
@@ -200,145 +230,240 @@ class RateStatistics:
     """A snapshot of a :class:`RateLimiter`.
 
     Attributes:
-        max_per_second: the current limit.
-        burst: how many starts may happen back to back after an idle period.
-        waiting: tasks sleeping until their reserved start time.
-        next_start: seconds until a new ``acquire()`` would return; 0.0 if it would return now.
+        max_per_second: the current limit, or None if only ``rates`` limit the starts.
+        burst: how many cost units may start back to back after an idle period.
+        waiting: tasks sleeping until their start is allowed.
+        next_start: seconds until a new ``acquire()`` (of cost 1) would return; 0.0 if it would
+            return now.
+        rates: the windows of the limiter, in the order given.
+        used: for each window of ``rates``, what started in its last ``per`` seconds (cost, or
+            calls for ``counts="calls"``), settled costs included.
     """
 
-    max_per_second: float
+    max_per_second: float | None
     burst: int
     waiting: int
     next_start: float
+    rates: tuple[Rate, ...] = ()
+    used: tuple[float, ...] = ()
+
+
+class _RatePermit:
+    """A started reservation: nothing to release, its cost can be settled."""
+
+    __slots__ = ("_reservation", "_schedule")
+
+    def __init__(self, schedule: Schedule, reservation: Reservation) -> None:
+        self._schedule = schedule
+        self._reservation = reservation
+
+    async def release(self) -> None:
+        return None
+
+    async def settle(self, actual: float) -> None:
+        """Charge or refund the difference between *actual* and the cost charged so far, at
+        the original start (see :class:`RateLimiter`)."""
+        self._schedule.settle(self._reservation, check_actual_cost(actual))
 
 
 class RateLimiter(SlotMixin):
-    """At most ``max_per_second`` starts per second, with bursts of up to ``burst`` starts.
+    """At most ``max_per_second`` cost units started per second, with bursts of up to
+    ``burst`` units, and at most ``limit`` units in any window of each ``Rate`` of ``rates``.
 
-    This is the generic cell rate algorithm (GCRA) applied to the moments tasks really start.
-    With ``burst=1`` starts are spaced ``1 / max_per_second`` apart (the meaning of aiometer
-    1.0's ``max_per_second``); with ``burst=b`` up to ``b`` starts may happen at once after an
-    idle period. Over any window of ``w`` seconds at most ``burst + max_per_second * w + 1``
-    tasks start: the ``+ 1`` is the one start that may be caught up after the event loop woke a
-    waiter late, and it is never more than one, however long the stall. Above 1000 starts per
-    second, faster than the event loops' timers (about a millisecond), up to a millisecond's
-    worth of starts may be caught up at once instead, which keeps the achieved rate at the
-    limit.
+    ``max_per_second`` is the generic cell rate algorithm (GCRA) applied to the moments tasks
+    really start. With ``burst=1`` starts of cost 1 are spaced ``1 / max_per_second`` apart
+    (the meaning of aiometer 1.0's ``max_per_second``); with ``burst=b`` up to ``b`` units may
+    start at once after an idle period; a start of cost ``c`` takes ``c / max_per_second`` of
+    the schedule. Over any window of ``w`` seconds at most ``burst + max_per_second * w + 1``
+    units start: the ``+ 1`` is the one start that may be caught up after the event loop woke
+    a waiter late, and it is never more than one, however long the stall. Above 1000 starts
+    per second, faster than the event loops' timers (about a millisecond), up to a
+    millisecond's worth of starts may be caught up at once instead, which keeps the achieved
+    rate at the limit.
+
+    Each :class:`~aiometer.Rate` of ``rates`` is a sliding window, exact: the cost (or the
+    number of calls) started in any ``per`` seconds never exceeds its ``limit``, except for
+    the overspend of :meth:`settled <_RatePermit.settle>` permits. An acquisition is charged to
+    the GCRA and to every window, or waits; it never charges one window while another refuses.
+    Each window keeps one entry (about 100 bytes) per start of its last ``per`` seconds.
 
     Waiters are served first come, first served: only the oldest sleeps until its start is
-    allowed, and it hands over to the next when it starts or is cancelled. So a late wake-up
-    neither shifts the schedule (no drift, the achieved rate stays at the limit) nor releases
-    a bunch of starts at once. The permit has nothing to release: a rate limit does not care
-    how long a task runs.
+    allowed, and it hands over to the next when it starts or is cancelled. So a large cost at
+    the head of the line is never overtaken by small ones behind it (they wait behind it), a
+    late wake-up neither shifts the schedule nor releases a bunch of starts at once.
+
+    The permit has nothing to release (a rate limit does not care how long a task runs), and
+    has ``await permit.settle(actual)``: the difference between the actual cost and the cost
+    acquired is charged (or refunded) at the permit's original start, in every ``counts="cost"``
+    window and in the GCRA, so later starts move accordingly. A GCRA refund applies only while
+    no later start was reserved; refunds always apply to the windows.
+
+    Args:
+        max_per_second: cost units per second (GCRA), or None for windows only.
+        burst: units that may start back to back after an idle period (with max_per_second).
+        rates: windows that hold together with ``max_per_second``.
 
     Raises:
-        TypeError: ``max_per_second`` is not a number or ``burst`` is not an int.
-        ValueError: ``max_per_second`` is not finite and > 0, or ``burst`` is below 1.
+        TypeError: ``max_per_second`` is not a number, ``burst`` is not an int, or ``rates`` is
+            not a sequence of Rate.
+        ValueError: ``max_per_second`` is not finite and > 0, ``burst`` is below 1, two rates
+            share ``per`` and ``counts``, or neither ``max_per_second`` nor ``rates`` is given.
+
+    Example::
+
+        limiter = RateLimiter(rates=[Rate(500, per=60, counts="calls"), Rate(200_000, per=60)])
+        async with limiter.slot(cost=estimate) as permit:
+            reply = await client.complete(prompt)
+            await permit.settle(reply.tokens)
     """
 
-    def __init__(self, max_per_second: float, *, burst: int = 1) -> None:
-        self._max_per_second = check_max_per_second(max_per_second)
+    def __init__(
+        self,
+        max_per_second: float | None = None,
+        *,
+        burst: int = 1,
+        rates: Iterable[Rate] = (),
+    ) -> None:
+        if max_per_second is not None:
+            max_per_second = check_max_per_second(max_per_second)
         self._burst = check_burst(burst)
-        self._interval = 1.0 / self._max_per_second
-        self._catch_up = _catch_up(self._interval)
-        # Theoretical arrival time of the next start (GCRA); -inf means "idle forever".
-        self._tat = -math.inf
+        windows = check_rates(rates)
+        if max_per_second is None and not windows:
+            raise ValueError("RateLimiter needs max_per_second or rates, got neither")
+        self._max_per_second = max_per_second
+        interval = None if max_per_second is None else 1.0 / max_per_second
+        self._schedule = Schedule(interval, self._burst, windows)
+        self._catch_up = 0.0 if interval is None else _catch_up(interval)
+        self._fast_catch_up = 0.0 if interval is None else _fast_path_catch_up(interval)
         # The head is the one waiter that sleeps until its start is allowed; the others queue
         # behind it and are woken one at a time, as the head hands over.
         self._head_busy = False
         self._queue = WaitQueue()
 
     def __repr__(self) -> str:
-        return f"RateLimiter(max_per_second={self._max_per_second}, burst={self._burst})"
+        parts = []
+        if self._max_per_second is not None:
+            parts.append(f"max_per_second={self._max_per_second}, burst={self._burst}")
+        rates = self._schedule.rates
+        if rates:
+            parts.append(f"rates=[{', '.join(map(repr, rates))}]")
+        return f"RateLimiter({', '.join(parts)})"
 
     @property
-    def max_per_second(self) -> float:
-        """The sustained number of starts per second."""
+    def max_per_second(self) -> float | None:
+        """The sustained number of cost units started per second (None: windows only)."""
         return self._max_per_second
 
     @max_per_second.setter
     def max_per_second(self, value: float) -> None:
         rate = check_max_per_second(value)
         interval = 1.0 / rate
-        # Rescale the backlog so that the new rate applies from now on.
-        now = anyio.current_time()
-        if self._tat > now:
-            self._tat = now + (self._tat - now) * interval / self._interval
+        # The backlog is rescaled so that the new rate applies from now on.
+        self._schedule.set_interval(interval, anyio.current_time())
         self._max_per_second = rate
-        self._interval = interval
         self._catch_up = _catch_up(interval)
+        self._fast_catch_up = _fast_path_catch_up(interval)
 
     @property
     def burst(self) -> int:
-        """How many starts may happen back to back after an idle period."""
+        """How many cost units may start back to back after an idle period."""
         return self._burst
 
     @burst.setter
     def burst(self, value: int) -> None:
-        self._burst = check_burst(value)
+        self._burst = self._schedule.burst = check_burst(value)
 
-    def _delay(self, now: float) -> float:
-        """Seconds until a start is allowed (<= 0: now)."""
-        return self._tat - (self._burst - 1) * self._interval - now
+    @property
+    def rates(self) -> tuple[Rate, ...]:
+        """The windows of the limiter, in the order given."""
+        return self._schedule.rates
 
     def statistics(self) -> RateStatistics:
-        """Return the limit, the number of waiting tasks and the time to the next start."""
-        delay = self._delay(anyio.current_time())
-        return RateStatistics(self._max_per_second, self._burst, self._waiting(), max(delay, 0.0))
-
-    def _fast_path_catch_up(self) -> float:
-        return self._catch_up if self._interval < _TIMER_PRECISION else 0.0
+        """Return the limits, the waiting tasks, the time to the next start and the windows'
+        usage."""
+        now = anyio.current_time()
+        schedule = self._schedule
+        delay = schedule.earliest(now, 1) - now
+        return RateStatistics(
+            self._max_per_second,
+            self._burst,
+            self._waiting(),
+            max(delay, 0.0),
+            schedule.rates,
+            schedule.used(now),
+        )
 
     def _waiting(self) -> int:
         return len(self._queue) + self._head_busy
 
-    def _take(self, now: float) -> None:
+    def _checked_cost(self, cost: object) -> float:
+        value = check_cost(cost)
+        reason = self._schedule.impossible(value)
+        if reason is not None:
+            raise ValueError(reason)
+        return value
+
+    def acquire_nowait(self, cost: float = 1) -> Permit:
+        """Take a start of *cost* that is allowed now, without waiting.
+
+        Raises:
+            TypeError, ValueError: *cost* is not a finite number > 0, or can never start.
+            anyio.WouldBlock: the start is not allowed yet, or tasks are waiting.
+        """
+        if cost.__class__ is not int or cost != 1:
+            cost = self._checked_cost(cost)
+        if self._head_busy:
+            raise anyio.WouldBlock
+        reservation = self._take_now(anyio.current_time(), cost)
+        if reservation is None:
+            raise anyio.WouldBlock
+        return _RatePermit(self._schedule, reservation)
+
+    def _take_now(self, now: float, cost: float) -> Reservation | None:
         # Above 1000 starts per second, faster than the timers, a caller that comes back within
         # the catch-up window of its slot (a spawn loop whose head waiter woke a timer tick
         # late) keeps the schedule: the missed slots are caught up instead of lost, or the
         # achieved rate would drop to about two starts per timer tick. Later than that, and at
         # lower rates, the start counts from now (plain GCRA), so an idle limiter never bursts.
-        tat = self._tat
-        if tat < now - self._fast_path_catch_up():
-            tat = now
-        self._tat = tat + self._interval
+        schedule = self._schedule
+        tat = schedule.tat
+        return schedule.reserve(now, cost, now, tat if tat >= now - self._fast_catch_up else now)
 
-    def acquire_nowait(self) -> Permit:
-        """Take a start that is allowed now, without waiting.
+    async def acquire(self, cost: float = 1) -> Permit:
+        """Wait until a start of *cost* is allowed, in arrival order, and take it.
 
         Raises:
-            anyio.WouldBlock: the next start is not allowed yet, or tasks are waiting.
+            TypeError, ValueError: at once, if *cost* is not a finite number > 0 or can never
+                start (larger than ``burst`` with ``max_per_second``, or than the limit of a
+                ``counts="cost"`` window).
         """
-        now = anyio.current_time()
-        if self._head_busy or self._delay(now) > 0:
-            raise anyio.WouldBlock
-        self._take(now)
-        return _NULL_PERMIT
-
-    async def acquire(self) -> Permit:
-        """Wait until a start is allowed, in arrival order, and take it."""
         await anyio.lowlevel.checkpoint_if_cancelled()
-        now = anyio.current_time()
+        if cost.__class__ is not int or cost != 1:
+            cost = self._checked_cost(cost)
         if not self._head_busy:
-            if self._delay(now) <= 0:
-                self._take(now)
-                return _NULL_PERMIT
+            reservation = self._take_now(anyio.current_time(), cost)
+            if reservation is not None:
+                return _RatePermit(self._schedule, reservation)
             self._head_busy = True
         else:
             # Woken when the head hands over; the head role comes with the wake-up.
             await self._queue.wait(on_lost=self._hand_over)
+        schedule = self._schedule
         try:
-            while (delay := self._delay(anyio.current_time())) > 0:
-                await anyio.sleep(delay)
-            # The head keeps the schedule (no drift from a late wake-up) but catches up at most
-            # one interval of lateness, or two milliseconds (the timer precision of the event
-            # loops plus scheduling) at rates above 1000/s: a long stall releases one extra
-            # start, not a bunch.
-            now = anyio.current_time() - self._catch_up
-            self._tat = max(self._tat, now) + self._interval
+            while True:
+                now = anyio.current_time()
+                # The head keeps the schedule (no drift from a late wake-up) but catches up at
+                # most one interval of lateness, or two milliseconds (the timer precision of
+                # the event loops plus scheduling) at rates above 1000/s: a long stall releases
+                # one extra start, not a bunch. Windows always count the real start.
+                caught_up = max(schedule.tat, now - self._catch_up)
+                reservation = schedule.reserve(now, cost, now, caught_up)
+                if reservation is not None:
+                    break
+                await anyio.sleep(schedule.earliest(now, cost) - now)
         finally:
             self._hand_over()
-        return _NULL_PERMIT
+        return _RatePermit(schedule, reservation)
 
     def _hand_over(self) -> None:
         if not self._queue.wake(1):

@@ -12,7 +12,17 @@ from typing import Any, Literal, TypeVar, overload
 import anyio
 import anyio.lowlevel
 
-from ._engine import ClosingSource, Engine, Selector, Source, check_limiters, reraise_single
+from ._engine import (
+    ClosingSource,
+    CostArg,
+    Engine,
+    Selector,
+    SettleArg,
+    Source,
+    check_costs,
+    check_limiters,
+    reraise_single,
+)
 from ._limiters import Limiter
 from ._validation import check_callable, check_max_at_once, check_max_per_second
 from ._waiting import Places, WaitQueue
@@ -87,6 +97,8 @@ async def run_on_each(
     max_at_once: int | None = None,
     max_per_second: float | None = None,
     limiter: LimiterArg = None,
+    cost: CostArg = None,
+    settle: SettleArg = None,
 ) -> None:
     """Run ``async_fn(arg)`` for every item of *args*; return when all are done.
 
@@ -100,20 +112,48 @@ async def run_on_each(
             ``max_at_once`` slot and before the local ``max_per_second`` start; or a function
             of the item returning its limiter(s), e.g. one limiter per site: a busy site's
             items then wait in their own queue while the other sites' items keep flowing.
+        cost: what one call costs the rate limits: a number, or a function of the item
+            returning one (a finite number > 0). Every limiter is then acquired with
+            ``acquire(cost=...)``, the local ``max_per_second`` included (it counts cost units;
+            a call costing more than one unit starts when the schedule has room for all of
+            it). ``max_at_once`` still counts calls. None (the default) calls ``acquire()``
+            without an argument, so limiters of your own need not take a cost.
+        settle: ``settle(item, result)`` returns the actual cost of a call that succeeded;
+            every permit with a ``settle`` method (those of :class:`RateLimiter` and
+            ``RedisLimiter``) is settled to it before it is released. A call that raises keeps
+            its estimated cost.
 
     Raises:
-        TypeError, ValueError: a bad argument, before anything runs.
+        TypeError, ValueError: a bad argument, before anything runs (a constant ``cost``
+            included). A ``cost`` function's bad value, or an exception raised by ``cost`` or
+            ``settle``, is the error of that item's call; a cost that a limiter can never
+            admit raises ValueError from its ``acquire``.
         Exception: the first exception raised by a call, as itself, after the other calls
             were cancelled; an ExceptionGroup if several failed at the same moment.
+
+    Example::
+
+        limiter = RateLimiter(rates=[Rate(500, per=60, counts="calls"), Rate(90_000, per=60)])
+        await run_on_each(
+            complete,
+            prompts,
+            max_at_once=20,
+            limiter=limiter,
+            cost=lambda prompt: estimate_tokens(prompt),
+            settle=lambda prompt, reply: reply.usage.total_tokens,
+        )
     """
     check_callable(async_fn, "async_fn")
     limiters = _check_limits(max_at_once, max_per_second, limiter)
+    check_costs(cost, settle)
     engine = Engine(
         async_fn,
         args,
         max_at_once=max_at_once,
         max_per_second=max_per_second,
         limiters=limiters,
+        cost=cost,
+        settle=settle,
         deliver=None,
     )
     await engine.run()
@@ -126,6 +166,8 @@ async def run_all(
     max_at_once: int | None = ...,
     max_per_second: float | None = ...,
     limiter: LimiterArg = ...,
+    cost: CostArg = ...,
+    settle: SettleArg = ...,
     return_exceptions: Literal[False] = ...,
 ) -> list[R]: ...
 
@@ -137,6 +179,8 @@ async def run_all(
     max_at_once: int | None = ...,
     max_per_second: float | None = ...,
     limiter: LimiterArg = ...,
+    cost: CostArg = ...,
+    settle: SettleArg = ...,
     return_exceptions: Literal[True],
 ) -> list[R | Exception]: ...
 
@@ -147,6 +191,8 @@ async def run_all(
     max_at_once: int | None = None,
     max_per_second: float | None = None,
     limiter: LimiterArg = None,
+    cost: CostArg = None,
+    settle: SettleArg = None,
     return_exceptions: bool = False,
 ) -> list[R] | list[R | Exception]:
     """Call every function of *async_fns* and return their results in input order.
@@ -155,6 +201,7 @@ async def run_all(
         async_fns: functions taking no argument (use :func:`functools.partial`); a lambda is
             refused, since lambdas made in a loop all see the loop variable's last value.
         max_at_once, max_per_second, limiter: as for :func:`run_on_each`.
+        cost, settle: as for :func:`run_on_each`; the item they get is the function.
         return_exceptions: if true, an exception raised by a function takes the place of its
             result and the others keep running.
 
@@ -165,6 +212,7 @@ async def run_all(
     """
     _check_fns(async_fns, "run_all")
     limiters = _check_limits(max_at_once, max_per_second, limiter)
+    check_costs(cost, settle)
     results: list[Any] = [None] * len(async_fns) if isinstance(async_fns, Sequence) else []
 
     def deliver(index: int, value: Any) -> None:
@@ -178,6 +226,8 @@ async def run_all(
         max_at_once=max_at_once,
         max_per_second=max_per_second,
         limiters=limiters,
+        cost=cost,
+        settle=settle,
         deliver=deliver,
         on_error=deliver if return_exceptions else None,
     )
@@ -250,6 +300,8 @@ def amap(
     max_at_once: int | None = ...,
     max_per_second: float | None = ...,
     limiter: LimiterArg = ...,
+    cost: CostArg = ...,
+    settle: SettleArg = ...,
     ordered: bool = ...,
     include_index: Literal[False] = ...,
     return_exceptions: Literal[False] = ...,
@@ -264,6 +316,8 @@ def amap(
     max_at_once: int | None = ...,
     max_per_second: float | None = ...,
     limiter: LimiterArg = ...,
+    cost: CostArg = ...,
+    settle: SettleArg = ...,
     ordered: bool = ...,
     include_index: Literal[True],
     return_exceptions: Literal[False] = ...,
@@ -278,6 +332,8 @@ def amap(
     max_at_once: int | None = ...,
     max_per_second: float | None = ...,
     limiter: LimiterArg = ...,
+    cost: CostArg = ...,
+    settle: SettleArg = ...,
     ordered: bool = ...,
     include_index: Literal[False] = ...,
     return_exceptions: Literal[True],
@@ -292,6 +348,8 @@ def amap(
     max_at_once: int | None = ...,
     max_per_second: float | None = ...,
     limiter: LimiterArg = ...,
+    cost: CostArg = ...,
+    settle: SettleArg = ...,
     ordered: bool = ...,
     include_index: Literal[True],
     return_exceptions: Literal[True],
@@ -305,6 +363,8 @@ def amap(
     max_at_once: int | None = None,
     max_per_second: float | None = None,
     limiter: LimiterArg = None,
+    cost: CostArg = None,
+    settle: SettleArg = None,
     ordered: bool = False,
     include_index: bool = False,
     return_exceptions: bool = False,
@@ -314,7 +374,8 @@ def amap(
     Use it as ``async with amap(fn, args) as results: async for result in results: ...``.
 
     Args:
-        async_fn, args, max_at_once, max_per_second, limiter: as for :func:`run_on_each`.
+        async_fn, args, max_at_once, max_per_second, limiter, cost, settle: as for
+            :func:`run_on_each`.
         ordered: yield results in input order (default: as they finish). Backpressure still
             holds: workers run at most ``max_at_once`` items ahead of the next result due.
         include_index: yield ``(index, result)`` pairs, *index* being the item's position.
@@ -331,12 +392,15 @@ def amap(
     """
     check_callable(async_fn, "async_fn")
     limiters = _check_limits(max_at_once, max_per_second, limiter)
+    check_costs(cost, settle)
     return _amap(
         async_fn,
         args,
         max_at_once=max_at_once,
         max_per_second=max_per_second,
         limiters=limiters,
+        cost=cost,
+        settle=settle,
         ordered=ordered,
         include_index=include_index,
         return_exceptions=return_exceptions,
@@ -421,6 +485,8 @@ async def _amap(
     max_at_once: int | None,
     max_per_second: float | None,
     limiters: list[Limiter] | Selector,
+    cost: CostArg,
+    settle: SettleArg,
     ordered: bool,
     include_index: bool,
     return_exceptions: bool,
@@ -456,6 +522,8 @@ async def _amap(
         max_at_once=max_at_once,
         max_per_second=max_per_second,
         limiters=limiters,
+        cost=cost,
+        settle=settle,
         deliver=deliver,
         on_error=deliver if return_exceptions else None,
         gate=gate,
@@ -489,6 +557,8 @@ async def run_any(
     max_at_once: int | None = None,
     max_per_second: float | None = None,
     limiter: LimiterArg = None,
+    cost: CostArg = None,
+    settle: SettleArg = None,
 ) -> R:
     """Return the result of the first function of *async_fns* to succeed.
 
@@ -498,6 +568,7 @@ async def run_any(
     Args:
         async_fns: functions taking no argument; lambdas are refused as in :func:`run_all`.
         max_at_once, max_per_second, limiter: as for :func:`run_on_each`.
+        cost, settle: as for :func:`run_on_each`; the item they get is the function.
 
     Raises:
         ValueError: *async_fns* is empty or holds a lambda.
@@ -508,6 +579,7 @@ async def run_any(
     if isinstance(async_fns, Sequence) and not async_fns:
         raise ValueError("run_any() needs at least one function, got an empty sequence")
     limiters = _check_limits(max_at_once, max_per_second, limiter)
+    check_costs(cost, settle)
     results: list[R] = []
     errors: dict[int, Exception] = {}
 
@@ -527,6 +599,8 @@ async def run_any(
             max_at_once=max_at_once,
             max_per_second=max_per_second,
             limiters=limiters,
+            cost=cost,
+            settle=settle,
             deliver=deliver,
             on_error=on_error,
         )

@@ -191,6 +191,8 @@ async def test_rate_limiter_shared_by_concurrent_runs() -> None:
         (lambda: aiometer.RateLimiter(0), "max_per_second must be a finite number > 0, got 0"),
         (lambda: aiometer.RateLimiter(math.nan), "got nan"),
         (lambda: aiometer.RateLimiter(1, burst=0), "burst must be >= 1, got 0"),
+        (lambda: aiometer.RateLimiter(), "needs max_per_second or rates, got neither"),
+        (lambda: aiometer.RateLimiter(None, rates=[]), "needs max_per_second or rates"),
     ],
 )
 def test_bad_limiter_values(factory: Any, message: str) -> None:
@@ -206,8 +208,8 @@ def test_bad_limiter_values(factory: Any, message: str) -> None:
             "max_at_once must be an int, got float",
         ),
         (
-            lambda: aiometer.RateLimiter(None),  # type: ignore[arg-type]
-            "max_per_second must be a number, got NoneType",
+            lambda: aiometer.RateLimiter("1"),  # type: ignore[arg-type]
+            "max_per_second must be a number, got str",
         ),
         (
             lambda: aiometer.RateLimiter(1, burst=2.0),  # type: ignore[arg-type]
