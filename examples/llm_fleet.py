@@ -12,7 +12,7 @@ token count is known only after the call. This example runs, on this machine:
 * a redis-server of its own (unless ``--redis-url`` is given);
 * ``--workers`` worker processes (default 4) that share ONE ``RedisLimiter``::
 
-      rates=[Rate(rpm, per=window, counts="calls"), Rate(tpm, per=window)]
+      rates=[Rate(rpm, per=window + margin, counts="calls"), Rate(tpm, per=window + margin)]
 
   Each call is charged up front with an estimate of its tokens (``cost=``) and settled to
   the tokens the endpoint reports after it (``settle=``)::
@@ -25,17 +25,21 @@ token count is known only after the call. This example runs, on this machine:
 
 and prints a verdict from the endpoint's own record: requests and tokens in the busiest
 window next to the limits, and the requests refused. "All limits held." and exit status 0
-when nothing was refused; 1 when something was.
+when nothing was refused; 1 when something was. ``--local`` gives each worker an in-process
+``RateLimiter`` with the same rates instead: each keeps the limits for itself, and the
+endpoint refuses what the fleet sends on top.
 
 Estimate high, settle down. The limiter charges the estimate when a call starts; settling
-refunds the unused part at the call's original start, so the window fills with what was
-really used and later calls start sooner. An estimate that is too LOW is charged later as
-debt (later starts wait for it), but calls that were already admitted in the meantime can push
-a window over the limit by that call's overspend; the endpoint, which counts real tokens,
-then refuses. So estimate with an upper bound (prompt tokens + ``max_tokens``, which an LLM
-API never exceeds) as this example does by default; ``--estimate typical`` (half of
-``max_tokens``) shows what happens otherwise: the verdict reports the overspend, and when the
-windows are full, refusals.
+refunds the unused part at the call's original start, so the window holds what was really
+used and starts reserved after the refund come sooner. Starts already reserved while earlier
+calls were in flight were placed by those calls' estimates, so with estimates well above use
+the fleet stays somewhat below the token limit: the price of never being refused. An
+estimate that is too LOW is charged afterwards as debt (starts reserved later wait for it),
+but calls admitted in the meantime can push a window over the limit by that call's overspend;
+the endpoint, which counts real tokens, then refuses. So estimate with an upper bound (prompt
+tokens + ``max_tokens``, which an LLM API never exceeds), as this example does by default;
+``--estimate typical`` (half of ``max_tokens``) shows what happens otherwise: the verdict
+reports the overspend and, when the windows are full, refusals.
 
 Margin. The endpoint judges a window by when requests arrive; a call the limiter starts
 exactly one window after another may arrive a few milliseconds early relative to it. The
@@ -682,8 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     count = _number(int, 1, strict=False)
     parser.add_argument("--workers", type=count, default=4, help="worker processes (4)")
-    parser.add_argument("--requests", type=count, default=160, help="calls in all (160)")
-    parser.add_argument("--rpm", type=count, default=40, help="requests per window (40)")
+    parser.add_argument("--requests", type=count, default=150, help="calls in all (150)")
+    parser.add_argument("--rpm", type=count, default=30, help="requests per window (30)")
     parser.add_argument("--tpm", type=count, default=12_000, help="tokens per window (12000)")
     parser.add_argument(
         "--window", type=_number(float, 0, strict=True), default=6.0,
