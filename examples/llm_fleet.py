@@ -724,9 +724,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.role == "worker":
         return worker_main(args)
+    args.workers = min(args.workers, args.requests)  # a worker per request at most
     most = largest_estimate(args.estimate)
     if most > args.tpm:
         parser.error(f"--tpm {args.tpm} is below the largest estimate of a call ({most} tokens)")
+    if not args.local:
+        from aiometer_redis import ConfigurationError, RedisLimiter
+
+        try:  # reports a bad name here, once, rather than from every worker
+            RedisLimiter.from_url(
+                args.redis_url or "redis://127.0.0.1:6379/0", args.name, rates=fleet_rates(args)
+            )
+        except ConfigurationError as exc:
+            parser.error(str(exc))
     try:
         return run(args)
     except Failure as exc:
