@@ -119,6 +119,7 @@ def test_an_unreachable_redis_is_one_line() -> None:
         (["--window", "nan"], "argument --window: must be > 0, got nan"),
         (["--redis-url", "http://x"], "argument --redis-url: expected a redis://"),
         (["--tpm", "500"], "--tpm 500 is below the largest estimate of a call (656 tokens)"),
+        (["--name", ""], "name must not be empty"),
     ],
 )
 def test_bad_options_are_one_line(args: list[str], message: str) -> None:
