@@ -9,6 +9,7 @@ across a fleet of processes.
 from ._limiters import (
     ConcurrencyLimiter,
     ConcurrencyStatistics,
+    CostPermit,
     Limiter,
     Permit,
     RateLimiter,
@@ -22,6 +23,7 @@ __version__ = "1.1.0.dev0"
 __all__ = [
     "ConcurrencyLimiter",
     "ConcurrencyStatistics",
+    "CostPermit",
     "Limiter",
     "Permit",
     "Rate",

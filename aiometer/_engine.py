@@ -18,7 +18,6 @@ is spawned), so a generator of any length runs in memory bounded by ``max_at_onc
 from __future__ import annotations
 
 import inspect
-import math
 import sys
 from collections import deque
 from collections.abc import (
@@ -36,7 +35,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from ._limiters import Limiter, Permit, RateLimiter
+from ._limiters import Limiter, Permit, SpacingRateLimiter
 from ._validation import (
     check_actual_cost,
     check_callable,
@@ -140,6 +139,12 @@ class ClosingSource:
                 await aclose()
 
 
+def _cost_checks(limiters: Sequence[Limiter]) -> list[Callable[[float], object]]:
+    """The ``check_cost`` methods of the limiters that have one."""
+    checks = (getattr(limiter, "check_cost", None) for limiter in limiters)
+    return [check for check in checks if callable(check)]
+
+
 async def _release_all(permits: Sequence[Permit]) -> None:
     for permit in reversed(permits):
         await permit.release()
@@ -197,15 +202,18 @@ class Engine(Generic[T]):
             self._limiters: list[Limiter] = []
         else:
             self._limiters = list(limiters)
-        # The local max_per_second counts cost units too. Its burst is 1 unit, or the cost
-        # of one call if that is more (raised as larger costs come, with a cost function):
-        # a call then starts when the schedule has room for all of it, never in pieces.
-        self._local_rate: RateLimiter | None = None
+        # The local max_per_second counts cost units too: a call of cost c takes
+        # c / max_per_second of its schedule (burst 1: a cost above 1 starts once the
+        # previous calls' time is paid).
         if max_per_second is not None:
             check_max_per_second(max_per_second)
-            burst = max(1, math.ceil(self._cost)) if self._cost is not None else 1
-            self._local_rate = RateLimiter(max_per_second, burst=burst)
-            self._limiters.append(self._local_rate)
+            self._limiters.append(SpacingRateLimiter(max_per_second))
+        # Limiters that can tell a cost they would never admit (check_cost) are asked before
+        # anything runs (a constant cost) or as each item's cost is known.
+        self._cost_checks = _cost_checks(self._limiters)
+        if self._cost is not None:
+            for check in self._cost_checks:
+                check(self._cost)
         self._fn = fn
         self._max_at_once = max_at_once
         self._deliver = deliver
@@ -299,21 +307,24 @@ class Engine(Generic[T]):
         else:
             await self._run(index, item, await self._acquire(self._selected(item)))
 
-    def _cost_of(self, item: Any) -> float:
+    def _cost_of(self, item: Any, chosen: list[Limiter] | None = None) -> float:
         if self._cost_fn is None:
             assert self._cost is not None
-            return self._cost
-        cost = check_cost(self._cost_fn(item), "cost(item)")
-        local = self._local_rate
-        if local is not None and cost > local.burst:
-            local.burst = math.ceil(cost)
+            cost = self._cost
+        else:
+            cost = check_cost(self._cost_fn(item), "cost(item)")
+            for check in self._cost_checks:
+                check(cost)
+        if chosen:
+            for check in _cost_checks(chosen):
+                check(cost)
         return cost
 
     async def _start_costed(self, index: int, item: Any, first: list[Limiter] | None) -> None:
         """Acquire the limiters with the item's cost and run it; a cost function's error is
         the task's error."""
         try:
-            cost = self._cost_of(item)
+            cost = self._cost_of(item, first)
         except Exception as exc:
             await self._fail(index, exc)
             return
@@ -362,7 +373,7 @@ class Engine(Generic[T]):
             cost = None
             if self._costed:
                 try:
-                    cost = self._cost_of(item)
+                    cost = self._cost_of(item, chosen)
                 except Exception as exc:
                     await self._fail(index, exc)
                     await anyio.lowlevel.checkpoint()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import anyio
 import anyio.lowlevel
@@ -30,11 +30,13 @@ from ._windows import Reservation, Schedule
 __all__ = [
     "ConcurrencyLimiter",
     "ConcurrencyStatistics",
+    "CostPermit",
     "Limiter",
     "Permit",
     "RateLimiter",
     "RateStatistics",
     "SlotMixin",
+    "SpacingRateLimiter",
 ]
 
 
@@ -58,6 +60,23 @@ class Permit(Protocol):
 
 
 @runtime_checkable
+class CostPermit(Permit, Protocol):
+    """A permit of a limiter that counts cost: it can also settle the actual cost.
+
+    The permits of :class:`RateLimiter`, :class:`ConcurrencyLimiter` (a checked no-op) and
+    ``aiometer_redis.RedisLimiter`` are CostPermits.
+    """
+
+    async def settle(self, actual: float) -> None:
+        """Charge or refund the difference between *actual* (a finite number >= 0) and the
+        cost charged so far, at the permit's original start.
+
+        A second call replaces the first; a call after :meth:`release` is allowed.
+        """
+        ...
+
+
+@runtime_checkable
 class Limiter(Protocol):
     """Anything that can make a task wait before it starts.
 
@@ -75,11 +94,17 @@ class Limiter(Protocol):
         ...
 
 
-class SlotMixin:
-    """Adds ``async with limiter.slot(): ...`` to a class with an ``acquire()`` method."""
+P = TypeVar("P", bound=Permit)
+
+
+class SlotMixin(Generic[P]):
+    """Adds ``async with limiter.slot(): ...`` to a class with an ``acquire()`` method.
+
+    The type parameter is the type of the permits ``acquire()`` returns.
+    """
 
     @asynccontextmanager
-    async def slot(self, cost: float = 1) -> AsyncIterator[Permit]:
+    async def slot(self, cost: float = 1) -> AsyncIterator[P]:
         """Hold one permit of *cost* for the duration of the ``async with`` block.
 
         ``acquire()`` is called without an argument when *cost* is left at 1, so a class whose
@@ -90,6 +115,7 @@ class SlotMixin:
             async with limiter.slot(cost=len(batch)):
                 await client.post(url, json=batch)
         """
+        permit: P
         if cost.__class__ is int and cost == 1:
             permit = await self.acquire()  # type: ignore[attr-defined]
         else:
@@ -150,7 +176,7 @@ class _ConcurrencyPermit:
             limiter._release_one()
 
 
-class ConcurrencyLimiter(SlotMixin):
+class ConcurrencyLimiter(SlotMixin[CostPermit]):
     """At most ``max_at_once`` permits held at any moment; waiters are served first come, first
     served.
 
@@ -188,6 +214,11 @@ class ConcurrencyLimiter(SlotMixin):
         old, self._max_at_once = self._max_at_once, value
         self._places.give(value - old)
 
+    def check_cost(self, cost: object) -> float:
+        """Return *cost* as a float if it is a finite number > 0, else raise TypeError or
+        ValueError (any valid cost is admitted: ``max_at_once`` counts tasks)."""
+        return check_cost(cost)
+
     def statistics(self) -> ConcurrencyStatistics:
         """Return how many permits are held and how many tasks wait."""
         places = self._places
@@ -195,7 +226,7 @@ class ConcurrencyLimiter(SlotMixin):
             self._max_at_once, self._max_at_once - places.free, places.waiting
         )
 
-    def acquire_nowait(self, cost: float = 1) -> Permit:
+    def acquire_nowait(self, cost: float = 1) -> CostPermit:
         """Take a permit without waiting (*cost* is checked, and ignored: a task is a task).
 
         Raises:
@@ -208,7 +239,7 @@ class ConcurrencyLimiter(SlotMixin):
             return _ConcurrencyPermit(self)
         raise anyio.WouldBlock
 
-    async def acquire(self, cost: float = 1) -> Permit:
+    async def acquire(self, cost: float = 1) -> CostPermit:
         """Wait for a free permit and take it (*cost* is checked, and ignored: ``max_at_once``
         counts tasks).
 
@@ -248,14 +279,10 @@ class RateStatistics:
     used: tuple[float, ...] = ()
 
 
-class _RatePermit:
+class _RatePermit(Reservation):
     """A started reservation: nothing to release, its cost can be settled."""
 
-    __slots__ = ("_reservation", "_schedule")
-
-    def __init__(self, schedule: Schedule, reservation: Reservation) -> None:
-        self._schedule = schedule
-        self._reservation = reservation
+    __slots__ = ()
 
     async def release(self) -> None:
         return None
@@ -263,10 +290,10 @@ class _RatePermit:
     async def settle(self, actual: float) -> None:
         """Charge or refund the difference between *actual* and the cost charged so far, at
         the original start (see :class:`RateLimiter`)."""
-        self._schedule.settle(self._reservation, check_actual_cost(actual))
+        self.schedule.settle(self, check_actual_cost(actual))
 
 
-class RateLimiter(SlotMixin):
+class RateLimiter(SlotMixin[CostPermit]):
     """At most ``max_per_second`` cost units started per second, with bursts of up to
     ``burst`` units, and at most ``limit`` units in any window of each ``Rate`` of ``rates``.
 
@@ -283,9 +310,12 @@ class RateLimiter(SlotMixin):
 
     Each :class:`~aiometer.Rate` of ``rates`` is a sliding window, exact: the cost (or the
     number of calls) started in any ``per`` seconds never exceeds its ``limit``, except for
-    the overspend of :meth:`settled <_RatePermit.settle>` permits. An acquisition is charged to
-    the GCRA and to every window, or waits; it never charges one window while another refuses.
-    Each window keeps one entry (about 100 bytes) per start of its last ``per`` seconds.
+    the overspend (actual minus estimate) of permits in that window that settled above their
+    estimate after later starts were reserved: one such call exceeds the limit by at most its
+    own overspend, and the debt delays later starts until every window is back under its limit.
+    An acquisition is charged to the GCRA and to every window, or waits; it never charges one
+    window while another refuses. A window keeps one entry per start of its last ``per``
+    seconds (about 100 bytes per start for all windows together, plus 8 per window).
 
     Waiters are served first come, first served: only the oldest sleeps until its start is
     allowed, and it hands over to the next when it starts or is cancelled. So a large cost at
@@ -317,6 +347,8 @@ class RateLimiter(SlotMixin):
             await permit.settle(reply.tokens)
     """
 
+    _whole_calls = False
+
     def __init__(
         self,
         max_per_second: float | None = None,
@@ -332,7 +364,8 @@ class RateLimiter(SlotMixin):
             raise ValueError("RateLimiter needs max_per_second or rates, got neither")
         self._max_per_second = max_per_second
         interval = None if max_per_second is None else 1.0 / max_per_second
-        self._schedule = Schedule(interval, self._burst, windows)
+        self._schedule = Schedule(interval, self._burst, windows, _RatePermit)
+        self._schedule.whole_calls = self._whole_calls
         self._catch_up = 0.0 if interval is None else _catch_up(interval)
         self._fast_catch_up = 0.0 if interval is None else _fast_path_catch_up(interval)
         # The head is the one waiter that sleeps until its start is allowed; the others queue
@@ -396,14 +429,23 @@ class RateLimiter(SlotMixin):
     def _waiting(self) -> int:
         return len(self._queue) + self._head_busy
 
-    def _checked_cost(self, cost: object) -> float:
+    def check_cost(self, cost: object) -> float:
+        """Return *cost* as a float if this limiter can ever start it, else raise.
+
+        The run functions call it before any work for a constant ``cost=``.
+
+        Raises:
+            TypeError, ValueError: *cost* is not a finite number > 0.
+            ValueError: *cost* can never start (larger than ``burst`` with
+                ``max_per_second``, or than the limit of a ``counts="cost"`` window).
+        """
         value = check_cost(cost)
         reason = self._schedule.impossible(value)
         if reason is not None:
             raise ValueError(reason)
         return value
 
-    def acquire_nowait(self, cost: float = 1) -> Permit:
+    def acquire_nowait(self, cost: float = 1) -> CostPermit:
         """Take a start of *cost* that is allowed now, without waiting.
 
         Raises:
@@ -411,15 +453,15 @@ class RateLimiter(SlotMixin):
             anyio.WouldBlock: the start is not allowed yet, or tasks are waiting.
         """
         if cost.__class__ is not int or cost != 1:
-            cost = self._checked_cost(cost)
+            cost = self.check_cost(cost)
         if self._head_busy:
             raise anyio.WouldBlock
-        reservation = self._take_now(anyio.current_time(), cost)
-        if reservation is None:
+        permit = self._take_now(anyio.current_time(), cost)
+        if permit is None:
             raise anyio.WouldBlock
-        return _RatePermit(self._schedule, reservation)
+        return permit
 
-    def _take_now(self, now: float, cost: float) -> Reservation | None:
+    def _take_now(self, now: float, cost: float) -> _RatePermit | None:
         # Above 1000 starts per second, faster than the timers, a caller that comes back within
         # the catch-up window of its slot (a spawn loop whose head waiter woke a timer tick
         # late) keeps the schedule: the missed slots are caught up instead of lost, or the
@@ -429,7 +471,7 @@ class RateLimiter(SlotMixin):
         tat = schedule.tat
         return schedule.reserve(now, cost, now, tat if tat >= now - self._fast_catch_up else now)
 
-    async def acquire(self, cost: float = 1) -> Permit:
+    async def acquire(self, cost: float = 1) -> CostPermit:
         """Wait until a start of *cost* is allowed, in arrival order, and take it.
 
         Raises:
@@ -439,11 +481,16 @@ class RateLimiter(SlotMixin):
         """
         await anyio.lowlevel.checkpoint_if_cancelled()
         if cost.__class__ is not int or cost != 1:
-            cost = self._checked_cost(cost)
+            cost = self.check_cost(cost)
         if not self._head_busy:
-            reservation = self._take_now(anyio.current_time(), cost)
-            if reservation is not None:
-                return _RatePermit(self._schedule, reservation)
+            now = anyio.current_time()
+            schedule = self._schedule
+            tat = schedule.tat
+            permit = schedule.reserve(
+                now, cost, now, tat if tat >= now - self._fast_catch_up else now
+            )
+            if permit is not None:
+                return permit
             self._head_busy = True
         else:
             # Woken when the head hands over; the head role comes with the wake-up.
@@ -463,8 +510,17 @@ class RateLimiter(SlotMixin):
                 await anyio.sleep(schedule.earliest(now, cost) - now)
         finally:
             self._hand_over()
-        return _RatePermit(schedule, reservation)
+        return reservation
 
     def _hand_over(self) -> None:
         if not self._queue.wake(1):
             self._head_busy = False
+
+
+class SpacingRateLimiter(RateLimiter):
+    """The run functions' local ``max_per_second``: a call of cost ``c`` takes ``c /
+    max_per_second`` of the schedule and starts once the schedule has room for all of it, so a
+    cost above the burst waits instead of being refused. (Not exported: ``RateLimiter`` refuses
+    such a cost, since its burst bound could not hold.)"""
+
+    _whole_calls = True

@@ -15,7 +15,8 @@ Rules (one set for every limiter):
   ``(t - per, t]`` plus ``c`` stay within the limit (``counts="calls"`` windows count 1 per
   start). Finding the earliest such ``t`` walks the log oldest first.
 - **First come, first served.** No start is ever earlier than the latest start already
-  reserved, so a large cost at the head of the line is never overtaken by small ones.
+  reserved, so a large cost at the head of the line is never overtaken by small ones. (The
+  GCRA alone never reserves out of order, so only schedules with windows track it.)
 - **All or nothing.** The start is the latest of the GCRA's and every window's earliest; it is
   charged to all of them, or (past the caller's deadline) to none.
 - **Settle.** Settling a reservation to its actual cost changes its entry, at its original
@@ -34,6 +35,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from itertools import islice
+from typing import Any, Generic, TypeVar
 
 from ._rate import Rate
 
@@ -46,17 +48,20 @@ _RESYNC_EVERY = 1024
 
 
 class Reservation:
-    """One charged start: its time, the cost it was charged with, and its settled cost."""
+    """One charged start: its time and the cost the windows hold for it.
 
-    __slots__ = ("actual", "cost", "previous_latest", "start")
+    A limiter may hand out a subclass of its own as the permit (see ``Schedule``), which saves
+    an object per acquisition.
+    """
 
-    def __init__(self, start: float, cost: float, previous_latest: float) -> None:
+    __slots__ = ("actual", "schedule", "start")
+
+    def __init__(self, schedule: Schedule[Any], start: float, cost: float) -> None:
+        #: The schedule that charged it.
+        self.schedule = schedule
         self.start = start
-        #: The cost asked for when the start was reserved.
-        self.cost = cost
-        #: The cost the windows hold now: ``cost`` until settled, then the settled value.
+        #: The cost charged now: the cost acquired until settled, then the settled value.
         self.actual = cost
-        self.previous_latest = previous_latest
 
 
 class _Window:
@@ -113,7 +118,11 @@ class _Window:
     def add(self, reservation: Reservation) -> None:
         self.entries.append(reservation)
         if not self.calls:
-            self._set_total(self.total + reservation.actual)
+            self.changes += 1
+            if self.changes < _RESYNC_EVERY:
+                self.total += reservation.actual
+            else:
+                self._set_total(self.total + reservation.actual)
 
     def change(self, reservation: Reservation, delta: float) -> None:
         """*reservation* (held here) now costs *delta* more (less if negative)."""
@@ -145,10 +154,16 @@ class _Window:
 
     def earliest(self, t0: float, cost: float) -> float:
         """The earliest start >= *t0* at which this window has room for *cost*."""
-        need = 1.0 if self.calls else cost
+        calls = self.calls
+        need = 1.0 if calls else cost
+        entries = self.entries
+        if not entries or entries[0].start > t0 - self.per:
+            # Nothing stale to skip: a clear fit is decided on the running total.
+            used = len(entries) if calls else self.total
+            if used + need <= self.limit * (1 - _CLOSE):
+                return t0
         if need > self.limit:
             return math.inf
-        calls = self.calls
         total = self.used()
         stale = t0 - self.per
         last = -math.inf
@@ -162,7 +177,10 @@ class _Window:
         return max(t0, last + self.per)
 
 
-class Schedule:
+R = TypeVar("R", bound="Reservation")
+
+
+class Schedule(Generic[R]):
     """When starts of a given cost may happen: a GCRA and any number of windows, charged
     together.
 
@@ -170,11 +188,32 @@ class Schedule:
         interval: ``1 / max_per_second``, or None for no GCRA.
         burst: the GCRA's burst, in cost units.
         rates: the windows; each keeps one entry per start of its last ``per`` seconds.
+        reservation: the class of the reservations handed out (a subclass of Reservation).
     """
 
-    __slots__ = ("_gcra_owner", "_last", "_windows", "burst", "interval", "latest", "tat")
+    __slots__ = (
+        "_gcra_owner",
+        "_new",
+        "_windows",
+        "burst",
+        "interval",
+        "latest",
+        "tat",
+        "whole_calls",
+    )
 
-    def __init__(self, interval: float | None, burst: int, rates: tuple[Rate, ...] = ()) -> None:
+    def __init__(
+        self,
+        interval: float | None,
+        burst: int,
+        rates: tuple[Rate, ...],
+        reservation: type[R],
+    ) -> None:
+        self._new = reservation
+        #: If true, a cost above the burst is not refused: it starts once the GCRA has caught
+        #: up (``t >= tat``), taking ``cost * interval`` of the schedule, which keeps
+        #: ``max_per_second`` a spacing of calls by their cost (the run functions' local limit).
+        self.whole_calls = False
         self.interval = interval
         self.burst = burst
         #: Theoretical arrival time of the GCRA; -inf: idle for ever.
@@ -182,10 +221,8 @@ class Schedule:
         #: The latest start reserved (no later reservation may start before it).
         self.latest = -math.inf
         self._windows = tuple(_Window(rate) for rate in rates)
-        # The reservation that last moved tat (its settle may refund the GCRA) and the last
-        # reservation made (its withdrawal restores ``latest``).
-        self._gcra_owner: Reservation | None = None
-        self._last: Reservation | None = None
+        # The reservation that last moved tat (its settle may refund the GCRA).
+        self._gcra_owner: R | None = None
 
     @property
     def rates(self) -> tuple[Rate, ...]:
@@ -194,7 +231,7 @@ class Schedule:
 
     def impossible(self, cost: float) -> str | None:
         """Why *cost* can never start, or None if it can."""
-        if self.interval is not None and cost > self.burst:
+        if self.interval is not None and cost > self.burst and not self.whole_calls:
             return (
                 f"cost {cost:g} can never start: max_per_second allows bursts of at most "
                 f"{self.burst} (raise burst, or use rates=[Rate(...)])"
@@ -224,12 +261,16 @@ class Schedule:
         self.trim(now)
         return tuple(window.used() for window in self._windows)
 
+    def _headroom(self, cost: float) -> float:
+        room = self.burst - cost
+        return 0.0 if room < 0 and self.whole_calls else room
+
     def earliest(self, now: float, cost: float) -> float:
         """The earliest start of *cost* from *now* (inf if it can never start)."""
         start = self.latest if self.latest > now else now
         interval = self.interval
         if interval is not None:
-            allowed = self.tat - (self.burst - cost) * interval
+            allowed = self.tat - self._headroom(cost) * interval
             if allowed > start:
                 start = allowed
         if self._windows:
@@ -247,30 +288,41 @@ class Schedule:
         cost: float,
         deadline: float = math.inf,
         gcra_from: float | None = None,
-    ) -> Reservation | None:
+    ) -> R | None:
         """Charge *cost* at its earliest start, unless that is later than *deadline*.
 
         Returns the reservation, or None (nothing charged anywhere). *gcra_from* is the time
         the GCRA counts the start from, if not the start itself (a late waiter keeping the
         schedule).
         """
-        start = self.earliest(now, cost)
+        if self._windows:
+            start = self.earliest(now, cost)
+        else:
+            # The GCRA alone (the common case), inline.
+            start = now
+            if self.interval is not None:
+                room = self.burst - cost
+                if room < 0 and self.whole_calls:
+                    room = 0
+                allowed = self.tat - room * self.interval
+                if allowed > start:
+                    start = allowed
         if start > deadline:
             return None
-        reservation = Reservation(start, cost, self.latest)
-        self.latest = start
-        self._last = reservation
+        reservation = self._new(self, start, cost)
         interval = self.interval
         if interval is not None:
             tat = self.tat
             base = start if gcra_from is None else gcra_from
             self.tat = (tat if tat > base else base) + cost * interval
             self._gcra_owner = reservation
-        for window in self._windows:
-            window.add(reservation)
+        if self._windows:
+            self.latest = start
+            for window in self._windows:
+                window.add(reservation)
         return reservation
 
-    def settle(self, reservation: Reservation, actual: float) -> None:
+    def settle(self, reservation: R, actual: float) -> None:
         """Charge or refund *reservation* to *actual* (see the module's rules)."""
         delta = actual - reservation.actual
         if not delta:
@@ -284,7 +336,7 @@ class Schedule:
             self.tat += delta * interval
             self._gcra_owner = reservation
 
-    def withdraw(self, reservation: Reservation) -> None:
+    def withdraw(self, reservation: R) -> None:
         """Take back a reservation that will not start: removed from every window, and from
         the GCRA if no later start moved it."""
         for window in self._windows:
@@ -293,6 +345,10 @@ class Schedule:
         if self.interval is not None and self._gcra_owner is reservation:
             self.tat -= reservation.actual * self.interval
             self._gcra_owner = None
-        if self._last is reservation:
-            self.latest = reservation.previous_latest
-            self._last = None
+        if self._windows and reservation.start >= self.latest:
+            # The latest start still reserved is the newest entry of some window (one trimmed
+            # from all of them is in the past, where it no longer matters).
+            self.latest = max(
+                (window.entries[-1].start for window in self._windows if window.entries),
+                default=-math.inf,
+            )

@@ -8,7 +8,8 @@ and its verdicts mean little, since the floors are cheaper with fewer tasks aliv
 Everything runs on asyncio and on trio in the same run, and every verdict is a ratio against a
 reference measured side by side on the same backend, so verdicts carry over between machines even
 though absolute times do not. The script always exits 0: it reports, it does not gate.
-``--sections overhead,rate`` (any subset of overhead, rate, memory, waiting) runs only those.
+``--sections overhead,rate`` (any subset of overhead, rate, memory, waiting, costs) runs only
+those.
 
 1. Per-task overhead: 50,000 no-op tasks through run_on_each, run_all, amap (consuming every
    result) and run_any, in microseconds per task, in two modes.
@@ -68,6 +69,12 @@ though absolute times do not. The script always exits 0: it reports, it does not
    between results is outpaced and the buffer fills, so they are judged only as the baseline
    of the second target: a slow consumer may cost the workers at most 5 us per item more than
    a fast one, beyond the consumer's own two checkpoints (measured alone in the same round).
+
+5. Costs and windows: microseconds per acquisition (that never waits) of a ``RateLimiter`` with
+   a cost, with two windows, and with a settle, each against a plain ``acquire()`` measured in
+   the same round (printed for reference, no target). Then a check: random costs 1-8 through
+   ``run_on_each(cost=...)`` for about a second against ``Rate(40, per=0.25)``; the most units
+   started in any window (5 ms shorter, for the loop's latency) must not exceed 40.
 
 Reading the output: an overhead ratio below 1 means aiometer costs less per task than the
 hand-written floor; a rate ratio of 1.00 means the limit was reached exactly. The summary lists
@@ -437,6 +444,107 @@ def measure_rate(sizes: Sizes, backends: Sequence[str]) -> list[Json]:
                 }
             )
     return rows
+
+
+# --------------------------------------------------------------------------- 5. costs and windows
+
+COST_WINDOW = aiometer.Rate(40, per=0.25)
+"""The window of the cost check: random costs 1-8 through run_on_each must keep to it."""
+COST_CHECK_SECONDS = 1.0
+HUGE = 10**12
+"""Limits that never make an acquisition wait: the cost rows measure bookkeeping only."""
+COST_PATHS = (
+    "RateLimiter(10**9): acquire() (reference)",
+    "RateLimiter(10**9): acquire(cost=2.5)",
+    "+ rates=[Rate(per=1, calls), Rate(per=60)]: acquire(cost=2.5)",
+    "+ the same, then permit.settle(1.5)",
+)
+
+
+def cost_limiter(path: int) -> aiometer.RateLimiter:
+    if path < 2:
+        return aiometer.RateLimiter(10**9, burst=10**6)
+    rates = [aiometer.Rate(HUGE, per=1, counts="calls"), aiometer.Rate(HUGE, per=60)]
+    return aiometer.RateLimiter(10**9, burst=10**6, rates=rates)
+
+
+async def seconds_per_acquisition(path: int, n: int) -> float:
+    limiter = cost_limiter(path)
+    cost = 1 if path == 0 else 2.5
+    settle = path == 3
+    gc.collect()
+    began = time.perf_counter()
+    for _ in range(n):
+        permit = await limiter.acquire(cost)
+        if settle:
+            await permit.settle(1.5)
+        await permit.release()
+    return (time.perf_counter() - began) / n
+
+
+async def costs_round(n: int, round_index: int) -> dict[str, float]:
+    order = range(len(COST_PATHS)) if round_index % 2 == 0 else reversed(range(len(COST_PATHS)))
+    return {COST_PATHS[path]: await seconds_per_acquisition(path, n) for path in order}
+
+
+async def cost_window_check(seconds: float) -> Json:
+    """Random costs through run_on_each(cost=...) against one window, checked from the recorded
+    starts (which trail the reserved ones by the loop's latency: the window checked is 5 ms
+    shorter)."""
+    limiter = aiometer.RateLimiter(rates=[COST_WINDOW])
+    costs = [1 + (i * 7919) % 8 for i in range(round(COST_WINDOW.limit / 4.5 * seconds / 0.25))]
+    starts: list[tuple[float, int]] = []
+
+    async def record(cost: int) -> None:
+        starts.append((anyio.current_time(), cost))
+
+    await aiometer.run_on_each(record, costs, max_at_once=50, limiter=limiter, cost=float)
+    starts.sort()
+    width = COST_WINDOW.per - 0.005
+    most = 0
+    for i, (start, _) in enumerate(starts):
+        most = max(most, sum(c for t, c in starts[i:] if t <= start + width))
+    return {"calls": len(starts), "units": sum(costs), "most_in_window": most}
+
+
+def measure_costs(sizes: Sizes, backends: Sequence[str]) -> list[Json]:
+    n = sizes.wait_items
+    samples = sample_rounds("costs", costs_round, n, sizes.rounds, backends)
+    rows: list[Json] = []
+    for backend in backends:
+        reference = statistics.median(samples[backend, COST_PATHS[0]])
+        for path in COST_PATHS:
+            us = statistics.median(samples[backend, path])
+            rows.append({"backend": backend, "path": path, "us": us * 1e6, "ratio": us / reference})
+        progress(f"costs window check on {backend}")
+        check = anyio.run(cost_window_check, COST_CHECK_SECONDS, backend=backend)
+        rows.append(
+            {
+                "backend": backend,
+                "path": f"window check {COST_WINDOW!r}",
+                **check,
+                "limit": COST_WINDOW.limit,
+                "passed": check["most_in_window"] <= COST_WINDOW.limit,
+            }
+        )
+    return rows
+
+
+def costs_table(rows: Sequence[Json]) -> str:
+    cells = [
+        [row["backend"], row["path"], f"{row['us']:.2f}", f"{row['ratio']:.2f}x"]
+        for row in rows
+        if "us" in row
+    ]
+    table = render_table(["backend", "acquisition", "us each", "vs reference"], cells, "llrr")
+    checks = [
+        f"   {row['backend']}: {row['calls']} calls, {row['units']} units, at most "
+        f"{row['most_in_window']:g} units started in any {COST_WINDOW.per:g} s (limit "
+        f"{row['limit']:g})"
+        for row in rows
+        if "most_in_window" in row
+    ]
+    return "\n".join([table, *checks])
 
 
 # --------------------------------------------------------------------------- 4. waiting paths
@@ -1022,7 +1130,7 @@ NOTES = [
 ]
 
 
-SECTIONS = ("overhead", "rate", "memory", "waiting")
+SECTIONS = ("overhead", "rate", "memory", "waiting", "costs")
 
 
 def run_benchmarks(quick: bool, json_path: Path | None, sections: Sequence[str] = SECTIONS) -> None:
@@ -1034,8 +1142,19 @@ def run_benchmarks(quick: bool, json_path: Path | None, sections: Sequence[str] 
     overhead = measure_overhead(sizes, backends) if "overhead" in sections else []
     rate = measure_rate(sizes, backends) if "rate" in sections else []
     waiting = measure_waiting(sizes, backends) if "waiting" in sections else []
+    costs = measure_costs(sizes, backends) if "costs" in sections else []
     slow = slow_consumer_rows(waiting)
     targets = collect_targets(overhead, rate, memory, waiting, slow)
+    for row in costs:
+        if "passed" in row:
+            targets.append(
+                {
+                    "name": f"{row['backend']} costs {row['path']}",
+                    "value": f"at most {row['most_in_window']:g} units in a window",
+                    "limit": f"<= {row['limit']:g}",
+                    "passed": row["passed"],
+                }
+            )
     total = time.perf_counter() - began
 
     print(f"aiometer core benchmarks ({'quick' if quick else 'full'} mode)")
@@ -1080,6 +1199,14 @@ def run_benchmarks(quick: bool, json_path: Path | None, sections: Sequence[str] 
     print()
     print(slow_consumer_table(slow))
     print()
+    print(
+        f"5. Costs and windows: {sizes.wait_items} acquisitions (never waiting) per row, median "
+        f"of {sizes.rounds} rounds; then random costs 1-8 through run_on_each(cost=...) for "
+        f"~{COST_CHECK_SECONDS:g} s against {COST_WINDOW!r}"
+    )
+    print()
+    print(costs_table(costs))
+    print()
     print(f"Summary ({total:.0f} s)")
     for target in targets:
         print(
@@ -1108,6 +1235,7 @@ def run_benchmarks(quick: bool, json_path: Path | None, sections: Sequence[str] 
         "memory": memory,
         "waiting": waiting,
         "slow_consumer": slow,
+        "costs": costs,
         "targets": targets,
         "passed": all(target["passed"] for target in targets),
     }
