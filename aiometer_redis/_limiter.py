@@ -716,8 +716,8 @@ class RedisLimiter:
         client = self._client
         if client is None:
             raise RuntimeError("enter the limiter first: `async with RedisLimiter(...)`")
-        state = await read_state(client, self._keys, self._name)
         config = self._config
+        state = await read_state(client, self._keys, self._name, config.window_spec)
         return RedisLimiterStatistics(
             name=self._name,
             max_at_once=config.max_at_once,
@@ -729,6 +729,8 @@ class RedisLimiter:
             local_held=len(self._leases.held),
             local_waiting=len(self._leases.waiters),
             leases_lost=self._leases.lost_count,
+            rates=tuple(config.rates),
+            rates_used=tuple(units / UNIT for units in state.window_used),
         )
 
     async def reset(self) -> None:

@@ -99,7 +99,7 @@ class RedisPermit:
             ConfigurationError: *actual* is not a finite number >= 0 (also a ValueError).
             RedisUnavailableError: Redis did not answer within ``retry_window``.
         """
-        units = cost_units(actual, "actual", minimum=-1.0)
+        units = cost_units(actual, "actual", zero=True)
         if self.fallback:
             settle = getattr(self._local_rate, "settle", None)
             if settle is not None:

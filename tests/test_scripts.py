@@ -1253,6 +1253,24 @@ async def test_window_keys_and_costs_get_a_ttl(backend: Backend) -> None:
 
 
 @pytest.mark.anyio
+async def test_status_reports_the_use_of_each_window(backend: Backend) -> None:
+    async with backend.open() as opened:
+        spec = f"{TEN_PER_SECOND};{TWO_CALLS_PER_SECOND}"
+        lim = Limiter(opened.client, max_at_once=0, window_spec=spec)
+        await lim.acquire(NOW, item("p:1", 2.5), item("p:2"), item("p:3", 4))
+        status = await opened.client.run_script(load_script("status"), lim.keys, [NOW, spec])
+        # p:3 waits for the calls window (reserved at NOW + 1 s): reserved starts count too.
+        assert status[6] == [str(round(7.5 * SECOND)), str(3 * SECOND)]
+        # A second later p:1 and p:2 have left the windows.
+        later = await opened.client.run_script(
+            load_script("status"), lim.keys, [NOW + SECOND, spec]
+        )
+        assert later[6] == [str(4 * SECOND), str(SECOND)]
+        # Without the spec, the reply is as before windows existed.
+        assert len(await lim.full_status(NOW)) == 6
+
+
+@pytest.mark.anyio
 async def test_bad_costs_and_windows_are_refused(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, burst=3)
