@@ -42,9 +42,10 @@ tokens + ``max_tokens``, which an LLM API never exceeds), as this example does b
 reports the overspend and, when the windows are full, refusals.
 
 Margin. The endpoint judges a window by when requests arrive; a call the limiter starts
-exactly one window after another may arrive a few milliseconds early relative to it. The
-fleet's windows are therefore ``--margin`` (0.1 s) longer than the endpoint's. With a real
-API, whose clock you do not share, keep a margin too.
+exactly one window after another may reach the endpoint relatively early, by the difference
+in the two calls' way from the limiter's decision to the endpoint (a few milliseconds; tens on
+a busy machine). The fleet's windows are therefore ``--margin`` (0.25 s) longer than the
+endpoint's. With a real API, whose clock you do not share, keep a margin too.
 
 Exit statuses: 0 all limits held, 1 a request was refused or a limit broken, 2 a bad option,
 3 something needed could not be used (Redis, a worker), 130 Ctrl-C. Like
@@ -67,9 +68,9 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any, NoReturn
@@ -116,6 +117,7 @@ class Call:
     worker: int
     tokens: int
     estimate: int
+    refused_by: str = ""  # "requests" or "tokens": the window that refused it
 
 
 class Endpoint:
@@ -209,10 +211,10 @@ class Endpoint:
             while self._recent and now - self._recent[0].arrival >= self.window:
                 self._recent_tokens -= self._recent.popleft().tokens
             if len(self._recent) + 1 > self.rpm:
-                self.refused.append(call)
+                self.refused.append(replace(call, refused_by="requests"))
                 return 429, {"error": f"more than {self.rpm} requests in {self.window:g} s"}
             if self._recent_tokens + call.tokens > self.tpm:
-                self.refused.append(call)
+                self.refused.append(replace(call, refused_by="tokens"))
                 return 429, {"error": f"more than {self.tpm} tokens in {self.window:g} s"}
             self._recent.append(call)
             self._recent_tokens += call.tokens
@@ -255,6 +257,7 @@ class Verdict:
     expected: int
     answered: int
     refused: int
+    refused_by: dict[str, int]
     tokens: int
     estimated: int
     max_requests: int
@@ -280,6 +283,7 @@ def judge(endpoint: Endpoint, expected: int) -> Verdict:
         expected=expected,
         answered=len(answered),
         refused=len(refused),
+        refused_by=dict(Counter(call.refused_by for call in refused)),
         tokens=sum(call.tokens for call in answered),
         estimated=sum(call.estimate for call in answered),
         max_requests=busiest_window(answered, endpoint.window, "requests"),
@@ -312,7 +316,12 @@ def render(verdict: Verdict, rpm: int, tpm: int, window: float) -> list[str]:
             f"{verdict.max_tokens:,} / {tpm:,}",
             mark(verdict.max_tokens <= tpm),
         ),
-        ("refused (429)", f"{verdict.refused:,}", mark(verdict.refused == 0)),
+        (
+            "refused (429)",
+            f"{verdict.refused:,}",
+            mark(verdict.refused == 0)
+            + "".join(f" ({n} by the {window} window)" for window, n in verdict.refused_by.items()),
+        ),
         ("calls above their estimate", f"{verdict.overspent:,}", over),
         ("first to last request", f"{verdict.elapsed:.1f} s", ""),
     ]
@@ -694,8 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the window in seconds: a minute, scaled down (6)",
     )  # fmt: skip
     parser.add_argument(
-        "--margin", type=_number(float, 0, strict=False), default=0.1,
-        help="seconds the fleet's windows are longer than the endpoint's (0.1)",
+        "--margin", type=_number(float, 0, strict=False), default=0.25,
+        help="seconds the fleet's windows are longer than the endpoint's (0.25)",
     )  # fmt: skip
     parser.add_argument(
         "--estimate", choices=["max", "typical"], default="max",

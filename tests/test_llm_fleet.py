@@ -85,8 +85,9 @@ def test_limits_kept_per_worker_are_refused_by_the_endpoint() -> None:
     out = result.stdout
     assert result.returncode == 1, out + result.stderr
     assert "an in-process RateLimiter EACH (--local)" in out
-    (refused,) = _row(out, "refused (429)")
+    refused, by_requests = _row(out, "refused (429)")
     assert refused >= 6
+    assert f"({by_requests} by the requests window)" in out
     answered, expected, *_ = _row(out, "requests answered")
     assert (answered + refused, expected) == (40, 40)
     most_requests, _ = _row(out, "max requests in any 1 s")
