@@ -177,6 +177,9 @@ class Endpoint:
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+            # socketserver's default backlog of 5 drops connections when a fleet opens dozens
+            # at once (after a pause, say): clients then see the connection reset.
+            request_queue_size = 256
 
             def handle_error(self, request: Any, client_address: Any) -> None:
                 return None  # a worker stopped mid-request: the worker tells its own story
