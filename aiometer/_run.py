@@ -124,10 +124,10 @@ async def run_on_each(
             its estimated cost.
 
     Raises:
-        TypeError, ValueError: a bad argument, before anything runs (a constant ``cost``
-            included). A ``cost`` function's bad value, or an exception raised by ``cost`` or
-            ``settle``, is the error of that item's call; a cost that a limiter can never
-            admit raises ValueError from its ``acquire``.
+        TypeError, ValueError: a bad argument, before anything runs, including a constant
+            ``cost`` that a limiter refuses in its ``check_cost`` method (both in-process
+            limiters have one). A ``cost`` function's bad or refused value, or an exception
+            raised by ``cost`` or ``settle``, is the error of that item's call.
         Exception: the first exception raised by a call, as itself, after the other calls
             were cancelled; an ExceptionGroup if several failed at the same moment.
 

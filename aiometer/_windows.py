@@ -27,7 +27,8 @@ Rules (one set for every limiter):
 Floating-point sums: each window keeps a running total, which is exact for whole-number costs.
 For fractional costs, a decision whose margin is within a hair (1e-9 relative) of the limit is
 taken again on a sum recomputed with :func:`math.fsum` from the entries, and the running total
-is recomputed the same way every 1024 changes, so rounding never drifts.
+is recomputed the same way after as many changes as the window has entries (at least 1024), so
+rounding never drifts.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ __all__ = ["Reservation", "Schedule"]
 
 # Relative margin under which a window's decision is taken again on an exact sum.
 _CLOSE = 1e-9
-# How many changes of a window's running total before it is recomputed from the entries.
+# How many changes of a window's running total (at least, and at least one per entry, so the
+# recomputation costs O(1) per change) before it is recomputed from the entries.
 _RESYNC_EVERY = 1024
 
 
@@ -110,7 +112,7 @@ class _Window:
             self.changes = 0
             return
         self.changes += 1
-        if self.changes >= _RESYNC_EVERY:
+        if self.changes >= _RESYNC_EVERY and self.changes >= len(self.entries):
             self.changes = 0
             total = math.fsum(entry.actual for entry in self.entries)
         self.total = total
@@ -119,10 +121,11 @@ class _Window:
         self.entries.append(reservation)
         if not self.calls:
             self.changes += 1
-            if self.changes < _RESYNC_EVERY:
+            if self.changes < _RESYNC_EVERY or self.changes < len(self.entries):
                 self.total += reservation.actual
             else:
-                self._set_total(self.total + reservation.actual)
+                self.changes = 0
+                self.total = math.fsum(entry.actual for entry in self.entries)
 
     def change(self, reservation: Reservation, delta: float) -> None:
         """*reservation* (held here) now costs *delta* more (less if negative)."""
@@ -338,7 +341,7 @@ class Schedule(Generic[R]):
 
     def withdraw(self, reservation: R) -> None:
         """Take back a reservation that will not start: removed from every window, and from
-        the GCRA if no later start moved it."""
+        the GCRA if no later start moved it. A withdrawn reservation must not be settled."""
         for window in self._windows:
             if window.holds(reservation):
                 window.remove(reservation)

@@ -252,6 +252,16 @@ def test_schedule_fractional_costs_fill_a_window_exactly() -> None:
     assert eleventh.start == pytest.approx(1.0)
 
 
+def test_schedule_decides_close_calls_on_exact_sums() -> None:
+    schedule = Schedule(None, 1, (Rate(1, per=1),), Reservation)
+    for cost in (0.2, 0.4, 0.3):
+        assert schedule.reserve(0.0, cost, 0.0) is not None
+    # 0.2 + 0.4 + 0.3 + 0.1 is 1.0000000000000002 in running floats, 1 in fact: it fits.
+    last = schedule.reserve(0.0, 0.1, 0.0)
+    assert last is not None
+    assert schedule.reserve(0.0, 1e-6, 0.0) is None
+
+
 def test_schedule_memory_is_one_entry_per_start_in_the_window() -> None:
     schedule = Schedule(None, 1, (Rate(64, per=1), Rate(640, per=10)), Reservation)
     for tick in range(1, 2000):
@@ -747,3 +757,19 @@ def test_check_cost() -> None:
         aiometer.RateLimiter(1).check_cost(2)
     with pytest.raises(TypeError, match="cost must be a number"):
         aiometer.ConcurrencyLimiter(1).check_cost("1")
+
+
+@pytest.mark.anyio
+async def test_windows_only_limiter_can_get_a_rate_later() -> None:
+    limiter = aiometer.RateLimiter(rates=[Rate(100, per=1)])
+    assert repr(limiter) == "RateLimiter(rates=[Rate(100, per=1)])"
+    limiter.acquire_nowait(5)
+    limiter.acquire_nowait(5)  # no GCRA yet: only the window counts
+    limiter.max_per_second = 10
+    limiter.acquire_nowait(1)
+    with pytest.raises(anyio.WouldBlock):
+        limiter.acquire_nowait(1)  # burst 1 at 10/s: the next start is 0.1 s away
+    stats = limiter.statistics()
+    assert stats.max_per_second == 10
+    assert stats.used == (11.0,)
+    assert 0.05 < stats.next_start <= 0.1
