@@ -235,7 +235,8 @@ class RedisLimiter:
         return (
             f"RedisLimiter(name={self._name!r}, max_at_once={config.max_at_once}, "
             f"max_per_second={config.max_per_second}, burst={config.burst}, "
-            f"lease_ttl={config.lease_ttl})"
+            f"lease_ttl={config.lease_ttl}"
+            + (f", rates={list(config.rates)!r})" if config.rates else ")")
         )
 
     @property

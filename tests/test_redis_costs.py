@@ -4,6 +4,7 @@ the previous version's scripts (a rolling deploy)."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -328,3 +329,30 @@ async def test_statistics_report_the_use_of_each_window(server: RedisServer, nam
         stats = await limiter.statistics()
         assert stats.rates == tuple(rates)
         assert stats.rates_used == (6.5, 2)
+
+
+@pytest.mark.anyio
+async def test_local_fallback_takes_costs_and_settles_its_own_permit() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Nothing listens there: after retry_window the in-process stand-in takes over.
+    async with RedisLimiter.from_url(
+        f"redis://127.0.0.1:{port}/0",
+        "down",
+        max_at_once=2,
+        max_per_second=1000,
+        burst=10,
+        rates=[Rate(50, per=60)],
+        retry_window=0.2,
+        on_unavailable="local",
+    ) as limiter:
+        permit = await limiter.acquire(cost=5)
+        assert permit.fallback
+        assert permit.cost == 5
+        await permit.settle(2)
+        assert permit.cost == 2
+        await permit.release()
+        # Impossible costs are refused the same way in the fallback.
+        with pytest.raises(ConfigurationError, match="cost 11 can never start"):
+            await limiter.acquire(cost=11)
