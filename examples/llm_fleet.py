@@ -257,6 +257,8 @@ def busiest_window(calls: Sequence[Call], window: float, weight: str) -> int:
 class Verdict:
     """What the endpoint observed, next to its limits."""
 
+    rpm: int
+    tpm: int
     expected: int
     answered: int
     refused: int
@@ -272,10 +274,17 @@ class Verdict:
 
     @property
     def held(self) -> bool:
-        return self.refused == 0 and self.answered == self.expected
+        """Every request answered, none refused, no window over a limit."""
+        return (
+            self.refused == 0
+            and self.answered == self.expected
+            and self.max_requests <= self.rpm
+            and self.max_tokens <= self.tpm
+        )
 
 
 def judge(endpoint: Endpoint, expected: int) -> Verdict:
+    """Judge what *endpoint* recorded, for a run that asked for *expected* requests."""
     answered, refused = endpoint.snapshot()
     arrivals = [call.arrival for call in answered]
     per_worker: dict[int, int] = {}
@@ -283,6 +292,8 @@ def judge(endpoint: Endpoint, expected: int) -> Verdict:
         per_worker[call.worker] = per_worker.get(call.worker, 0) + 1
     over = [call.tokens - call.estimate for call in answered if call.tokens > call.estimate]
     return Verdict(
+        rpm=endpoint.rpm,
+        tpm=endpoint.tpm,
         expected=expected,
         answered=len(answered),
         refused=len(refused),
@@ -298,12 +309,13 @@ def judge(endpoint: Endpoint, expected: int) -> Verdict:
     )
 
 
-def render(verdict: Verdict, rpm: int, tpm: int, window: float) -> list[str]:
+def render(verdict: Verdict, window: float) -> list[str]:
     """The verdict as lines of text: label, observed / limit, OK or BROKEN, notes."""
 
     def mark(ok: bool) -> str:
         return "OK" if ok else "BROKEN"
 
+    rpm, tpm = verdict.rpm, verdict.tpm
     workers = ", ".join(f"w{w}: {n}" for w, n in verdict.per_worker.items())
     over = f"overspend {verdict.overspend:,} tokens" if verdict.overspent else ""
     rows = [
@@ -323,7 +335,7 @@ def render(verdict: Verdict, rpm: int, tpm: int, window: float) -> list[str]:
             "refused (429)",
             f"{verdict.refused:,}",
             mark(verdict.refused == 0)
-            + "".join(f" ({n} by the {window} window)" for window, n in verdict.refused_by.items()),
+            + "".join(f" ({n} by the {which} window)" for which, n in verdict.refused_by.items()),
         ),
         ("calls above their estimate", f"{verdict.overspent:,}", over),
         ("first to last request", f"{verdict.elapsed:.1f} s", ""),
@@ -338,6 +350,8 @@ def render(verdict: Verdict, rpm: int, tpm: int, window: float) -> list[str]:
         lines.append("All limits held.")
     elif verdict.refused:
         lines.append(f"{verdict.refused} request(s) refused: a limit would have been broken.")
+    elif verdict.max_requests > rpm or verdict.max_tokens > tpm:
+        lines.append("A limit was broken.")
     else:
         lines.append(
             f"Incomplete: {verdict.answered} of {verdict.expected} requests were made; "
@@ -656,7 +670,7 @@ def run(args: argparse.Namespace) -> int:
         raise Failure("; ".join(failures))
     assert endpoint is not None
     verdict = judge(endpoint, args.requests)
-    print("\n".join(render(verdict, args.rpm, args.tpm, args.window)))
+    print("\n".join(render(verdict, args.window)))
     return 0 if verdict.held else EXIT_REFUSED
 
 

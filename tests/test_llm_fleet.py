@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import re
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,6 +96,47 @@ def test_limits_kept_per_worker_are_refused_by_the_endpoint() -> None:
     most_requests, _ = _row(out, "max requests in any 1 s")
     assert most_requests <= 6  # the endpoint itself never lets more through
     assert out.rstrip().endswith(f"{refused} request(s) refused: a limit would have been broken.")
+
+
+@functools.cache
+def _load_example() -> Any:
+    """The example as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("llm_fleet", EXAMPLE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_endpoint_refuses_what_would_break_a_window() -> None:
+    example = _load_example()
+    requests = example.Endpoint(rpm=3, tpm=100_000, window=60.0, seed=1)
+    statuses = [requests.admit("x" * 400, 100, 0, 200)[0] for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]  # the 4th request in the window
+    verdict = example.judge(requests, expected=4)
+    assert (verdict.answered, verdict.refused, verdict.max_requests) == (3, 1, 3)
+    assert verdict.refused_by == {"requests": 1}
+    assert not verdict.held
+    # 1,000 prompt tokens and at least 10 of completion (10 % of max_tokens): over 1,000.
+    tokens = example.Endpoint(rpm=100, tpm=1_000, window=60.0, seed=1)
+    status, body = tokens.admit("x" * 4_000, 100, 1, 1_100)
+    assert (status, body) == (429, {"error": "more than 1000 tokens in 60 s"})
+    assert tokens.admit("x" * 3_000, 100, 1, 850)[0] == 200  # 750 + at most 100
+    _, refused = tokens.snapshot()
+    assert [call.refused_by for call in refused] == ["tokens"]
+    for endpoint in (requests, tokens):
+        endpoint.stop()
+
+
+def test_the_busiest_window_is_half_open() -> None:
+    example = _load_example()
+    calls = [example.Call(at, 0, tokens, tokens) for at, tokens in [(0, 5), (1, 7), (2, 11)]]
+    # Arrivals exactly one window apart never share it.
+    assert example.busiest_window(calls, 1.0, "requests") == 1
+    assert example.busiest_window(calls, 1.5, "tokens") == 18
+    assert example.busiest_window(calls, 2.5, "requests") == 3
 
 
 def _closed_port() -> int:
