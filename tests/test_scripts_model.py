@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import fakeredis
-from helpers.redis_model import LimiterModel, process_of
+from helpers.redis_model import UNIT, LimiterModel, Window, process_of, window_spec
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -311,3 +311,320 @@ RateOnlyScriptsMatchModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_rate_only_scripts_match_model = RateOnlyScriptsMatchModel.TestCase
+
+
+# -- costs and windows ------------------------------------------------------------------
+
+# Windows a machine draws 1-3 of: (per, counts calls?) pairs, distinct; the limit is drawn
+# apart. Short windows so that time advancing crosses them often.
+WINDOW_SHAPES = [
+    (300_000, False),
+    (SECOND, False),
+    (2_500_000, False),
+    (SECOND, True),
+    (700_000, True),
+]
+window_shapes = st.lists(st.sampled_from(WINDOW_SHAPES), min_size=1, max_size=3, unique=True)
+# Limits in units: whole and fractional costs.
+window_limits = st.one_of(
+    st.integers(2, 8).map(lambda n: n * UNIT), st.integers(2 * UNIT, 8 * UNIT)
+)
+# Costs: mostly small whole numbers, sometimes fractions or exactly the smallest limit.
+cost_units = st.one_of(
+    st.just(UNIT),
+    st.integers(1, 4).map(lambda n: n * UNIT),
+    st.integers(1, 3 * UNIT),
+    st.just(-1),  # stands for "the most any limit admits"
+)
+max_delays = st.one_of(st.none(), st.sampled_from([0, 1, 100_000, 400_000, 2 * SECOND]))
+
+
+def item_text(waiter_id: str, max_delay: int | None, cost: int) -> str:
+    """A waiter item as the client sends it: no ``*`` for a cost of 1."""
+    text = waiter_id if max_delay is None else f"{waiter_id}/{max_delay}"
+    return text if cost == UNIT else f"{text}*{cost}"
+
+
+def window_key(window: Window) -> str:
+    kind = "calls" if window.calls else "cost"
+    return f"aiometer:{{m}}:window:{window.per_us}:{kind}"
+
+
+COSTS_KEY = "aiometer:{m}:costs"
+
+# Everything a limiter with windows stores besides the eight keys: the costs hash, then
+# each window log (KEYS[2..]) with scores.
+WINDOW_SNAPSHOT = Script.from_source(
+    "test_window_snapshot",
+    """
+    local out = {redis.call('HGETALL', KEYS[1])}
+    for i = 2, #KEYS do
+      out[#out + 1] = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
+    end
+    return out
+    """,
+)
+
+
+class CostsAndWindowsMatchModel(RuleBasedStateMachine):
+    """Costs, 1-3 windows, settle and cancel: scripts and model agree, and every window's
+    started cost (from the model's own record of starts) stays within its limit plus the
+    overspend that settles added."""
+
+    check_scripts = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        for script in all_scripts().values():
+            self.redis.script_load(script.source)
+        for script in (SNAPSHOT, WINDOW_SNAPSHOT):
+            self.redis.script_load(script.source)
+        self.model = LimiterModel()
+        self.now = NOW
+        self.max_at_once = 1
+        self.interval_us = 0.0
+        self.burst = 1
+        self.lease_ttl_us = SECOND
+        self.windows: tuple[Window, ...] = ()
+        self.next_n = dict.fromkeys(PROCESSES, 0)
+        #: id -> the cost units it was acquired with (fixed per id, as a client does).
+        self.cost_of: dict[str, int] = {}
+
+    def teardown(self) -> None:
+        self.redis.close()
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def limits(self) -> dict[str, Any]:
+        return {
+            "max_at_once": self.max_at_once,
+            "interval_us": self.interval_us,
+            "burst": self.burst,
+            "lease_ttl_us": self.lease_ttl_us,
+            "windows": self.windows,
+        }
+
+    def keys(self) -> list[str]:
+        return [*limiter_keys("m")[:8], COSTS_KEY, *(window_key(w) for w in self.windows)]
+
+    def call(self, name: str, *extra: ScriptArg) -> Any:
+        header: list[ScriptArg] = [
+            self.now,
+            self.max_at_once,
+            self.interval_us,
+            self.burst,
+            self.lease_ttl_us,
+            60_000,
+            mailbox_prefix("m"),
+            window_spec(self.windows),
+        ]
+        keys = self.keys()
+        argv = encode_args([*header, *extra])
+        reply = normalize_reply(self.redis.evalsha(load_script(name).sha1, len(keys), *keys, *argv))
+        return decode_acquire_reply(reply) if name == "acquire" else reply
+
+    def most_cost(self) -> int:
+        """The largest cost no limit refuses outright (what the client lets through)."""
+        bounds = [w.limit for w in self.windows if not w.calls]
+        if self.interval_us > 0:
+            bounds.append(self.burst * UNIT)
+        return min(bounds, default=8 * UNIT)
+
+    def known_ids(self) -> list[str]:
+        return sorted(self.cost_of)
+
+    def retryable_ids(self) -> list[str]:
+        """Ids a client may send again: queued, holding a live lease, or remembered (a
+        client never reuses the id of an acquisition that ended)."""
+        model = self.model
+        ids = set(model.queue)
+        ids |= {i for i, expiry in model.holders.items() if expiry > self.now}
+        ids |= {i for i, end in model.recent.items() if end > self.now}
+        return sorted(ids)
+
+    def check(self, name: str, expected: Any, *extra: ScriptArg) -> None:
+        """Run script *name* and compare its reply with the model's (when checking)."""
+        if self.check_scripts:
+            assert self.call(name, *extra) == expected
+
+    # -- rules -----------------------------------------------------------------------
+
+    @initialize(
+        max_at_once=st.integers(0, 3),
+        interval_us=st.one_of(st.just(0.0), st.sampled_from([50_000.0, 1e6 / 3, 12_345.6789])),
+        burst=st.integers(1, 4),
+        lease_ttl_us=st.sampled_from([300_000, 3 * SECOND]),
+        shapes=window_shapes,
+        limits=st.lists(window_limits, min_size=3, max_size=3),
+    )
+    def configure(
+        self,
+        max_at_once: int,
+        interval_us: float,
+        burst: int,
+        lease_ttl_us: int,
+        shapes: list[tuple[int, bool]],
+        limits: list[int],
+    ) -> None:
+        self.max_at_once = max_at_once
+        self.interval_us = interval_us
+        self.burst = burst
+        self.lease_ttl_us = lease_ttl_us
+        self.windows = tuple(
+            Window(limit, per_us, calls)
+            for (per_us, calls), limit in zip(shapes, limits, strict=False)
+        )
+
+    @rule(dt=st.one_of(st.integers(0, 2_000), st.integers(0, 600_000), st.integers(0, 3 * SECOND)))
+    def advance(self, dt: int) -> None:
+        self.now += dt
+
+    @rule(pick=st.integers(0, 7), offset=st.sampled_from([-1, 0, 1]))
+    def advance_to_a_boundary(self, pick: int, offset: int) -> None:
+        # Land on (or next to) the moment an entry leaves a window, or a start.
+        moments = [s + w.per_us for s in self.model.entries.values() for w in self.windows]
+        moments += list(self.model.entries.values())
+        later = sorted({m + offset for m in moments if m + offset > self.now})
+        if later:
+            self.now = later[pick % len(later)]
+
+    @rule(
+        wanted=st.lists(
+            st.tuples(st.sampled_from(PROCESSES), st.integers(0, 9), max_delays, cost_units),
+            min_size=1,
+            max_size=3,
+        )
+    )
+    def acquire(self, wanted: list[tuple[str, int, int | None, int]]) -> None:
+        items = []
+        for process, pick, max_delay, cost in wanted:
+            live = [i for i in self.retryable_ids() if process_of(i) == process]
+            if pick < len(live) and pick % 2:
+                # A waiter asking again (queued, or a retry): same id, same cost.
+                waiter_id = live[pick]
+            else:
+                self.next_n[process] += 1
+                waiter_id = f"{process}:{self.next_n[process]}"
+                self.cost_of[waiter_id] = min(self.most_cost(), cost if cost > 0 else 10**12)
+            items.append(item_text(waiter_id, max_delay, self.cost_of[waiter_id]))
+        expected = self.model.acquire(self.now, items, **self.limits())
+        self.check("acquire", expected, *items)
+
+    @rule(process=st.sampled_from(PROCESSES), extra=st.integers(0, 30))
+    def release(self, process: str, extra: int) -> None:
+        held = [i for i in self.model.holders if process_of(i) == process]
+        ids = self.known_ids()
+        batch = held or ([ids[extra % len(ids)]] if ids else ["zz:0"])
+        expected = self.model.release(self.now, batch, **self.limits())
+        self.check("release", expected, *batch)
+
+    @rule(process=st.sampled_from(PROCESSES))
+    def renew(self, process: str) -> None:
+        leases = [i for i in self.model.holders if process_of(i) == process]
+        waiters = [i for i in self.model.waiters if process_of(i) == process]
+        expected = self.model.renew(self.now, leases, waiters, **self.limits())
+        self.check("renew", expected, len(leases), *leases, *waiters)
+
+    @precondition(lambda self: bool(self.cost_of))
+    @rule(pick=st.integers(0, 30))
+    def cancel(self, pick: int) -> None:
+        ids = self.known_ids()
+        waiter_id = ids[pick % len(ids)]
+        expected = self.model.cancel(self.now, waiter_id, **self.limits())
+        self.check("cancel", expected, waiter_id)
+
+    @precondition(lambda self: bool(self.model.started))
+    @rule(
+        pick=st.integers(0, 30),
+        how=st.sampled_from(["zero", "down", "same", "up", "any"]),
+        amount=st.integers(0, 6 * UNIT),
+    )
+    def settle(self, pick: int, how: str, amount: int) -> None:
+        ids = sorted(self.model.started)
+        waiter_id = ids[pick % len(ids)]
+        estimate = self.cost_of[waiter_id]
+        actual = {
+            "zero": 0,
+            "down": estimate * amount // (6 * UNIT),
+            "same": estimate,
+            "up": estimate + amount,
+            "any": amount,
+        }[how]
+        expected = self.model.settle(self.now, waiter_id, actual, **self.limits())
+        self.check("settle", expected, waiter_id, actual)
+
+    @rule(process=st.sampled_from(PROCESSES))
+    def drain_mailbox(self, process: str) -> None:
+        expected = self.model.mailboxes.get(process, [])
+        if not self.check_scripts:
+            del expected[:1]
+            return
+        popped = self.redis.lpop(mailbox_prefix("m") + process)
+        if popped is None:
+            assert expected == []
+        else:
+            assert expected.pop(0) == normalize_reply(popped)
+
+    # -- invariants ------------------------------------------------------------------
+
+    @invariant()
+    def windows_hold(self) -> None:
+        for window in self.windows:
+            used, allowed = self.model.worst_window(window)
+            assert used <= window.limit + allowed, (window, used, allowed)
+
+    @invariant()
+    def same_state(self) -> None:
+        if not self.check_scripts:
+            return
+        keys = self.keys()
+        holders, queue, waiters, tat, seq, grants, recent, spare = normalize_reply(
+            self.redis.evalsha(SNAPSHOT.sha1, 8, *keys[:8])
+        )
+        model = self.model
+
+        def pairs(flat: list[str]) -> dict[str, int]:
+            return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+        assert pairs(holders) == model.holders
+        assert pairs(queue) == model.queue
+        assert pairs(waiters) == model.waiters
+        assert pairs(recent) == model.recent
+        assert pairs(spare) == model.spare
+        assert tat == ("" if model.tat is None else f"{model.tat:.3f}")
+        assert seq == str(model.seq)
+        assert dict(zip(grants[::2], grants[1::2], strict=True)) == {
+            lease: f"{token}|{start}" for lease, (token, start) in model.grants.items()
+        }
+        costs_flat, *logs = normalize_reply(
+            self.redis.evalsha(WINDOW_SNAPSHOT.sha1, len(keys) - 8, *keys[8:])
+        )
+        costs = dict(zip(costs_flat[::2], costs_flat[1::2], strict=True))
+        live: set[str] = set()
+        for window, log in zip(self.windows, logs, strict=True):
+            entries = {m: s for m, s in pairs(log).items() if s > self.now - window.per_us}
+            assert entries == model.live_entries(self.now, window), window
+            live |= set(entries)
+        # The cost of every reservation a window still counts, and of every queued waiter.
+        watched = live | set(model.queue)
+        assert {i: int(c) for i, c in costs.items() if i in watched} == {
+            i: c for i, c in model.costs.items() if i in watched
+        }
+        assert costs.get("last") == model.last
+
+
+class WindowsHoldInTheModel(CostsAndWindowsMatchModel):
+    """The same machine on the model alone, with more examples: the contract's reservation
+    walk, all-or-nothing charges, withdrawals and settles keep every window's bound."""
+
+    check_scripts = False
+
+
+WindowsHoldInTheModel.TestCase.settings = settings(
+    max_examples=1000,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_windows_hold_in_the_model = WindowsHoldInTheModel.TestCase
