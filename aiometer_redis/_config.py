@@ -9,17 +9,84 @@ one and shares it with all its limiters. The name and the prefix are checked her
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
+
+from aiometer import Rate
 
 from ._client import ScriptArg
 from ._exceptions import ConfigurationError, LeaseLostError
 
-__all__ = ["MAX_SECONDS", "LimiterConfig", "check_name", "name_problem", "prefix_problem"]
+__all__ = [
+    "MAX_SECONDS",
+    "UNIT",
+    "LimiterConfig",
+    "check_name",
+    "cost_units",
+    "name_problem",
+    "prefix_problem",
+]
 
 #: The longest lease, and the longest burst window, that a limiter accepts (a day).
 MAX_SECONDS = 86_400
+
+#: Costs and limits travel to the scripts as integer micro-units: one unit of cost is this many.
+UNIT = 1_000_000
+
+# The scripts do exact integer arithmetic on micro-units in Lua's doubles: keep below 2**52.
+_MAX_UNITS = 2**52
+
+
+def cost_units(value: object, name: str = "cost", *, minimum: float = 0.0) -> int:
+    """*value* (a cost, or with ``minimum=-1`` an actual cost that may be 0) in micro-units.
+
+    Raises:
+        TypeError: *value* is not a number.
+        ConfigurationError: *value* is not finite, not above 0 (>= 0 for an actual cost), or
+            too small (below one micro-unit) or too large to count exactly.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= minimum:
+        bound = "> 0" if minimum == 0.0 else ">= 0"
+        raise ConfigurationError(f"{name} must be a finite number {bound}, got {value!r}")
+    units = round(value * UNIT)
+    if units < 1 and minimum == 0.0:
+        raise ConfigurationError(f"{name} must be at least 1e-06 (one micro-unit), got {value!r}")
+    if units > _MAX_UNITS:
+        raise ConfigurationError(f"{name} must be at most {_MAX_UNITS // UNIT}, got {value!r}")
+    return units
+
+
+def _check_rates(rates: object) -> tuple[Rate, ...]:
+    if isinstance(rates, (str, bytes, Rate)):
+        raise TypeError(f"rates must be a sequence of Rate, got {type(rates).__name__}")
+    try:
+        items = tuple(cast("Iterable[object]", rates))
+    except TypeError:
+        raise TypeError(f"rates must be a sequence of Rate, got {type(rates).__name__}") from None
+    seen: dict[tuple[int, str], Rate] = {}
+    checked: list[Rate] = []
+    for rate in items:
+        if not isinstance(rate, Rate):
+            raise TypeError(f"rates must hold aiometer.Rate objects, got {type(rate).__name__}")
+        per_us = round(rate.per * 1e6)
+        if per_us < 1:
+            raise ConfigurationError(f"Rate per must be at least 1e-06 s, got {rate.per!r}")
+        if round(rate.limit * UNIT) > _MAX_UNITS:
+            raise ConfigurationError(
+                f"Rate limit must be at most {_MAX_UNITS // UNIT}, got {rate.limit!r}"
+            )
+        key = (per_us, rate.counts)
+        if key in seen:
+            raise ConfigurationError(
+                f"rates has two windows of per={rate.per:g} counting {rate.counts}: "
+                f"{seen[key]!r} and {rate!r} (keep the smaller limit)"
+            )
+        seen[key] = rate
+        checked.append(rate)
+    return tuple(checked)
 
 
 def _encoding_problem(text: str) -> str | None:
@@ -104,15 +171,17 @@ class LimiterConfig:
     recheck_interval: float = 1.0
     on_unavailable: Literal["fail", "local"] = "fail"
     on_lease_lost: Callable[[LeaseLostError], object] | None = None
+    rates: Sequence[Rate] = ()
 
     def __post_init__(self) -> None:
+        rates = _check_rates(self.rates)
         if not isinstance(self.prefix, str):
             raise TypeError(f"prefix must be a str, got {type(self.prefix).__name__}")
         problem = prefix_problem(self.prefix)
         if problem is not None:
             raise ConfigurationError(f"prefix {problem}")
-        if self.max_at_once is None and self.max_per_second is None:
-            raise ConfigurationError("give max_at_once, max_per_second or both")
+        if self.max_at_once is None and self.max_per_second is None and not rates:
+            raise ConfigurationError("give max_at_once, max_per_second or both (or rates)")
         if self.max_at_once is not None:
             _check_count(self.max_at_once, "max_at_once")
         if self.max_per_second is not None:
@@ -144,16 +213,46 @@ class LimiterConfig:
             )
         for field, value in normalized.items():
             object.__setattr__(self, field, value)
+        object.__setattr__(self, "rates", rates)
 
     @property
     def interval_us(self) -> float:
         """Microseconds between two starts at ``max_per_second`` (0.0: no rate limit)."""
         return 1e6 / self.max_per_second if self.max_per_second is not None else 0.0
 
+    @property
+    def window_spec(self) -> str:
+        """ARGV[8] of the scripts: ``<limit units>,<per us>,<1 calls|0 cost>`` per Rate, joined
+        by ``;`` ('' without rates)."""
+        return ";".join(
+            f"{round(r.limit * UNIT)},{round(r.per * 1e6)},{1 if r.counts == 'calls' else 0}"
+            for r in self.rates
+        )
+
+    def cost_problem(self, units: int) -> str | None:
+        """Why a cost of *units* micro-units can never start under these limits, or None."""
+        cost = f"{units / UNIT:g}"
+        if self.max_per_second is not None and units > self.burst * UNIT:
+            return (
+                f"cost {cost} can never start: max_per_second allows bursts of at most "
+                f"{self.burst} (raise burst, or use rates=[Rate(...)])"
+            )
+        for rate in self.rates:
+            if rate.counts == "cost" and units > round(rate.limit * UNIT):
+                return f"cost {cost} can never start: {rate!r} allows at most {rate.limit:g}"
+        return None
+
     def script_header(self, mailbox_prefix: str) -> list[ScriptArg]:
-        """ARGV[1..7] of every writing script (see ``lua/README.md``)."""
-        # An abandoned limiter's keys vanish after this long; every call refreshes it.
-        key_ttl = max(60.0, 2 * self.lease_ttl, 2 * self.burst * self.interval_us / 1e6)
+        """ARGV[1..8] of every writing script (see ``lua/README.md``)."""
+        # An abandoned limiter's keys vanish after this long; every call refreshes it. The
+        # window logs must outlive the longest window.
+        per_max = max((r.per for r in self.rates), default=0.0)
+        key_ttl = max(
+            60.0,
+            2 * self.lease_ttl,
+            2 * self.burst * self.interval_us / 1e6,
+            per_max + 60.0 if self.rates else 0.0,
+        )
         # Without max_at_once there are no leases; the scripts then use this span to remember
         # rate-only grants, so that a retry within the retry window finds them.
         span = self.lease_ttl if self.max_at_once else max(self.lease_ttl, 2 * self.retry_window)
@@ -165,4 +264,5 @@ class LimiterConfig:
             math.ceil(span * 1e6),
             math.ceil(key_ttl * 1000),
             mailbox_prefix,
+            self.window_spec,
         ]

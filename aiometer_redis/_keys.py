@@ -8,9 +8,20 @@ touch them all.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["KEY_SUFFIXES", "KEY_TYPES", "KeyLayout", "limiter_keys", "mailbox_prefix"]
+from aiometer import Rate
+
+__all__ = [
+    "KEY_SUFFIXES",
+    "KEY_TYPES",
+    "KeyLayout",
+    "costs_key",
+    "limiter_keys",
+    "mailbox_prefix",
+    "window_keys",
+]
 
 #: What each key holds, in the order the scripts receive them (KEYS[1] .. KEYS[8]).
 KEY_TYPES: dict[str, str] = {
@@ -40,6 +51,17 @@ def limiter_keys(name: str, prefix: str = "aiometer") -> list[str]:
     return [f"{prefix}:{{{tag}}}:{suffix}" for suffix in KEY_SUFFIXES]
 
 
+def costs_key(name: str, prefix: str = "aiometer") -> str:
+    """KEYS[9]: the HASH of reservation costs and window sums of limiter *name*."""
+    return f"{prefix}:{{{_escape_tag(name)}}}:costs"
+
+
+def window_keys(name: str, prefix: str, rates: Sequence[Rate]) -> list[str]:
+    """KEYS[10..]: the window log (a ZSET) of each of *rates*, in order."""
+    tag = _escape_tag(name)
+    return [f"{prefix}:{{{tag}}}:window:{round(r.per * 1e6)}:{r.counts}" for r in rates]
+
+
 def mailbox_prefix(name: str, prefix: str = "aiometer") -> str:
     """The start of the mailbox list of each process of limiter *name* (the process id
     follows); in the same hash slot as :func:`limiter_keys`."""
@@ -48,15 +70,20 @@ def mailbox_prefix(name: str, prefix: str = "aiometer") -> str:
 
 @dataclass(frozen=True)
 class KeyLayout:
-    """The keys of one limiter: the script keys, in order, and its mailboxes' prefix."""
+    """The keys of one limiter: the eight it always has, in order, its mailboxes' prefix,
+    and the keys of costs and windows (``script_keys``: all that the writing scripts are
+    given: the eight, ``costs``, then one window log per Rate)."""
 
     keys: tuple[str, ...]
     mailbox_prefix: str
+    script_keys: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, name: str, prefix: str = "aiometer") -> KeyLayout:
-        """The layout of limiter *name* under *prefix*."""
-        return cls(tuple(limiter_keys(name, prefix)), mailbox_prefix(name, prefix))
+    def of(cls, name: str, prefix: str = "aiometer", rates: Sequence[Rate] = ()) -> KeyLayout:
+        """The layout of limiter *name* under *prefix*, with the windows of *rates*."""
+        keys = tuple(limiter_keys(name, prefix))
+        extra = (costs_key(name, prefix), *window_keys(name, prefix, rates))
+        return cls(keys, mailbox_prefix(name, prefix), keys + extra)
 
     def mailbox(self, process_id: str) -> str:
         """The list that the grants for process *process_id*'s waiters are pushed to."""

@@ -21,10 +21,11 @@ Redis clock):
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any, Literal
@@ -33,11 +34,11 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from aiometer import ConcurrencyLimiter, Permit, RateLimiter
+from aiometer import ConcurrencyLimiter, Permit, Rate, RateLimiter
 
 from ._batch import Batcher
 from ._client import ScriptArg, ScriptClient, adapt, client_from_url
-from ._config import LimiterConfig, check_name
+from ._config import UNIT, LimiterConfig, check_name, cost_units
 from ._errors import (
     ClientError,
     ErrorReply,
@@ -109,6 +110,11 @@ class RedisLimiter:
         on_lease_lost: called with a :class:`LeaseLostError` when a renewal finds one of this
             process's leases expired (besides the warning logged and the count in
             ``statistics().leases_lost``).
+        rates: windows of a rate limit, each an :class:`aiometer.Rate` (``Rate(5000,
+            per=3600)``: at most 5000 units of cost started in any hour), across all processes,
+            next to (or instead of) ``max_per_second``. Every acquisition is charged to all of
+            them or, while any is full, waits; starts are served first come, first served.
+            Each window keeps one entry per start of its last ``per`` seconds in Redis.
 
     The limits travel with every call: processes configured differently each apply their
     own numbers to their own calls (a rolling deploy converges as old processes leave).
@@ -133,6 +139,7 @@ class RedisLimiter:
         recheck_interval: float = 1.0,
         on_unavailable: Literal["fail", "local"] = "fail",
         on_lease_lost: Callable[[LeaseLostError], object] | None = None,
+        rates: Sequence[Rate] = (),
     ) -> None:
         check_name(name)
         config = LimiterConfig(
@@ -146,6 +153,7 @@ class RedisLimiter:
             recheck_interval=recheck_interval,
             on_unavailable=on_unavailable,
             on_lease_lost=on_lease_lost,
+            rates=rates,
         )
         if redis is None:
             raise TypeError(
@@ -193,17 +201,19 @@ class RedisLimiter:
         self._config = config
         self._client = client
         self._url = url
-        layout = KeyLayout.of(name, config.prefix)
-        self._keys = list(layout.keys)
+        layout = KeyLayout.of(name, config.prefix, config.rates)
+        self._keys = list(layout.script_keys)
         self._process_id = uuid.uuid4().hex[:16]
         self._mailbox = layout.mailbox(self._process_id)
         self._header = config.script_header(layout.mailbox_prefix)
         self._scripts: dict[str, Script] = {
-            n: load_script(n) for n in ("acquire", "release", "renew", "cancel", "status")
+            n: load_script(n) for n in ("acquire", "release", "renew", "cancel", "settle", "status")
         }
         # Read on every call: kept as plain attributes rather than looked up in the config.
         self._retry_window = config.retry_window
         self._max_per_second = config.max_per_second
+        # Whether a grant reserves a rate start (GCRA or windows) that settle can adjust.
+        self._rate_limited = config.max_per_second is not None or bool(config.rates)
         # When the current run of failed Redis calls began (None: the last call succeeded), and
         # the client library's error of its latest attempt.
         self._failing_since: float | None = None
@@ -213,11 +223,7 @@ class RedisLimiter:
         self._local = ConcurrencyLimiter(max_at_once) if max_at_once is not None else None
         # The in-process stand-in while Redis is away (on_unavailable="local"): the local
         # concurrency gate above, plus a local rate limiter.
-        self._fallback_rate = (
-            RateLimiter(config.max_per_second, burst=config.burst)
-            if config.max_per_second is not None
-            else None
-        )
+        self._fallback_rate, self._fallback_costs = _local_rate_limiter(config)
         self._in_fallback = False
         self._task_group: anyio.abc.TaskGroup | None = None
         self._leases = LeaseTable(name, config, self._call)
@@ -244,7 +250,7 @@ class RedisLimiter:
 
     @property
     def script_header(self) -> tuple[ScriptArg, ...]:
-        """The arguments every script call of this limiter begins with (ARGV[1..7] of
+        """The arguments every script call of this limiter begins with (ARGV[1..8] of
         ``lua/README.md``), for tools that call the scripts the way the limiter does."""
         return tuple(self._header)
 
@@ -404,23 +410,33 @@ class RedisLimiter:
 
     # -- acquire / release ---------------------------------------------------------------------
 
-    async def acquire(self) -> RedisPermit:
+    async def acquire(self, cost: float = 1) -> RedisPermit:
         """Wait until this process may start one more task under the global limits.
 
+        Args:
+            cost: what the task counts for in ``max_per_second`` and in every Rate that
+                counts cost (``max_at_once`` counts tasks, whatever their cost). Settle it
+                later with :meth:`RedisPermit.settle` if the estimate was off.
+
         Raises:
+            TypeError: *cost* is not a number.
+            ConfigurationError: *cost* is not a finite number > 0, or no limit can ever
+                admit it (above ``burst`` with ``max_per_second``, or above the limit of a
+                Rate counting cost); raised at once, before anything is asked of Redis.
             AcquireTimeoutError: ``acquire_timeout`` passed first (nothing is left held).
             RedisUnavailableError: Redis did not answer within ``retry_window`` (unless
                 ``on_unavailable="local"``, which falls back to in-process limits instead).
             RuntimeError: the limiter was not entered with ``async with``.
         """
+        units = UNIT if cost == 1 and type(cost) is int else self._check_cost(cost)
         self._check_open()
         start = anyio.current_time()
         timeout = self._config.acquire_timeout
         if timeout is None:
-            return await self._acquire_or_fall_back(start, None)
+            return await self._acquire_or_fall_back(start, None, units)
         try:
             with anyio.fail_after(timeout):
-                return await self._acquire_or_fall_back(start, start + timeout)
+                return await self._acquire_or_fall_back(start, start + timeout, units)
         except TimeoutError as exc:
             if isinstance(exc, RedisLimiterError):
                 raise
@@ -428,15 +444,24 @@ class RedisLimiter:
                 f"limiter {self._name!r}: no slot within {self._config.acquire_timeout:g}s"
             ) from None
 
-    async def _acquire_or_fall_back(self, start: float, deadline: float | None) -> RedisPermit:
+    def _check_cost(self, cost: object) -> int:
+        units = cost_units(cost)
+        problem = self._config.cost_problem(units)
+        if problem is not None:
+            raise ConfigurationError(f"limiter {self._name!r}: {problem}")
+        return units
+
+    async def _acquire_or_fall_back(
+        self, start: float, deadline: float | None, units: int
+    ) -> RedisPermit:
         if not self._in_fallback:
             try:
-                return await self._acquire(start, deadline)
+                return await self._acquire(start, deadline, units)
             except RedisUnavailableError as exc:
                 if self._config.on_unavailable != "local":
                     raise
                 self._fall_back(exc)
-        return await self._acquire_locally()
+        return await self._acquire_locally(units)
 
     def _fall_back(self, exc: RedisUnavailableError) -> None:
         if self._in_fallback:
@@ -468,30 +493,51 @@ class RedisLimiter:
                 await self._leases.withdraw_orphans()
                 return
 
-    async def _acquire_locally(self) -> RedisPermit:
+    async def _acquire_locally(self, units: int) -> RedisPermit:
         local = await self._local.acquire() if self._local is not None else None
+        rate_permit: Permit | None = None
         try:
             if self._fallback_rate is not None:
-                await self._fallback_rate.acquire()
+                if self._fallback_costs and units != UNIT:
+                    rate_permit = await self._fallback_rate.acquire(cost=units / UNIT)  # type: ignore[call-arg,unused-ignore]
+                else:
+                    rate_permit = await self._fallback_rate.acquire()
         except BaseException:
             if local is not None:
                 await local.release()
             raise
-        return RedisPermit(self._leases, None, 0, local, fallback=True)
+        return RedisPermit(
+            self._leases, None, 0, local, fallback=True, units=units, local_rate=rate_permit
+        )
 
-    async def _acquire(self, start: float, deadline: float | None) -> RedisPermit:
+    async def _settle(self, waiter_id: str, actual: int, previous: int) -> Any:
+        self._check_open()
+        return await self._call("settle", waiter_id, actual, previous)
+
+    async def _acquire(self, start: float, deadline: float | None, units: int) -> RedisPermit:
         local = await self._local_permit(start)
         waiter_id = f"{self._process_id}:{next(self._counter)}"
         try:
-            token, delay_us = await self._take(waiter_id, start, deadline)
+            token, delay_us = await self._take(waiter_id, start, deadline, units)
         except BaseException:
             if local is not None:
                 await local.release()
             raise
+        settler = self._settle if self._rate_limited else None
         if self._config.max_at_once is None:
-            permit = RedisPermit(self._leases, None, token, None)
+            permit = RedisPermit(
+                self._leases, None, token, None, waiter_id=waiter_id, units=units, settler=settler
+            )
         else:
-            permit = RedisPermit(self._leases, self._leases.hold(waiter_id), token, local)
+            permit = RedisPermit(
+                self._leases,
+                self._leases.hold(waiter_id),
+                token,
+                local,
+                waiter_id=waiter_id,
+                units=units,
+                settler=settler,
+            )
         try:
             if delay_us > 0:
                 if deadline is not None and anyio.current_time() + delay_us / 1e6 > deadline:
@@ -572,11 +618,15 @@ class RedisLimiter:
             return min(now + self._retry_window, max(start + self._retry_window, now))
         return now + self._retry_window
 
-    async def _submit_acquire(self, waiter_id: str, start: float, deadline: float | None) -> Any:
+    async def _submit_acquire(
+        self, waiter_id: str, start: float, deadline: float | None, units: int = UNIT
+    ) -> Any:
         item = waiter_id
-        if deadline is not None and self._max_per_second is not None:
+        if deadline is not None and self._rate_limited:
             # Never reserve a rate start past the caller's deadline.
             item += f"/{max(0, int((deadline - anyio.current_time()) * 1e6))}"
+        if units != UNIT:
+            item += f"*{units}"
         try:
             return await self._acquires.submit(item, self._redis_deadline(start))
         except TimeoutError as exc:
@@ -592,10 +642,13 @@ class RedisLimiter:
     async def _acquire_many(self, items: list[str], deadline: float) -> list[Any]:
         return decode_acquire_reply(await self._call("acquire", *items, deadline=deadline))
 
-    async def _take(self, waiter_id: str, start: float, deadline: float | None) -> tuple[int, int]:
-        """Get a grant ``(token, delay_us)`` for *waiter_id*, queueing until one comes."""
+    async def _take(
+        self, waiter_id: str, start: float, deadline: float | None, units: int = UNIT
+    ) -> tuple[int, int]:
+        """Get a grant ``(token, delay_us)`` for *waiter_id* (a cost of *units*), queueing
+        until one comes."""
         try:
-            reply = await self._submit_acquire(waiter_id, start, deadline)
+            reply = await self._submit_acquire(waiter_id, start, deadline, units)
         except (RedisUnavailableError, PoolExhaustedError):
             # The call may have run on the server after we gave up on its reply, leaving a
             # lease or a rate reservation: withdraw it when Redis answers again.
@@ -615,7 +668,7 @@ class RedisLimiter:
                 # No wake-up (lost, or the queue entry expired): ask again. The same waiter id
                 # makes this idempotent: a grant already made is returned, not made twice.
                 waiter.event = anyio.Event()
-                reply = await self._submit_acquire(waiter_id, anyio.current_time(), deadline)
+                reply = await self._submit_acquire(waiter_id, anyio.current_time(), deadline, units)
                 if reply[0] == 1:
                     return int(reply[1]), int(reply[2])
                 if reply[0] == 2:
@@ -638,13 +691,15 @@ class RedisLimiter:
             self._leases.stop_waiting(waiter_id)
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[RedisPermit]:
-        """Hold one slot for the duration of the block.
+    async def slot(self, cost: float = 1) -> AsyncIterator[RedisPermit]:
+        """Hold one slot for the duration of the block (a start of *cost*, see
+        :meth:`acquire`); the permit yielded can be settled inside the block.
 
         Raises:
             LeaseLostError: on leaving the block, if the lease expired while it ran.
+            ConfigurationError, TypeError: as :meth:`acquire`, for *cost*.
         """
-        permit = await self.acquire()
+        permit = await self.acquire(cost)
         try:
             yield permit
         finally:
@@ -686,6 +741,19 @@ class RedisLimiter:
         if client is None:
             raise RuntimeError("enter the limiter first: `async with RedisLimiter(...)`")
         try:
-            await client.delete(*self._keys, self._mailbox)
+            await client.delete(*self._keys, self._mailbox)  # the window logs too
         except ClientError as exc:
             raise as_limiter_error(self._name, "reset", exc) from exc.__cause__
+
+
+def _local_rate_limiter(config: LimiterConfig) -> tuple[RateLimiter | None, bool]:
+    """The in-process rate limiter standing in while Redis is away, and whether its acquire
+    takes a cost. A RateLimiter without ``rates=`` (or ``cost=``) gets what it supports."""
+    takes_rates = "rates" in inspect.signature(RateLimiter).parameters
+    takes_cost = "cost" in inspect.signature(RateLimiter.acquire).parameters
+    if takes_rates and (config.max_per_second is not None or config.rates):
+        factory: Any = RateLimiter
+        return factory(config.max_per_second, burst=config.burst, rates=config.rates), takes_cost
+    if config.max_per_second is not None:
+        return RateLimiter(config.max_per_second, burst=config.burst), takes_cost
+    return None, False

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import anyio
 
 from aiometer import Permit
 
+from ._config import UNIT, cost_units
 from ._leases import Lease, LeaseTable
 
-__all__ = ["RedisPermit"]
+__all__ = ["RedisPermit", "Settler"]
+
+#: Runs settle.lua for (waiter id, actual units, units charged so far); retried like every call.
+Settler = Callable[[str, int, int], Awaitable[Any]]
 
 
 class RedisPermit:
@@ -21,9 +28,22 @@ class RedisPermit:
             0 for a permit taken in the in-process fallback.
         fallback: True if Redis was unavailable and the permit comes from the in-process
             fallback (``on_unavailable="local"``).
+        cost: the cost this permit was acquired with (its estimate), or its last settled value.
     """
 
-    __slots__ = ("_lease", "_leases", "_local", "_released", "fallback", "lease_id", "token")
+    __slots__ = (
+        "_lease",
+        "_leases",
+        "_local",
+        "_local_rate",
+        "_released",
+        "_settler",
+        "_units",
+        "_waiter_id",
+        "fallback",
+        "lease_id",
+        "token",
+    )
 
     def __init__(
         self,
@@ -33,11 +53,19 @@ class RedisPermit:
         local: Permit | None,
         *,
         fallback: bool = False,
+        waiter_id: str = "",
+        units: int = UNIT,
+        settler: Settler | None = None,
+        local_rate: Permit | None = None,
     ) -> None:
         self._leases = leases
         self._lease = lease
         self._local = local
         self._released = False
+        self._waiter_id = waiter_id
+        self._units = units
+        self._settler = settler
+        self._local_rate = local_rate
         self.lease_id = lease.lease_id if lease is not None else ""
         self.token = token
         self.fallback = fallback
@@ -50,10 +78,47 @@ class RedisPermit:
         """True if a renewal found the lease expired: the slot may have gone to another."""
         return self._lease is not None and self._lease.lost
 
+    @property
+    def cost(self) -> float:
+        """The cost charged for this permit: its estimate, or the value it was last settled to."""
+        return self._units / UNIT
+
+    async def settle(self, actual: float) -> None:
+        """Charge or refund the difference between the permit's cost and *actual*.
+
+        The difference is applied at the permit's original start, in every rate window that
+        counts cost (windows that count calls never change) and in ``max_per_second``: a
+        charge is a debt that later starts wait for; a refund frees room in the windows at
+        once, and in ``max_per_second`` only while no later start was reserved. Settling
+        again replaces the previous settle. Allowed after :meth:`release`. On a permit that
+        holds no rate reservation (a limiter with only ``max_at_once``) it only checks
+        *actual*. Completes even inside a cancelled scope.
+
+        Raises:
+            TypeError: *actual* is not a number.
+            ConfigurationError: *actual* is not a finite number >= 0 (also a ValueError).
+            RedisUnavailableError: Redis did not answer within ``retry_window``.
+        """
+        units = cost_units(actual, "actual", minimum=-1.0)
+        if self.fallback:
+            settle = getattr(self._local_rate, "settle", None)
+            if settle is not None:
+                with anyio.CancelScope(shield=True):
+                    await settle(actual)
+            self._units = units
+            return
+        if self._settler is None or units == self._units:
+            self._units = units
+            return
+        with anyio.CancelScope(shield=True):
+            await self._settler(self._waiter_id, units, self._units)
+        self._units = units
+
     async def release(self) -> None:
         """Give the slot back (idempotent; completes even inside a cancelled scope).
 
-        If Redis cannot be reached the lease is left to expire within ``lease_ttl``.
+        If Redis cannot be reached the lease is left to expire within ``lease_ttl``. The
+        permit's rate reservation stays counted in its windows (it may still be settled).
         """
         if self._released:
             return

@@ -28,13 +28,13 @@ __all__ = [
 ]
 
 #: Names of every script, one ``<name>.lua`` file each.
-SCRIPT_NAMES: tuple[str, ...] = ("acquire", "release", "renew", "cancel", "status")
+SCRIPT_NAMES: tuple[str, ...] = ("acquire", "release", "renew", "cancel", "settle", "status")
 
 #: Read-only scripts of the command line (``aiometer-redis status``), not of the limiter.
 TOOL_SCRIPTS: tuple[str, ...] = ("key_types", "stored_numbers")
 
 #: The scripts that write.
-WRITERS = frozenset({"acquire", "release", "renew", "cancel"})
+WRITERS = frozenset({"acquire", "release", "renew", "cancel", "settle"})
 
 #: Redis scripts cannot include one another, so each script of the limiter is sent after its
 #: preludes, as one script (see ``lua/README.md``): ``_read.lua`` (the key and ARGV[1]

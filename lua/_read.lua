@@ -1,7 +1,8 @@
 -- _read.lua: the prelude of every script of the limiter (see lua/README.md).
 --
--- It binds the eight KEYS and ARGV[1] (now_us), and defines the helpers that a
--- read-only script needs too. It is not a script on its own: status.lua is sent
+-- It binds the KEYS (the eight of every limiter, then costs and the window
+-- logs) and ARGV[1] (now_us), and defines the helpers that a read-only script
+-- needs too. It is not a script on its own: status.lua is sent
 -- after it, and the writing scripts after it and _shared.lua.
 
 local holders_key = KEYS[1]
@@ -14,6 +15,11 @@ local grants_key = KEYS[6]
 local recent_key = KEYS[7]
 -- Rate starts given back by waiters that left before them (see give_back).
 local spare_key = KEYS[8]
+-- Cost units of reservations and the running sum of each window log (see
+-- lua/README.md); absent when the caller predates costs.
+local costs_key = KEYS[9]
+-- KEYS[10 ..]: one window log per Rate, in the order of the window spec (ARGV[8]).
+local WINDOW_KEYS_FROM = 10
 
 local now_arg = ARGV[1]
 

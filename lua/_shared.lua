@@ -1,7 +1,7 @@
 -- _shared.lua: the prelude of the writing scripts acquire.lua, release.lua,
 -- renew.lua and cancel.lua, sent after _read.lua (see lua/README.md).
 --
--- It binds the common ARGV[2..7] and defines the helpers the writers share. It
+-- It binds the common ARGV[2..8] and defines the helpers the writers share. It
 -- is not a script on its own.
 
 if redis.replicate_commands then pcall(redis.replicate_commands) end
@@ -12,14 +12,50 @@ local burst = tonumber(ARGV[4])
 local lease_ttl = tonumber(ARGV[5])
 local key_ttl_ms = tonumber(ARGV[6])
 local mailbox_prefix = ARGV[7]
+local window_spec = ARGV[8]
+
+-- One unit of cost (a plain acquisition), in the micro-units costs travel in.
+local UNIT = 1000000
+
+-- The windows of ARGV[8], in order: {limit = units, per = us, k = 1 (counts
+-- calls) or 0 (counts cost), key = its log, sum_field = its running total in
+-- costs}; filled by check_common_args. longest: the index of the window with
+-- the longest per (the last one to trim an entry, which then ends its cost
+-- record). per_max: that per.
+local windows = {}
+local longest = 0
+local per_max = 0
 
 -- ---------------------------------------------------------------------------
 -- Shared helpers.
 
 -- Returns an error reply for the first malformed common argument, or nil.
 local function check_common_args()
-  if #KEYS ~= 8 then
-    return redis.error_reply('ERR_ARG expected 8 keys, got ' .. #KEYS)
+  if window_spec == nil then
+    return bad_arg('window spec', 'a string', nil)
+  end
+  if window_spec ~= '' then
+    for entry in string.gmatch(window_spec .. ';', '([^;]*);') do
+      local l, p, k = string.match(entry, '^(%d+),(%d+),([01])$')
+      local limit, per = tonumber(l), tonumber(p)
+      if not l or limit < 1 or per < 1 or (k == '1' and limit < UNIT) or limit > 2^52 then
+        return bad_arg('window spec', "'<limit units>,<per us>,<0|1>' entries separated by ';' "
+          .. '(a window counting calls needs a limit >= 1000000)', window_spec)
+      end
+      windows[#windows + 1] = {limit = limit, per = per, k = tonumber(k),
+        sum_field = 'sum:' .. p .. ':' .. k, sum = 0, dirty = false}
+      if per >= per_max then
+        per_max = per
+        longest = #windows
+      end
+    end
+  end
+  if #KEYS ~= 9 + #windows then
+    return redis.error_reply('ERR_ARG expected ' .. (9 + #windows) .. ' keys (8, costs and one per '
+      .. 'window), got ' .. #KEYS)
+  end
+  for j, w in ipairs(windows) do
+    w.key = KEYS[WINDOW_KEYS_FROM + j - 1]
   end
   local err = check_now()
   if err then
@@ -117,6 +153,15 @@ end
 -- A start given back is always earlier than the next GCRA slot (it was taken
 -- from before the TAT), and it is a slot GCRA granted once and nobody used, so
 -- handing it out again keeps every window within the GCRA bound.
+-- The reservation that last moved the TAT, to be written to costs' 'last'
+-- field: "<id>|<tat text>|<tat text before>" (see the GCRA refund rule in
+-- lua/README.md); nil: this call did not move the TAT.
+local pending_last = nil
+
+local function tat_text_now()
+  return tat_text or string.format('%.3f', tat_value)
+end
+
 local function reserve(now, max_delay)
   local spare = earliest_spare(now)
   if spare then
@@ -134,6 +179,9 @@ local function reserve(now, max_delay)
   if max_delay and delay > max_delay then
     return nil
   end
+  -- A reservation of one unit without windows leaves 'last' as it is (so this
+  -- path runs the commands it ran before costs existed): the TAT moved, so no
+  -- earlier reservation's refund applies to it any more.
   set_tat(t + interval)
   return delay
 end
@@ -190,6 +238,265 @@ local function flush_tat(now)
   return true
 end
 
+-- ---------------------------------------------------------------------------
+-- Costs and windows (see lua/README.md: "Costs and windows").
+
+-- Per call: whether the windows were trimmed and their sums read (load_windows),
+-- the latest start reserved in them (0: none), and what the call wrote.
+local windows_loaded = false
+local latest = 0
+local wrote_windows = false
+local wrote_costs = false
+
+-- What an entry of `id` (cost `cost` units) weighs in window w.
+local function weight(w, cost)
+  if w.k == 1 then
+    return UNIT
+  end
+  return cost
+end
+
+-- The cost units recorded for each of `ids` (absent: one unit).
+local function costs_of(ids)
+  local values = redis.call('HMGET', costs_key, unpack(ids))
+  local out = {}
+  for i = 1, #ids do
+    out[i] = tonumber(values[i] or '') or UNIT
+  end
+  return out
+end
+
+local function read_latest()
+  local top = redis.call('ZRANGE', windows[1].key, -1, -1, 'WITHSCORES')
+  if #top == 2 then
+    return tonumber(top[2])
+  end
+  return 0
+end
+
+-- Once per call, before the windows are used: reads their running sums, trims
+-- at most 100 entries per window that started <= now - per (an entry leaving
+-- the longest window ends its cost record), and reads the latest start.
+local function load_windows(now)
+  if windows_loaded or #windows == 0 then
+    return
+  end
+  windows_loaded = true
+  local fields = {}
+  for j, w in ipairs(windows) do
+    fields[j] = w.sum_field
+  end
+  local sums = redis.call('HMGET', costs_key, unpack(fields))
+  for j, w in ipairs(windows) do
+    w.sum = tonumber(sums[j] or '') or 0
+    local ended = redis.call('ZRANGEBYSCORE', w.key, '-inf', int(now - w.per), 'LIMIT', 0, 100)
+    if #ended > 0 then
+      local drop = #ended * UNIT
+      if w.k == 0 then
+        drop = 0
+        for _, c in ipairs(costs_of(ended)) do
+          drop = drop + c
+        end
+      end
+      redis.call('ZREM', w.key, unpack(ended))
+      w.sum = math.max(0, w.sum - drop)
+      w.dirty = true
+      if j == longest then
+        redis.call('HDEL', costs_key, unpack(ended))
+      end
+    end
+  end
+  latest = read_latest()
+end
+
+-- The earliest start >= t0 at which window w admits `add` more units: walks
+-- its log oldest first, dropping entries, until what remains fits; t0 must be
+-- at or after the latest start in the log. Entries that already left the
+-- window at t0 (not trimmed yet) are walked through too, so the answer never
+-- depends on trimming.
+local function window_start(w, t0, add)
+  if w.sum + add <= w.limit then
+    return t0
+  end
+  local remaining = w.sum
+  local from = 0
+  while true do
+    local page = redis.call('ZRANGE', w.key, from, from + 49, 'WITHSCORES')
+    if #page == 0 then
+      -- The running sum counted more than the log holds (the log expired, or
+      -- a key was deleted): correct it and walk again.
+      w.sum = w.sum - remaining
+      w.dirty = true
+      return window_start(w, t0, add)
+    end
+    local ids = {}
+    for i = 1, #page, 2 do
+      ids[#ids + 1] = page[i]
+    end
+    local costs = nil
+    if w.k == 0 then
+      costs = costs_of(ids)
+    end
+    for i = 1, #ids do
+      remaining = remaining - ((costs and costs[i]) or UNIT)
+      if remaining + add <= w.limit then
+        return math.max(t0, tonumber(page[2 * i]) + w.per)
+      end
+    end
+    from = from + 50
+  end
+end
+
+-- Reserves the next start of `id` for a cost of `cost` units: the latest of
+-- now, the latest start already reserved (first come, first served), the GCRA
+-- and every window; then charges all of them (all or nothing). Returns the
+-- start delay in whole microseconds, or nil (and reserves nothing) if it would
+-- exceed max_delay (nil: no bound). A cost of one unit with no windows takes
+-- reserve() (starts given back first), exactly as before costs existed.
+local function reserve_for(id, cost, now, max_delay)
+  if #windows == 0 and cost == UNIT then
+    return reserve(now, max_delay)
+  end
+  load_windows(now)
+  local t0 = math.max(now, latest)
+  local t = t0
+  local units = cost / UNIT
+  if interval > 0 then
+    load_tat()
+    t = math.max(t, tat_value - (burst - units) * interval)
+  end
+  for _, w in ipairs(windows) do
+    t = math.max(t, window_start(w, t0, weight(w, cost)))
+  end
+  local delay = math.ceil(t - now)
+  if max_delay and delay > max_delay then
+    return nil
+  end
+  local start = now + delay
+  if interval > 0 then
+    local before = tat_text_now()
+    set_tat(math.max(tat_value, t) + units * interval)
+    pending_last = id .. '|' .. tat_text .. '|' .. before
+  end
+  if #windows > 0 then
+    for _, w in ipairs(windows) do
+      redis.call('ZADD', w.key, int(start), id)
+      w.sum = w.sum + weight(w, cost)
+      w.dirty = true
+    end
+    if cost ~= UNIT then
+      redis.call('HSET', costs_key, id, int(cost))
+    end
+    latest = start
+    wrote_windows = true
+    wrote_costs = true
+  end
+  return delay
+end
+
+-- Withdraws the reservation of `id` (its start `start_at`, nil if it had none;
+-- its cost `cost` units): it leaves every window log, and the TAT is rolled
+-- back if it was the last reservation that moved it. With one unit and no
+-- windows, give_back() does it as before costs existed. Also ends the cost
+-- record of `id` (a queued waiter's).
+local function withdraw(id, start_at, cost, now)
+  if #windows == 0 and cost == UNIT then
+    if start_at then
+      give_back(id, start_at, now)
+    end
+  else
+    if #windows > 0 then
+      load_windows(now)
+      local recorded = costs_of({id})[1]
+      local removed = false
+      for _, w in ipairs(windows) do
+        if redis.call('ZREM', w.key, id) == 1 then
+          w.sum = math.max(0, w.sum - weight(w, recorded))
+          w.dirty = true
+          removed = true
+        end
+      end
+      if removed then
+        latest = read_latest()
+      end
+    end
+    if start_at and interval > 0 then
+      local last = redis.call('HGET', costs_key, 'last') or ''
+      local last_id, last_tat, before = string.match(last, '^(.*)|([^|]*)|([^|]*)$')
+      load_tat()
+      if last_id == id and last_tat == tat_text_now() then
+        local value = tonumber(before) or 0
+        if value > 0 then
+          set_tat(value)
+        else
+          redis.call('DEL', tat_key)
+          tat_text = nil
+          tat_value = 0
+        end
+        redis.call('HDEL', costs_key, 'last')
+      end
+    end
+  end
+  if costs_key then
+    redis.call('HDEL', costs_key, id)
+  end
+end
+
+-- The costs hash lives as long as the longest window log can (the running sums
+-- must outlive the logs they count) and never less than it was given before.
+local function expire_costs(now)
+  local ttl = key_ttl_ms
+  if #windows > 0 then
+    if not windows_loaded then
+      latest = read_latest()
+    end
+    ttl = ttl_until(math.max(latest + per_max, now), now)
+    ttl = math.max(ttl, redis.call('PTTL', costs_key))
+  end
+  -- Without windows costs holds only 'last' and queued waiters' costs, which
+  -- key_ttl_ms always covers.
+  redis.call('PEXPIRE', costs_key, int(ttl))
+end
+
+-- Writes back what the call changed in the windows and costs (sums, 'last')
+-- and refreshes the TTLs of those keys.
+local function flush_windows(now)
+  local fields = {}
+  for _, w in ipairs(windows) do
+    if w.dirty then
+      fields[#fields + 1] = w.sum_field
+      fields[#fields + 1] = int(w.sum)
+      w.dirty = false
+    end
+  end
+  if pending_last then
+    fields[#fields + 1] = 'last'
+    fields[#fields + 1] = pending_last
+    pending_last = nil
+  end
+  if #fields > 0 then
+    redis.call('HSET', costs_key, unpack(fields))
+    wrote_costs = true
+  end
+  if wrote_windows then
+    for _, w in ipairs(windows) do
+      redis.call('PEXPIRE', w.key, int(ttl_until(math.max(latest + w.per, now), now)))
+    end
+    wrote_windows = false
+  end
+  if wrote_costs then
+    expire_costs(now)
+    wrote_costs = false
+  end
+end
+
+-- The rate state a call changed (TAT, windows, costs), written back.
+local function flush_rates(now)
+  local wrote = flush_tat(now)
+  flush_windows(now)
+  return wrote
+end
+
 -- Removes at most 100 members of the ZSET `key` whose score (an expiry) is
 -- <= now, and the same ids from `other` with `other_command` (HDEL or ZREM), so
 -- one call never does unbounded work; the rest go in later calls.
@@ -204,7 +511,13 @@ end
 -- Drops expired leases (and their grants) and dead waiters (and their tickets).
 local function purge(now)
   drop_ended(holders_key, grants_key, 'HDEL', now)
-  drop_ended(waiters_key, queue_key, 'ZREM', now)
+  local ended = redis.call('ZRANGEBYSCORE', waiters_key, '-inf', int(now), 'LIMIT', 0, 100)
+  if #ended > 0 then
+    redis.call('ZREM', waiters_key, unpack(ended))
+    redis.call('ZREM', queue_key, unpack(ended))
+    -- A dead waiter's cost record (kept while it waited) goes with it.
+    redis.call('HDEL', costs_key, unpack(ended))
+  end
 end
 
 -- Takes queued waiters out of the queue (and out of waiters) before a grant.
@@ -218,10 +531,34 @@ end
 -- must be unqueued first. Returns token, delay_us (integer, how long the
 -- holder must wait); or nil, and changes nothing, if the rate start would be
 -- more than max_delay away (nil: no bound).
-local function grant(id, now, max_delay)
+-- The grants entry of a grant: "<token>|<start_at_us>", then "|<cost units>"
+-- when the cost is not one unit.
+local function grant_entry(token, start_at, cost)
+  local entry = int(token) .. '|' .. int(start_at)
+  if cost ~= UNIT then
+    entry = entry .. '|' .. int(cost)
+  end
+  return entry
+end
+
+-- A grants entry as token, start_at_us, cost units; nil if malformed.
+local function parse_grant(entry)
+  local token, start_at, rest = string.match(entry or '', '^(%d+)|(%d+)(.*)$')
+  if not token then
+    return nil
+  end
+  local cost = UNIT
+  if rest ~= '' then
+    cost = tonumber(string.match(rest, '^|(%d+)$')) or UNIT
+  end
+  return tonumber(token), tonumber(start_at), cost
+end
+
+local function grant(id, now, max_delay, cost)
+  cost = cost or UNIT
   local delay = 0
-  if interval > 0 then
-    delay = reserve(now, max_delay)
+  if interval > 0 or #windows > 0 then
+    delay = reserve_for(id, cost, now, max_delay)
     if delay == nil then
       return nil
     end
@@ -230,7 +567,7 @@ local function grant(id, now, max_delay)
   wrote_seq = true
   local start_at = now + delay
   redis.call('ZADD', holders_key, int(start_at + lease_ttl), id)
-  redis.call('HSET', grants_key, id, int(token) .. '|' .. int(start_at))
+  redis.call('HSET', grants_key, id, grant_entry(token, start_at, cost))
   wrote_holders = true
   return token, delay
 end
@@ -255,10 +592,15 @@ local function handoff(now)
     return 0
   end
   unqueue(heads)
+  -- A queued waiter's cost was recorded when it queued.
+  local costs = costs_of(heads)
   local processes = {}
   local messages = {}
-  for _, head in ipairs(heads) do
-    local token, delay = grant(head, now)
+  for i, head in ipairs(heads) do
+    local token, delay = grant(head, now, nil, costs[i])
+    if #windows == 0 and costs[i] ~= UNIT then
+      redis.call('HDEL', costs_key, head)  -- kept in its grants entry from now on
+    end
     local process = process_of(head)
     if messages[process] == nil then
       messages[process] = {}
@@ -294,7 +636,7 @@ end
 -- are refreshed together (a waiter's liveness must not outlive its ticket), and
 -- with them seq (whose counter must outlive the tickets it handed out).
 local function expire_written(now)
-  flush_tat(now)
+  flush_rates(now)
   if wrote_holders then
     expire_holders(now)
   end
@@ -312,7 +654,7 @@ end
 -- own code writes keys without recording it (renew.lua, cancel.lua). recent is
 -- the exception: only acquire.lua's rate-only path adds to it, and refreshes it.
 local function expire_keys(now)
-  local tat_written = flush_tat(now)
+  local tat_written = flush_rates(now)
   expire_holders(now)
   redis.call('PEXPIRE', queue_key, int(key_ttl_ms))
   redis.call('PEXPIRE', waiters_key, int(key_ttl_ms))

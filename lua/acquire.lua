@@ -1,14 +1,20 @@
 -- acquire.lua: take a slot for one or more waiters, or queue them and report
 -- their positions.
 --
--- KEYS, the common ARGV[1..7] and the mailboxes: see lua/README.md.
+-- KEYS, the common ARGV[1..8] and the mailboxes: see lua/README.md.
 --
 -- ARGV after the common header:
---   8 ..            one or more waiter ids '<process id>:<n>'; a waiter id
---                    becomes the lease id when granted. An id may end in
---                    '/<max delay us>' (the caller's remaining time): it is then
---                    never given a rate start further away than that (the
---                    suffix is not part of the id)
+--   9 ..            one or more waiter items
+--                    '<process id>:<n>[/<max delay us>][*<cost units>]'; the
+--                    waiter id '<process id>:<n>' becomes the lease id when
+--                    granted. '/<max delay us>' (the caller's remaining time):
+--                    the waiter is never given a rate start further away than
+--                    that. '*<cost units>': the cost of the acquisition (see
+--                    "Costs and windows" in lua/README.md; absent: one unit,
+--                    1000000). Neither suffix is part of the id.
+--
+-- A queued waiter's cost (when not one unit) is recorded in costs under its id,
+-- so that a handoff charges it when the waiter is granted.
 --
 -- The call does exactly what one call per waiter id, in ARGV order and with the
 -- same now, would do (expired leases and dead waiters are purged once, first):
@@ -49,7 +55,7 @@
 -- given back first, see reserve), and the granted ones their tokens from one
 -- INCRBY seq <number granted>; a refused id (its max delay) is not
 -- remembered. A call in which no id is granted anew writes nothing (tat, seq
--- and every TTL stay as they were).
+-- and every TTL stay as they were) but its trims of the window logs.
 --
 -- How long an id is remembered: lease_ttl_us (ARGV[5]), so that the ARGV
 -- layout stays that of every other script. A client repeats a call only within
@@ -61,10 +67,12 @@
 -- now + lease_ttl_us + key_ttl_ms: past the end of every memory they hold.
 --
 -- Only the keys the call wrote get their TTL refreshed (see expire_written).
--- Errors: 'ERR_ARG ...' for malformed arguments (nothing is written).
+-- Errors: 'ERR_ARG ...' for malformed arguments, and for a cost that no limit
+-- can ever admit (above burst units with a rate limit, or above the limit of a
+-- window counting cost); nothing is written.
 
 -- The preludes lua/_read.lua and lua/_shared.lua come first: they bind KEYS,
--- ARGV[1..7] and the shared helpers (int, read_now, purge, grant, handoff,
+-- ARGV[1..8] and the shared helpers (int, read_now, purge, grant, handoff,
 -- expire_written, call_in_slices, ...).
 
 
@@ -72,20 +80,47 @@ local err = check_common_args()
 if err then
   return err
 end
-local count = #ARGV - 7
+local count = #ARGV - 8
 if count < 1 then
   return bad_arg('waiter id', "'<process id>:<n>' (at least one)", nil)
 end
--- ids[i] and max_delays[i] (nil: no bound) of ARGV[7 + i].
+-- ids[i], max_delays[i] (nil: no bound) and costs[i] (units) of ARGV[8 + i].
 local ids = {}
 local max_delays = {}
-for i = 8, #ARGV do
-  if not string.find(ARGV[i], '^[^:/]+:[^/]*$') and not string.find(ARGV[i], '^[^:/]+:[^/]*/%d+$') then
-    return bad_arg('waiter id', "'<process id>:<n>[/<max delay us>]'", ARGV[i])
+local costs = {}
+local ITEM = "'<process id>:<n>[/<max delay us>][*<cost units>]'"
+for i = 9, #ARGV do
+  local id, tail = string.match(ARGV[i], '^([^:/*]+:[^/*]*)(.*)$')
+  local max_delay, cost = nil, nil
+  if tail and tail ~= '' then
+    max_delay, cost = string.match(tail, '^/(%d+)%*(%d+)$')
+    if not max_delay then
+      max_delay = string.match(tail, '^/(%d+)$')
+      cost = string.match(tail, '^%*(%d+)$')
+      if not (max_delay or cost) then
+        id = nil
+      end
+    end
   end
-  local id, max_delay = string.match(ARGV[i], '^(.*)/(%d+)$')
-  ids[i - 7] = id or ARGV[i]
-  max_delays[i - 7] = tonumber(max_delay)
+  if not id then
+    return bad_arg('waiter id', ITEM, ARGV[i])
+  end
+  cost = tonumber(cost) or UNIT
+  if cost < 1 or cost > 2^52 then
+    return bad_arg('cost units', 'an integer >= 1', ARGV[i])
+  end
+  if interval > 0 and cost > burst * UNIT then
+    return bad_arg('cost units', 'at most burst units (' .. int(burst * UNIT) .. ')', ARGV[i])
+  end
+  for _, w in ipairs(windows) do
+    if w.k == 0 and cost > w.limit then
+      return bad_arg('cost units', 'at most the limit of every window counting cost ('
+        .. int(w.limit) .. ')', ARGV[i])
+    end
+  end
+  ids[i - 8] = id
+  max_delays[i - 8] = tonumber(max_delay)
+  costs[i - 8] = cost
 end
 
 -- ---------------------------------------------------------------------------
@@ -102,12 +137,12 @@ local function remembered_grants(now)
     local values = redis.call('HMGET', grants_key, unpack(ids, first, last))
     for i = first, last do
       local id = ids[i]
-      local token, start_at = string.match(values[i - first + 1] or '', '^(%d+)|(%d+)$')
+      local token, start_at = parse_grant(values[i - first + 1])
       if token and known[id] == nil then
         known[id] = false
         local ends = tonumber(redis.call('ZSCORE', recent_key, id) or '')
         if ends and ends > now then
-          known[id] = {tonumber(token), tonumber(start_at)}
+          known[id] = {token, start_at}
         end
       end
     end
@@ -148,6 +183,7 @@ if max_at_once == 0 then
   -- The new ids in ARGV order, and their rate start delays (false: refused).
   local new_ids = {}
   local delays = {}
+  local new_costs = {}
   local granted = 0
   -- refused[i]: the id at ARGV position 7 + i was refused (its max delay).
   local refused = {}
@@ -155,8 +191,8 @@ if max_at_once == 0 then
     local id = ids[i]
     if not known[id] then
       local delay = 0
-      if interval > 0 then
-        delay = reserve(now, max_delays[i]) or false
+      if interval > 0 or #windows > 0 then
+        delay = reserve_for(id, costs[i], now, max_delays[i]) or false
       end
       if delay then
         known[id] = {}
@@ -166,6 +202,7 @@ if max_at_once == 0 then
       end
       new_ids[#new_ids + 1] = id
       delays[#new_ids] = delay
+      new_costs[#new_ids] = costs[i]
     end
   end
   if granted > 0 then
@@ -184,7 +221,7 @@ if max_at_once == 0 then
         members[#members + 1] = ends
         members[#members + 1] = id
         fields[#fields + 1] = id
-        fields[#fields + 1] = int(token) .. '|' .. int(now + delay)
+        fields[#fields + 1] = grant_entry(token, now + delay, new_costs[k])
       end
     end
     -- Pairs: SLICE ids per command.
@@ -193,8 +230,9 @@ if max_at_once == 0 then
     local memory_ttl = int(ttl_until(now + lease_ttl, now))
     redis.call('PEXPIRE', recent_key, memory_ttl)
     redis.call('PEXPIRE', grants_key, memory_ttl)
-    flush_tat(now)
   end
+  -- Also after a call that granted nothing new: its windows may have been trimmed.
+  flush_rates(now)
   for i = 1, count do
     local grant_info = known[ids[i]]
     if refused[i] then
@@ -215,10 +253,9 @@ local queue_len = nil
 for i = 1, count do
   local id = ids[i]
   if redis.call('ZSCORE', holders_key, id) then
-    local grant_info = redis.call('HGET', grants_key, id) or ''
-    local token, start_at = string.match(grant_info, '^(%d+)|(%d+)$')
+    local token, start_at = parse_grant(redis.call('HGET', grants_key, id))
     if token then
-      replies[i] = {1, tonumber(token), math.max(0, tonumber(start_at) - now)}
+      replies[i] = {1, token, math.max(0, start_at - now)}
     else
       replies[i] = {1, 0, 0}
     end
@@ -232,11 +269,14 @@ for i = 1, count do
     end
     local token, delay = nil, nil
     if held + ahead < max_at_once then
-      token, delay = grant(id, now, max_delays[i])
+      token, delay = grant(id, now, max_delays[i], costs[i])
       if token == nil then
         replies[i] = {2}
       elseif rank then
         unqueue({id})
+        if #windows == 0 and costs[i] ~= UNIT then
+          redis.call('HDEL', costs_key, id)  -- kept in its grants entry from now on
+        end
         if queue_len then
           queue_len = queue_len - 1
         end
@@ -253,6 +293,10 @@ for i = 1, count do
       end
       redis.call('ZADD', waiters_key, int(now + lease_ttl), id)
       wrote_queue = true
+      if costs[i] ~= UNIT then
+        redis.call('HSET', costs_key, id, int(costs[i]))
+        wrote_costs = true
+      end
       replies[i] = {0, ahead}
     end
   end

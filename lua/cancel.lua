@@ -1,14 +1,18 @@
 -- cancel.lua: withdraw a waiter (queued, or granted while the caller gave up,
 -- or sleeping towards a rate start it will not use).
 --
--- KEYS, the common ARGV[1..7] and the mailboxes: see lua/README.md.
+-- KEYS, the common ARGV[1..8] and the mailboxes: see lua/README.md.
 --
 -- ARGV after the common header:
---   8 waiter id
+--   9 waiter id
 --
--- A rate start the waiter was granted (with a lease, or remembered by the
--- rate-only path) that is still ahead is given back (give_back): the next
--- reservation may use it.
+-- The waiter's reservation, if it was granted one (with a lease, or remembered
+-- by the rate-only path), is withdrawn: with a cost of one unit and no windows,
+-- a start still ahead is given back (give_back) and the next reservation may
+-- use it; otherwise its entry leaves every window log (the running sums
+-- follow) and the TAT is rolled back to what it was before the reservation if
+-- that reservation was the last to move it. A queued waiter's cost record goes
+-- too.
 --
 -- Reply: {was_granted, granted}
 --   was_granted  1 if the waiter had been granted a lease meanwhile (the lease
@@ -19,10 +23,10 @@
 -- Errors: 'ERR_ARG ...' for malformed arguments (nothing is written).
 
 -- The preludes lua/_read.lua and lua/_shared.lua come first: they bind KEYS,
--- ARGV[1..7] and the shared helpers (int, read_now, purge, grant, handoff,
+-- ARGV[1..8] and the shared helpers (int, read_now, purge, grant, handoff,
 -- expire_written, call_in_slices, ...).
 
-local waiter_id = ARGV[8]
+local waiter_id = ARGV[9]
 
 local err = check_common_args()
 if err then
@@ -36,16 +40,20 @@ local now = read_now()
 redis.call('ZREM', queue_key, waiter_id)
 redis.call('ZREM', waiters_key, waiter_id)
 local was_granted = redis.call('ZREM', holders_key, waiter_id)
-local start_at = string.match(redis.call('HGET', grants_key, waiter_id) or '', '^%d+|(%d+)$')
-if start_at then
+local token, start_at, cost = parse_grant(redis.call('HGET', grants_key, waiter_id))
+if token then
   redis.call('HDEL', grants_key, waiter_id)
   redis.call('ZREM', recent_key, waiter_id)
-  give_back(waiter_id, tonumber(start_at), now)
+else
+  -- Never granted (or its grant ended with its lease): with windows, withdraw
+  -- still takes it out of every window log that holds it.
+  cost = UNIT
 end
+withdraw(waiter_id, start_at, cost, now)
 if max_at_once == 0 then
   -- Rate only: no lease, queue or waiter to hand on; the memory of the other
   -- ids keeps its TTL.
-  flush_tat(now)
+  flush_rates(now)
   return {0, 0}
 end
 purge(now)

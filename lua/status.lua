@@ -1,8 +1,8 @@
 -- status.lua: read-only snapshot of one limiter (safe to run on a replica).
 --
--- KEYS: the eight of lua/README.md (the first six or seven alone are accepted
--- too, from clients that predate spare); only holders, queue, tat, seq and
--- spare are read.
+-- KEYS: those of lua/README.md (the first six or seven alone are accepted
+-- too, from clients that predate spare; the costs and window keys may follow,
+-- and are not read); only holders, queue, tat, seq and spare are read.
 --
 -- ARGV: 1 now_us alone (see lua/README.md); none at all reads the server clock.
 --
@@ -18,8 +18,8 @@
 -- The prelude lua/_read.lua comes first: it binds KEYS and ARGV[1] and the
 -- helpers int, check_now and read_now.
 
-if #KEYS < 6 or #KEYS > 8 then
-  return redis.error_reply('ERR_ARG expected 8 keys (or the first 6 or 7), got ' .. #KEYS)
+if #KEYS < 6 then
+  return redis.error_reply('ERR_ARG expected at least the first 6 keys, got ' .. #KEYS)
 end
 if now_arg == nil then
   now_arg = ''

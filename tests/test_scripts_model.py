@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from aiometer_redis._client import ScriptArg, encode_args, normalize_reply
-from aiometer_redis._keys import limiter_keys, mailbox_prefix
+from aiometer_redis._keys import costs_key, limiter_keys, mailbox_prefix
 from aiometer_redis._scripts import Script, all_scripts, decode_acquire_reply, load_script
 
 NOW = 1_700_000_000_000_000
@@ -116,8 +116,9 @@ class ScriptsMatchModel(RuleBasedStateMachine):
             self.lease_ttl_us,
             60_000,
             mailbox_prefix("m"),
+            "",
         ]
-        reply = self.run(load_script(name), [*header, *extra])
+        reply = self.run(load_script(name), [*header, *extra], [costs_key("m")])
         return decode_acquire_reply(reply) if name == "acquire" else reply
 
     @initialize(
