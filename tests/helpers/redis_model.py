@@ -129,22 +129,22 @@ class LimiterModel:
     waiters: dict[str, int] = field(default_factory=dict)
     tat: float | None = None
     seq: int = 0
-    grants: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Lease (or remembered rate-only) id -> (token, start µs, cost units).
+    grants: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     #: Rate-only waiter id -> end of its memory (µs); its grant is in ``grants``.
     recent: dict[str, int] = field(default_factory=dict)
     #: Rate starts given back: waiter id -> start (µs).
     spare: dict[str, int] = field(default_factory=dict)
     mailboxes: dict[str, list[str]] = field(default_factory=dict)
-    #: The window logs' entries: id -> start (µs). Every window is charged every start, so
-    #: the logs hold the same ids; a window sees the entries with start > t - per. Trimming
-    #: of ended entries is not modelled (it never changes a decision).
-    entries: dict[str, int] = field(default_factory=dict)
-    #: ``costs`` hash: id -> cost units of a window entry (as last settled), of a grant
-    #: whose cost is not 1, or of a queued waiter whose cost is not 1.
+    #: One log per window, by (per_us, calls): id -> start (µs), ended entries included
+    #: until a call that loads the windows trims them.
+    logs: dict[tuple[int, bool], dict[str, int]] = field(default_factory=dict)
+    #: ``costs`` hash, id fields only: cost units (when not one unit) of a window entry
+    #: (as last settled) or of a queued waiter.
     costs: dict[str, int] = field(default_factory=dict)
-    #: ``costs`` field ``last``: ``"<id>|<tat text>"`` of the reservation or settle that
-    #: last moved the TAT.
-    last: str | None = None
+    #: ``costs`` field ``last``: (id, TAT text, TAT text before) of the reservation (or
+    #: its settle) that last moved the TAT.
+    last: tuple[str, str, str] | None = None
     #: The model's own record of every start it granted and that was not withdrawn.
     started: dict[str, Start] = field(default_factory=dict)
     reservations: int = 0
@@ -163,8 +163,7 @@ class LimiterModel:
         for waiter_id in self._due(self.waiters, now):
             del self.waiters[waiter_id]
             self.queue.pop(waiter_id, None)
-            if waiter_id not in self.entries:
-                self.costs.pop(waiter_id, None)
+            self.costs.pop(waiter_id, None)
 
     def _forget_ended(self, now: int) -> None:
         for waiter_id in self._due(self.recent, now):
@@ -181,43 +180,77 @@ class LimiterModel:
     def _set_tat(self, value: float) -> None:
         self.tat = float(f"{value:.3f}")
 
+    def _is_last(self, waiter_id: str) -> bool:
+        """Whether *waiter_id*'s reservation (or settle) is the last that moved the TAT."""
+        return self.last is not None and self.last[:2] == (waiter_id, self._tat_text())
+
+    def log(self, window: Window) -> dict[str, int]:
+        """The log of *window*: id -> start."""
+        return self.logs.setdefault((window.per_us, window.calls), {})
+
+    def _cost_of(self, waiter_id: str) -> int:
+        return self.costs.get(waiter_id, UNIT)
+
+    def _load_windows(self, now: int, limits: Limits) -> int:
+        """Trim what ended from every window log (at most :data:`PURGE_BATCH` each; an
+        entry leaving the longest window ends its cost record); return the latest start."""
+        longest = max(range(len(limits.windows)), key=lambda j: (limits.windows[j].per_us, j))
+        for j, window in enumerate(limits.windows):
+            log = self.log(window)
+            for member in self._due(log, now - window.per_us):
+                del log[member]
+                if j == longest:
+                    self.costs.pop(member, None)
+        return max(self.log(limits.windows[0]).values(), default=0)
+
     def window_start(self, t0: int, cost: int, window: Window) -> int:
         """The earliest start >= t0 at which *window* admits *cost* more units: the walk of
         the contract (drop the oldest live entries until the rest plus the cost fit)."""
         live = sorted(
-            ((m, s) for m, s in self.entries.items() if s > t0 - window.per_us),
+            ((m, s) for m, s in self.log(window).items() if s > t0 - window.per_us),
             key=_member_order,
         )
-        total = sum(window.charge(self.costs[m]) for m, _ in live)
+        total = sum(window.charge(self._cost_of(m)) for m, _ in live)
         need = window.charge(cost)
         start = t0
         for member, entry_start in live:
             if total + need <= window.limit:
                 break
-            total -= window.charge(self.costs[member])
+            total -= window.charge(self._cost_of(member))
             start = max(start, entry_start + window.per_us)
         return start
+
+    def _reserve_spare_or_gcra(self, now: int, limits: Limits, max_delay: int | None) -> int | None:
+        """One unit, no windows (as before costs): a start given back and still ahead, else
+        the next GCRA slot. Leaves ``last`` alone."""
+        ahead = [(m, s) for m, s in self.spare.items() if s >= now]
+        if ahead:
+            member, start = min(ahead, key=_member_order)
+            delay = math.ceil(start - now)
+            if max_delay is not None and delay > max_delay:
+                return None
+            del self.spare[member]
+            return delay
+        interval = float(limits.interval_us)
+        arrival = max(self.tat if self.tat is not None else 0.0, float(now))
+        delay = math.ceil(max(0.0, arrival - (limits.burst - 1) * interval - now))
+        if max_delay is not None and delay > max_delay:
+            return None
+        self._set_tat(arrival + interval)
+        return delay
 
     def _reserve(
         self, waiter_id: str, now: int, limits: Limits, max_delay: int | None, cost: int
     ) -> int | None:
-        """The next rate start's delay (µs), reserved and charged to every window; None
-        (nothing reserved) if it would exceed *max_delay*. A start given back and still
-        ahead comes first (cost 1, no windows only)."""
+        """The next rate start's delay (µs), reserved and charged to every window and the
+        GCRA; None (nothing reserved) if it would exceed *max_delay*."""
         if cost == UNIT and not limits.windows:
-            ahead = [(m, s) for m, s in self.spare.items() if s >= now]
-            if ahead:
-                member, start = min(ahead, key=_member_order)
-                delay = math.ceil(start - now)
-                if max_delay is not None and delay > max_delay:
-                    return None
-                del self.spare[member]
-                return delay
-        # Windows: never before the latest start reserved (first come, first served), and
-        # each window's walk.
+            return self._reserve_spare_or_gcra(now, limits, max_delay)
+        # Never before the latest start reserved (first come, first served), each window's
+        # walk, and the GCRA with cost c: allowed once TAT - (burst - c) * interval.
         window_t = now
         if limits.windows:
-            window_t = max(now, max(self.entries.values(), default=now))
+            window_t = max(now, self._load_windows(now, limits))
             t0 = window_t
             for window in limits.windows:
                 window_t = max(window_t, self.window_start(t0, cost, window))
@@ -226,19 +259,20 @@ class LimiterModel:
         arrival = 0.0
         units = cost / UNIT
         if interval > 0:
-            # GCRA with cost c: allowed once TAT - (burst - c) * interval is reached.
             arrival = max(self.tat if self.tat is not None else 0.0, float(now))
             t = max(t, arrival - (limits.burst - units) * interval)
         delay = math.ceil(max(0.0, t - now))
         if max_delay is not None and delay > max_delay:
             return None
         if interval > 0:
+            before = f"{self.tat if self.tat is not None else 0.0:.3f}"
             self._set_tat(max(arrival, float(window_t)) + units * interval)
-            self.last = f"{waiter_id}|{self._tat_text()}"
+            self.last = (waiter_id, self._tat_text(), before)
         if limits.windows:
-            self.entries[waiter_id] = now + delay
-        if limits.windows or cost != UNIT:
-            self.costs[waiter_id] = cost
+            for window in limits.windows:
+                self.log(window)[waiter_id] = now + delay
+            if cost != UNIT:
+                self.costs[waiter_id] = cost
         return delay
 
     def _give_back(self, waiter_id: str, start_at: int, now: int, limits: Limits) -> None:
@@ -267,28 +301,28 @@ class LimiterModel:
             del self.spare[member]
             self._set_tat(self.tat - interval)
 
-    def _withdraw(self, waiter_id: str, start_at: int | None, now: int, limits: Limits) -> None:
-        """Withdraw a reservation that will not start: out of every window exactly, and the
-        TAT rolled back by its cost if it was the last to move it; a cost-1 reservation of
-        a limiter without windows goes through the given-back starts instead."""
-        cost = self.costs.pop(waiter_id, None)
-        in_windows = self.entries.pop(waiter_id, None)
-        if in_windows is not None:
-            start_at = in_windows
+    def _withdraw(
+        self, waiter_id: str, start_at: int | None, cost: int, now: int, limits: Limits
+    ) -> None:
+        """Withdraw the reservation of *waiter_id* (*start_at*: its grant's start, None if
+        the grant is gone): out of every window log, and the TAT back to what it was before
+        if that reservation was the last to move it. One unit without windows goes through
+        the given-back starts, as before costs."""
+        if cost == UNIT and not limits.windows:
+            if start_at is not None:
+                self._give_back(waiter_id, start_at, now, limits)
+        else:
+            if limits.windows:
+                self._load_windows(now, limits)
+                for window in limits.windows:
+                    self.log(window).pop(waiter_id, None)
+            if start_at is not None and limits.interval_us > 0 and self._is_last(waiter_id):
+                assert self.last is not None
+                before = float(self.last[2])
+                self.tat = before if before > 0 else None
+                self.last = None
+        self.costs.pop(waiter_id, None)
         self.started.pop(waiter_id, None)
-        if start_at is None:
-            return
-        if cost is None and not limits.windows:
-            self._give_back(waiter_id, start_at, now, limits)
-            return
-        if limits.interval_us > 0 and start_at > now and self.last == self._last_of(waiter_id):
-            assert self.tat is not None
-            units = (UNIT if cost is None else cost) / UNIT
-            self._set_tat(self.tat - units * float(limits.interval_us))
-            self.last = None
-
-    def _last_of(self, waiter_id: str) -> str:
-        return f"{waiter_id}|{self._tat_text()}"
 
     def _grant(
         self,
@@ -306,8 +340,6 @@ class LimiterModel:
             if reserved is None:
                 return None
             delay = reserved
-        elif cost != UNIT:
-            self.costs.pop(waiter_id, None)
         self.queue.pop(waiter_id, None)
         self.waiters.pop(waiter_id, None)
         token = self._next_seq()
@@ -316,7 +348,10 @@ class LimiterModel:
         self.started[waiter_id] = Start(start_at, self.reservations, cost)
         if limits.max_at_once > 0:
             self.holders[waiter_id] = start_at + limits.lease_ttl_us
-            self.grants[waiter_id] = (token, start_at)
+            self.grants[waiter_id] = (token, start_at, cost)
+            if not limits.windows:
+                # A queued waiter's cost record: in its grants entry from now on.
+                self.costs.pop(waiter_id, None)
         return token, delay
 
     def _queue_order(self) -> list[str]:
@@ -332,7 +367,7 @@ class LimiterModel:
             and self.queue
         ):
             head = self._queue_order()[0]
-            granted_now = self._grant(head, now, limits, None, self.costs.get(head, UNIT))
+            granted_now = self._grant(head, now, limits, None, self._cost_of(head))
             assert granted_now is not None
             token, delay = granted_now
             self.mailboxes.setdefault(process_of(head), []).append(f"{head}|{token}|{delay}")
@@ -348,14 +383,14 @@ class LimiterModel:
         stored = self.grants.get(waiter_id)
         if ends is not None and ends > now and stored is not None:
             # A retry: the remembered grant, nothing reserved.
-            token, start_at = stored
+            token, start_at, _ = stored
             return [1, token, max(0, start_at - now)]
         granted = self._grant(waiter_id, now, limits, max_delay, cost)
         if granted is None:
             return [2, 0]
         token, delay = granted
         self.recent[waiter_id] = now + limits.lease_ttl_us
-        self.grants[waiter_id] = (token, now + delay)
+        self.grants[waiter_id] = (token, now + delay, cost)
         return [1, token, delay]
 
     def _acquire_one(
@@ -364,7 +399,7 @@ class LimiterModel:
         if waiter_id in self.holders:
             if waiter_id not in self.grants:
                 return [1, 0, 0]
-            token, start_at = self.grants[waiter_id]
+            token, start_at, _ = self.grants[waiter_id]
             return [1, token, max(0, start_at - now)]
         order = self._queue_order()
         queued = waiter_id in self.queue
@@ -486,20 +521,20 @@ class LimiterModel:
     ) -> list[int]:
         """Model of cancel.lua: ``[was_granted, granted]``.
 
-        The waiter leaves the queue; a reservation it held is withdrawn (see
-        :meth:`_withdraw`): out of every window log and ``costs``.
+        The waiter leaves the queue; its reservation is withdrawn (see :meth:`_withdraw`):
+        out of every window log and ``costs``, and the TAT rolled back if it was the last
+        to move it (a reservation whose grant is gone still leaves the window logs).
         """
         limits = Limits(max_at_once, interval_us, burst, lease_ttl_us, windows)
         self.queue.pop(waiter_id, None)
         self.waiters.pop(waiter_id, None)
         was_granted = int(self.holders.pop(waiter_id, None) is not None)
         stored = self.grants.pop(waiter_id, None)
-        if stored is not None:
-            self.recent.pop(waiter_id, None)
-        if stored is not None or waiter_id in self.entries:
-            self._withdraw(waiter_id, None if stored is None else stored[1], now, limits)
+        if stored is None:
+            self._withdraw(waiter_id, None, UNIT, now, limits)
         else:
-            self.costs.pop(waiter_id, None)
+            self.recent.pop(waiter_id, None)
+            self._withdraw(waiter_id, stored[1], stored[2], now, limits)
         if max_at_once == 0:
             return [0, 0]
         self._purge(now)
@@ -510,6 +545,7 @@ class LimiterModel:
         now: int,
         waiter_id: str,
         actual: int,
+        previous: int,
         *,
         max_at_once: int,
         interval_us: float,
@@ -517,36 +553,39 @@ class LimiterModel:
         lease_ttl_us: int,
         windows: tuple[Window, ...] = (),
     ) -> int:
-        """Model of settle.lua: 1 if the reservation was found in a window log or the
-        GCRA applied, else 0.
+        """Model of settle.lua: 1 if a window log held the reservation or the TAT changed,
+        else 0.
 
-        The difference d = actual - (the cost as last settled) changes the entry in every
-        counts-cost window at its original start. GCRA: d > 0 is debt (TAT + d * interval);
-        d < 0 is refunded only while this permit's reservation or settle is the last that
-        moved the TAT.
+        d = actual - (the cost as last settled: the logs' record if a log holds the entry,
+        else *previous*, the caller's). Every counts-cost window holding the entry (ended
+        or not: settle does not trim) changes it by d. GCRA: d > 0 is debt (TAT + d
+        intervals); d < 0 is refunded only while this reservation (or its settle) is the
+        last that moved the TAT.
         """
-        found = 0
-        start = self.entries.get(waiter_id)
-        if start is not None and any(start > now - w.per_us for w in windows):
-            found = 1
-        stored = self.grants.get(waiter_id)
-        if start is None and stored is None:
-            return found
-        before = self.costs.get(waiter_id, UNIT)
-        diff = actual - before
-        interval = float(interval_us)
-        # GCRA: debt always; a refund only if nothing was reserved since this permit.
-        refund_applies = diff < 0 and self.last == self._last_of(waiter_id)
-        if interval > 0 and self.tat is not None and (diff > 0 or refund_applies):
-            self._set_tat(self.tat + diff / UNIT * interval)
-            self.last = self._last_of(waiter_id)
-            found = 1
-        self.costs[waiter_id] = actual
+        held = [w for w in windows if waiter_id in self.log(w)]
+        if held:
+            previous = self._cost_of(waiter_id)
+        diff = actual - previous
+        if diff != 0 and held:
+            if actual == UNIT:
+                self.costs.pop(waiter_id, None)
+            else:
+                self.costs[waiter_id] = actual
+        applied = False
+        if diff != 0 and interval_us > 0 and self.tat:
+            is_last = self._is_last(waiter_id)
+            if diff > 0 or is_last:
+                self._set_tat(self.tat + diff / UNIT * float(interval_us))
+                applied = True
+                if is_last:
+                    assert self.last is not None
+                    self.last = (waiter_id, self._tat_text(), self.last[2])
         record = self.started.get(waiter_id)
-        if record is not None:
+        if record is not None and diff != 0:
+            # What the work spent, whether or not a window still counts it.
             record.overspend += max(0, diff)
             record.cost = actual
-        return found
+        return int(bool(held) or applied)
 
     def status(self, now: int) -> list[object]:
         """Model of status.lua: ``[now, holders_flat, queue_flat, tat, seq, spare]``."""
@@ -563,9 +602,17 @@ class LimiterModel:
 
     # -- what the tests check --------------------------------------------------------
 
-    def live_entries(self, now: int, window: Window) -> dict[str, int]:
-        """The entries *window* still counts at *now* (start > now - per): id -> start."""
-        return {m: s for m, s in self.entries.items() if s > now - window.per_us}
+    def grant_texts(self) -> dict[str, str]:
+        """The ``grants`` hash as stored: ``"<token>|<start>"``, then ``"|<cost>"`` when the
+        cost is not one unit."""
+        return {
+            lease: f"{token}|{start}" if cost == UNIT else f"{token}|{start}|{cost}"
+            for lease, (token, start, cost) in self.grants.items()
+        }
+
+    def last_text(self) -> str | None:
+        """The ``costs`` field ``last`` as stored."""
+        return None if self.last is None else "|".join(self.last)
 
     def worst_window(self, window: Window) -> tuple[int, int]:
         """Over every window of length ``per`` anchored at a recorded start: the most units
