@@ -653,7 +653,7 @@ class WindowsHoldInTheModel(CostsAndWindowsMatchModel):
 
 
 WindowsHoldInTheModel.TestCase.settings = settings(
-    max_examples=1000,
+    max_examples=300,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
