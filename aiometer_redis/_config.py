@@ -38,8 +38,8 @@ UNIT = 1_000_000
 _MAX_UNITS = 2**52
 
 
-def cost_units(value: object, name: str = "cost", *, minimum: float = 0.0) -> int:
-    """*value* (a cost, or with ``minimum=-1`` an actual cost that may be 0) in micro-units.
+def cost_units(value: object, name: str = "cost", *, zero: bool = False) -> int:
+    """*value* (a cost; with *zero*, an actual cost, which may be 0) in micro-units.
 
     Raises:
         TypeError: *value* is not a number.
@@ -48,11 +48,11 @@ def cost_units(value: object, name: str = "cost", *, minimum: float = 0.0) -> in
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= minimum:
-        bound = "> 0" if minimum == 0.0 else ">= 0"
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        bound = ">= 0" if zero else "> 0"
         raise ConfigurationError(f"{name} must be a finite number {bound}, got {value!r}")
     units = round(value * UNIT)
-    if units < 1 and minimum == 0.0:
+    if units < 1 and not zero:
         raise ConfigurationError(f"{name} must be at least 1e-06 (one micro-unit), got {value!r}")
     if units > _MAX_UNITS:
         raise ConfigurationError(f"{name} must be at most {_MAX_UNITS // UNIT}, got {value!r}")

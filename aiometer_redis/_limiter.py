@@ -235,7 +235,8 @@ class RedisLimiter:
         return (
             f"RedisLimiter(name={self._name!r}, max_at_once={config.max_at_once}, "
             f"max_per_second={config.max_per_second}, burst={config.burst}, "
-            f"lease_ttl={config.lease_ttl})"
+            f"lease_ttl={config.lease_ttl}"
+            + (f", rates={list(config.rates)!r})" if config.rates else ")")
         )
 
     @property
@@ -716,8 +717,8 @@ class RedisLimiter:
         client = self._client
         if client is None:
             raise RuntimeError("enter the limiter first: `async with RedisLimiter(...)`")
-        state = await read_state(client, self._keys, self._name)
         config = self._config
+        state = await read_state(client, self._keys, self._name, config.window_spec)
         return RedisLimiterStatistics(
             name=self._name,
             max_at_once=config.max_at_once,
@@ -729,6 +730,8 @@ class RedisLimiter:
             local_held=len(self._leases.held),
             local_waiting=len(self._leases.waiters),
             leases_lost=self._leases.lost_count,
+            rates=tuple(config.rates),
+            rates_used=tuple(units / UNIT for units in state.window_used),
         )
 
     async def reset(self) -> None:

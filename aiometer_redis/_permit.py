@@ -89,7 +89,8 @@ class RedisPermit:
         The difference is applied at the permit's original start, in every rate window that
         counts cost (windows that count calls never change) and in ``max_per_second``: a
         charge is a debt that later starts wait for; a refund frees room in the windows at
-        once, and in ``max_per_second`` only while no later start was reserved. Settling
+        once, and in ``max_per_second`` only while no later start was reserved (and only for
+        a permit acquired with a cost other than 1, or from a limiter with rates). Settling
         again replaces the previous settle. Allowed after :meth:`release`. On a permit that
         holds no rate reservation (a limiter with only ``max_at_once``) it only checks
         *actual*. Completes even inside a cancelled scope.
@@ -99,7 +100,7 @@ class RedisPermit:
             ConfigurationError: *actual* is not a finite number >= 0 (also a ValueError).
             RedisUnavailableError: Redis did not answer within ``retry_window``.
         """
-        units = cost_units(actual, "actual", minimum=-1.0)
+        units = cost_units(actual, "actual", zero=True)
         if self.fallback:
             settle = getattr(self._local_rate, "settle", None)
             if settle is not None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from aiometer import Rate
+
 from ._client import ScriptClient
 from ._config import LimiterConfig
 from ._errors import ClientError, as_limiter_error
@@ -27,10 +29,16 @@ class LimiterState:
     tat: float | None
     issued: int
     spare: float | None = None
+    #: Per window of the spec given to :func:`read_state`: the units started or reserved within
+    #: its last ``per`` seconds (micro-units).
+    window_used: tuple[int, ...] = ()
 
 
-async def read_state(client: ScriptClient, keys: Sequence[str], name: str = "") -> LimiterState:
-    """Read one limiter's state from Redis in one read-only script call.
+async def read_state(
+    client: ScriptClient, keys: Sequence[str], name: str = "", window_spec: str = ""
+) -> LimiterState:
+    """Read one limiter's state from Redis in one read-only script call (with *window_spec*,
+    ARGV[8] of the writers, and all the limiter's keys: the use of each window too).
 
     Raises:
         CorruptStateError: a key holds a value of the wrong type or form.
@@ -40,7 +48,8 @@ async def read_state(client: ScriptClient, keys: Sequence[str], name: str = "") 
     """
     label = name or keys[0].rpartition(":")[0]
     try:
-        reply = await client.run_script(load_script("status"), keys, [""])
+        args = ["", window_spec] if window_spec else [""]
+        reply = await client.run_script(load_script("status"), keys, args)
     except ClientError as exc:
         raise as_limiter_error(label, "reading the state", exc) from exc.__cause__
     try:
@@ -52,12 +61,14 @@ async def read_state(client: ScriptClient, keys: Sequence[str], name: str = "") 
         )
         waiters = tuple(queue_flat[i] for i in range(0, len(queue_flat), 2))
         spare = (int(rest[0]) - now) / 1e6 if rest and rest[0] else None
+        used = tuple(int(units) for units in rest[1]) if len(rest) > 1 else ()
         return LimiterState(
             holders,
             waiters,
             (float(tat) - now) / 1e6 if tat else None,
             int(seq or 0),
             spare,
+            used,
         )
     except (ValueError, TypeError, IndexError) as exc:
         raise CorruptStateError(
@@ -93,6 +104,9 @@ class RedisLimiterStatistics:
         local_held: slots held by this process through this object.
         local_waiting: coroutines of this process waiting in ``acquire()``.
         leases_lost: leases of this process found expired on renewal since it started.
+        rates: the windows this process applies (``rates=``).
+        rates_used: per Rate, in order: the cost (or, for ``counts="calls"``, the number of
+            calls) started or reserved by the fleet within its last ``per`` seconds.
     """
 
     name: str
@@ -105,6 +119,8 @@ class RedisLimiterStatistics:
     local_held: int
     local_waiting: int
     leases_lost: int
+    rates: tuple[Rate, ...] = ()
+    rates_used: tuple[float, ...] = ()
 
 
 def next_start(state: LimiterState, config: LimiterConfig) -> float:

@@ -35,6 +35,16 @@ them readable, and move with whatever else the machine is doing.
    before ``release()``, the waiter right after ``acquire()`` returns. The floor next to it is
    the same ping-pong over raw RPUSH / BLPOP between the same two processes.
    Target: p50 <= 2 ms.
+4. Costs and windows. One process, 16 coroutines looping ``acquire(cost=c)`` + ``release()``
+   next to a PING loop, interleaved in rounds: a plain rate-only limiter (cost 1), the same
+   with cost 7.5, rate windows (``Rate`` of 1 s and 10 s counting cost, 10 s counting calls,
+   with limits nothing reaches, so the scripts pay for the window logs but nobody waits), the
+   windows with ``max_per_second`` and with ``max_at_once`` (an acquire and a release call per
+   task), and a window that is full all the time (``Rate(400, per=0.25)``, costs 1 to 8: every
+   reservation walks its log; tasks wait, so its rate is not comparable). Per task: EVALSHA
+   calls (round trips: the limiter batches concurrent calls), the redis-server time of those
+   calls and the commands the scripts ran (``redis.call``), all from ``INFO commandstats``
+   read before and after each phase with a separate client. Shown for comparison, no verdict.
 
 The 8-process rows run more processes than a small machine has cores, next to redis-server
 itself: read the ratio, not the absolute rate. The exit status is 0 whatever the verdicts.
@@ -55,6 +65,7 @@ import anyio
 import anyio.to_thread
 import redis.asyncio
 
+from aiometer import Rate
 from aiometer_redis import RedisLimiter
 
 # Run as a script, this file's directory (bench/) is on sys.path, the repository root is not.
@@ -477,6 +488,106 @@ async def _handoff(pool: _Pool, url: str, settings: _Settings, verdicts: list[_V
     }
 
 
+# Section 4: (label, RedisLimiter options, the cost of each acquisition: a number or a function
+# of the acquisition's number).
+_WINDOWS = [Rate(_FAST_RATE, per=1), Rate(_FAST_RATE, per=10), Rate(_FAST_RATE, 10, "calls")]
+_COST_ROWS: list[tuple[str, dict[str, object], Callable[[int], float]]] = [
+    ("rate-only, cost 1", {"max_per_second": _FAST_RATE}, lambda n: 1),
+    ("rate-only, cost 7.5", {"max_per_second": _FAST_RATE, "burst": 1000}, lambda n: 7.5),
+    ("3 windows, cost 7.5", {"rates": _WINDOWS}, lambda n: 7.5),
+    (
+        "3 windows + max_per_second, cost 7.5",
+        {"rates": _WINDOWS, "max_per_second": _FAST_RATE, "burst": 1000},
+        lambda n: 7.5,
+    ),
+    (
+        "3 windows + max_at_once, cost 7.5",
+        {"rates": _WINDOWS, "max_at_once": _HIGH_MAX_AT_ONCE},
+        lambda n: 7.5,
+    ),
+    ("full window, costs 1-8 (waits)", {"rates": [Rate(400, per=0.25)]}, lambda n: 1 + n % 8),
+]
+
+
+async def _cost_phase(
+    url: str, stats_client: redis.asyncio.Redis, seconds: float, row: int
+) -> tuple[int, _CommandStats]:
+    _, options, cost_of = _COST_ROWS[row]
+    counter = itertools.count()
+    async with (
+        redis.asyncio.Redis.from_url(url) as client,
+        RedisLimiter(client, f"costs:{row}:{time.time_ns()}", **options) as limiter,  # type: ignore[arg-type]
+    ):
+
+        async def cycle() -> None:
+            permit = await limiter.acquire(cost=cost_of(next(counter)))
+            await permit.release()
+
+        await _open_connections(client, _COROUTINES_PER_PROCESS + 2)
+        before = await _CommandStats.read(stats_client)
+        begin = time.time()
+        done, _ = await _count_completions(cycle, begin, begin + seconds, _COROUTINES_PER_PROCESS)
+        after = await _CommandStats.read(stats_client)
+    return done, after - before
+
+
+async def _costs(url: str, stats_client: redis.asyncio.Redis, settings: _Settings) -> Result:
+    _section(
+        f"4. Costs and windows: one process, {_COROUTINES_PER_PROCESS} coroutines looping "
+        "acquire(cost=c) + release()"
+    )
+    in_script = _script_command_names()
+    totals: list[Counter[str]] = [Counter() for _ in _COST_ROWS]
+    pings = 0
+    ping_seconds = 0.0
+    for _ in range(settings.rounds):
+        async with redis.asyncio.Redis.from_url(url) as client:
+            begin = time.time()
+            done, _ = await _count_completions(
+                client.ping, begin, begin + settings.phase_seconds, _COROUTINES_PER_PROCESS
+            )
+            pings += done
+            ping_seconds += settings.phase_seconds
+        for row in range(len(_COST_ROWS)):
+            done, stats = await _cost_phase(url, stats_client, settings.phase_seconds, row)
+            totals[row]["tasks"] += done
+            totals[row]["evalsha"] += stats.calls["evalsha"] + stats.calls["eval"]
+            totals[row]["usec"] += stats.usec["evalsha"] + stats.usec["eval"]
+            totals[row]["in_script"] += sum(stats.calls[name] for name in in_script)
+    ping_rate = pings / ping_seconds
+    rows = []
+    measured: Result = {"ping_per_second": ping_rate, "rows": {}}
+    for (label, _, _), total in zip(_COST_ROWS, totals, strict=True):
+        tasks = max(total["tasks"], 1)
+        rate = total["tasks"] / (settings.rounds * settings.phase_seconds)
+        summary = {
+            "tasks_per_second": rate,
+            "ratio_to_ping": rate / ping_rate,
+            "script_calls_per_task": total["evalsha"] / tasks,
+            "server_us_per_task": total["usec"] / tasks,
+            "in_script_commands_per_task": total["in_script"] / tasks,
+        }
+        measured["rows"][label] = summary
+        rows.append(
+            [
+                label,
+                f"{rate:,.0f}",
+                f"{summary['ratio_to_ping']:.2f}",
+                f"{summary['script_calls_per_task']:.2f}",
+                f"{summary['server_us_per_task']:.1f}",
+                f"{summary['in_script_commands_per_task']:.1f}",
+            ]
+        )
+    headers = ["limiter", "tasks/s", "vs PING", "calls/task", "server us/task", "cmds/task"]
+    print(_table(headers, rows))
+    print(
+        f"\nPING: {ping_rate:,.0f}/s. calls/task: script round trips per task (EVALSHA; "
+        "concurrent acquisitions share one); server us/task: redis-server time in those calls; "
+        "cmds/task: redis.call commands the scripts ran."
+    )
+    return measured
+
+
 async def _sections(
     pool: _Pool,
     url: str,
@@ -488,6 +599,7 @@ async def _sections(
         "throughput": await _throughput(pool, url, stats_client, settings, verdicts),
         "commands_per_task": await _contention(pool, url, stats_client, settings, verdicts),
         "handoff": await _handoff(pool, url, settings, verdicts),
+        "costs": await _costs(url, stats_client, settings),
     }
 
 

@@ -442,20 +442,23 @@ local function withdraw(id, start_at, cost, now)
   end
 end
 
--- The costs hash lives as long as the longest window log can (the running sums
--- must outlive the logs they count) and never less than it was given before.
+-- The window logs live until their latest start + per + key_ttl_ms, and costs
+-- (whose running sums must outlive the logs they count) until the latest start
+-- + the longest per + key_ttl_ms: set together, from the same latest start, so
+-- that costs never expires before a log. Without windows costs holds only
+-- 'last' and queued waiters' costs, which key_ttl_ms covers.
 local function expire_costs(now)
-  local ttl = key_ttl_ms
-  if #windows > 0 then
-    if not windows_loaded then
-      latest = read_latest()
-    end
-    ttl = ttl_until(math.max(latest + per_max, now), now)
-    ttl = math.max(ttl, redis.call('PTTL', costs_key))
+  if #windows == 0 then
+    redis.call('PEXPIRE', costs_key, int(key_ttl_ms))
+    return
   end
-  -- Without windows costs holds only 'last' and queued waiters' costs, which
-  -- key_ttl_ms always covers.
-  redis.call('PEXPIRE', costs_key, int(ttl))
+  if not windows_loaded then
+    latest = read_latest()
+  end
+  for _, w in ipairs(windows) do
+    redis.call('PEXPIRE', w.key, int(ttl_until(math.max(latest + w.per, now), now)))
+  end
+  redis.call('PEXPIRE', costs_key, int(ttl_until(math.max(latest + per_max, now), now)))
 end
 
 -- Writes back what the call changed in the windows and costs (sums, 'last')
@@ -478,15 +481,10 @@ local function flush_windows(now)
     redis.call('HSET', costs_key, unpack(fields))
     wrote_costs = true
   end
-  if wrote_windows then
-    for _, w in ipairs(windows) do
-      redis.call('PEXPIRE', w.key, int(ttl_until(math.max(latest + w.per, now), now)))
-    end
-    wrote_windows = false
-  end
-  if wrote_costs then
+  if wrote_costs or wrote_windows then
     expire_costs(now)
     wrote_costs = false
+    wrote_windows = false
   end
 end
 

@@ -4,14 +4,21 @@
 -- too, from clients that predate spare; the costs and window keys may follow,
 -- and are not read); only holders, queue, tat, seq and spare are read.
 --
--- ARGV: 1 now_us alone (see lua/README.md); none at all reads the server clock.
+-- ARGV: 1 now_us (see lua/README.md); none at all reads the server clock.
+--       2 the window spec (ARGV[8] of the writers; optional): with it, and KEYS[9]
+--         (costs) and KEYS[10..] (the window logs), the reply reports each
+--         window's use.
 --
--- Reply: {now_us, holders, queue, tat, seq, spare}
+-- Reply: {now_us, holders, queue, tat, seq, spare[, used]}
 --   holders  flat {lease id, expiry_us, ...} in expiry order
 --   queue    flat {waiter id, ticket, ...} in ticket order
 --   tat      the stored string, or '' when there is none
 --   seq      the stored counter, or '0'
 --   spare    the earliest start given back that is still ahead ('%d'), or ''
+--   used     only with a window spec: per window, the units started or reserved
+--            from now - per on ('%d'): its cost (absent from costs: one unit),
+--            or 1000000 per start for a window counting calls. Reads every
+--            entry of the windows (an operator's view, not the limiter's path).
 -- Scores are returned as decimal strings ('%d'), never as Lua numbers.
 -- Errors: 'ERR_ARG ...' for malformed arguments.
 
@@ -48,4 +55,28 @@ if spare_key then
     spare = int(tonumber(first[2]))
   end
 end
-return {now, holders, queue, tat, seq, spare}
+local spec = ARGV[2]
+if spec == nil or spec == '' then
+  return {now, holders, queue, tat, seq, spare}
+end
+local used = {}
+for entry in string.gmatch(spec, '[^;]+') do
+  local per, k = string.match(entry, '^%d+,(%d+),([01])$')
+  local key = KEYS[10 + #used]
+  if not per or not key or not KEYS[9] then
+    return bad_arg('window spec', "'<limit units>,<per us>,<0|1>' entries with their keys", spec)
+  end
+  local ids = redis.call('ZRANGEBYSCORE', key, '(' .. int(now - tonumber(per)), '+inf')
+  local total = #ids * 1000000
+  if k == '0' and #ids > 0 then
+    total = 0
+    for first = 1, #ids, 1000 do
+      local costs = redis.call('HMGET', KEYS[9], unpack(ids, first, math.min(first + 999, #ids)))
+      for i = 1, #costs do
+        total = total + (tonumber(costs[i] or '') or 1000000)
+      end
+    end
+  end
+  used[#used + 1] = int(total)
+end
+return {now, holders, queue, tat, seq, spare, used}

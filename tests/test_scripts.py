@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import random
 import re
 import stat
 import time
@@ -1245,6 +1246,88 @@ async def test_window_keys_and_costs_get_a_ttl(backend: Backend) -> None:
         await settle(lim, NOW, "a:1", 1, 20 / 3)
         await lim.cancel(NOW, "b:1")
         assert all(ttl > 0 for ttl in (await lim.existing_ttls()).values())
+
+
+@pytest.mark.anyio
+async def test_a_retried_acquire_is_charged_once(backend: Backend) -> None:
+    async with backend.open() as opened:
+        for max_at_once in (0, 2):
+            lim = Limiter(
+                opened.client, max_at_once, tag=f"r{max_at_once}", window_spec=TEN_PER_SECOND
+            )
+            first = await lim.acquire(NOW, item("p:1", 6), item("p:2", 6))
+            # The same ids again (a reply lost on the way): the same grants, nothing charged.
+            again = await lim.acquire(NOW + 10, item("p:1", 6), item("p:2", 6))
+            assert first == [[1, 1, 0], [1, 2, SECOND]]
+            assert again == [[1, 1, 0], [1, 2, SECOND - 10]]
+            costs, [log] = await windows_of(lim)
+            assert log == {"p:1": NOW, "p:2": NOW + SECOND}
+            assert costs[f"sum:{SECOND}:0"] == str(12 * SECOND)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.anyio
+async def test_random_costs_keep_every_window_and_the_gcra(backend: Backend, seed: int) -> None:
+    # Random batches of costly acquisitions (some with a deadline), withdrawals and the clock
+    # moving on: the starts kept (granted and not withdrawn) never overfill a window, the
+    # GCRA's bound holds for their costs, and no start is earlier than one reserved before it.
+    rng = random.Random(seed)
+    interval, burst = 100_000, 10
+    spec = f"{TEN_PER_SECOND};{4 * SECOND},{SECOND // 2},1"
+    async with backend.open() as opened:
+        for max_at_once in (0, 1000):
+            lim = Limiter(opened.client, max_at_once, float(interval), burst, window_spec=spec)
+            kept: dict[str, tuple[int, float]] = {}
+            latest = 0
+            now = NOW
+            for step in range(60):
+                now += rng.choice([0, 0, 1_000, 50_000, 300_000])
+                if kept and rng.random() < 0.2:
+                    victim = rng.choice(sorted(kept))
+                    if kept[victim][0] > now:  # withdrawn before its start
+                        await lim.cancel(now, victim)
+                        del kept[victim]
+                        latest = max((start for start, _ in kept.values()), default=0)
+                    continue
+                batch = [
+                    (f"p:{step}.{n}", rng.choice([0.5, 1, 2, 3.5, 7, 10]), rng.random() < 0.3)
+                    for n in range(rng.randint(1, 3))
+                ]
+                items = [item(i, c, 400_000 if bounded else None) for i, c, bounded in batch]
+                for (waiter, cost, _), reply in zip(
+                    batch, await lim.acquire(now, *items), strict=True
+                ):
+                    if reply[0] == 1:
+                        start = now + reply[2]
+                        assert start >= latest, (waiter, start, latest)
+                        latest = start
+                        kept[waiter] = (start, cost)
+            starts = sorted(kept.values())
+            assert_windows_hold(kept, 10, SECOND)
+            assert_windows_hold({i: (s, 1) for i, (s, _) in kept.items()}, 4, SECOND // 2)
+            for i, (first, _) in enumerate(starts):
+                spent = 0.0
+                for last, cost in starts[i:]:
+                    spent += cost
+                    assert spent <= burst + (last - first) / interval + 1e-6, (first, last)
+
+
+@pytest.mark.anyio
+async def test_status_reports_the_use_of_each_window(backend: Backend) -> None:
+    async with backend.open() as opened:
+        spec = f"{TEN_PER_SECOND};{TWO_CALLS_PER_SECOND}"
+        lim = Limiter(opened.client, max_at_once=0, window_spec=spec)
+        await lim.acquire(NOW, item("p:1", 2.5), item("p:2"), item("p:3", 4))
+        status = await opened.client.run_script(load_script("status"), lim.keys, [NOW, spec])
+        # p:3 waits for the calls window (reserved at NOW + 1 s): reserved starts count too.
+        assert status[6] == [str(round(7.5 * SECOND)), str(3 * SECOND)]
+        # A second later p:1 and p:2 have left the windows.
+        later = await opened.client.run_script(
+            load_script("status"), lim.keys, [NOW + SECOND, spec]
+        )
+        assert later[6] == [str(4 * SECOND), str(SECOND)]
+        # Without the spec, the reply is as before windows existed.
+        assert len(await lim.full_status(NOW)) == 6
 
 
 @pytest.mark.anyio

@@ -1,0 +1,262 @@
+-- acquire.lua: take a slot for one or more waiters, or queue them and report
+-- their positions.
+--
+-- KEYS, the common ARGV[1..7] and the mailboxes: see lua/README.md.
+--
+-- ARGV after the common header:
+--   8 ..            one or more waiter ids '<process id>:<n>'; a waiter id
+--                    becomes the lease id when granted. An id may end in
+--                    '/<max delay us>' (the caller's remaining time): it is then
+--                    never given a rate start further away than that (the
+--                    suffix is not part of the id)
+--
+-- The call does exactly what one call per waiter id, in ARGV order and with the
+-- same now, would do (expired leases and dead waiters are purged once, first):
+-- an id later in the batch queues behind the ones before it and gets a later
+-- ticket or token, and consecutive rate reservations follow each other.
+--
+-- Reply: one string with one entry per waiter id, in ARGV order, the entries
+-- separated by ';' and the integers of an entry by ',' (a flat string costs a
+-- client far less to parse than nested arrays; for two ids: '1,17,0;0,3'):
+--   1,token,delay_us  granted; start after delay_us (rate limit), token is a
+--                     fencing token. Repeating the call for a waiter that
+--                     already holds a lease (granted by a handoff, or a retry
+--                     after a lost reply) returns the same grant and changes
+--                     nothing.
+--   0,ahead           queued; ahead = 0-based position in the queue. The
+--                     waiter's liveness is extended to now + lease_ttl_us.
+--   2,0               refused: the waiter's next rate start would be further
+--                     away than its max delay. Nothing is reserved, held or
+--                     queued for it (an entry it already had in the queue
+--                     stays, for its caller to cancel).
+--
+-- Rate only (max_at_once = 0) takes a fast path that keeps no lease: holders,
+-- queue and waiters are neither read nor written (nor purged). Every id is
+-- granted, and its grant is remembered, so that a retry after a lost reply
+-- (the same ids sent again) neither reserves a second rate slot nor takes a
+-- second token:
+--   - first, at most 100 memories that ended (score in recent <= now) leave
+--     recent and grants; any others go in later calls;
+--   - an id with a grant "<token>|<start_at_us>" in grants and an end > now in
+--     recent is a retry: its entry is 1,token,max(0, start_at_us - now) (the
+--     same grant, its delay shorter by the time gone by) and nothing is
+--     reserved or written for it;
+--   - any other id is new: it takes the next token and rate slot, and is
+--     remembered: ZADD recent <now + lease_ttl_us> id, and
+--     HSET grants id "<token>|<now + delay_us>".
+-- So an id given twice in one batch is new the first time and a retry the
+-- second. The new ids of a call take their rate starts in ARGV order (a start
+-- given back first, see reserve), and the granted ones their tokens from one
+-- INCRBY seq <number granted>; a refused id (its max delay) is not
+-- remembered. A call in which no id is granted anew writes nothing (tat, seq
+-- and every TTL stay as they were).
+--
+-- How long an id is remembered: lease_ttl_us (ARGV[5]), so that the ARGV
+-- layout stays that of every other script. A client repeats a call only within
+-- its retry window, which is far shorter than the lease TTL, so a retry always
+-- finds the memory. An id sent after its memory ended is new again, and so is
+-- a remembered id whose grant is gone (release.lua, renew.lua and cancel.lua
+-- delete the grants entry of every id they are given). A rate-only id is never
+-- put in holders. recent and grants, when written, live until
+-- now + lease_ttl_us + key_ttl_ms: past the end of every memory they hold.
+--
+-- Only the keys the call wrote get their TTL refreshed (see expire_written).
+-- Errors: 'ERR_ARG ...' for malformed arguments (nothing is written).
+
+-- The preludes lua/_read.lua and lua/_shared.lua come first: they bind KEYS,
+-- ARGV[1..7] and the shared helpers (int, read_now, purge, grant, handoff,
+-- expire_written, call_in_slices, ...).
+
+
+local err = check_common_args()
+if err then
+  return err
+end
+local count = #ARGV - 7
+if count < 1 then
+  return bad_arg('waiter id', "'<process id>:<n>' (at least one)", nil)
+end
+-- ids[i] and max_delays[i] (nil: no bound) of ARGV[7 + i].
+local ids = {}
+local max_delays = {}
+for i = 8, #ARGV do
+  if not string.find(ARGV[i], '^[^:/]+:[^/]*$') and not string.find(ARGV[i], '^[^:/]+:[^/]*/%d+$') then
+    return bad_arg('waiter id', "'<process id>:<n>[/<max delay us>]'", ARGV[i])
+  end
+  local id, max_delay = string.match(ARGV[i], '^(.*)/(%d+)$')
+  ids[i - 7] = id or ARGV[i]
+  max_delays[i - 7] = tonumber(max_delay)
+end
+
+-- ---------------------------------------------------------------------------
+-- Rate-only helpers.
+
+-- The ids that are remembered: id -> {token, start_at_us}; an id checked and
+-- not remembered maps to false. One HMGET grants per SLICE ids; only an id
+-- with a grant (in practice, a retry) costs a ZSCORE recent, to check that its
+-- memory has not ended.
+local function remembered_grants(now)
+  local known = {}
+  for first = 1, count, SLICE do
+    local last = math.min(first + SLICE - 1, count)
+    local values = redis.call('HMGET', grants_key, unpack(ids, first, last))
+    for i = first, last do
+      local id = ids[i]
+      local token, start_at = string.match(values[i - first + 1] or '', '^(%d+)|(%d+)$')
+      if token and known[id] == nil then
+        known[id] = false
+        local ends = tonumber(redis.call('ZSCORE', recent_key, id) or '')
+        if ends and ends > now then
+          known[id] = {tonumber(token), tonumber(start_at)}
+        end
+      end
+    end
+  end
+  return known
+end
+
+-- ---------------------------------------------------------------------------
+
+-- The reply string (see the header) of a list of {1, token, delay_us} and
+-- {0, ahead} tables.
+local function encode_replies(replies)
+  local entries = {}
+  for i, reply in ipairs(replies) do
+    if reply[1] == 1 then
+      entries[i] = '1,' .. int(reply[2]) .. ',' .. int(reply[3])
+    elseif reply[1] == 2 then
+      entries[i] = '2,0'
+    else
+      entries[i] = '0,' .. int(reply[2])
+    end
+  end
+  return table.concat(entries, ';')
+end
+
+local now = read_now()
+local replies = {}
+
+-- Rate only. With the server clock, a first call runs TIME, ZRANGEBYSCORE
+-- recent (and ZREM recent, HDEL grants when memories ended), HMGET grants,
+-- INCRBY and PEXPIRE seq, GET tat and SET tat .. PX (with a rate limit), ZADD
+-- recent, HSET grants and PEXPIRE recent and grants: 11 commands, whatever the
+-- number of ids (up to SLICE). A retry runs TIME, ZRANGEBYSCORE, HMGET and one
+-- ZSCORE recent per remembered id, and writes nothing.
+if max_at_once == 0 then
+  drop_ended(recent_key, grants_key, 'HDEL', now)  -- ended memories
+  local known = remembered_grants(now)
+  -- The new ids in ARGV order, and their rate start delays (false: refused).
+  local new_ids = {}
+  local delays = {}
+  local granted = 0
+  -- refused[i]: the id at ARGV position 7 + i was refused (its max delay).
+  local refused = {}
+  for i = 1, count do
+    local id = ids[i]
+    if not known[id] then
+      local delay = 0
+      if interval > 0 then
+        delay = reserve(now, max_delays[i]) or false
+      end
+      if delay then
+        known[id] = {}
+        granted = granted + 1
+      else
+        refused[i] = true
+      end
+      new_ids[#new_ids + 1] = id
+      delays[#new_ids] = delay
+    end
+  end
+  if granted > 0 then
+    local before = redis.call('INCRBY', seq_key, granted) - granted
+    redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
+    local ends = int(now + lease_ttl)
+    local members = {}
+    local fields = {}
+    local n = 0
+    for k, id in ipairs(new_ids) do
+      local delay = delays[k]
+      if delay then
+        n = n + 1
+        local token = before + n
+        known[id] = {token, now + delay}
+        members[#members + 1] = ends
+        members[#members + 1] = id
+        fields[#fields + 1] = id
+        fields[#fields + 1] = int(token) .. '|' .. int(now + delay)
+      end
+    end
+    -- Pairs: SLICE ids per command.
+    call_in_slices('ZADD', recent_key, members, 1, 2 * SLICE)
+    call_in_slices('HSET', grants_key, fields, 1, 2 * SLICE)
+    local memory_ttl = int(ttl_until(now + lease_ttl, now))
+    redis.call('PEXPIRE', recent_key, memory_ttl)
+    redis.call('PEXPIRE', grants_key, memory_ttl)
+    flush_tat(now)
+  end
+  for i = 1, count do
+    local grant_info = known[ids[i]]
+    if refused[i] then
+      replies[i] = {2}
+    else
+      replies[i] = {1, grant_info[1], math.max(0, grant_info[2] - now)}
+    end
+  end
+  return encode_replies(replies)
+end
+
+purge(now)
+-- ZCARD of holders and of the queue, read when first needed and then kept up
+-- to date here as this call grants and queues.
+local held = nil
+local queue_len = nil
+
+for i = 1, count do
+  local id = ids[i]
+  if redis.call('ZSCORE', holders_key, id) then
+    local grant_info = redis.call('HGET', grants_key, id) or ''
+    local token, start_at = string.match(grant_info, '^(%d+)|(%d+)$')
+    if token then
+      replies[i] = {1, tonumber(token), math.max(0, tonumber(start_at) - now)}
+    else
+      replies[i] = {1, 0, 0}
+    end
+  else
+    held = held or redis.call('ZCARD', holders_key)
+    local rank = redis.call('ZRANK', queue_key, id)
+    local ahead = rank
+    if not rank then
+      queue_len = queue_len or redis.call('ZCARD', queue_key)
+      ahead = queue_len
+    end
+    local token, delay = nil, nil
+    if held + ahead < max_at_once then
+      token, delay = grant(id, now, max_delays[i])
+      if token == nil then
+        replies[i] = {2}
+      elseif rank then
+        unqueue({id})
+        if queue_len then
+          queue_len = queue_len - 1
+        end
+      end
+    end
+    if token then
+      held = held + 1
+      replies[i] = {1, token, delay}
+    elseif replies[i] == nil then
+      if not rank then
+        local ticket = redis.call('INCR', seq_key)
+        redis.call('ZADD', queue_key, int(ticket), id)
+        queue_len = queue_len + 1
+      end
+      redis.call('ZADD', waiters_key, int(now + lease_ttl), id)
+      wrote_queue = true
+      replies[i] = {0, ahead}
+    end
+  end
+end
+
+expire_written(now)
+return encode_replies(replies)

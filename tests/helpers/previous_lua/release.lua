@@ -1,0 +1,40 @@
+-- release.lua: give one or more leases back and hand the free slots to the
+-- queue heads.
+--
+-- KEYS, the common ARGV[1..7] and the mailboxes: see lua/README.md.
+--
+-- ARGV after the common header:
+--   8 ..            one or more lease ids
+--
+-- Every id is removed from holders and grants, then expired leases and dead
+-- waiters are purged once and the free slots are handed off once.
+--
+-- Reply: {released, granted}
+--   released  how many of the ids were held (and are now released); an unknown
+--             or already expired lease counts 0 and frees nobody else's slot.
+--             An id given twice counts once.
+--   granted   number of queued waiters handed a slot (posted to their mailboxes)
+--
+-- Only the keys the call wrote get their TTL refreshed (see expire_written).
+-- Errors: 'ERR_ARG ...' for malformed arguments (nothing is written).
+
+-- The preludes lua/_read.lua and lua/_shared.lua come first: they bind KEYS,
+-- ARGV[1..7] and the shared helpers (int, read_now, purge, grant, handoff,
+-- expire_written, call_in_slices, ...).
+
+
+local err = check_common_args()
+if err then
+  return err
+end
+if #ARGV < 8 then
+  return bad_arg('lease id', 'given at least once', nil)
+end
+
+local now = read_now()
+local released = call_in_slices('ZREM', holders_key, ARGV, 8, SLICE)
+call_in_slices('HDEL', grants_key, ARGV, 8, SLICE)
+purge(now)
+local granted = handoff(now)
+expire_written(now)
+return {released, granted}

@@ -1,0 +1,61 @@
+-- renew.lua: extend a process's leases and waiter liveness in one call.
+--
+-- KEYS, the common ARGV[1..7] and the mailboxes: see lua/README.md.
+--
+-- ARGV after the common header:
+--   8 L              number of lease ids that follow
+--   9 .. 8+L         lease ids to extend to now + lease_ttl_us (never shortened)
+--   9+L ..           waiter ids still waiting in this process
+--
+-- A lease whose expiry is <= now is lost even if it was not purged yet; it is
+-- reported, never silently re-acquired. A waiter is lost when it is neither
+-- waiting nor holding (a waiter found in holders was granted and its wake-up
+-- is in flight).
+--
+-- Reply: {lost_lease_ids, lost_waiter_ids, granted}
+--   granted  number of queued waiters handed a slot by this call
+-- Errors: 'ERR_ARG ...' for malformed arguments (nothing is written).
+
+-- The preludes lua/_read.lua and lua/_shared.lua come first: they bind KEYS,
+-- ARGV[1..7] and the shared helpers (int, read_now, purge, grant, handoff,
+-- expire_written, call_in_slices, ...).
+
+local lease_count = tonumber(ARGV[8])
+
+local err = check_common_args()
+if err then
+  return err
+end
+if not is_int(lease_count, 0) or 8 + lease_count > #ARGV then
+  return bad_arg('lease count', 'an integer between 0 and the number of ids given', ARGV[8])
+end
+
+local now = read_now()
+local lost_leases = {}
+local lost_waiters = {}
+
+for i = 9, 8 + lease_count do
+  local id = ARGV[i]
+  local expiry = tonumber(redis.call('ZSCORE', holders_key, id) or '')
+  if expiry == nil or expiry <= now then
+    lost_leases[#lost_leases + 1] = id
+    redis.call('ZREM', holders_key, id)
+    redis.call('HDEL', grants_key, id)
+  else
+    redis.call('ZADD', holders_key, int(math.max(expiry, now + lease_ttl)), id)
+  end
+end
+
+for i = 9 + lease_count, #ARGV do
+  local id = ARGV[i]
+  if redis.call('ZSCORE', waiters_key, id) then
+    redis.call('ZADD', waiters_key, int(now + lease_ttl), id)
+  elseif not redis.call('ZSCORE', holders_key, id) then
+    lost_waiters[#lost_waiters + 1] = id
+  end
+end
+
+purge(now)
+local granted = handoff(now)
+expire_keys(now)
+return {lost_leases, lost_waiters, granted}
