@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import fakeredis
-import pytest
 from helpers.redis_model import UNIT, LimiterModel, Window, process_of, window_spec
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
@@ -339,13 +338,6 @@ cost_units = st.one_of(
 max_delays = st.one_of(st.none(), st.sampled_from([0, 1, 100_000, 400_000, 2 * SECOND]))
 
 
-# While test_trimming_keeps_each_windows_sum_exact fails (the longest window's trim ends the
-# cost records that a shorter window, trimmed later in the same call, still needs), the
-# machine lists the windows shortest first, the one order in which that cannot happen.
-# Set to False once that test passes.
-LONGEST_WINDOW_LAST = True
-
-
 def item_text(waiter_id: str, max_delay: int | None, cost: int) -> str:
     """A waiter item as the client sends it: no ``*`` for a cost of 1."""
     text = waiter_id if max_delay is None else f"{waiter_id}/{max_delay}"
@@ -481,8 +473,6 @@ class CostsAndWindowsMatchModel(RuleBasedStateMachine):
             Window(limit, per_us, calls)
             for (per_us, calls), limit in zip(shapes, limits, strict=False)
         ]
-        if LONGEST_WINDOW_LAST:
-            windows.sort(key=lambda window: window.per_us)
         self.windows = tuple(windows)
 
     @rule(dt=st.one_of(st.integers(0, 2_000), st.integers(0, 600_000), st.integers(0, 3 * SECOND)))
@@ -661,12 +651,6 @@ WindowsHoldInTheModel.TestCase.settings = settings(
 test_windows_hold_in_the_model = WindowsHoldInTheModel.TestCase
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lua/_shared.lua load_windows: the longest window's trim HDELs the cost records "
-    "of the ids it trims before a shorter window listed after it trims the same ids, which "
-    "then count one unit each",
-)
 def test_trimming_keeps_each_windows_sum_exact() -> None:
     # The longest window first, then a short one. Two half-unit entries (and nine whole
     # ones) start; a second later one call trims them from both windows at once.
