@@ -798,8 +798,7 @@ class RedisLimiter:
     # -- push-back and limits at run time ------------------------------------------------------
 
     async def _control(self, operation: str, *args: ScriptArg) -> tuple[bool, Control]:
-        if self._client is None:
-            raise RuntimeError("enter the limiter first: `async with RedisLimiter(...)`")
+        self._check_open()
         key_ttl_ms = math.ceil(self._config.key_ttl * 1000)
         reply = await self._call("control", "", key_ttl_ms, operation, *args, header=False)
         return decode_control_reply(self._name, reply)
@@ -843,6 +842,9 @@ class RedisLimiter:
         """
         retry: ScriptArg = "" if retry_after is None else _pause_us(retry_after, "retry_after")
         adaptive = self._config.adaptive_settings
+        if adaptive is None and retry_after is None:
+            self._check_open()
+            return False  # nothing to decide: no round trip
         cut, _ = await self._control(
             "throttled",
             retry,

@@ -10,18 +10,23 @@ judged with 0.1 s of tolerance (as the other fleet tests do).
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+from aiometer_redis import ConfigurationError, RedisLimiter, RedisLimiterGroup
 from aiometer_redis.testing import RedisServer
 
-pytestmark = [pytest.mark.redis, pytest.mark.slow]
+pytestmark = pytest.mark.redis
 
 WORKER = Path(__file__).parent / "helpers" / "pushback_worker.py"
 #: How far the workers' clocks may lag the server's decisions (a round trip or so).
@@ -63,6 +68,7 @@ def _count(starts: Sequence[float], begin: float, end: float) -> int:
     return sum(1 for t in starts if begin <= t < end)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("client", CLIENTS)
 def test_no_process_starts_inside_a_pause(
     server: RedisServer, name: str, tmp_path: Path, client: list[str]
@@ -90,6 +96,7 @@ def test_no_process_starts_inside_a_pause(
         assert any(t > before + 1.2 for t in result["starts"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("client", CLIENTS)
 def test_a_burst_of_429s_from_every_worker_cuts_once_then_recovers(
     server: RedisServer, name: str, tmp_path: Path, client: list[str]
@@ -127,6 +134,7 @@ def test_a_burst_of_429s_from_every_worker_cuts_once_then_recovers(
     assert all(r == pytest.approx(rate) for t, r in samples if t >= 7.0), samples
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("client", CLIENTS)
 def test_limits_set_at_run_time_apply_from_the_next_call(
     server: RedisServer, name: str, tmp_path: Path, client: list[str]
@@ -145,3 +153,137 @@ def test_limits_set_at_run_time_apply_from_the_next_call(
     assert slow <= 10 * (clear_at - set_at) + 8 + 1, slow
     assert slow >= 0.8 * 10 * (clear_at - set_at - 8 / rate - LAG)
     assert _count(starts, clear_at + 0.8 + LAG, clear_at + 1.8 + LAG) >= 0.85 * rate
+
+
+# -- one process, both backends ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    """Adaptive options as ``aiometer.Adaptive`` holds them."""
+
+    factor: float = 0.5
+    cooldown: float = 1.0
+    floor: float | None = None
+    recovery: float = 30.0
+
+
+@pytest.mark.anyio
+async def test_pause_holds_every_start_and_statistics_show_it(
+    server: RedisServer, name: str
+) -> None:
+    async with (
+        RedisLimiter.from_url(server.url, name, max_at_once=2, max_per_second=100) as limiter,
+        RedisLimiter.from_url(server.url, name, max_at_once=2, max_per_second=100) as other,
+    ):
+        assert (await limiter.statistics()).paused_for == 0.0
+        before = anyio.current_time()
+        assert await limiter.pause(0.5) == pytest.approx(0.5, abs=0.001)
+        # Another process's view; a shorter pause does not shorten it.
+        stats = await other.statistics()
+        assert 0.3 < stats.paused_for <= 0.5
+        assert stats.next_start == pytest.approx(stats.paused_for, abs=0.01)
+        assert 0.3 < await other.pause(0.1) <= 0.5
+        starts: list[float] = []
+
+        async def start(which: RedisLimiter) -> None:
+            async with which.slot():
+                starts.append(anyio.current_time())
+
+        async with anyio.create_task_group() as tg:
+            for n in range(4):
+                tg.start_soon(start, (limiter, other)[n % 2])
+        assert len(starts) == 4
+        assert min(starts) >= before + 0.5 - LAG
+        assert (await limiter.statistics()).paused_for == 0.0
+        # throttled(retry_after) pauses too; without adaptive it cuts nothing.
+        assert await limiter.throttled(retry_after=0.3) is False
+        assert 0.2 < (await other.statistics()).paused_for <= 0.3
+        assert await limiter.throttled() is False
+
+
+@asynccontextmanager
+async def _client(server: RedisServer, anyio_backend: str) -> AsyncIterator[Any]:
+    """A client of *server*: redis-py on asyncio, coredis on trio."""
+    if anyio_backend == "asyncio":
+        import redis.asyncio
+
+        plain = redis.asyncio.Redis.from_url(server.url)
+        try:
+            yield plain
+        finally:
+            await plain.aclose()
+    else:
+        import coredis
+
+        async with coredis.Redis.from_url(server.url) as client:
+            yield client
+
+
+@pytest.mark.anyio
+async def test_adaptive_group_cuts_per_key_and_limits_set_show_in_statistics(
+    server: RedisServer, name: str, anyio_backend: str
+) -> None:
+    options = Options(factor=0.25, cooldown=5.0, recovery=60.0)
+    async with (
+        _client(server, anyio_backend) as client,
+        RedisLimiterGroup(client, max_per_second=40, adaptive=options) as group,
+    ):
+        first, second = group[f"{name}-a"], group[f"{name}-b"]
+        assert await first.throttled() is True
+        assert await first.throttled() is False  # within the cool-down
+        stats = await first.statistics()
+        assert stats.effective_max_per_second == pytest.approx(10, abs=0.1)
+        assert (await second.statistics()).effective_max_per_second == 40
+        # A max_per_second set at run time caps the adaptive rate and is what it recovers to.
+        await first.set_limits(max_per_second=5, max_at_once=3)
+        stats = await first.statistics()
+        assert stats.limits_set == {"max_per_second": 5.0, "max_at_once": 3}
+        assert stats.effective_max_per_second == pytest.approx(5)
+        # This limiter has no max_at_once: the one set does not add one.
+        assert stats.effective_max_at_once is None
+        await first.clear_limits()
+        stats = await first.statistics()
+        assert stats.limits_set == {}
+        assert stats.effective_max_per_second == pytest.approx(10, abs=0.1)
+
+
+@pytest.mark.anyio
+async def test_bad_push_back_options_are_refused_before_any_call(
+    server: RedisServer, name: str
+) -> None:
+    url = server.url
+    with pytest.raises(ConfigurationError, match="adaptive needs max_per_second"):
+        RedisLimiter.from_url(url, name, max_at_once=2, adaptive=True)
+    with pytest.raises(TypeError, match=r"adaptive must be a bool or an aiometer\.Adaptive"):
+        RedisLimiter.from_url(url, name, max_per_second=2, adaptive="yes")
+    for bad, message in [
+        (Options(factor=1.0), "adaptive factor must be between 1e-06 and 1"),
+        (Options(factor=0.0), "adaptive factor must be a finite number > 0"),
+        (Options(cooldown=-1.0), "adaptive cooldown must be a finite number >= 0"),
+        (Options(floor=0.0), "adaptive floor must be a finite number > 0"),
+        (Options(floor=3.0), r"adaptive floor must be <= max_per_second \(2\), got 3"),
+        (Options(recovery=math.inf), "adaptive recovery must be a finite number > 0"),
+    ]:
+        with pytest.raises(ConfigurationError, match=message):
+            RedisLimiter.from_url(url, name, max_per_second=2, adaptive=bad)
+    with pytest.raises(ConfigurationError, match="adaptive needs max_per_second"):
+        RedisLimiterGroup(object(), max_at_once=1, adaptive=True)
+    async with RedisLimiter.from_url(url, name, max_at_once=2, max_per_second=5) as limiter:
+        for value in (-1, math.nan, 86_401):
+            with pytest.raises(ConfigurationError, match="seconds must be a finite number"):
+                await limiter.pause(value)
+        with pytest.raises(TypeError, match="seconds must be a number of seconds, got str"):
+            await limiter.pause("1")  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="retry_after must be a finite number"):
+            await limiter.throttled(retry_after=-0.5)
+        with pytest.raises(ConfigurationError, match="give max_at_once, max_per_second or both"):
+            await limiter.set_limits()
+        with pytest.raises(ConfigurationError, match="max_at_once must be >= 1, got 0"):
+            await limiter.set_limits(max_at_once=0)
+        with pytest.raises(TypeError, match="max_per_second must be a number, got str"):
+            await limiter.set_limits(max_per_second="5")  # type: ignore[arg-type]
+        assert (await limiter.statistics()).limits_set == {}
+        assert (await limiter.statistics()).paused_for == 0.0
+    with pytest.raises(RuntimeError, match="enter the limiter first"):
+        await limiter.pause(1)
