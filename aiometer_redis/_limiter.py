@@ -822,6 +822,8 @@ class RedisLimiter:
         """
         us = _pause_us(seconds, "seconds")
         _, control = await self._control("pause", us)
+        if self._metrics is not None:
+            self._metrics.pushed_back("pause")
         return control.paused_for
 
     async def throttled(self, retry_after: float | None = None) -> bool:
@@ -844,6 +846,8 @@ class RedisLimiter:
         adaptive = self._config.adaptive_settings
         if adaptive is None and retry_after is None:
             self._check_open()
+            if self._metrics is not None:
+                self._metrics.pushed_back("throttled")
             return False  # nothing to decide: no round trip
         cut, _ = await self._control(
             "throttled",
@@ -851,6 +855,10 @@ class RedisLimiter:
             self._config.interval_us,
             adaptive.spec if adaptive is not None else "",
         )
+        if self._metrics is not None:
+            self._metrics.pushed_back("throttled")
+            if cut:
+                self._metrics.pushed_back("cut")
         return cut
 
     async def set_limits(

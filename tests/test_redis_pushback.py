@@ -287,3 +287,24 @@ async def test_bad_push_back_options_are_refused_before_any_call(
         assert (await limiter.statistics()).paused_for == 0.0
     with pytest.raises(RuntimeError, match="enter the limiter first"):
         await limiter.pause(1)
+
+
+@pytest.mark.anyio
+async def test_pauses_and_push_backs_are_counted_in_metrics(server: RedisServer, name: str) -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+
+    def count(kind: str) -> float:
+        value = registry.get_sample_value(
+            "aiometer_pushbacks_total", {"limiter": name, "kind": kind}
+        )
+        return value or 0.0
+
+    async with RedisLimiter.from_url(
+        server.url, name, max_per_second=10, adaptive=True, metrics=registry
+    ) as limiter:
+        await limiter.pause(0.01)
+        assert await limiter.throttled() is True
+        assert await limiter.throttled() is False
+    assert (count("pause"), count("throttled"), count("cut")) == (1, 2, 1)
