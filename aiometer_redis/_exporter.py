@@ -7,9 +7,10 @@ however many keys the database holds: at most ``max_limiters`` limiters are read
 stops after ``max_scanned`` keys (``truncated`` says when either cut the read short).
 
 What Redis knows of a limiter is its state, not its options: the holders, the queue, the rate
-state and the counter of tokens and tickets. The limits themselves travel with each call of
-each process and are not stored, so they are not exported here; the processes' own metrics
-(``RedisLimiter(..., metrics=True)``) cover what each process applies.
+state, the counter of tokens and tickets, and its ``control`` key: a pause in force, the limits
+set at run time (``aiometer-redis set``) and the adaptive rate after a push-back. The limits a
+process was configured with travel with each of its calls and are not stored, so they are not
+exported here; the processes' own metrics (``RedisLimiter(..., metrics=True)``) cover them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import anyio
 from ._client import ScriptClient, adapt, client_from_url, normalize_reply
 from ._errors import ClientError
 from ._exceptions import CorruptStateError, RedisLimiterError
-from ._keys import limiter_keys
+from ._keys import control_key, costs_key, limiter_keys
 from ._state import LimiterState, read_state
 
 if TYPE_CHECKING:
@@ -68,6 +69,10 @@ class FleetLimiter:
             stored rate state does not say the burst; with a larger burst the next start may
             be sooner). 0.0 without rate state.
         issued: fencing tokens and queue tickets handed out so far (the ``seq`` counter).
+        paused_for: seconds until the fleet's pause ends (0.0: not paused).
+        max_at_once_set: the ``max_at_once`` set at run time (None: none set).
+        max_per_second_set: the ``max_per_second`` set at run time (None: none set).
+        adaptive_rate: the fleet's adaptive rate per second after a push-back (None: none).
     """
 
     name: str
@@ -75,6 +80,10 @@ class FleetLimiter:
     waiters: int
     next_start: float
     issued: int
+    paused_for: float = 0.0
+    max_at_once_set: int | None = None
+    max_per_second_set: float | None = None
+    adaptive_rate: float | None = None
 
     @classmethod
     def of(cls, name: str, state: LimiterState) -> FleetLimiter:
@@ -82,7 +91,18 @@ class FleetLimiter:
         start = max(0.0, state.tat) if state.tat is not None else 0.0
         if state.spare is not None:
             start = min(start, max(0.0, state.spare))
-        return cls(name, len(state.holders), len(state.waiters), start, state.issued)
+        control = state.control
+        return cls(
+            name,
+            len(state.holders),
+            len(state.waiters),
+            max(start, control.paused_for),
+            state.issued,
+            control.paused_for,
+            control.max_at_once,
+            control.max_per_second,
+            control.adaptive_rate,
+        )
 
 
 @dataclass(frozen=True)
@@ -164,7 +184,8 @@ async def read_fleet(
     errors: list[str] = []
     for name in names:
         try:
-            state = await read_state(client, limiter_keys(name, prefix), name)
+            keys = [*limiter_keys(name, prefix), costs_key(name, prefix), control_key(name, prefix)]
+            state = await read_state(client, keys, name)
         except CorruptStateError:
             errors.append(name)
             continue
@@ -311,12 +332,41 @@ class FleetCollector:
             "Fencing tokens and queue tickets handed out (the limiter's seq counter)",
             labels=labels,
         )
+        paused = GaugeMetricFamily(
+            "aiometer_fleet_paused_seconds",
+            "Seconds until the fleet's pause ends (0: not paused)",
+            labels=labels,
+        )
+        max_at_once_set = GaugeMetricFamily(
+            "aiometer_fleet_max_at_once_set",
+            "max_at_once set at run time (aiometer-redis set); absent when none is set",
+            labels=labels,
+        )
+        max_per_second_set = GaugeMetricFamily(
+            "aiometer_fleet_max_per_second_set",
+            "max_per_second set at run time (aiometer-redis set); absent when none is set",
+            labels=labels,
+        )
+        adaptive_rate = GaugeMetricFamily(
+            "aiometer_fleet_adaptive_rate",
+            "The fleet's adaptive rate per second after a push-back; absent when none",
+            labels=labels,
+        )
         for limiter in fleet.limiters:
-            holders.add_metric([limiter.name], limiter.holders)
-            waiters.add_metric([limiter.name], limiter.waiters)
-            next_start.add_metric([limiter.name], limiter.next_start)
-            issued.add_metric([limiter.name], limiter.issued)
-        yield from (holders, waiters, next_start, issued)
+            label = [limiter.name]
+            holders.add_metric(label, limiter.holders)
+            waiters.add_metric(label, limiter.waiters)
+            next_start.add_metric(label, limiter.next_start)
+            issued.add_metric(label, limiter.issued)
+            paused.add_metric(label, limiter.paused_for)
+            if limiter.max_at_once_set is not None:
+                max_at_once_set.add_metric(label, limiter.max_at_once_set)
+            if limiter.max_per_second_set is not None:
+                max_per_second_set.add_metric(label, limiter.max_per_second_set)
+            if limiter.adaptive_rate is not None:
+                adaptive_rate.add_metric(label, limiter.adaptive_rate)
+        yield from (holders, waiters, next_start, issued, paused)
+        yield from (max_at_once_set, max_per_second_set, adaptive_rate)
 
 
 async def _ping(client: ScriptClient) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._exporter import DEFAULT_MAX_LIMITERS, Fleet, read_fleet
+from ._exporter import DEFAULT_MAX_LIMITERS, Fleet, FleetLimiter, read_fleet
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -60,6 +60,7 @@ def fleet_table(
     table.add_column("next start", justify="right")
     table.add_column("issued", justify="right")
     table.add_column("issued/s", justify="right")
+    table.add_column("control", overflow="fold")
     for limiter in fleet.limiters:
         rate = "-" if rates is None or limiter.name not in rates else f"{rates[limiter.name]:.1f}"
         table.add_row(
@@ -69,10 +70,12 @@ def fleet_table(
             f"{limiter.next_start:.3f} s" if limiter.next_start > 0 else "now",
             str(limiter.issued),
             rate,
+            _control_text(limiter),
         )
     notes = [
         "held and waiting: across every process; issued: fencing tokens and queue tickets "
-        "(issued/s is the starts per second while nobody queues); next start: for a burst of 1"
+        "(issued/s is the starts per second while nobody queues); next start: for a burst of "
+        "1; control: a pause, limits set at run time, the adaptive rate after a push-back"
     ]
     if fleet.errors:
         notes.append(
@@ -83,6 +86,20 @@ def fleet_table(
     table.caption = "\n".join(notes)
     table.caption_justify = "left"
     return table
+
+
+def _control_text(limiter: FleetLimiter) -> str:
+    """What the limiter's control key says, in a few words ("-": nothing)."""
+    parts = []
+    if limiter.paused_for > 0:
+        parts.append(f"paused {limiter.paused_for:.1f} s")
+    if limiter.max_at_once_set is not None:
+        parts.append(f"max_at_once set {limiter.max_at_once_set}")
+    if limiter.max_per_second_set is not None:
+        parts.append(f"max_per_second set {limiter.max_per_second_set:g}")
+    if limiter.adaptive_rate is not None:
+        parts.append(f"adaptive {limiter.adaptive_rate:.1f}/s")
+    return ", ".join(parts) or "-"
 
 
 async def watch(

@@ -321,7 +321,7 @@ def test_top_once_prints_the_fleet(server: RedisServer) -> None:
             rows = {
                 cells[0]: cells[1:]
                 for line in result.stdout.splitlines()
-                if len(cells := [c.strip() for c in line.strip("│|").split("│")]) == 6
+                if len(cells := [c.strip() for c in line.strip("│|").split("│")]) == 7
             }
             assert rows["api"][:2] == ["2", "0"], result.stdout
             assert rows["api"][3] == "2"
@@ -330,6 +330,64 @@ def test_top_once_prints_the_fleet(server: RedisServer) -> None:
             assert f"aiometer limiters under {prefix!r}: 2" in result.stdout
 
     anyio.run(fleet)
+
+
+def test_exporter_and_top_show_pauses_limits_set_and_the_adaptive_rate(
+    server: RedisServer,
+) -> None:
+    """What a limiter's control key holds reaches the exporter and top: a pause in force,
+    limits set at run time, the adaptive rate after a push-back; absent where nothing is."""
+    prefix = unique("control")
+
+    async def fleet() -> tuple[dict[str, Any], str]:
+        async with (
+            RedisLimiter.from_url(server.url, "paused", max_at_once=3, prefix=prefix) as paused,
+            RedisLimiter.from_url(server.url, "set", max_per_second=10, prefix=prefix) as limited,
+            RedisLimiter.from_url(
+                server.url, "cut", max_per_second=8, adaptive=True, prefix=prefix
+            ) as cut,
+            RedisLimiter.from_url(server.url, "plain", max_at_once=1, prefix=prefix) as plain,
+        ):
+            await paused.pause(60)
+            await limited.set_limits(max_per_second=4)
+            assert await cut.throttled()
+            await (await plain.acquire()).release()
+            await (await cut.acquire()).release()
+
+            def outside() -> tuple[dict[str, Any], str]:
+                with exporter(server.url, "--prefix", prefix) as url:
+                    samples = scrape(url)
+                top = subprocess.run(
+                    [*CLI, "top", "--once", "--redis-url", server.url, "--prefix", prefix],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    env=ENV,
+                )
+                assert top.returncode == 0, top.stderr
+                return samples, top.stdout
+
+            return await anyio.to_thread.run_sync(outside)
+
+    samples, top = anyio.run(fleet)
+    assert 55 < of(samples, "aiometer_fleet_paused_seconds", "paused") <= 60
+    assert of(samples, "aiometer_fleet_next_start_seconds", "paused") > 55
+    assert of(samples, "aiometer_fleet_paused_seconds", "plain") == 0
+    assert of(samples, "aiometer_fleet_max_per_second_set", "set") == 4
+    # Cut from 8 to 4 per second, then recovering by about 0.25 per second.
+    assert 4 <= of(samples, "aiometer_fleet_adaptive_rate", "cut") < 6
+    for name in ("paused", "plain", "cut"):
+        assert (("limiter", name),) not in samples["aiometer_fleet_max_per_second_set"]
+    assert "aiometer_fleet_max_at_once_set" not in samples
+    rows = {
+        cells[0]: cells[-1]
+        for line in top.splitlines()
+        if len(cells := [c.strip() for c in line.strip("│|").split("│")]) == 7
+    }
+    assert rows["paused"].startswith("paused 5"), top
+    assert rows["set"] == "max_per_second set 4", top
+    assert rows["cut"].startswith(("adaptive 4.", "adaptive 5.")), top
+    assert rows["plain"] == "-", top
 
 
 def test_top_refreshes_until_ctrl_c(server: RedisServer) -> None:

@@ -590,7 +590,7 @@ def _exported_names() -> set[str]:
 
     class Read(FleetCollector):
         def read(self) -> Fleet:
-            return Fleet((FleetLimiter("x", 1, 2, 0.5, 3),), False, (), 0.01)
+            return Fleet((FleetLimiter("x", 1, 2, 0.5, 3, 1.0, 4, 5.0, 2.5),), False, (), 0.01)
 
     registry.register(Read(None, None, "aiometer"))  # type: ignore[arg-type]
     return {sample.name for family in registry.collect() for sample in family.samples}
