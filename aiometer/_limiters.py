@@ -348,7 +348,7 @@ class RateStatistics:
             calls for ``counts="calls"``), settled costs included.
         paused_for: seconds left of the pause in force (see :meth:`RateLimiter.pause`); 0.0
             if none.
-        effective_per_second: the rate applied now: ``max_per_second``, or less after an
+        effective_max_per_second: the rate applied now: ``max_per_second``, or less after an
             adaptive limiter's cuts (see ``adaptive=``); None without ``max_per_second``.
         cuts: how many times push-back cut the rate (0 unless adaptive).
     """
@@ -360,7 +360,7 @@ class RateStatistics:
     rates: tuple[Rate, ...] = ()
     used: tuple[float, ...] = ()
     paused_for: float = 0.0
-    effective_per_second: float | None = None
+    effective_max_per_second: float | None = None
     cuts: int = 0
 
 

@@ -239,13 +239,13 @@ async def test_rate_throttled_with_retry_after_pauses_and_without_changes_nothin
     limiter = aiometer.RateLimiter(50)
     await limiter.throttled()
     stats = limiter.statistics()
-    assert (stats.paused_for, stats.effective_per_second, stats.cuts) == (0.0, 50.0, 0)
+    assert (stats.paused_for, stats.effective_max_per_second, stats.cuts) == (0.0, 50.0, 0)
     await limiter.throttled(retry_after=0.15)
     until = anyio.current_time() + 0.15
     assert limiter.statistics().paused_for > 0.1
     await limiter.acquire()
     assert anyio.current_time() >= until - 1e-9
-    assert limiter.statistics().effective_per_second == 50.0
+    assert limiter.statistics().effective_max_per_second == 50.0
 
 
 @pytest.mark.anyio
@@ -258,13 +258,13 @@ async def test_a_burst_of_push_backs_cuts_once_per_cooldown() -> None:
             tg.start_soon(limiter.throttled)
     stats = limiter.statistics()
     assert stats.cuts == 1
-    assert stats.effective_per_second == pytest.approx(100, rel=0.01)
+    assert stats.effective_max_per_second == pytest.approx(100, rel=0.01)
     await anyio.sleep(0.25)
     for _ in range(20):
         await limiter.throttled()
     stats = limiter.statistics()
     assert stats.cuts == 2
-    assert stats.effective_per_second == pytest.approx(50, rel=0.01)
+    assert stats.effective_max_per_second == pytest.approx(50, rel=0.01)
     assert stats.max_per_second == 200
 
 
@@ -276,7 +276,7 @@ async def test_starts_follow_the_cut_rate() -> None:
     )
     await limiter.throttled()
     await limiter.throttled()
-    assert limiter.statistics().effective_per_second == pytest.approx(25, rel=0.01)
+    assert limiter.statistics().effective_max_per_second == pytest.approx(25, rel=0.01)
     starts: list[float] = []
 
     async def take() -> None:
@@ -306,7 +306,7 @@ def test_recovery_and_pause_on_a_mock_clock() -> None:
         )
         await limiter.throttled(retry_after=2)
         origin = trio.current_time()
-        seen["cut"] = limiter.statistics().effective_per_second
+        seen["cut"] = limiter.statistics().effective_max_per_second
         starts = []
         for _ in range(3):
             await limiter.acquire()
@@ -314,9 +314,9 @@ def test_recovery_and_pause_on_a_mock_clock() -> None:
         seen["starts"] = starts
         # 3 s after the cut at 50/s, recovering 10 per second.
         await trio.sleep(3 - (trio.current_time() - origin))
-        seen["after 3 s"] = limiter.statistics().effective_per_second
+        seen["after 3 s"] = limiter.statistics().effective_max_per_second
         await trio.sleep(10)
-        seen["after 11 s"] = limiter.statistics().effective_per_second
+        seen["after 11 s"] = limiter.statistics().effective_max_per_second
 
     trio.run(main, clock=clock)
     assert seen["cut"] == 50
