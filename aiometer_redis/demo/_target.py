@@ -165,7 +165,13 @@ class TargetServer:
                     self._reply(b"ok")
                 elif url.path == "/stats":
                     requests, in_flight, peak = recorder.snapshot()
-                    body = {"requests": requests, "in_flight": in_flight, "max_in_flight": peak}
+                    rejected, _ = recorder.pushback()
+                    body = {
+                        "requests": requests,
+                        "rejected": rejected,
+                        "in_flight": in_flight,
+                        "max_in_flight": peak,
+                    }
                     self._reply(json.dumps(body).encode())
                 else:
                     self.send_error(404)
