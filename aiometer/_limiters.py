@@ -291,7 +291,8 @@ class ConcurrencyLimiter(SlotMixin[CostPermit]):
 
         Raises:
             TypeError, ValueError: *cost* is not a finite number > 0.
-            anyio.WouldBlock: no permit is free, or other tasks are already waiting for one.
+            anyio.WouldBlock: no permit is free, other tasks are already waiting for one, or a
+                pause is in force.
         """
         if cost.__class__ is not int or cost != 1:
             check_cost(cost)
@@ -628,7 +629,8 @@ class RateLimiter(SlotMixin[CostPermit]):
 
         Raises:
             TypeError, ValueError: *cost* is not a finite number > 0, or can never start.
-            anyio.WouldBlock: the start is not allowed yet, or tasks are waiting.
+            anyio.WouldBlock: the start is not allowed yet (a pause included), or tasks are
+                waiting.
         """
         if cost.__class__ is not int or cost != 1:
             cost = self.check_cost(cost)

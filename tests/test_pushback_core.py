@@ -398,3 +398,18 @@ async def _run_in(
 ) -> None:
     with scope:
         await func(arg)
+
+
+@pytest.mark.anyio
+async def test_new_max_per_second_keeps_the_cut_rate_and_recovers_toward_the_new_one() -> None:
+    limiter = aiometer.RateLimiter(
+        100, adaptive=aiometer.Adaptive(factor=0.5, floor=10, recovery=10_000)
+    )
+    await limiter.throttled()
+    limiter.max_per_second = 200
+    stats = limiter.statistics()
+    assert stats.max_per_second == 200
+    assert stats.effective_max_per_second == pytest.approx(50, rel=0.01)
+    limiter.max_per_second = 20
+    assert limiter.statistics().effective_max_per_second == 20
+    assert "adaptive=Adaptive(factor=0.5" in repr(limiter)
