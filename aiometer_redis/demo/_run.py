@@ -215,6 +215,15 @@ def _progress_counts(target: TargetServer, workers: int) -> tuple[list[int], int
     return done, in_flight, recent
 
 
+def _refused_lately(target: TargetServer) -> str:
+    """The progress line's count of 429s in the last second (empty without a capacity)."""
+    refused, _ = target.recorder.pushback()
+    if target.capacity is None:
+        return ""
+    now = time.time()
+    return f"  429s in the last second {sum(1 for a, _, _ in refused if now - a <= 1.0)}"
+
+
 def _log_progress(
     fleet: WorkerFleet, target: TargetServer, args: argparse.Namespace, console: Any
 ) -> None:
@@ -226,7 +235,7 @@ def _log_progress(
             done, in_flight, recent = _progress_counts(target, args.workers)
             console.print(
                 f"done {sum(done)}/{args.requests}  in flight {in_flight}  "
-                f"last second {recent} requests"
+                f"last second {recent} requests{_refused_lately(target)}"
             )
 
 
@@ -252,7 +261,10 @@ def _live_progress(
         grid.add_row(progress)
         limit = f" / {args.max_at_once}" if args.max_at_once else ""
         rate = f" / {args.max_per_second:g}" if args.max_per_second else ""
-        grid.add_row(f"in flight: {in_flight}{limit}    starts in the last second: {recent}{rate}")
+        grid.add_row(
+            f"in flight: {in_flight}{limit}    starts in the last second: {recent}{rate}"
+            + _refused_lately(target)
+        )
         return grid
 
     with Live(view(), console=console, refresh_per_second=10) as live:

@@ -135,6 +135,8 @@ class TargetServer:
         self.recorder = Recorder()
         recorder = self.recorder
         limit = None if capacity is None else Capacity(capacity)
+        #: Requests per second the target admits (None: no limit of its own).
+        self.capacity = capacity
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
