@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal, Protocol, cast
 
 from aiometer import Rate
 
@@ -21,8 +21,12 @@ from ._metrics import check_metrics
 
 __all__ = [
     "MAX_SECONDS",
+    "OVERRIDE_KEEP",
     "UNIT",
+    "AdaptiveLike",
+    "AdaptiveSettings",
     "LimiterConfig",
+    "check_adaptive_option",
     "check_name",
     "cost_units",
     "name_problem",
@@ -58,6 +62,105 @@ def cost_units(value: object, name: str = "cost", *, zero: bool = False) -> int:
     if units > _MAX_UNITS:
         raise ConfigurationError(f"{name} must be at most {_MAX_UNITS // UNIT}, got {value!r}")
     return units
+
+
+#: How long limits set at run time are kept at least (then as long as the limiter is used).
+OVERRIDE_KEEP = 86_400.0
+
+
+class AdaptiveLike(Protocol):
+    """The options of ``adaptive=`` (``aiometer.Adaptive`` has these attributes)."""
+
+    @property
+    def factor(self) -> float: ...
+    @property
+    def cooldown(self) -> float: ...
+    @property
+    def floor(self) -> float | None: ...
+    @property
+    def recovery(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class AdaptiveSettings:
+    """The checked options of ``adaptive=``: a cut multiplies the fleet's effective rate by
+    *factor* (at most once per *cooldown* seconds), never below *floor* per second (None:
+    max_per_second / 20); the rate climbs back linearly from the floor to max_per_second in
+    *recovery* seconds."""
+
+    factor: float = 0.5
+    cooldown: float = 1.0
+    floor: float | None = None
+    recovery: float = 30.0
+
+    @property
+    def spec(self) -> str:
+        """ARGV[9] of the scripts: ``<factor>,<floor per s, 0: default>,<cooldown us>,<recovery
+        us>``."""
+        floor = 0.0 if self.floor is None else self.floor
+        return (
+            f"{self.factor:.6f},{floor:.6f},{round(self.cooldown * 1e6)},"
+            f"{max(1, round(self.recovery * 1e6))}"
+        )
+
+
+def _adaptive_number(name: str, value: object, *, zero_ok: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"adaptive {name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ConfigurationError(f"adaptive {name} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def check_adaptive_option(value: object, max_per_second: float | None) -> AdaptiveSettings | None:
+    """The settings meant by ``adaptive=`` (None: not adaptive).
+
+    *value* is a bool or an object with the attributes ``factor``, ``cooldown``, ``floor`` and
+    ``recovery`` (``aiometer.Adaptive``).
+
+    Raises:
+        TypeError: *value* is neither, or an option is not a number.
+        ConfigurationError: adaptive without max_per_second; factor not strictly between 0 and
+            1; cooldown negative; floor or recovery not > 0; floor above max_per_second;
+            recovery longer than a day.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        settings = AdaptiveSettings()
+    else:
+        try:
+            raw = (value.factor, value.cooldown, value.floor, value.recovery)  # type: ignore[attr-defined]
+        except AttributeError:
+            raise TypeError(
+                "adaptive must be a bool or an aiometer.Adaptive (factor, cooldown, floor, "
+                f"recovery), got {type(value).__name__}"
+            ) from None
+        factor = _adaptive_number("factor", raw[0])
+        if factor >= 1 or factor < 1e-6:
+            raise ConfigurationError(
+                f"adaptive factor must be between 1e-06 and 1 (a cut), got {raw[0]!r}"
+            )
+        floor = None if raw[2] is None else _adaptive_number("floor", raw[2])
+        settings = AdaptiveSettings(
+            factor,
+            _adaptive_number("cooldown", raw[1], zero_ok=True),
+            floor,
+            _adaptive_number("recovery", raw[3]),
+        )
+    if max_per_second is None:
+        raise ConfigurationError("adaptive needs max_per_second (the rate it cuts and recovers)")
+    if settings.floor is not None and settings.floor > max_per_second:
+        raise ConfigurationError(
+            f"adaptive floor must be <= max_per_second ({max_per_second:g}), got {settings.floor:g}"
+        )
+    if settings.recovery > MAX_SECONDS or settings.cooldown > MAX_SECONDS:
+        raise ConfigurationError(
+            f"adaptive recovery and cooldown must be at most {MAX_SECONDS} s, got "
+            f"{settings.recovery:g} and {settings.cooldown:g}"
+        )
+    return settings
 
 
 def _check_rates(rates: object) -> tuple[Rate, ...]:
@@ -174,6 +277,7 @@ class LimiterConfig:
     on_lease_lost: Callable[[LeaseLostError], object] | None = None
     rates: Sequence[Rate] = ()
     metrics: object = False
+    adaptive: bool | AdaptiveLike | AdaptiveSettings | None = False
 
     def __post_init__(self) -> None:
         rates = _check_rates(self.rates)
@@ -214,6 +318,14 @@ class LimiterConfig:
                 f"on_lease_lost must be callable, got {type(self.on_lease_lost).__name__}"
             )
         check_metrics(self.metrics)
+        adaptive = (
+            self.adaptive
+            if isinstance(self.adaptive, AdaptiveSettings)
+            else check_adaptive_option(self.adaptive, self.max_per_second)
+        )
+        if isinstance(adaptive, AdaptiveSettings) and self.max_per_second is None:
+            raise ConfigurationError("adaptive needs max_per_second")
+        object.__setattr__(self, "adaptive", adaptive)
         for field, value in normalized.items():
             object.__setattr__(self, field, value)
         object.__setattr__(self, "rates", rates)
@@ -232,6 +344,23 @@ class LimiterConfig:
             for r in self.rates
         )
 
+    @property
+    def adaptive_settings(self) -> AdaptiveSettings | None:
+        """The checked ``adaptive=`` settings (None: not adaptive)."""
+        return self.adaptive if isinstance(self.adaptive, AdaptiveSettings) else None
+
+    @property
+    def key_ttl(self) -> float:
+        """Seconds an abandoned limiter's keys live after its last call."""
+        # Every call refreshes it. The window logs must outlive the longest window.
+        per_max = max((r.per for r in self.rates), default=0.0)
+        return max(
+            60.0,
+            2 * self.lease_ttl,
+            2 * self.burst * self.interval_us / 1e6,
+            per_max + 60.0 if self.rates else 0.0,
+        )
+
     def cost_problem(self, units: int) -> str | None:
         """Why a cost of *units* micro-units can never start under these limits, or None."""
         cost = f"{units / UNIT:g}"
@@ -246,16 +375,9 @@ class LimiterConfig:
         return None
 
     def script_header(self, mailbox_prefix: str) -> list[ScriptArg]:
-        """ARGV[1..8] of every writing script (see ``lua/README.md``)."""
-        # An abandoned limiter's keys vanish after this long; every call refreshes it. The
-        # window logs must outlive the longest window.
-        per_max = max((r.per for r in self.rates), default=0.0)
-        key_ttl = max(
-            60.0,
-            2 * self.lease_ttl,
-            2 * self.burst * self.interval_us / 1e6,
-            per_max + 60.0 if self.rates else 0.0,
-        )
+        """ARGV[1..9] of every writing script (see ``lua/README.md``)."""
+        key_ttl = self.key_ttl
+        adaptive = self.adaptive_settings
         # Without max_at_once there are no leases; the scripts then use this span to remember
         # rate-only grants, so that a retry within the retry window finds them.
         span = self.lease_ttl if self.max_at_once else max(self.lease_ttl, 2 * self.retry_window)
@@ -268,4 +390,5 @@ class LimiterConfig:
             math.ceil(key_ttl * 1000),
             mailbox_prefix,
             self.window_spec,
+            adaptive.spec if adaptive is not None else "",
         ]

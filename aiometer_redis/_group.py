@@ -45,8 +45,8 @@ class RedisLimiterGroup:
         max_idle: how many idle limiters to keep.
         idle_after: seconds without use after which a limiter counts as idle.
         **options: any keyword of :class:`RedisLimiter` (``max_at_once``, ``max_per_second``,
-            ``burst``, ``rates``, ``lease_ttl``, ``prefix``, ...), checked now; every key's
-            limiter has the same windows (``rates=[Rate(5000, per=3600)]``: 5000 an hour per
+            ``burst``, ``rates``, ``adaptive``, ``lease_ttl``, ``prefix``, ...), checked now; every
+            key's limiter has the same windows (``rates=[Rate(5000, per=3600)]``: 5000 an hour per
             key).
 
     Raises:

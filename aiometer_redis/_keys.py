@@ -17,6 +17,7 @@ __all__ = [
     "KEY_SUFFIXES",
     "KEY_TYPES",
     "KeyLayout",
+    "control_key",
     "costs_key",
     "limiter_keys",
     "mailbox_prefix",
@@ -56,8 +57,13 @@ def costs_key(name: str, prefix: str = "aiometer") -> str:
     return f"{prefix}:{{{_escape_tag(name)}}}:costs"
 
 
+def control_key(name: str, prefix: str = "aiometer") -> str:
+    """KEYS[10]: the HASH of limiter *name*'s pause, limits set at run time and adaptive rate."""
+    return f"{prefix}:{{{_escape_tag(name)}}}:control"
+
+
 def window_keys(name: str, prefix: str, rates: Sequence[Rate]) -> list[str]:
-    """KEYS[10..]: the window log (a ZSET) of each of *rates*, in order."""
+    """KEYS[11..]: the window log (a ZSET) of each of *rates*, in order."""
     tag = _escape_tag(name)
     return [f"{prefix}:{{{tag}}}:window:{round(r.per * 1e6)}:{r.counts}" for r in rates]
 
@@ -71,8 +77,8 @@ def mailbox_prefix(name: str, prefix: str = "aiometer") -> str:
 @dataclass(frozen=True)
 class KeyLayout:
     """The keys of one limiter: the eight it always has, in order, its mailboxes' prefix,
-    and the keys of costs and windows (``script_keys``: all that the writing scripts are
-    given: the eight, ``costs``, then one window log per Rate)."""
+    and the keys of costs, control and windows (``script_keys``: all that the writing scripts
+    are given: the eight, ``costs``, ``control``, then one window log per Rate)."""
 
     keys: tuple[str, ...]
     mailbox_prefix: str
@@ -82,7 +88,11 @@ class KeyLayout:
     def of(cls, name: str, prefix: str = "aiometer", rates: Sequence[Rate] = ()) -> KeyLayout:
         """The layout of limiter *name* under *prefix*, with the windows of *rates*."""
         keys = tuple(limiter_keys(name, prefix))
-        extra = (costs_key(name, prefix), *window_keys(name, prefix, rates))
+        extra = (
+            costs_key(name, prefix),
+            control_key(name, prefix),
+            *window_keys(name, prefix, rates),
+        )
         return cls(keys, mailbox_prefix(name, prefix), keys + extra)
 
     def mailbox(self, process_id: str) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -37,7 +38,7 @@ from aiometer import ConcurrencyLimiter, CostPermit, Permit, Rate, RateLimiter
 
 from ._batch import Batcher
 from ._client import ScriptArg, ScriptClient, adapt, client_from_url
-from ._config import UNIT, LimiterConfig, check_name, cost_units
+from ._config import OVERRIDE_KEEP, UNIT, AdaptiveLike, LimiterConfig, check_name, cost_units
 from ._errors import (
     ClientError,
     ErrorReply,
@@ -61,7 +62,16 @@ from ._leases import LeaseTable
 from ._metrics import limiter_metrics
 from ._permit import RedisPermit
 from ._scripts import Script, decode_acquire_reply, load_script
-from ._state import RedisLimiterStatistics, next_start, read_state
+from ._state import (
+    Control,
+    RedisLimiterStatistics,
+    decode_control_reply,
+    effective_limits,
+    limits_args,
+    next_start,
+    read_state,
+)
+from ._state import pause_us as _pause_us
 from ._urls import parse_url
 
 __all__ = ["RedisLimiter"]
@@ -118,6 +128,11 @@ class RedisLimiter:
         metrics: ``True`` reports Prometheus metrics of this limiter to prometheus_client's
             default registry, a ``prometheus_client.CollectorRegistry`` to that one (needs the
             ``metrics`` extra); off by default. See the README's "Observability".
+        adaptive: ``True`` (default options) or an ``aiometer.Adaptive``: each
+            :meth:`throttled` report cuts the fleet's effective rate by ``factor`` (at most once
+            per ``cooldown`` seconds, never below ``floor``), and the rate climbs back linearly
+            to ``max_per_second`` over ``recovery`` seconds while no push-back arrives. Needs
+            ``max_per_second``. See the README's "When the target pushes back".
 
     The limits travel with every call: processes configured differently each apply their
     own numbers to their own calls (a rolling deploy converges as old processes leave).
@@ -144,6 +159,7 @@ class RedisLimiter:
         on_lease_lost: Callable[[LeaseLostError], object] | None = None,
         rates: Sequence[Rate] = (),
         metrics: object = False,
+        adaptive: bool | AdaptiveLike = False,
     ) -> None:
         check_name(name)
         config = LimiterConfig(
@@ -159,6 +175,7 @@ class RedisLimiter:
             on_lease_lost=on_lease_lost,
             rates=rates,
             metrics=metrics,
+            adaptive=adaptive,
         )
         if redis is None:
             raise TypeError(
@@ -212,7 +229,8 @@ class RedisLimiter:
         self._mailbox = layout.mailbox(self._process_id)
         self._header = config.script_header(layout.mailbox_prefix)
         self._scripts: dict[str, Script] = {
-            n: load_script(n) for n in ("acquire", "release", "renew", "cancel", "settle", "status")
+            n: load_script(n)
+            for n in ("acquire", "release", "renew", "cancel", "settle", "status", "control")
         }
         # Read on every call: kept as plain attributes rather than looked up in the config.
         self._retry_window = config.retry_window
@@ -360,12 +378,15 @@ class RedisLimiter:
 
     # -- Redis calls ---------------------------------------------------------------------------
 
-    async def _call(self, script: str, *args: ScriptArg, deadline: float | None = None) -> Any:
+    async def _call(
+        self, script: str, *args: ScriptArg, deadline: float | None = None, header: bool = True
+    ) -> Any:
         """Run one script, retrying connection errors, time-outs and transient error replies
-        (BUSY, LOADING, ...) until *deadline* (default: ``retry_window`` from now)."""
+        (BUSY, LOADING, ...) until *deadline* (default: ``retry_window`` from now). *header*:
+        whether ARGV begins with the common header (control.lua takes its own)."""
         client = self._client
         assert client is not None
-        argv = [*self._header, *args]
+        argv = [*self._header, *args] if header else list(args)
         if deadline is None:
             deadline = anyio.current_time() + self._retry_window
         backoff = 0.05
@@ -748,6 +769,13 @@ class RedisLimiter:
             raise RuntimeError("enter the limiter first: `async with RedisLimiter(...)`")
         config = self._config
         state = await read_state(client, self._keys, self._name, config.window_spec)
+        control = state.control
+        max_at_once, max_per_second = effective_limits(config, control)
+        limits_set: dict[str, float] = {}
+        if control.max_at_once is not None:
+            limits_set["max_at_once"] = control.max_at_once
+        if control.max_per_second is not None:
+            limits_set["max_per_second"] = control.max_per_second
         return RedisLimiterStatistics(
             name=self._name,
             max_at_once=config.max_at_once,
@@ -761,7 +789,95 @@ class RedisLimiter:
             leases_lost=self._leases.lost_count,
             rates=tuple(config.rates),
             rates_used=tuple(units / UNIT for units in state.window_used),
+            paused_for=control.paused_for,
+            effective_max_at_once=max_at_once,
+            effective_max_per_second=max_per_second,
+            limits_set=limits_set,
         )
+
+    # -- push-back and limits at run time ------------------------------------------------------
+
+    async def _control(self, operation: str, *args: ScriptArg) -> tuple[bool, Control]:
+        if self._client is None:
+            raise RuntimeError("enter the limiter first: `async with RedisLimiter(...)`")
+        key_ttl_ms = math.ceil(self._config.key_ttl * 1000)
+        reply = await self._call("control", "", key_ttl_ms, operation, *args, header=False)
+        return decode_control_reply(self._name, reply)
+
+    async def pause(self, seconds: float) -> float:
+        """Pause the whole fleet: no acquisition of any process starts before *seconds* from
+        now on the Redis clock.
+
+        A pause extends, never shortens, the one in force. Waiters keep their place in the
+        queue; a slot or rate start granted during the pause carries a delay to its end (the
+        holder sleeps it out), and the rate limit counts from the pause's end. Starts granted
+        before the call keep their time.
+
+        Returns:
+            Seconds until the pause in force ends (at least *seconds*).
+
+        Raises:
+            TypeError, ConfigurationError: *seconds* is not a finite number >= 0 (at most a
+                day).
+            RedisUnavailableError: Redis did not answer within ``retry_window``.
+        """
+        us = _pause_us(seconds, "seconds")
+        _, control = await self._control("pause", us)
+        return control.paused_for
+
+    async def throttled(self, retry_after: float | None = None) -> bool:
+        """Report that the target pushed back (an HTTP 429 or 503, say).
+
+        With *retry_after* (seconds, e.g. the ``Retry-After`` header), the fleet pauses that
+        long (:meth:`pause`). With ``adaptive``, the fleet's effective rate is cut by the
+        factor, at most once per cool-down however many processes report the same burst, never
+        below the floor; it recovers while no push-back arrives. Decided in one script call.
+
+        Returns:
+            True if this report cut the adaptive rate.
+
+        Raises:
+            TypeError, ConfigurationError: *retry_after* is not None or a finite number >= 0
+                (at most a day).
+            RedisUnavailableError: Redis did not answer within ``retry_window``.
+        """
+        retry: ScriptArg = "" if retry_after is None else _pause_us(retry_after, "retry_after")
+        adaptive = self._config.adaptive_settings
+        cut, _ = await self._control(
+            "throttled",
+            retry,
+            self._config.interval_us,
+            adaptive.spec if adaptive is not None else "",
+        )
+        return cut
+
+    async def set_limits(
+        self, *, max_at_once: int | None = None, max_per_second: float | None = None
+    ) -> None:
+        """Change the fleet's limits at run time: stored in Redis, applied by every process
+        from its next call, without a restart (:meth:`clear_limits` undoes it).
+
+        A limit set here replaces the configured one of every process that has that limit; it
+        cannot add a limit that the processes were not given (a process without
+        ``max_per_second`` stays without one). ``burst`` and ``rates`` stay as configured, so
+        :meth:`check_cost` keeps its answer. The limits are kept while the limiter is in use,
+        and at least a day.
+
+        Raises:
+            TypeError, ConfigurationError: a value is out of range, or neither is given.
+            RedisUnavailableError: Redis did not answer within ``retry_window``.
+        """
+        args = limits_args(max_at_once, max_per_second)
+        await self._control("set", *args, round(OVERRIDE_KEEP * 1e6))
+
+    async def clear_limits(self) -> None:
+        """Remove the limits set by :meth:`set_limits`: every process applies its configured
+        ones again from its next call.
+
+        Raises:
+            RedisUnavailableError: Redis did not answer within ``retry_window``.
+        """
+        await self._control("clear")
 
     async def reset(self) -> None:
         """Delete the limiter's keys: every lease, queue entry and rate state is forgotten.

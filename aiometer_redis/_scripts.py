@@ -28,12 +28,21 @@ __all__ = [
 ]
 
 #: Names of every script, one ``<name>.lua`` file each.
-SCRIPT_NAMES: tuple[str, ...] = ("acquire", "release", "renew", "cancel", "settle", "status")
+SCRIPT_NAMES: tuple[str, ...] = (
+    "acquire",
+    "release",
+    "renew",
+    "cancel",
+    "settle",
+    "status",
+    "control",
+)
 
 #: Read-only scripts of the command line (``aiometer-redis status``), not of the limiter.
 TOOL_SCRIPTS: tuple[str, ...] = ("key_types", "stored_numbers")
 
-#: The scripts that write.
+#: The scripts that write and take the common header (control.lua writes too, but takes
+#: arguments of its own: the command line calls it without knowing the fleet's options).
 WRITERS = frozenset({"acquire", "release", "renew", "cancel", "settle"})
 
 #: Redis scripts cannot include one another, so each script of the limiter is sent after its
@@ -44,6 +53,7 @@ PRELUDES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
         **dict.fromkeys(WRITERS, ("_read", "_shared")),
         "status": ("_read",),
+        "control": ("_read",),
     }
 )
 

@@ -1,7 +1,7 @@
 -- _shared.lua: the prelude of the writing scripts acquire.lua, release.lua,
 -- renew.lua and cancel.lua, sent after _read.lua (see lua/README.md).
 --
--- It binds the common ARGV[2..8] and defines the helpers the writers share. It
+-- It binds the common ARGV[2..9] and defines the helpers the writers share. It
 -- is not a script on its own.
 
 if redis.replicate_commands then pcall(redis.replicate_commands) end
@@ -13,6 +13,15 @@ local lease_ttl = tonumber(ARGV[5])
 local key_ttl_ms = tonumber(ARGV[6])
 local mailbox_prefix = ARGV[7]
 local window_spec = ARGV[8]
+-- The adaptive spec (parse_adaptive in _read.lua): false when off.
+local adaptive_spec = ARGV[9]
+local adaptive = false
+-- The limits as configured by the caller (ARGV[2], ARGV[3]), before control
+-- changes max_at_once and interval (see apply_control).
+local configured_max_at_once = max_at_once
+local configured_interval = interval
+-- No start is given before this (microseconds; 0: no pause): see apply_control.
+local not_before = 0
 
 -- One unit of cost (a plain acquisition), in the micro-units costs travel in.
 local UNIT = 1000000
@@ -50,9 +59,9 @@ local function check_common_args()
       end
     end
   end
-  if #KEYS ~= 9 + #windows then
-    return redis.error_reply('ERR_ARG expected ' .. (9 + #windows) .. ' keys (8, costs and one per '
-      .. 'window), got ' .. #KEYS)
+  if #KEYS ~= 10 + #windows then
+    return redis.error_reply('ERR_ARG expected ' .. (10 + #windows) .. ' keys (8, costs, control '
+      .. 'and one per window), got ' .. #KEYS)
   end
   for j, w in ipairs(windows) do
     w.key = KEYS[WINDOW_KEYS_FROM + j - 1]
@@ -79,7 +88,50 @@ local function check_common_args()
   if mailbox_prefix == nil then
     return bad_arg('mailbox_prefix', 'a string', nil)
   end
+  local parsed, adaptive_err = parse_adaptive(adaptive_spec)
+  if adaptive_err then
+    return adaptive_err
+  end
+  adaptive = parsed
+  configured_max_at_once = max_at_once
+  configured_interval = interval
   return nil
+end
+
+-- Milliseconds a key must live so that it outlasts `until_us` by key_ttl_ms.
+local function ttl_until(until_us, now)
+  return math.max(key_ttl_ms, math.ceil((until_us - now) / 1000) + key_ttl_ms)
+end
+
+-- Reads control (one HMGET) and applies it to this call: a limit set at run time
+-- replaces the caller's (only a limit the caller has: max_at_once > 0, interval
+-- > 0, so a rate-only caller stays rate-only); an adaptive caller's interval is
+-- that of the adaptive rate now; a pause makes not_before its end. A control key
+-- in use gets its TTL refreshed (until its pause end or keep_until, and
+-- key_ttl_ms after): it lives while the limiter is used.
+local function apply_control(now)
+  local c, any = read_control()
+  if not any then
+    return
+  end
+  if max_at_once > 0 and c.max_at_once and c.max_at_once >= 1 then
+    max_at_once = c.max_at_once
+  end
+  if interval > 0 and c.interval_us and c.interval_us > 0 then
+    interval = c.interval_us
+  end
+  if adaptive and interval > 0 then
+    local cut = parse_cut(c.adaptive)
+    if cut then
+      local max_rate = 1e6 / interval
+      local rate = recovered_rate(max_rate, floor_of(adaptive, max_rate), adaptive.recovery, cut, now)
+      interval = 1e6 / rate
+    end
+  end
+  if c.paused_until and c.paused_until > now then
+    not_before = c.paused_until
+  end
+  redis.call('PEXPIRE', control_key, int(ttl_until(control_keep(c, now), now)))
 end
 
 -- Ids per command when one command takes a whole batch: unpack() is bounded by
@@ -94,11 +146,6 @@ local function call_in_slices(command, key, list, first, per)
     total = total + redis.call(command, key, unpack(list, from, math.min(from + per - 1, #list)))
   end
   return total
-end
-
--- Milliseconds a key must live so that it outlasts `until_us` by key_ttl_ms.
-local function ttl_until(until_us, now)
-  return math.max(key_ttl_ms, math.ceil((until_us - now) / 1000) + key_ttl_ms)
 end
 
 -- What this call added to holders (and grants), to the queue or waiters, and
@@ -163,7 +210,7 @@ local function tat_text_now()
 end
 
 local function reserve(now, max_delay)
-  local spare = earliest_spare(now)
+  local spare = earliest_spare(math.max(now, not_before))
   if spare then
     local delay = math.ceil(spare[2] - now)
     if max_delay and delay > max_delay then
@@ -175,14 +222,16 @@ local function reserve(now, max_delay)
   end
   load_tat()
   local t = math.max(tat_value, now)
-  local delay = math.ceil(math.max(0, t - (burst - 1) * interval - now))
+  -- In a pause, the start is its end (and the GCRA counts it from there).
+  local start = math.max(t - (burst - 1) * interval, now, not_before)
+  local delay = math.ceil(start - now)
   if max_delay and delay > max_delay then
     return nil
   end
   -- A reservation of one unit without windows leaves 'last' as it is (so this
   -- path runs the commands it ran before costs existed): the TAT moved, so no
   -- earlier reservation's refund applies to it any more.
-  set_tat(t + interval)
+  set_tat(math.max(t, start) + interval)
   return delay
 end
 
@@ -358,7 +407,7 @@ local function reserve_for(id, cost, now, max_delay)
     return reserve(now, max_delay)
   end
   load_windows(now)
-  local t0 = math.max(now, latest)
+  local t0 = math.max(now, latest, not_before)
   local t = t0
   local units = cost / UNIT
   if interval > 0 then
@@ -558,6 +607,12 @@ local function grant(id, now, max_delay, cost)
   if interval > 0 or #windows > 0 then
     delay = reserve_for(id, cost, now, max_delay)
     if delay == nil then
+      return nil
+    end
+  elseif not_before > now then
+    -- A pause without a rate limit: the grant waits for its end.
+    delay = not_before - now
+    if max_delay and delay > max_delay then
       return nil
     end
   end

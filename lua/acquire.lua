@@ -1,10 +1,10 @@
 -- acquire.lua: take a slot for one or more waiters, or queue them and report
 -- their positions.
 --
--- KEYS, the common ARGV[1..8] and the mailboxes: see lua/README.md.
+-- KEYS, the common ARGV[1..9] and the mailboxes: see lua/README.md.
 --
 -- ARGV after the common header:
---   9 ..            one or more waiter items
+--   10 ..            one or more waiter items
 --                    '<process id>:<n>[/<max delay us>][*<cost units>]'; the
 --                    waiter id '<process id>:<n>' becomes the lease id when
 --                    granted. '/<max delay us>' (the caller's remaining time):
@@ -72,7 +72,7 @@
 -- window counting cost); nothing is written.
 
 -- The preludes lua/_read.lua and lua/_shared.lua come first: they bind KEYS,
--- ARGV[1..8] and the shared helpers (int, read_now, purge, grant, handoff,
+-- ARGV[1..9] and the shared helpers (int, read_now, purge, grant, handoff,
 -- expire_written, call_in_slices, ...).
 
 
@@ -80,16 +80,16 @@ local err = check_common_args()
 if err then
   return err
 end
-local count = #ARGV - 8
+local count = #ARGV - 9
 if count < 1 then
   return bad_arg('waiter id', "'<process id>:<n>' (at least one)", nil)
 end
--- ids[i], max_delays[i] (nil: no bound) and costs[i] (units) of ARGV[8 + i].
+-- ids[i], max_delays[i] (nil: no bound) and costs[i] (units) of ARGV[9 + i].
 local ids = {}
 local max_delays = {}
 local costs = {}
 local ITEM = "'<process id>:<n>[/<max delay us>][*<cost units>]'"
-for i = 9, #ARGV do
+for i = 10, #ARGV do
   local id, tail = string.match(ARGV[i], '^([^:/*]+:[^/*]*)(.*)$')
   local max_delay, cost = nil, nil
   if tail and tail ~= '' then
@@ -118,9 +118,9 @@ for i = 9, #ARGV do
         .. int(w.limit) .. ')', ARGV[i])
     end
   end
-  ids[i - 8] = id
-  max_delays[i - 8] = tonumber(max_delay)
-  costs[i - 8] = cost
+  ids[i - 9] = id
+  max_delays[i - 9] = tonumber(max_delay)
+  costs[i - 9] = cost
 end
 
 -- ---------------------------------------------------------------------------
@@ -169,6 +169,7 @@ local function encode_replies(replies)
 end
 
 local now = read_now()
+apply_control(now)
 local replies = {}
 
 -- Rate only. With the server clock, a first call runs TIME, ZRANGEBYSCORE
@@ -185,7 +186,7 @@ if max_at_once == 0 then
   local delays = {}
   local new_costs = {}
   local granted = 0
-  -- refused[i]: the id at ARGV position 7 + i was refused (its max delay).
+  -- refused[i]: the id at ARGV position 9 + i was refused (its max delay).
   local refused = {}
   for i = 1, count do
     local id = ids[i]

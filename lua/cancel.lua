@@ -1,10 +1,10 @@
 -- cancel.lua: withdraw a waiter (queued, or granted while the caller gave up,
 -- or sleeping towards a rate start it will not use).
 --
--- KEYS, the common ARGV[1..8] and the mailboxes: see lua/README.md.
+-- KEYS, the common ARGV[1..9] and the mailboxes: see lua/README.md.
 --
 -- ARGV after the common header:
---   9 waiter id
+--   10 waiter id
 --
 -- The waiter's reservation, if it was granted one (with a lease, or remembered
 -- by the rate-only path), is withdrawn: with a cost of one unit and no windows,
@@ -23,10 +23,10 @@
 -- Errors: 'ERR_ARG ...' for malformed arguments (nothing is written).
 
 -- The preludes lua/_read.lua and lua/_shared.lua come first: they bind KEYS,
--- ARGV[1..8] and the shared helpers (int, read_now, purge, grant, handoff,
+-- ARGV[1..9] and the shared helpers (int, read_now, purge, grant, handoff,
 -- expire_written, call_in_slices, ...).
 
-local waiter_id = ARGV[9]
+local waiter_id = ARGV[10]
 
 local err = check_common_args()
 if err then
@@ -37,6 +37,7 @@ if waiter_id == nil then
 end
 
 local now = read_now()
+apply_control(now)
 redis.call('ZREM', queue_key, waiter_id)
 redis.call('ZREM', waiters_key, waiter_id)
 local was_granted = redis.call('ZREM', holders_key, waiter_id)

@@ -1,10 +1,10 @@
 -- release.lua: give one or more leases back and hand the free slots to the
 -- queue heads.
 --
--- KEYS, the common ARGV[1..8] and the mailboxes: see lua/README.md.
+-- KEYS, the common ARGV[1..9] and the mailboxes: see lua/README.md.
 --
 -- ARGV after the common header:
---   9 ..            one or more lease ids
+--   10 ..           one or more lease ids
 --
 -- Every id is removed from holders and grants (its entries in the window logs
 -- stay: a start, once made, counts in its windows whether its slot is held or
@@ -21,7 +21,7 @@
 -- Errors: 'ERR_ARG ...' for malformed arguments (nothing is written).
 
 -- The preludes lua/_read.lua and lua/_shared.lua come first: they bind KEYS,
--- ARGV[1..8] and the shared helpers (int, read_now, purge, grant, handoff,
+-- ARGV[1..9] and the shared helpers (int, read_now, purge, grant, handoff,
 -- expire_written, call_in_slices, ...).
 
 
@@ -29,13 +29,14 @@ local err = check_common_args()
 if err then
   return err
 end
-if #ARGV < 9 then
+if #ARGV < 10 then
   return bad_arg('lease id', 'given at least once', nil)
 end
 
 local now = read_now()
-local released = call_in_slices('ZREM', holders_key, ARGV, 9, SLICE)
-call_in_slices('HDEL', grants_key, ARGV, 9, SLICE)
+apply_control(now)
+local released = call_in_slices('ZREM', holders_key, ARGV, 10, SLICE)
+call_in_slices('HDEL', grants_key, ARGV, 10, SLICE)
 purge(now)
 local granted = handoff(now)
 expire_written(now)

@@ -1,11 +1,11 @@
 -- renew.lua: extend a process's leases and waiter liveness in one call.
 --
--- KEYS, the common ARGV[1..8] and the mailboxes: see lua/README.md.
+-- KEYS, the common ARGV[1..9] and the mailboxes: see lua/README.md.
 --
 -- ARGV after the common header:
---   9 L              number of lease ids that follow
---   10 .. 9+L        lease ids to extend to now + lease_ttl_us (never shortened)
---   10+L ..          waiter ids still waiting in this process
+--   10 L             number of lease ids that follow
+--   11 .. 10+L       lease ids to extend to now + lease_ttl_us (never shortened)
+--   11+L ..          waiter ids still waiting in this process
 --
 -- A lease whose expiry is <= now is lost even if it was not purged yet; it is
 -- reported, never silently re-acquired. A waiter is lost when it is neither
@@ -17,24 +17,25 @@
 -- Errors: 'ERR_ARG ...' for malformed arguments (nothing is written).
 
 -- The preludes lua/_read.lua and lua/_shared.lua come first: they bind KEYS,
--- ARGV[1..8] and the shared helpers (int, read_now, purge, grant, handoff,
+-- ARGV[1..9] and the shared helpers (int, read_now, purge, grant, handoff,
 -- expire_written, call_in_slices, ...).
 
-local lease_count = tonumber(ARGV[9])
+local lease_count = tonumber(ARGV[10])
 
 local err = check_common_args()
 if err then
   return err
 end
-if not is_int(lease_count, 0) or 9 + lease_count > #ARGV then
-  return bad_arg('lease count', 'an integer between 0 and the number of ids given', ARGV[9])
+if not is_int(lease_count, 0) or 10 + lease_count > #ARGV then
+  return bad_arg('lease count', 'an integer between 0 and the number of ids given', ARGV[10])
 end
 
 local now = read_now()
+apply_control(now)
 local lost_leases = {}
 local lost_waiters = {}
 
-for i = 10, 9 + lease_count do
+for i = 11, 10 + lease_count do
   local id = ARGV[i]
   local expiry = tonumber(redis.call('ZSCORE', holders_key, id) or '')
   if expiry == nil or expiry <= now then
@@ -46,7 +47,7 @@ for i = 10, 9 + lease_count do
   end
 end
 
-for i = 10 + lease_count, #ARGV do
+for i = 11 + lease_count, #ARGV do
   local id = ARGV[i]
   if redis.call('ZSCORE', waiters_key, id) then
     redis.call('ZADD', waiters_key, int(now + lease_ttl), id)

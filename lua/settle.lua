@@ -1,12 +1,12 @@
 -- settle.lua: charge or refund the difference between a reservation's cost and
 -- what the work actually cost, at the reservation's original start.
 --
--- KEYS, the common ARGV[1..8] and the mailboxes: see lua/README.md.
+-- KEYS, the common ARGV[1..9] and the mailboxes: see lua/README.md.
 --
 -- ARGV after the common header:
---   9  waiter id      the id the reservation was granted under
---   10 actual units   integer >= 0: what the work cost
---   11 previous units integer >= 0: what this reservation was last charged
+--   10 waiter id      the id the reservation was granted under
+--   11 actual units   integer >= 0: what the work cost
+--   12 previous units integer >= 0: what this reservation was last charged
 --                     (its cost, or its last settled value); used for the TAT
 --                     when no window log holds the reservation any more (the
 --                     logs record their own value, which then wins)
@@ -26,26 +26,27 @@
 -- Errors: 'ERR_ARG ...' for malformed arguments (nothing is written).
 
 -- The preludes lua/_read.lua and lua/_shared.lua come first: they bind KEYS,
--- ARGV[1..8] and the shared helpers (int, read_now, load_tat, set_tat, ...).
+-- ARGV[1..9] and the shared helpers (int, read_now, load_tat, set_tat, ...).
 
 local err = check_common_args()
 if err then
   return err
 end
-local id = ARGV[9]
-local actual = tonumber(ARGV[10])
-local previous = tonumber(ARGV[11])
+local id = ARGV[10]
+local actual = tonumber(ARGV[11])
+local previous = tonumber(ARGV[12])
 if id == nil or id == '' then
   return bad_arg('waiter id', 'a non-empty string', id)
 end
 if not is_int(actual, 0) or actual > 2^52 then
-  return bad_arg('actual units', 'an integer >= 0', ARGV[10])
+  return bad_arg('actual units', 'an integer >= 0', ARGV[11])
 end
 if not is_int(previous, 0) or previous > 2^52 then
-  return bad_arg('previous units', 'an integer >= 0', ARGV[11])
+  return bad_arg('previous units', 'an integer >= 0', ARGV[12])
 end
 
 local now = read_now()
+apply_control(now)
 local found = false
 local held = {}
 for j, w in ipairs(windows) do

@@ -1,15 +1,18 @@
 -- status.lua: read-only snapshot of one limiter (safe to run on a replica).
 --
 -- KEYS: those of lua/README.md (the first six or seven alone are accepted
--- too, from clients that predate spare; the costs and window keys may follow,
--- and are not read); only holders, queue, tat, seq and spare are read.
+-- too, from clients that predate spare; costs, control and the window keys may
+-- follow); holders, queue, tat, seq, spare and control are read.
 --
 -- ARGV: 1 now_us (see lua/README.md); none at all reads the server clock.
 --       2 the window spec (ARGV[8] of the writers; optional): with it, and KEYS[9]
---         (costs) and KEYS[10..] (the window logs), the reply reports each
+--         (costs) and KEYS[11..] (the window logs), the reply reports each
 --         window's use.
 --
--- Reply: {now_us, holders, queue, tat, seq, spare[, used]}
+-- With KEYS[10] (control), the reply has 8 entries: used ({} without a window
+-- spec), then control.
+--
+-- Reply: {now_us, holders, queue, tat, seq, spare[, used[, control]]}
 --   holders  flat {lease id, expiry_us, ...} in expiry order
 --   queue    flat {waiter id, ticket, ...} in ticket order
 --   tat      the stored string, or '' when there is none
@@ -19,6 +22,8 @@
 --            from now - per on ('%d'): its cost (absent from costs: one unit),
 --            or 1000000 per start for a window counting calls. Reads every
 --            entry of the windows (an operator's view, not the limiter's path).
+--   control  {paused_until, max_at_once, interval_us, adaptive, adaptive rate}:
+--            strings, '' when absent (see control_reply in _read.lua).
 -- Scores are returned as decimal strings ('%d'), never as Lua numbers.
 -- Errors: 'ERR_ARG ...' for malformed arguments.
 
@@ -56,13 +61,17 @@ if spare_key then
   end
 end
 local spec = ARGV[2]
-if spec == nil or spec == '' then
+local control = nil
+if control_key then
+  control = control_reply(read_control(), now)
+end
+if (spec == nil or spec == '') and not control then
   return {now, holders, queue, tat, seq, spare}
 end
 local used = {}
-for entry in string.gmatch(spec, '[^;]+') do
+for entry in string.gmatch(spec or '', '[^;]+') do
   local per, k = string.match(entry, '^%d+,(%d+),([01])$')
-  local key = KEYS[10 + #used]
+  local key = KEYS[WINDOW_KEYS_FROM + #used]
   if not per or not key or not KEYS[9] then
     return bad_arg('window spec', "'<limit units>,<per us>,<0|1>' entries with their keys", spec)
   end
@@ -78,5 +87,8 @@ for entry in string.gmatch(spec, '[^;]+') do
     end
   end
   used[#used + 1] = int(total)
+end
+if control then
+  return {now, holders, queue, tat, seq, spare, used, control}
 end
 return {now, holders, queue, tat, seq, spare, used}

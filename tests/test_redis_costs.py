@@ -236,6 +236,7 @@ async def test_window_keys_share_the_hash_tag_and_reset_deletes_them(
     async with RedisLimiter.from_url(server.url, name, max_at_once=2, rates=rates) as limiter:
         assert limiter.keys[8:] == (
             f"aiometer:{{{name}}}:costs",
+            f"aiometer:{{{name}}}:control",
             f"aiometer:{{{name}}}:window:30000000:cost",
             f"aiometer:{{{name}}}:window:10000000:calls",
         )
@@ -243,7 +244,7 @@ async def test_window_keys_share_the_hash_tag_and_reset_deletes_them(
         await permit.release()
         # A window log lives past its window by key_ttl (here per_max + 60 s = 90 s); costs
         # as long as the longest log.
-        costs, cost_log, calls_log = limiter.keys[8:]
+        costs, _, cost_log, calls_log = limiter.keys[8:]
         for key, ttl in [(costs, 120_000), (cost_log, 120_000), (calls_log, 100_000)]:
             assert ttl - 1_000 < await raw.pttl(key) <= ttl
         await limiter.reset()

@@ -44,7 +44,7 @@ from aiometer_redis._client import (
     normalize_reply,
 )
 from aiometer_redis._errors import ErrorReply
-from aiometer_redis._keys import costs_key, limiter_keys, mailbox_prefix
+from aiometer_redis._keys import control_key, costs_key, limiter_keys, mailbox_prefix
 from aiometer_redis._scripts import (
     PRELUDES,
     SCRIPT_NAMES,
@@ -127,11 +127,18 @@ class Limiter:
     tag: str = "t"
     # ARGV[8]: '<limit units>,<per us>,<k>' per window, joined by ';'.
     window_spec: str = ""
+    # ARGV[9]: '<factor>,<floor per s>,<cooldown us>,<recovery us>' ('' not adaptive).
+    adaptive_spec: str = ""
 
     @property
     def keys(self) -> list[str]:
         """KEYS of the writing scripts: the eight, costs, then one log per window."""
-        return [*limiter_keys(self.tag), costs_key(self.tag), *self.window_keys]
+        return [
+            *limiter_keys(self.tag),
+            costs_key(self.tag),
+            control_key(self.tag),
+            *self.window_keys,
+        ]
 
     @property
     def window_keys(self) -> list[str]:
@@ -152,6 +159,7 @@ class Limiter:
             self.key_ttl_ms,
             mailbox_prefix(self.tag),
             self.window_spec,
+            self.adaptive_spec,
         ]
 
     async def call(self, name: str, now: int | None, *extra: ScriptArg) -> Any:
@@ -777,10 +785,13 @@ async def test_every_written_key_gets_a_ttl(backend: Backend) -> None:
         await lim.acquire(NOW, "c:1")
         await lim.release(NOW, "a:1")
         ttls = await lim.pttls(mailbox_prefix(lim.tag) + "b")
-        holders, queue, waiters, tat, seq, grants, recent, spare, costs, mailbox = ttls.values()
-        # Only the rate-only path writes recent, only a start given back spare, and costs
-        # only costs other than one unit, or windows (PTTL -2: no such key).
-        assert recent == spare == costs == -2
+        holders, queue, waiters, tat, seq, grants, recent, spare, costs, control, mailbox = (
+            ttls.values()
+        )
+        # Only the rate-only path writes recent, only a start given back spare, costs only
+        # costs other than one unit, or windows, and only control.lua control (PTTL -2: no
+        # such key).
+        assert recent == spare == costs == control == -2
         assert all(ttl > 0 for key, ttl in ttls.items() if key not in lim.keys[6:]), ttls
         # b:1's lease runs to NOW + 100 ms + 1 s: its keys outlive that by key_ttl_ms.
         assert 61_000 < holders <= 61_100
@@ -923,9 +934,10 @@ async def test_bad_arguments_are_rejected_without_writes(backend: Backend) -> No
         with pytest.raises(ErrorReply, match="ERR_ARG lease count"):
             await lim.call("renew", NOW, 3, "a:1")
         for name in ("acquire", "release", "renew", "cancel", "settle"):
-            # A caller that predates spare (seven keys) or costs (eight) is refused clearly.
-            for known in (7, 8):
-                with pytest.raises(ErrorReply, match=f"ERR_ARG expected 9 keys .*, got {known}$"):
+            # A caller that predates spare (seven keys), costs (eight) or control (nine) is
+            # refused clearly.
+            for known in (7, 8, 9):
+                with pytest.raises(ErrorReply, match=f"ERR_ARG expected 10 keys .*, got {known}$"):
                     await opened.client.run_script(
                         load_script(name), lim.keys[:known], [*good, "p:1", 1, 1]
                     )
@@ -997,7 +1009,7 @@ def item(waiter_id: str, cost: float = 1, max_delay_us: int | None = None) -> st
 
 async def windows_of(lim: Limiter) -> tuple[dict[str, str], list[dict[str, int]]]:
     """The costs hash and every window log (id -> start) of *lim*."""
-    costs, *logs = await lim.client.run_script(WINDOWS, lim.keys[8:], [])
+    costs, *logs = await lim.client.run_script(WINDOWS, [lim.keys[8], *lim.window_keys], [])
     return (
         dict(zip(costs[::2], costs[1::2], strict=True)),
         [{flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)} for flat in logs],
@@ -1331,8 +1343,9 @@ async def test_status_reports_the_use_of_each_window(backend: Backend) -> None:
             load_script("status"), lim.keys, [NOW + SECOND, spec]
         )
         assert later[6] == [str(4 * SECOND), str(SECOND)]
-        # Without the spec, the reply is as before windows existed.
-        assert len(await lim.full_status(NOW)) == 6
+        # Without the spec, no window's use; with control among the keys, control comes
+        # after an empty list.
+        assert (await lim.full_status(NOW))[6:] == [[], ["", "", "", "", ""]]
 
 
 @pytest.mark.anyio
@@ -1370,9 +1383,11 @@ async def test_bad_costs_and_windows_are_refused(backend: Backend) -> None:
             with pytest.raises(ErrorReply, match="ERR_ARG window spec"):
                 await opened.client.run_script(load_script("acquire"), keys, args)
         # One window in the spec, but no key for it.
-        with pytest.raises(ErrorReply, match="ERR_ARG expected 10 keys"):
+        with pytest.raises(ErrorReply, match="ERR_ARG expected 11 keys"):
             await opened.client.run_script(
-                load_script("acquire"), lim.keys, [*lim.header(NOW)[:7], TEN_PER_SECOND, "p:1"]
+                load_script("acquire"),
+                lim.keys,
+                [*lim.header(NOW)[:7], TEN_PER_SECOND, "", "p:1"],
             )
         for extra, message in [
             ((), "waiter id"),
@@ -1457,36 +1472,38 @@ async def test_rate_only_fast_path_runs_few_commands(
             calls = await in_script_calls(probe, lim.acquire(None, *batch))
             # TIME, ZRANGEBYSCORE recent, HMGET grants, INCRBY seq, ZRANGEBYSCORE spare (read
             # once per call while it holds no start), GET tat, SET tat .. PX, ZADD recent,
-            # HSET grants, PEXPIRE seq, recent and grants: whatever the batch size.
-            # Measured: 12 (5 when rate-only grants were not remembered, 11 before spare).
+            # HSET grants, PEXPIRE seq, recent and grants, HMGET control: whatever the batch
+            # size. Measured: 13 (5 when rate-only grants were not remembered, 11 before spare,
+            # 12 before control).
             assert set(calls) <= {*first_call, "pexpire"}, calls
-            assert sum(calls.values()) <= 12, calls
+            assert sum(calls.values()) <= 13, calls
         commands = await in_script_commands(probe, lim.acquire(None, "p:7", "p:8"))
         assert len(commands) == sum(calls.values())
         touched = {args[1] for args in commands if len(args) > 1}
-        assert touched == {tat, seq, grants, recent, spare}
+        assert touched == {tat, seq, grants, recent, spare, lim.keys[9]}  # control: read
         assert pexpired(commands) == {tat, seq, grants, recent}
         assert sorted(await lim.existing_ttls()) == sorted([tat, seq, grants, recent])
 
-        # A retry: TIME, ZRANGEBYSCORE, HMGET and one ZSCORE per remembered id; no writes.
+        # A retry: TIME, ZRANGEBYSCORE, HMGET control and grants and one ZSCORE per
+        # remembered id; no writes.
         calls = await in_script_calls(probe, lim.acquire(None, "p:2", "p:3", "p:4", "p:5"))
-        assert calls == {"time": 1, "zrangebyscore": 1, "hmget": 1, "zscore": 4}
+        assert calls == {"time": 1, "zrangebyscore": 1, "hmget": 2, "zscore": 4}
         calls = await in_script_calls(probe, lim.acquire(None, "p:6"))
-        assert calls == {"time": 1, "zrangebyscore": 1, "hmget": 1, "zscore": 1}
+        assert calls == {"time": 1, "zrangebyscore": 1, "hmget": 2, "zscore": 1}
 
         # Ended memories cost one ZREM and one HDEL more, however many (up to 100) end.
         timed = Limiter(client, max_at_once=0, interval_us=100_000.0, tag="e")
         await timed.acquire(NOW, *(f"p:{n}" for n in range(5)))
         calls = await in_script_calls(probe, timed.acquire(NOW + SECOND, "q:1"))
         assert calls["zrem"] == calls["hdel"] == 1, calls
-        assert sum(calls.values()) == 13, calls
+        assert sum(calls.values()) == 14, calls  # 13 before control's HMGET
 
         unlimited = Limiter(client, max_at_once=0, tag="u")
         calls = await in_script_calls(probe, unlimited.acquire(None, "p:1", "p:2"))
         assert calls == {
             "time": 1,
             "zrangebyscore": 1,
-            "hmget": 1,
+            "hmget": 2,
             "incrby": 1,
             "zadd": 1,
             "hset": 1,
@@ -1509,20 +1526,21 @@ async def test_contended_acquire_and_release_refresh_only_what_they_write(
         commands = await in_script_commands(probe, lim.acquire(None, "c:1"))
         assert len(commands) == sum(queued.values())
         # Measured: 13 (18 when every call refreshed every key).
-        assert sum(queued.values()) <= 13, queued
+        assert sum(queued.values()) <= 14, queued  # 13 before control's HMGET
         assert pexpired(commands) == {queue, waiters, seq}
         # The concurrency path never touches recent.
         assert recent not in {args[1] for args in commands if len(args) > 1}
 
         commands = await in_script_commands(probe, lim.release(None, "zz:9"))
-        assert {args[0] for args in commands} <= {"TIME", "ZREM", "HDEL", "ZRANGEBYSCORE", "ZCARD"}
+        read_only = {"TIME", "ZREM", "HDEL", "ZRANGEBYSCORE", "ZCARD", "HMGET"}
+        assert {args[0] for args in commands} <= read_only
 
         released = await in_script_calls(probe, lim.release(None, "a:1"))
         commands = await in_script_commands(probe, lim.release(None, "b:1"))
         assert len(commands) == sum(released.values())
         # Measured: 22 (21 before costs, whose one HMGET reads the granted waiters' costs;
         # 24 before that; 20 before the handoff read spare once).
-        assert sum(released.values()) <= 22, released
+        assert sum(released.values()) <= 23, released  # 22 before control's HMGET
         assert pexpired(commands) == {holders, grants, tat, seq, mailbox_prefix(lim.tag) + "c"}
         [message] = await lim.mailbox("c")
         assert message.startswith("c:1|")
@@ -1721,8 +1739,9 @@ class ScriptsMatchModel(RuleBasedStateMachine):
             60_000,
             mailbox_prefix("m"),
             "",
+            "",
         ]
-        reply = self.run(load_script(name), [*header, *extra], [costs_key("m")])
+        reply = self.run(load_script(name), [*header, *extra], [costs_key("m"), control_key("m")])
         return decode_acquire_reply(reply) if name == "acquire" else reply
 
     @initialize(
