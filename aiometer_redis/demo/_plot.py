@@ -27,8 +27,8 @@ def plot(
 
     With *capacity* (a target that pushes back), a third panel shows per second the requests
     served and refused (429), the capacity, and the effective rate the workers applied, from
-    *rates* (arrival, worker, rate): the fleet's rate as last reported if *fleet_rate*, else
-    the sum of each worker's own latest rate.
+    *rates* (arrival, worker, rate): the fleet's shared rate if *fleet_rate* (the lowest of the
+    workers' latest reads), else the sum of each worker's own latest rate.
 
     Raises:
         ValueError: no request to draw.
@@ -112,13 +112,14 @@ def _pushback_panel(
         label="answered 429 per second",
     )  # fmt: skip
     axis.axhline(capacity, color="red", linestyle="--", label=f"target capacity = {capacity:g}/s")
-    # The effective rate every 100 ms: the latest report (the fleet's shared rate), or the sum
-    # of each worker's latest (limiters of their own).
+    # The effective rate: the fleet's shared rate, as the lowest of the workers' latest reads
+    # (they read it every 0.25 s, so right after a cut some still report the rate before it),
+    # or, for limiters of their own, the sum of each worker's latest.
     latest: dict[int, float] = {}
     points: list[tuple[float, float]] = []
     for arrival, worker, rate in sorted(rates):
         latest[worker] = rate
-        value = rate if fleet_rate else sum(latest.values())
+        value = min(latest.values()) if fleet_rate else sum(latest.values())
         points.append((arrival - origin, value))
     if points:
         axis.step(

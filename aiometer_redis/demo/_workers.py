@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import IO, Any, Protocol, cast
+from typing import IO, Any
 
 import anyio
 
@@ -80,10 +80,6 @@ def retry_after_of(response: Any) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-class _Pushback(Protocol):
-    async def throttled(self, retry_after: float | None = None) -> object: ...
-
-
 async def _run_against_capacity(args: argparse.Namespace, http: Any) -> None:
     """``--target-capacity``: every 429 is reported with ``throttled(retry_after=...)`` and the
     request tried again under the limiter; each request carries the effective rate its limiter
@@ -131,15 +127,14 @@ async def _run_against_capacity(args: argparse.Namespace, http: Any) -> None:
         burst=args.burst,
         adaptive=adaptive,
     ) as limiter:
-        slot, pushback = limiter.slot, cast(_Pushback, limiter).throttled
+        slot, pushback = limiter.slot, limiter.throttled
 
         async def follow_rate() -> None:
             # The fleet's effective rate, as this worker sees it: one read every 0.25 s.
             while True:
                 stats = await limiter.statistics()
-                effective = getattr(stats, "effective_max_per_second", None)
-                if effective is not None:
-                    rate_now[0] = effective
+                if stats.effective_max_per_second is not None:
+                    rate_now[0] = stats.effective_max_per_second
                 await anyio.sleep(0.25)
 
         async with anyio.create_task_group() as tg:
