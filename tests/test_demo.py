@@ -374,3 +374,32 @@ def test_demo_without_adaptive_says_which_target_it_missed() -> None:
     assert "MISSED" in _pushback_row(result.stdout, "share answered 429")
     assert "Push-back missed its targets." in result.stdout
     assert "Push-back held" not in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_fleet_converges_on_the_target_capacity(tmp_path: Path) -> None:
+    # Four worker processes share one adaptive RedisLimiter at 100/s against a target of 30/s:
+    # the 429s every worker reports cut the fleet's rate, once per cool-down.
+    picture = tmp_path / "pushback.png"
+    result = _cli(
+        "demo", "--no-progress", "--requests", "420", "--target-capacity", "30",
+        "--plot", str(picture),
+    )  # fmt: skip
+    assert "Push-back held" in result.stdout, result.stdout + result.stderr
+    assert "OK" in _pushback_row(result.stdout, "share answered 429")
+    assert "OK" in _pushback_row(result.stdout, "throughput / capacity")
+    assert "max_per_second=100.0" in result.stdout
+    # Exit 0 exactly when the limiter's own limits held too (they are checked as always).
+    assert result.returncode == (0 if "All limits held." in result.stdout else 1), result.stdout
+    assert picture.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_demo_fleet_without_adaptive_keeps_sending_too_many() -> None:
+    result = _cli(
+        "demo", "--no-progress", "--requests", "420", "--target-capacity", "30", "--no-adaptive",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "not adaptive (--no-adaptive)" in result.stdout
+    assert "MISSED" in _pushback_row(result.stdout, "share answered 429")
+    assert "Push-back missed its targets." in result.stdout
