@@ -395,10 +395,11 @@ class RateLimiter(SlotMixin[CostPermit]):
     rate at the limit.
 
     Each :class:`~aiometer.Rate` of ``rates`` is a sliding window, exact: the cost (or the
-    number of calls) started in any ``per`` seconds never exceeds its ``limit``, except for
-    the overspend (actual minus estimate) of permits in that window that settled above their
-    estimate after later starts were reserved: one such call exceeds the limit by at most its
-    own overspend, and the debt delays later starts until every window is back under its limit.
+    number of calls) started in any ``per`` seconds never exceeds its ``limit`` plus the raises
+    settled by permits in that window (how much a ``settle()`` put a permit above what it was
+    charged just before): one overspending call exceeds the limit by at most its own
+    overspend, and the debt delays the starts reserved after it until every window is back
+    under its limit.
     An acquisition is charged to the GCRA and to every window, or waits; it never charges one
     window while another refuses. A window keeps one entry per start of its last ``per``
     seconds (about 100 bytes per start for all windows together, plus 8 per window).

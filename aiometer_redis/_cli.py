@@ -1,5 +1,5 @@
 """The ``aiometer-redis`` command line: the fleet demo and the operator commands (status, reset,
-exporter, top).
+set, pause, exporter, top).
 
 Every failure a user can cause (an unreachable or refusing Redis, a bad option, keys in Redis
 that are not what the limiter wrote, Ctrl-C) ends in one line on stderr that starts with
@@ -90,6 +90,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _pause_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or value > 86_400:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 86400 seconds, got {text}")
+    return value
+
+
 def _limiter_name(text: str) -> str:
     # The library's own rules, checked before anything connects.
     problem = name_problem(text)
@@ -133,8 +143,8 @@ def _plot_path(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``aiometer-redis`` (subcommands demo, status, reset, exporter,
-    top)."""
+    """The argument parser of ``aiometer-redis`` (subcommands demo, status, reset, set, pause,
+    exporter, top)."""
     parser = _Parser(
         prog="aiometer-redis",
         description="Fleet-wide concurrency and rate limits on Redis: demo and operator tools.",
@@ -207,11 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--worker-id", type=_worker_id, default=0, help=argparse.SUPPRESS)
 
     for command, text in (
-        ("status", "show a limiter's holders, waiters and rate state"),
+        ("status", "show a limiter's holders, waiters, rate state, pause and limits set"),
         ("reset", "delete a limiter's keys"),
+        (
+            "set",
+            "change a running fleet's limits: every process applies them from its next call "
+            "(--clear: back to each process's configured limits)",
+        ),
+        ("pause", "pause the whole fleet: nothing starts for SECONDS (extends, never shortens)"),
     ):
         sub = commands.add_parser(command, help=text, description=text)
         sub.add_argument("name", type=_limiter_name, help="the limiter's name")
+        if command == "pause":
+            sub.add_argument("seconds", type=_pause_seconds, help="seconds from now (Redis clock)")
         sub.add_argument(
             "--redis-url",
             type=_redis_url,
@@ -223,8 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if command == "status":
             sub.add_argument("--json", action="store_true", help="print JSON")
-        else:
+        elif command == "reset":
             sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        elif command == "set":
+            sub.add_argument("--max-at-once", type=_positive_int, help="slots held at once")
+            sub.add_argument("--max-per-second", type=_positive_float, help="starts per second")
+            sub.add_argument(
+                "--clear", action="store_true", help="remove the limits set at run time"
+            )
 
     exporter = commands.add_parser(
         "exporter",
@@ -451,7 +475,7 @@ async def _read_checked_state(client: Any, layout: KeyLayout) -> LimiterState:
                 "(written by something else? `aiometer-redis reset` deletes it)"
             )
     try:
-        return await read_state(client, keys)
+        return await read_state(client, list(layout.script_keys))
     except CorruptStateError:
         numbers = keys[3:5]
         stored = await client.run_script(load_script("stored_numbers"), numbers, [])
@@ -480,6 +504,9 @@ def _status(args: argparse.Namespace) -> int:
                     "waiters": list(state.waiters),
                     "rate_tat_in": state.tat,
                     "issued": state.issued,
+                    "paused_for": state.control.paused_for,
+                    "limits_set": _limits_set(state),
+                    "adaptive_rate": state.control.adaptive_rate,
                 },
                 indent=2,
             )
@@ -508,11 +535,72 @@ def _status(args: argparse.Namespace) -> int:
     else:
         console.print("rate: idle (no start reserved ahead)")
     console.print(f"tickets and tokens issued: {state.issued}")
+    control = state.control
+    if control.paused_for > 0:
+        console.print(f"paused: {control.paused_for:.3f} s left (nothing starts before)")
+    limits = _limits_set(state)
+    if limits:
+        text = ", ".join(f"{k}={v:g}" for k, v in limits.items())
+        console.print(f"limits set at run time: {text} (they replace the configured ones)")
+    else:
+        console.print("limits: as each process is configured (none set at run time)")
+    if control.adaptive_rate is not None:
+        ago = control.cut_ago if control.cut_ago is not None else 0.0
+        console.print(
+            f"adaptive rate: {control.adaptive_rate:g}/s now (last cut {ago:.1f} s ago; "
+            "adaptive processes apply it, never above their max_per_second)"
+        )
+    return 0
+
+
+def _limits_set(state: LimiterState) -> dict[str, float]:
+    limits: dict[str, float] = {}
+    if state.control.max_at_once is not None:
+        limits["max_at_once"] = state.control.max_at_once
+    if state.control.max_per_second is not None:
+        limits["max_per_second"] = state.control.max_per_second
+    return limits
+
+
+def _control(args: argparse.Namespace, operation: str, *extra: Any) -> Any:
+    from ._config import OVERRIDE_KEEP
+    from ._state import run_control
+
+    keys = list(KeyLayout.of(args.name, args.prefix).script_keys)
+    if operation == "set":
+        extra = (*extra, round(OVERRIDE_KEEP * 1e6))
+
+    async def call(client: Any) -> Any:
+        return await run_control(client, keys, args.name, operation, *extra)
+
+    return _run_against_redis(args.redis_url, call)
+
+
+def _set(args: argparse.Namespace) -> int:
+    if args.clear:
+        _control(args, "clear")
+        print(f"limiter {args.name!r}: limits set at run time removed")
+        return 0
+    interval: Any = "" if args.max_per_second is None else 1e6 / args.max_per_second
+    count: Any = "" if args.max_at_once is None else args.max_at_once
+    _, control = _control(args, "set", count, interval)
+    limits = []
+    if control.max_at_once is not None:
+        limits.append(f"max_at_once={control.max_at_once}")
+    if control.max_per_second is not None:
+        limits.append(f"max_per_second={control.max_per_second:g}")
+    print(f"limiter {args.name!r}: {', '.join(limits)} from each process's next call")
+    return 0
+
+
+def _pause(args: argparse.Namespace) -> int:
+    _, control = _control(args, "pause", math.ceil(args.seconds * 1e6))
+    print(f"limiter {args.name!r}: paused, {control.paused_for:.3f} s left")
     return 0
 
 
 def _reset(args: argparse.Namespace) -> int:
-    keys = list(KeyLayout.of(args.name, args.prefix).keys)
+    keys = list(KeyLayout.of(args.name, args.prefix).script_keys)
     if not args.yes:
         if not sys.stdin.isatty():
             raise CommandError("refusing to reset without --yes (no terminal to ask)", EXIT_USAGE)
@@ -593,6 +681,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _status(args)
     if args.command == "reset":
         return _reset(args)
+    if args.command == "set":
+        return _set(args)
+    if args.command == "pause":
+        return _pause(args)
     if args.command == "exporter":
         return _exporter(args)
     if args.command == "top":
@@ -608,7 +700,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the command line and exit with its status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "set":
+        given = args.max_at_once is not None or args.max_per_second is not None
+        if args.clear == given:
+            parser.error("give --max-at-once, --max-per-second (or both), or --clear alone")
     try:
         status = _dispatch(args)
     except CommandError as exc:

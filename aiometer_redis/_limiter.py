@@ -798,8 +798,7 @@ class RedisLimiter:
     # -- push-back and limits at run time ------------------------------------------------------
 
     async def _control(self, operation: str, *args: ScriptArg) -> tuple[bool, Control]:
-        if self._client is None:
-            raise RuntimeError("enter the limiter first: `async with RedisLimiter(...)`")
+        self._check_open()
         key_ttl_ms = math.ceil(self._config.key_ttl * 1000)
         reply = await self._call("control", "", key_ttl_ms, operation, *args, header=False)
         return decode_control_reply(self._name, reply)
@@ -823,6 +822,8 @@ class RedisLimiter:
         """
         us = _pause_us(seconds, "seconds")
         _, control = await self._control("pause", us)
+        if self._metrics is not None:
+            self._metrics.pushed_back("pause")
         return control.paused_for
 
     async def throttled(self, retry_after: float | None = None) -> bool:
@@ -843,12 +844,21 @@ class RedisLimiter:
         """
         retry: ScriptArg = "" if retry_after is None else _pause_us(retry_after, "retry_after")
         adaptive = self._config.adaptive_settings
+        if adaptive is None and retry_after is None:
+            self._check_open()
+            if self._metrics is not None:
+                self._metrics.pushed_back("throttled")
+            return False  # nothing to decide: no round trip
         cut, _ = await self._control(
             "throttled",
             retry,
             self._config.interval_us,
             adaptive.spec if adaptive is not None else "",
         )
+        if self._metrics is not None:
+            self._metrics.pushed_back("throttled")
+            if cut:
+                self._metrics.pushed_back("cut")
         return cut
 
     async def set_limits(

@@ -141,6 +141,13 @@ class _Families:
             names,
             registry=registry,
         )
+        self.pushbacks = Counter(
+            "aiometer_pushbacks",
+            "Pauses and push-back reports of this process, by kind (pause, throttled, cut: a "
+            "report that cut the adaptive rate)",
+            [*names, "kind"],
+            registry=registry,
+        )
         self.calls = Histogram(
             "aiometer_redis_call_seconds",
             "Seconds one script call to Redis took (every retry counts), by script",
@@ -293,6 +300,11 @@ class LimiterMetrics:
         """The limiter switched to the in-process fallback."""
         self.in_fallback = True
         self._fallbacks.inc()
+
+    def pushed_back(self, kind: str) -> None:
+        """A pause (``"pause"``), a push-back report (``"throttled"``) or a report that cut the
+        adaptive rate (``"cut"``)."""
+        self._families.pushbacks.labels(self.name, kind).inc()
 
     def recovered(self) -> None:
         """The limiter returned to Redis from the fallback."""

@@ -35,16 +35,21 @@ them readable, and move with whatever else the machine is doing.
    before ``release()``, the waiter right after ``acquire()`` returns. The floor next to it is
    the same ping-pong over raw RPUSH / BLPOP between the same two processes.
    Target: p50 <= 2 ms.
-4. Costs and windows. One process, 16 coroutines looping ``acquire(cost=c)`` + ``release()``
-   next to a PING loop, interleaved in rounds: a plain rate-only limiter (cost 1), the same
-   with cost 7.5, rate windows (``Rate`` of 1 s and 10 s counting cost, 10 s counting calls,
-   with limits nothing reaches, so the scripts pay for the window logs but nobody waits), the
-   windows with ``max_per_second`` and with ``max_at_once`` (an acquire and a release call per
-   task), and a window that is full all the time (``Rate(400, per=0.25)``, costs 1 to 8: every
-   reservation walks its log; tasks wait, so its rate is not comparable). Per task: EVALSHA
-   calls (round trips: the limiter batches concurrent calls), the redis-server time of those
-   calls and the commands the scripts ran (``redis.call``), all from ``INFO commandstats``
-   read before and after each phase with a separate client. Shown for comparison, no verdict.
+4. Costs and windows next to plain acquisitions. One process loops ``acquire(cost=c)`` +
+   ``release()`` next to a PING loop, interleaved in rounds, with 16 coroutines (concurrent
+   acquisitions share script calls) and again with 1 (one script call per acquisition, so the
+   server time per call is the server time of one acquisition). Rows: a plain rate-only
+   limiter (cost 1); the same with cost 7.5; two windows as an LLM API states them (tokens and
+   requests per minute: ``Rate`` counting cost and ``Rate`` counting calls); three windows (1 s
+   and 10 s counting cost, 10 s counting calls); three windows with ``max_per_second``; a plain
+   ``max_at_once`` limiter and the same with three windows (an acquire and a release call per
+   task); and a window that is full all the time (``Rate(400, per=0.25)``, costs 1 to 8:
+   every reservation walks its log; tasks wait, so its rate is not comparable). Limits are out
+   of reach elsewhere: the scripts pay for the window logs but nobody waits. Per task: EVALSHA
+   calls (round trips), the redis-server time of those calls per task and per call, and the
+   commands the scripts ran (``redis.call``), all from ``INFO commandstats`` read before and
+   after each phase with a separate client. Target (1 coroutine, where the count is exact):
+   every cost or window row makes at most 1.1x the script calls per task of its plain row.
 
 The 8-process rows run more processes than a small machine has cores, next to redis-server
 itself: read the ratio, not the absolute rate. The exit status is 0 whatever the verdicts.
@@ -59,7 +64,9 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -488,102 +495,185 @@ async def _handoff(pool: _Pool, url: str, settings: _Settings, verdicts: list[_V
     }
 
 
-# Section 4: (label, RedisLimiter options, the cost of each acquisition: a number or a function
-# of the acquisition's number).
-_WINDOWS = [Rate(_FAST_RATE, per=1), Rate(_FAST_RATE, per=10), Rate(_FAST_RATE, 10, "calls")]
-_COST_ROWS: list[tuple[str, dict[str, object], Callable[[int], float]]] = [
-    ("rate-only, cost 1", {"max_per_second": _FAST_RATE}, lambda n: 1),
-    ("rate-only, cost 7.5", {"max_per_second": _FAST_RATE, "burst": 1000}, lambda n: 7.5),
-    ("3 windows, cost 7.5", {"rates": _WINDOWS}, lambda n: 7.5),
-    (
+# Section 4. Each row: (label, RedisLimiter options, the cost of each acquisition as a function
+# of the acquisition's number, the plain row it is compared with or None). Limits nobody
+# reaches (but the full window), so the scripts pay for the window logs and nobody waits.
+_THREE_WINDOWS = [Rate(_FAST_RATE, per=1), Rate(_FAST_RATE, per=10), Rate(_FAST_RATE, 10, "calls")]
+# What an LLM API states: tokens per minute and requests per minute.
+_TWO_WINDOWS = [Rate(_FAST_RATE, per=60), Rate(_FAST_RATE, per=60, counts="calls")]
+_PLAIN_RATE = "rate-only, cost 1"
+_PLAIN_CONCURRENCY = "max_at_once, cost 1"
+
+
+@dataclass(frozen=True)
+class _CostRow:
+    label: str
+    options: dict[str, Any]
+    cost_of: Callable[[int], float]
+    plain: str | None
+
+
+_COST_ROWS = [
+    _CostRow(_PLAIN_RATE, {"max_per_second": _FAST_RATE}, lambda n: 1, None),
+    _CostRow(
+        "rate-only, cost 7.5",
+        {"max_per_second": _FAST_RATE, "burst": 1000},
+        lambda n: 7.5,
+        _PLAIN_RATE,
+    ),
+    _CostRow(
+        "2 windows (cost + calls), cost 7.5", {"rates": _TWO_WINDOWS}, lambda n: 7.5, _PLAIN_RATE
+    ),
+    _CostRow("3 windows, cost 7.5", {"rates": _THREE_WINDOWS}, lambda n: 7.5, _PLAIN_RATE),
+    _CostRow(
         "3 windows + max_per_second, cost 7.5",
-        {"rates": _WINDOWS, "max_per_second": _FAST_RATE, "burst": 1000},
+        {"rates": _THREE_WINDOWS, "max_per_second": _FAST_RATE, "burst": 1000},
         lambda n: 7.5,
+        _PLAIN_RATE,
     ),
-    (
+    _CostRow(_PLAIN_CONCURRENCY, {"max_at_once": _HIGH_MAX_AT_ONCE}, lambda n: 1, None),
+    _CostRow(
         "3 windows + max_at_once, cost 7.5",
-        {"rates": _WINDOWS, "max_at_once": _HIGH_MAX_AT_ONCE},
+        {"rates": _THREE_WINDOWS, "max_at_once": _HIGH_MAX_AT_ONCE},
         lambda n: 7.5,
+        _PLAIN_CONCURRENCY,
     ),
-    ("full window, costs 1-8 (waits)", {"rates": [Rate(400, per=0.25)]}, lambda n: 1 + n % 8),
+    _CostRow(
+        "full window, costs 1-8 (waits)",
+        {"rates": [Rate(400, per=0.25)]},
+        lambda n: 1 + n % 8,
+        None,
+    ),
 ]
+# Coroutines per phase: 16 (concurrent acquisitions share script calls) and 1 (every
+# acquisition is its own call, so the server time per call is that of one acquisition).
+_COST_COROUTINES = (_COROUTINES_PER_PROCESS, 1)
+# "The same round trips as plain": at most this much more script calls per task than the plain row.
+_ROUND_TRIP_TOLERANCE = 1.10
 
 
 async def _cost_phase(
-    url: str, stats_client: redis.asyncio.Redis, seconds: float, row: int
+    url: str, stats_client: redis.asyncio.Redis, seconds: float, row: _CostRow, coroutines: int
 ) -> tuple[int, _CommandStats]:
-    _, options, cost_of = _COST_ROWS[row]
     counter = itertools.count()
     async with (
         redis.asyncio.Redis.from_url(url) as client,
-        RedisLimiter(client, f"costs:{row}:{time.time_ns()}", **options) as limiter,  # type: ignore[arg-type]
+        RedisLimiter(client, f"costs:{time.time_ns()}", **row.options) as limiter,
     ):
 
         async def cycle() -> None:
-            permit = await limiter.acquire(cost=cost_of(next(counter)))
+            permit = await limiter.acquire(cost=row.cost_of(next(counter)))
             await permit.release()
 
-        await _open_connections(client, _COROUTINES_PER_PROCESS + 2)
+        await _open_connections(client, coroutines + 2)
         before = await _CommandStats.read(stats_client)
         begin = time.time()
-        done, _ = await _count_completions(cycle, begin, begin + seconds, _COROUTINES_PER_PROCESS)
+        done, _ = await _count_completions(cycle, begin, begin + seconds, coroutines)
         after = await _CommandStats.read(stats_client)
     return done, after - before
 
 
-async def _costs(url: str, stats_client: redis.asyncio.Redis, settings: _Settings) -> Result:
+def _cost_summary(total: Counter[str], seconds: float, ping_rate: float) -> Result:
+    tasks = max(total["tasks"], 1)
+    calls = max(total["calls"], 1)
+    rate = total["tasks"] / seconds
+    return {
+        "tasks_per_second": rate,
+        "ratio_to_ping": rate / ping_rate,
+        "script_calls_per_task": total["calls"] / tasks,
+        "server_us_per_task": total["usec"] / tasks,
+        "server_us_per_call": total["usec"] / calls,
+        "in_script_commands_per_task": total["in_script"] / tasks,
+    }
+
+
+async def _costs(
+    url: str, stats_client: redis.asyncio.Redis, settings: _Settings, verdicts: list[_Verdict]
+) -> Result:
     _section(
-        f"4. Costs and windows: one process, {_COROUTINES_PER_PROCESS} coroutines looping "
-        "acquire(cost=c) + release()"
+        "4. Costs and windows next to plain acquisitions: one process looping "
+        "acquire(cost=c) + release()\n"
+        f"with {_COST_COROUTINES[0]} coroutines (concurrent acquisitions share script calls) and "
+        "with 1 (one call per acquisition);\n"
+        f"{settings.rounds} interleaved round(s) of {settings.phase_seconds:g} s per phase; "
+        "server time from INFO commandstats (EVALSHA usec) read around each phase."
     )
     in_script = _script_command_names()
-    totals: list[Counter[str]] = [Counter() for _ in _COST_ROWS]
-    pings = 0
-    ping_seconds = 0.0
-    for _ in range(settings.rounds):
-        async with redis.asyncio.Redis.from_url(url) as client:
-            begin = time.time()
-            done, _ = await _count_completions(
-                client.ping, begin, begin + settings.phase_seconds, _COROUTINES_PER_PROCESS
-            )
-            pings += done
-            ping_seconds += settings.phase_seconds
-        for row in range(len(_COST_ROWS)):
-            done, stats = await _cost_phase(url, stats_client, settings.phase_seconds, row)
-            totals[row]["tasks"] += done
-            totals[row]["evalsha"] += stats.calls["evalsha"] + stats.calls["eval"]
-            totals[row]["usec"] += stats.usec["evalsha"] + stats.usec["eval"]
-            totals[row]["in_script"] += sum(stats.calls[name] for name in in_script)
-    ping_rate = pings / ping_seconds
-    rows = []
-    measured: Result = {"ping_per_second": ping_rate, "rows": {}}
-    for (label, _, _), total in zip(_COST_ROWS, totals, strict=True):
-        tasks = max(total["tasks"], 1)
-        rate = total["tasks"] / (settings.rounds * settings.phase_seconds)
-        summary = {
-            "tasks_per_second": rate,
-            "ratio_to_ping": rate / ping_rate,
-            "script_calls_per_task": total["evalsha"] / tasks,
-            "server_us_per_task": total["usec"] / tasks,
-            "in_script_commands_per_task": total["in_script"] / tasks,
+    measured: Result = {}
+    for coroutines in _COST_COROUTINES:
+        totals = {row.label: Counter[str]() for row in _COST_ROWS}
+        pings = 0
+        for _ in range(settings.rounds):
+            async with redis.asyncio.Redis.from_url(url) as client:
+                await _open_connections(client, coroutines + 2)
+                begin = time.time()
+                done, _ = await _count_completions(
+                    client.ping, begin, begin + settings.phase_seconds, coroutines
+                )
+                pings += done
+            for row in _COST_ROWS:
+                done, stats = await _cost_phase(
+                    url, stats_client, settings.phase_seconds, row, coroutines
+                )
+                total = totals[row.label]
+                total["tasks"] += done
+                total["calls"] += stats.calls["evalsha"] + stats.calls["eval"]
+                total["usec"] += stats.usec["evalsha"] + stats.usec["eval"]
+                total["in_script"] += sum(stats.calls[name] for name in in_script)
+        seconds = settings.rounds * settings.phase_seconds
+        ping_rate = pings / seconds
+        summaries = {
+            label: _cost_summary(total, seconds, ping_rate) for label, total in totals.items()
         }
-        measured["rows"][label] = summary
-        rows.append(
-            [
-                label,
-                f"{rate:,.0f}",
-                f"{summary['ratio_to_ping']:.2f}",
-                f"{summary['script_calls_per_task']:.2f}",
-                f"{summary['server_us_per_task']:.1f}",
-                f"{summary['in_script_commands_per_task']:.1f}",
-            ]
-        )
-    headers = ["limiter", "tasks/s", "vs PING", "calls/task", "server us/task", "cmds/task"]
-    print(_table(headers, rows))
+        rows = []
+        for row in _COST_ROWS:
+            summary = summaries[row.label]
+            calls = summary["script_calls_per_task"]
+            verdict = ""
+            if row.plain is not None and coroutines == 1:
+                # Unbatched, the round trips per task are exact: one call per acquisition
+                # (and one per release with max_at_once), whatever the costs and windows.
+                plain = summaries[row.plain]["script_calls_per_task"]
+                passed = calls <= plain * _ROUND_TRIP_TOLERANCE
+                summary["plain_script_calls_per_task"] = plain
+                verdict = _verdict(passed)
+                verdicts.append(
+                    _Verdict(
+                        f"script calls per task, {row.label}: <= {_ROUND_TRIP_TOLERANCE:.2f}x "
+                        f"{row.plain} ({plain:.2f})",
+                        f"{calls:.2f}",
+                        passed,
+                    )
+                )
+            rows.append(
+                [
+                    row.label,
+                    f"{summary['tasks_per_second']:,.0f}",
+                    f"{summary['ratio_to_ping']:.2f}",
+                    f"{calls:.2f}",
+                    f"{summary['server_us_per_task']:.1f}",
+                    f"{summary['server_us_per_call']:.1f}",
+                    f"{summary['in_script_commands_per_task']:.1f}",
+                    verdict,
+                ]
+            )
+        print(f"{coroutines} coroutine(s) (PING {ping_rate:,.0f}/s):")
+        headers = [
+            "limiter",
+            "tasks/s",
+            "vs PING",
+            "calls/task",
+            "server us/task",
+            "server us/call",
+            "cmds/task",
+            "same calls as plain",
+        ]
+        print(_table(headers, rows) + "\n")
+        measured[f"{coroutines}_coroutines"] = {"ping_per_second": ping_rate, "rows": summaries}
     print(
-        f"\nPING: {ping_rate:,.0f}/s. calls/task: script round trips per task (EVALSHA; "
-        "concurrent acquisitions share one); server us/task: redis-server time in those calls; "
-        "cmds/task: redis.call commands the scripts ran."
+        "calls/task: script round trips (EVALSHA) per task; server us/task: redis-server time of "
+        "those calls per task; server us/call: per call; cmds/task: redis.call commands the "
+        "scripts ran. The full window's tasks wait for it: its rate is not comparable."
     )
     return measured
 
@@ -599,7 +689,7 @@ async def _sections(
         "throughput": await _throughput(pool, url, stats_client, settings, verdicts),
         "commands_per_task": await _contention(pool, url, stats_client, settings, verdicts),
         "handoff": await _handoff(pool, url, settings, verdicts),
-        "costs": await _costs(url, stats_client, settings),
+        "costs": await _costs(url, stats_client, settings, verdicts),
     }
 
 

@@ -336,6 +336,10 @@ local function load_windows(now)
     fields[j] = w.sum_field
   end
   local sums = redis.call('HMGET', costs_key, unpack(fields))
+  -- The cost records of the entries that left the longest window end after the
+  -- loop: a shorter window may trim the same entries later in it, and needs
+  -- their costs to take them off its sum.
+  local ended_for_good = nil
   for j, w in ipairs(windows) do
     w.sum = tonumber(sums[j] or '') or 0
     local ended = redis.call('ZRANGEBYSCORE', w.key, '-inf', int(now - w.per), 'LIMIT', 0, 100)
@@ -351,9 +355,12 @@ local function load_windows(now)
       w.sum = math.max(0, w.sum - drop)
       w.dirty = true
       if j == longest then
-        redis.call('HDEL', costs_key, unpack(ended))
+        ended_for_good = ended
       end
     end
+  end
+  if ended_for_good then
+    redis.call('HDEL', costs_key, unpack(ended_for_good))
   end
   latest = read_latest()
 end

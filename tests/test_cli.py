@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -52,10 +53,10 @@ def password_server() -> Iterator[RedisServer]:
         yield running
 
 
-@pytest.mark.parametrize("command", ["status", "reset"])
+@pytest.mark.parametrize("command", ["status", "reset", "set", "pause"])
 def test_unreachable_redis_is_one_line_naming_the_address(command: str) -> None:
     port = _closed_port()
-    extra = ["--yes"] if command == "reset" else []
+    extra = {"reset": ["--yes"], "set": ["--max-at-once", "3"], "pause": ["5"]}.get(command, [])
     result = _cli(command, "x", "--redis-url", f"redis://127.0.0.1:{port}/0", *extra)
     line = _one_line(result, 3)
     assert line == f"aiometer-redis: cannot use Redis at 127.0.0.1:{port}: Connection refused"
@@ -109,6 +110,13 @@ def test_missing_password_is_one_line(password_server: RedisServer) -> None:
         (["demo", "--plot", "/nonexistent-dir/out.png"], "cannot write '/nonexistent-dir/out.png'"),
         (["demo", "--role", "boss"], "--role: invalid choice: 'boss'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["set", "x"], "give --max-at-once, --max-per-second (or both), or --clear alone"),
+        (["set", "x", "--clear", "--max-at-once", "2"], "or --clear alone"),
+        (["set", "x", "--max-at-once", "0"], "--max-at-once: must be >= 1, got 0"),
+        (["set", "x", "--max-per-second", "nan"], "--max-per-second: must be a finite number"),
+        (["pause", "x", "-1"], "argument seconds: must be from 0 to 86400 seconds, got -1"),
+        (["pause", "x", "soon"], "argument seconds: expected a number of seconds, got 'soon'"),
+        (["pause", "x"], "the following arguments are required: seconds"),
     ],
 )
 def test_bad_command_lines_are_one_line(args: list[str], words: str) -> None:
@@ -161,8 +169,34 @@ def test_status_works_for_an_acl_user_without_type(server: RedisServer, name: st
         admin.execute_command(
             "ACL", "SETUSER", "status-only", "reset", "on", ">pw", "~aiometer:*",
             "-@all", "+evalsha", "+eval", "+ping", "+time", "+get", "+zrange", "+zrangebyscore",
+            "+hmget",
         )  # fmt: skip
     url = f"redis://status-only:pw@127.0.0.1:{server.port}/0"
     result = _cli("status", name, "--redis-url", url, "--json")
     assert result.returncode == 0, result.stderr
     assert '"holders": []' in result.stdout
+
+
+def test_set_pause_and_status_show_what_the_fleet_applies(server: RedisServer, name: str) -> None:
+    url = ["--redis-url", server.url]
+    result = _cli("set", name, "--max-at-once", "3", "--max-per-second", "2.5", *url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        f"limiter {name!r}: max_at_once=3, max_per_second=2.5 from each process's next call"
+    )
+    result = _cli("pause", name, "30", *url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"limiter {name!r}: paused, 30.000 s left")
+    result = _cli("status", name, "--json", *url)
+    assert result.returncode == 0, result.stderr
+    state = json.loads(result.stdout)
+    assert 25 < state["paused_for"] <= 30
+    assert state["limits_set"] == {"max_at_once": 3, "max_per_second": 2.5}
+    text = _cli("status", name, *url).stdout
+    assert "paused: " in text
+    assert "limits set at run time: max_at_once=3, max_per_second=2.5" in text
+    result = _cli("set", name, "--clear", *url)
+    assert result.returncode == 0, result.stderr
+    state = json.loads(_cli("status", name, "--json", *url).stdout)
+    assert state["limits_set"] == {}
+    assert state["adaptive_rate"] is None

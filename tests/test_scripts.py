@@ -3,8 +3,8 @@ and the throwaway redis-server launcher.
 
 The script scenarios run on fakeredis (fast) and on a real ``redis-server`` started by
 :class:`RedisServer` (once per module, flushed between tests), through redis-py on
-asyncio and coredis on asyncio and trio. A hypothesis state machine drives the scripts
-on fakeredis against the independent pure-Python model in ``redis_model.py``.
+asyncio and coredis on asyncio and trio. The hypothesis state machine that drives the
+scripts against the pure-Python model is in ``test_scripts_model.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import os
 import random
 import re
@@ -29,10 +30,6 @@ import pytest
 import redis
 import redis.asyncio
 import redis.exceptions
-from helpers.redis_model import LimiterModel, process_of
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from aiometer_redis._client import (
     CoredisClient,
@@ -40,7 +37,6 @@ from aiometer_redis._client import (
     ScriptArg,
     ScriptClient,
     adapt,
-    encode_args,
     normalize_reply,
 )
 from aiometer_redis._errors import ErrorReply
@@ -197,6 +193,19 @@ class Limiter:
         return await self.client.run_script(
             load_script("status"), self.keys, ["" if now is None else now]
         )
+
+    async def control(self, now: int | None, operation: str, *args: ScriptArg) -> Any:
+        """control.lua: ``[now, cut, paused_until, max_at_once, interval_us, adaptive, rate]``."""
+        return await self.client.run_script(
+            load_script("control"),
+            self.keys,
+            ["" if now is None else now, self.key_ttl_ms, operation, *args],
+        )
+
+    async def throttled(self, now: int, retry_us: int | str = "") -> int:
+        """control.lua 'throttled' with this limiter's interval and adaptive spec: 1 if cut."""
+        reply = await self.control(now, "throttled", retry_us, self.interval_us, self.adaptive_spec)
+        return int(reply[1])
 
     async def spare(self) -> dict[str, int]:
         """The starts given back: waiter id -> start."""
@@ -1665,278 +1674,6 @@ async def test_script_arguments_are_encoded_exactly(anyio_backend: str) -> None:
         await client.aclose()
 
 
-# -- model-based test ---------------------------------------------------------------------
-
-PROCESSES = ("a1", "b2", "c3")
-WAITER_IDS = [f"{process}:{n}" for process in PROCESSES for n in range(3)]
-waiter_ids = st.sampled_from(WAITER_IDS)
-# Some ids carry a max delay (a caller with acquire_timeout): '<id>/<max delay us>'.
-acquire_ids = st.one_of(
-    waiter_ids,
-    st.builds("{}/{}".format, waiter_ids, st.sampled_from([0, 1, 50_000, 150_000, 400_000])),
-)
-# Mostly single ids, sometimes a batch of up to four (repeats included).
-acquire_batches = st.one_of(
-    st.lists(acquire_ids, min_size=1, max_size=1), st.lists(acquire_ids, min_size=1, max_size=4)
-)
-lease_ids = st.one_of(waiter_ids, st.just("zz:0"))
-release_batches = st.one_of(
-    st.lists(lease_ids, min_size=1, max_size=1), st.lists(lease_ids, min_size=1, max_size=4)
-)
-
-
-# The configuration a state machine draws, but for max_at_once.
-intervals = st.one_of(
-    st.just(0.0),
-    st.floats(1_000, 100_000, allow_nan=False),
-    st.sampled_from([1e6 / 3, 1e6 / 7, 12_345.6789]),
-)
-bursts = st.integers(1, 3)
-lease_ttls = st.sampled_from([200_000, SECOND])
-
-
-class ScriptsMatchModel(RuleBasedStateMachine):
-    """Random operations on fakeredis and on :class:`LimiterModel` give equal results."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-        for script in all_scripts().values():
-            self.redis.script_load(script.source)
-        self.redis.script_load(SNAPSHOT.source)
-        self.model = LimiterModel()
-        self.now = NOW
-        self.max_at_once = 1
-        self.interval_us = 0.0
-        self.burst = 1
-        self.lease_ttl_us = SECOND
-        # The last rate-only acquire: its ids, its now and its replies.
-        self.last_rate_batch: tuple[list[str], int, list[list[int]]] | None = None
-
-    def teardown(self) -> None:
-        self.redis.close()
-
-    def limits(self) -> dict[str, Any]:
-        return {
-            "max_at_once": self.max_at_once,
-            "interval_us": self.interval_us,
-            "burst": self.burst,
-            "lease_ttl_us": self.lease_ttl_us,
-        }
-
-    def run(self, script: Script, args: Sequence[ScriptArg], keys: Sequence[str] = ()) -> Any:
-        all_keys = [*limiter_keys("m"), *keys]
-        argv = encode_args(args)
-        return normalize_reply(self.redis.evalsha(script.sha1, len(all_keys), *all_keys, *argv))
-
-    def call(self, name: str, *extra: ScriptArg) -> Any:
-        header: list[ScriptArg] = [
-            self.now,
-            self.max_at_once,
-            self.interval_us,
-            self.burst,
-            self.lease_ttl_us,
-            60_000,
-            mailbox_prefix("m"),
-            "",
-            "",
-        ]
-        reply = self.run(load_script(name), [*header, *extra], [costs_key("m"), control_key("m")])
-        return decode_acquire_reply(reply) if name == "acquire" else reply
-
-    @initialize(
-        max_at_once=st.integers(0, 4),
-        interval_us=intervals,
-        burst=bursts,
-        lease_ttl_us=lease_ttls,
-    )
-    def configure(
-        self, max_at_once: int, interval_us: float, burst: int, lease_ttl_us: int
-    ) -> None:
-        self.max_at_once = max_at_once
-        self.interval_us = interval_us
-        self.burst = burst
-        self.lease_ttl_us = lease_ttl_us
-
-    @rule(dt=st.one_of(st.integers(0, 1_000), st.integers(0, 2 * SECOND)))
-    def advance(self, dt: int) -> None:
-        self.now += dt
-
-    @rule(pick=st.integers(0, 7), offset=st.sampled_from([-1, 0, 1]))
-    def advance_to_a_deadline(self, pick: int, offset: int) -> None:
-        # Land on (or next to) a lease or waiter expiry: the boundaries matter.
-        deadlines = [
-            *self.model.holders.values(),
-            *self.model.waiters.values(),
-            *self.model.recent.values(),
-        ]
-        later = sorted({d + offset for d in deadlines if d + offset > self.now})
-        if later:
-            self.now = later[pick % len(later)]
-
-    @rule(batch=acquire_batches)
-    def acquire(self, batch: list[str]) -> None:
-        expected = self.model.acquire(self.now, batch, **self.limits())
-        assert self.call("acquire", *batch) == expected
-        if self.max_at_once == 0:
-            self.last_rate_batch = (batch, self.now, expected)
-
-    @precondition(lambda self: self.last_rate_batch is not None)
-    @rule(dt=st.one_of(st.just(0), st.integers(0, 1_000), st.integers(0, 2 * SECOND)))
-    def retry_last_rate_batch(self, dt: int) -> None:
-        # The reply to the last rate-only call was lost: the same ids are sent again, at
-        # the same or a later now.
-        assert self.last_rate_batch is not None
-        batch, sent_at, replies = self.last_rate_batch
-        self.now += dt
-        model = self.model
-        ids = [item.partition("/")[0] for item in batch]
-        known = all(model.recent.get(i, self.now) > self.now and i in model.grants for i in ids)
-        remembered = known and all(reply[0] == 1 for reply in replies)
-        tat_key, seq_key = limiter_keys("m")[3:5]
-        before = (self.redis.get(tat_key), self.redis.get(seq_key))
-        seq_before = model.seq
-        expected = model.acquire(self.now, batch, **self.limits())
-        reply = self.call("acquire", *batch)
-        assert reply == expected
-        if remembered:
-            # The same grants, their delays shorter by the time gone by; nothing reserved.
-            elapsed = self.now - sent_at
-            assert reply == [[1, token, max(0, delay - elapsed)] for _, token, delay in replies]
-            assert (self.redis.get(tat_key), self.redis.get(seq_key)) == before
-        elif not known and all(entry[0] == 1 for entry in reply):
-            # A memory ended (or its grant was deleted, or the id was refused before): that
-            # id took a new token.
-            assert model.seq > seq_before
-        self.last_rate_batch = (batch, self.now, reply)
-
-    @rule(batch=release_batches)
-    def release(self, batch: list[str]) -> None:
-        expected = self.model.release(self.now, batch, **self.limits())
-        assert self.call("release", *batch) == expected
-
-    @rule(process=st.sampled_from(PROCESSES), extra=st.lists(lease_ids, max_size=2))
-    def release_held(self, process: str, extra: list[str]) -> None:
-        # What a process batching its releases sends: several leases it holds at once.
-        held = [i for i in self.model.holders if process_of(i) == process]
-        if held or extra:
-            self.release([*held, *extra])
-
-    @rule(leases=st.lists(waiter_ids, max_size=4), waiters=st.lists(waiter_ids, max_size=4))
-    def renew(self, leases: list[str], waiters: list[str]) -> None:
-        expected = self.model.renew(self.now, leases, waiters, **self.limits())
-        assert self.call("renew", len(leases), *leases, *waiters) == expected
-
-    @rule(process=st.sampled_from(PROCESSES))
-    def renew_process(self, process: str) -> None:
-        # What a live process sends: every lease it holds and every waiter it has.
-        leases = [i for i in self.model.holders if process_of(i) == process]
-        waiters = [i for i in self.model.waiters if process_of(i) == process]
-        self.renew(leases, waiters)
-
-    @rule(pick=st.integers(0, 7), offset=st.sampled_from([-1, 0, 1]))
-    def renew_at_lease_expiry(self, pick: int, offset: int) -> None:
-        # The renewal that arrives right at (or next to) a lease's expiry.
-        leases = sorted(self.model.holders.items(), key=lambda item: item[1])
-        due = [(lease, expiry + offset) for lease, expiry in leases if expiry + offset >= self.now]
-        if due:
-            lease, self.now = due[pick % len(due)]
-            self.renew_process(process_of(lease))
-
-    @rule(waiter_id=waiter_ids)
-    def cancel(self, waiter_id: str) -> None:
-        expected = self.model.cancel(self.now, waiter_id, **self.limits())
-        assert self.call("cancel", waiter_id) == expected
-
-    @rule(process=st.sampled_from(PROCESSES))
-    def drain_mailbox(self, process: str) -> None:
-        popped = self.redis.lpop(mailbox_prefix("m") + process)
-        expected = self.model.mailboxes.get(process, [])
-        if popped is None:
-            assert expected == []
-        else:
-            assert expected.pop(0) == normalize_reply(popped)
-
-    @rule()
-    def status(self) -> None:
-        assert self.run(load_script("status"), [self.now]) == self.model.status(self.now)
-
-    @invariant()
-    def same_state(self) -> None:
-        mailboxes = [mailbox_prefix("m") + process for process in PROCESSES]
-        holders, queue, waiters, tat, seq, grants, recent, spare, *boxes = self.run(
-            SNAPSHOT, [], mailboxes
-        )
-        model = self.model
-
-        def pairs(flat: list[str]) -> dict[str, int]:
-            return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-        assert pairs(holders) == model.holders
-        assert pairs(queue) == model.queue
-        assert pairs(waiters) == model.waiters
-        assert pairs(recent) == model.recent
-        assert pairs(spare) == model.spare
-        assert tat == ("" if model.tat is None else f"{model.tat:.3f}")
-        assert seq == str(model.seq)
-        assert dict(zip(grants[::2], grants[1::2], strict=True)) == {
-            lease: f"{token}|{start}" for lease, (token, start) in model.grants.items()
-        }
-        assert boxes == [model.mailboxes.get(process, []) for process in PROCESSES]
-        # A mailbox only ever receives grants for its own process's waiters.
-        for process, box in zip(PROCESSES, boxes, strict=True):
-            assert all(process_of(message.split("|")[0]) == process for message in box)
-
-    @invariant()
-    def every_key_has_a_ttl(self) -> None:
-        # Whatever the scripts wrote (or did not need to refresh) expires some day.
-        for key in self.redis.keys("*"):
-            assert self.redis.pttl(key) > 0, key
-
-    @invariant()
-    def concurrency_is_bounded(self) -> None:
-        if self.max_at_once > 0:
-            assert len(self.model.holders) <= self.max_at_once
-        else:
-            assert self.model.holders == {}
-
-    @invariant()
-    def only_rate_only_calls_remember(self) -> None:
-        if self.max_at_once > 0:
-            assert self.model.recent == {}
-        assert set(self.model.recent).isdisjoint(self.model.holders)
-
-
-ScriptsMatchModel.TestCase.settings = settings(
-    max_examples=200,
-    stateful_step_count=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-test_scripts_match_model = ScriptsMatchModel.TestCase
-
-
-class RateOnlyScriptsMatchModel(ScriptsMatchModel):
-    """The same machine, always rate only: remembered grants, their retries and ends."""
-
-    @initialize(
-        max_at_once=st.just(0), interval_us=intervals, burst=bursts, lease_ttl_us=lease_ttls
-    )
-    def configure(
-        self, max_at_once: int, interval_us: float, burst: int, lease_ttl_us: int
-    ) -> None:
-        ScriptsMatchModel.configure(self, max_at_once, interval_us, burst, lease_ttl_us)
-
-
-RateOnlyScriptsMatchModel.TestCase.settings = settings(
-    max_examples=100,
-    stateful_step_count=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-test_rate_only_scripts_match_model = RateOnlyScriptsMatchModel.TestCase
-
-
 # -- redis-server launcher ----------------------------------------------------------------
 
 
@@ -2008,3 +1745,160 @@ def test_redis_server_reports_startup_failure_with_log_tail() -> None:
         server.start()
     with pytest.raises(RuntimeError, match="not running"):
         _ = server.pid
+
+
+# -- control: pause, push-back, limits set at run time ------------------------------------
+
+# Adaptive: halve, floor 1/s, cool-down 1 s, from the floor to the max in 9 s.
+ADAPTIVE = f"0.5,1,{SECOND},{9 * SECOND}"
+
+
+@pytest.mark.anyio
+async def test_pause_delays_every_grant_to_its_end_and_keeps_the_queue(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=2)
+        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        reply = await lim.control(NOW, "pause", 2 * SECOND)
+        assert reply[:3] == [NOW, 0, str(NOW + 2 * SECOND)]
+        # A shorter pause does not shorten it; a longer one extends it.
+        assert (await lim.control(NOW + 1, "pause", SECOND))[2] == str(NOW + 2 * SECOND)
+        # Granted during the pause: the delay runs to its end (the lease from there).
+        assert await lim.acquire(NOW + 10, "b:1") == [[1, 2, 2 * SECOND - 10]]
+        assert await lim.acquire(NOW + 20, "c:1") == [[0, 0]]
+        assert await lim.acquire(NOW + 20, "d:1") == [[0, 1]]
+        # The queue keeps its order; the handoff in the pause carries the delay too.
+        assert await lim.release(NOW + SECOND, "a:1") == [1, 1]
+        # (tokens and tickets share one counter: c:1 and d:1 took tickets 3 and 4)
+        assert await lim.mailbox("c") == [f"c:1|5|{SECOND}"]
+        assert (await lim.status(NOW + SECOND))[2] == ["d:1", "4"]
+        holders = (await lim.status(NOW + SECOND))[1]
+        assert holders[holders.index("c:1") + 1] == str(NOW + 2 * SECOND + SECOND)
+        # After the pause, grants are immediate again.
+        await lim.release(NOW + 3 * SECOND, "b:1", "c:1")
+        assert (await lim.acquire(NOW + 3 * SECOND, "e:1"))[0][2] == 0
+        # A waiter whose max delay ends before the pause does is refused.
+        await lim.control(NOW + 3 * SECOND, "pause", SECOND)
+        assert await lim.acquire(NOW + 3 * SECOND, "f:1/500000") == [[2, 0]]
+
+
+@pytest.mark.anyio
+async def test_pause_moves_the_rate_schedule_to_its_end(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, burst=2)
+        assert [r[2] for r in await lim.acquire(NOW, "p:1")] == [0]
+        await lim.control(NOW, "pause", SECOND)
+        replies = await lim.acquire(NOW + 10, "p:2", "p:3", "p:4")
+        # From the pause's end, the GCRA allows its burst (2), then one per interval.
+        assert [r[2] for r in replies] == [SECOND - 10, SECOND - 10, SECOND + 100_000 - 10]
+        windows = dataclasses.replace(
+            lim, tag="w", interval_us=0.0, burst=1, window_spec=f"{2 * SECOND},{SECOND},1"
+        )
+        await windows.control(NOW, "pause", SECOND)
+        replies = await windows.acquire(NOW, "q:1", "q:2", "q:3")
+        assert [r[2] for r in replies] == [SECOND, SECOND, 2 * SECOND]
+
+
+@pytest.mark.anyio
+async def test_throttled_cuts_once_per_cooldown_never_below_the_floor(backend: Backend) -> None:
+    async with backend.open() as opened:
+        # 10 per second; adaptive floor 1/s.
+        lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, adaptive_spec=ADAPTIVE)
+        # A burst of reports within the cool-down: one cut.
+        cuts = [await lim.throttled(NOW + n * 1000) for n in range(20)]
+        assert cuts == [1] + [0] * 19
+        reply = await lim.control(NOW + 1000, "read")
+        assert reply[5].startswith(f"5.000000|{NOW}|10.000000|1.000000|{9 * SECOND}")
+        assert float(reply[6]) == pytest.approx(5 + 1000 / 1e6, abs=1e-6)
+        # The next cut needs the cool-down (1 s) to pass: 5 -> recovered by 1/s -> 6 * 0.5.
+        assert await lim.throttled(NOW + SECOND - 1) == 0
+        assert await lim.throttled(NOW + SECOND) == 1
+        assert float((await lim.control(NOW + SECOND, "read"))[6]) == pytest.approx(3.0)
+        # A deeper factor meets the floor (1/s): 10 -> 1, and 2 (recovered) -> 1.
+        deep = dataclasses.replace(lim, tag="deep", adaptive_spec=f"0.1,1,{SECOND},{9 * SECOND}")
+        assert await deep.throttled(NOW) == 1
+        assert float((await deep.control(NOW, "read"))[6]) == pytest.approx(1.0)
+        assert await deep.throttled(NOW + SECOND) == 1
+        assert float((await deep.control(NOW + SECOND, "read"))[6]) == pytest.approx(1.0)
+        # Not adaptive, or without a rate: a report cuts nothing.
+        plain = dataclasses.replace(lim, tag="plain", adaptive_spec="")
+        assert await plain.throttled(NOW) == 0
+        assert (await plain.control(NOW, "read"))[5] == ""
+
+
+@pytest.mark.anyio
+async def test_acquire_uses_the_adaptive_rate_and_it_recovers(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, adaptive_spec=ADAPTIVE)
+        await lim.throttled(NOW)  # 10/s -> 5/s: 200 ms apart
+        replies = await lim.acquire(NOW, "p:1", "p:2", "p:3")
+        assert [r[2] for r in replies] == [0, 200_000, 400_000]
+        # 4.5 s later: 5 + 4.5 * 1 = 9.5/s; 9 s after the cut: 10/s again.
+        later = await lim.acquire(NOW + 4_500_000, "p:4", "p:5")
+        assert later[1][2] - later[0][2] == math.ceil(1e6 / 9.5)
+        again = await lim.acquire(NOW + 20 * SECOND, "p:6", "p:7")
+        assert again[1][2] - again[0][2] == 100_000
+        # A process that is not adaptive applies its own max_per_second.
+        plain = dataclasses.replace(lim, adaptive_spec="")
+        await lim.throttled(NOW + 30 * SECOND)
+        replies = await plain.acquire(NOW + 40 * SECOND, "q:1", "q:2")
+        assert replies[1][2] - replies[0][2] == 100_000
+
+
+@pytest.mark.anyio
+async def test_limits_set_at_run_time_apply_from_the_next_call(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, interval_us=100_000.0)
+        assert (await lim.acquire(NOW, "a:1"))[0][0] == 1
+        assert await lim.acquire(NOW, "b:1") == [[0, 0]]
+        reply = await lim.control(NOW, "set", 3, 50_000.0, 86_400 * SECOND)
+        assert reply[3:5] == ["3", "50000.000"]
+        # The next call grants up to 3, 50 ms apart.
+        assert await lim.acquire(NOW + 1, "b:1", "c:1", "d:1") == [
+            [1, 3, 99_999],
+            [1, 4, 149_999],
+            [0, 0],
+        ]
+        # One limit at a time: '' leaves the other as it is.
+        assert (await lim.control(NOW + 2, "set", "", 200_000.0, SECOND))[3:5] == [
+            "3",
+            "200000.000",
+        ]
+        # A rate-only caller stays rate-only (no max_at_once to replace), at the set rate.
+        rate_only = dataclasses.replace(lim, max_at_once=0)
+        replies = await rate_only.acquire(NOW + 3, "r:1", "r:2")
+        assert replies[1][2] - replies[0][2] == 200_000
+        await lim.control(NOW + 4, "clear")
+        assert (await lim.control(NOW + 4, "read"))[3:5] == ["", ""]
+        released = await lim.release(NOW + 5, "a:1", "b:1", "c:1")
+        assert released == [3, 1]  # d:1, back to max_at_once 1
+
+
+@pytest.mark.anyio
+async def test_control_keeps_a_ttl_and_refuses_bad_arguments(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, key_ttl_ms=60_000)
+        control = lim.keys[9]
+        await lim.control(NOW, "pause", 30 * SECOND)
+        assert 89_000 < (await lim.pttls())[control] <= 90_000
+        await lim.control(NOW, "set", 2, "", 3600 * SECOND)
+        assert 3_659_000 < (await lim.pttls())[control] <= 3_660_000
+        # Every writer that finds control keeps it while the limiter is used.
+        await lim.set_ttls(1_000)
+        await lim.acquire(NOW, "a:1")
+        assert 3_659_000 < (await lim.pttls())[control] <= 3_660_000
+        bad: list[tuple[str, tuple[ScriptArg, ...], str]] = [
+            ("pause", (-1,), "pause us"),
+            ("pause", ("x",), "pause us"),
+            ("throttled", ("", "x", ""), "interval_us"),
+            ("throttled", ("", 1000, "2,0,0,1"), "adaptive spec"),
+            ("set", (0, "", 1), "max_at_once"),
+            ("set", ("", -5, 1), "interval_us"),
+            ("nope", (), "operation"),
+        ]
+        for operation, args, message in bad:
+            with pytest.raises(ErrorReply, match=f"ERR_ARG {message}"):
+                await lim.control(NOW, operation, *args)
+        with pytest.raises(ErrorReply, match="ERR_ARG expected at least 10 keys"):
+            await opened.client.run_script(load_script("control"), lim.keys[:9], [NOW, 1, "read"])
+        with pytest.raises(ErrorReply, match="ERR_ARG adaptive spec"):
+            await dataclasses.replace(lim, adaptive_spec="1.5,0,0,1").acquire(NOW, "z:1")

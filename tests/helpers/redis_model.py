@@ -1,12 +1,16 @@
 """A pure-Python model of the Redis limiter scripts in ``lua/``.
 
-:class:`LimiterModel` keeps the same state as the eight Redis keys of one limiter (plus
-the per-process mailboxes) in plain dicts and implements each script's contract as
-documented in the scripts' headers. It is written from that contract, not from the
-Lua, so that the hypothesis tests in ``test_scripts.py`` compare two independent
-implementations. ``acquire`` and ``release`` take a batch (a list) of ids, as the
-scripts do. Replies have the shape the scripts return after
+:class:`LimiterModel` keeps the same state as the Redis keys of one limiter (plus the
+per-process mailboxes) in plain dicts and implements each script's contract as documented
+in the scripts' headers and in the issue-13 contract (costs in integer micro-units,
+sliding-log windows charged all-or-nothing, settle, cancel). It is written from that
+contract, not from the Lua, so that the hypothesis tests in ``test_scripts_model.py``
+compare two independent implementations. ``acquire`` and ``release`` take a batch (a list)
+of items, as the scripts do. Replies have the shape the scripts return after
 :func:`aiometer_redis._client.normalize_reply`.
+
+Besides the Redis state, the model keeps its own log of every start it granted
+(:attr:`LimiterModel.started`), which the tests use to check each window's bound.
 
 Key TTLs are not modelled; they are checked by dedicated tests.
 """
@@ -16,13 +20,63 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["HANDOFF_BATCH", "PURGE_BATCH", "LimiterModel", "Limits", "process_of"]
+__all__ = [
+    "HANDOFF_BATCH",
+    "PURGE_BATCH",
+    "UNIT",
+    "LimiterModel",
+    "Limits",
+    "Start",
+    "Window",
+    "parse_item",
+    "process_of",
+    "window_spec",
+]
 
 #: At most this many expired leases (and, separately, dead waiters, and ended rate-only
 #: memories) go per call.
 PURGE_BATCH = 100
 #: At most this many queue heads are granted per handoff.
 HANDOFF_BATCH = 100
+#: Costs and limits travel as integer micro-units: a cost of 1 is this many units.
+UNIT = 1_000_000
+
+
+@dataclass(frozen=True)
+class Window:
+    """One Rate as the scripts see it: ``limit`` units started per ``per_us``.
+
+    A calls-window (``calls=True``) charges every start :data:`UNIT`, whatever its cost,
+    and settle never changes it.
+    """
+
+    limit: int
+    per_us: int
+    calls: bool = False
+
+    def charge(self, cost: int) -> int:
+        """What a start of *cost* units counts in this window."""
+        return UNIT if self.calls else cost
+
+
+def window_spec(windows: tuple[Window, ...]) -> str:
+    """ARGV[8]: ``''`` or ``'<limit units>,<per_us>,<k>;...'`` in the order of the logs."""
+    return ";".join(f"{w.limit},{w.per_us},{int(w.calls)}" for w in windows)
+
+
+@dataclass
+class Start:
+    """One start the model granted (its own record, not Redis state)."""
+
+    start: int
+    #: Reservation order: later reservations have larger numbers.
+    order: int
+    #: Cost units as last settled (the estimate until then).
+    cost: int
+    #: Units the window bound may be exceeded by because of this call: every increase
+    #: it settled (a settle down then up again counts the way up: starts admitted in
+    #: between saw the lower cost).
+    overspend: int = 0
 
 
 def process_of(waiter_id: str) -> str:
@@ -39,6 +93,16 @@ def _split_max_delay(item: str) -> tuple[str, int | None]:
     return item, None
 
 
+def parse_item(item: str) -> tuple[str, int | None, int]:
+    """A waiter item ``"<id>[/<max delay us>][*<cost units>]"`` as (id, max delay, cost)."""
+    rest, star, cost = item.rpartition("*")
+    if star and cost.isdigit():
+        waiter_id, max_delay = _split_max_delay(rest)
+        return waiter_id, max_delay, int(cost)
+    waiter_id, max_delay = _split_max_delay(item)
+    return waiter_id, max_delay, UNIT
+
+
 def _member_order(item: tuple[str, float]) -> tuple[float, bytes]:
     # Sorted-set order: by score, ties broken by the member's bytes.
     member, score = item
@@ -53,23 +117,37 @@ class Limits:
     interval_us: float
     burst: int
     lease_ttl_us: int
+    windows: tuple[Window, ...] = ()
 
 
 @dataclass
 class LimiterModel:
-    """State of one limiter and the semantics of acquire/release/renew/cancel/status."""
+    """State of one limiter and the semantics of acquire/release/renew/cancel/settle/status."""
 
     holders: dict[str, int] = field(default_factory=dict)
     queue: dict[str, int] = field(default_factory=dict)
     waiters: dict[str, int] = field(default_factory=dict)
     tat: float | None = None
     seq: int = 0
-    grants: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Lease (or remembered rate-only) id -> (token, start µs, cost units).
+    grants: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     #: Rate-only waiter id -> end of its memory (µs); its grant is in ``grants``.
     recent: dict[str, int] = field(default_factory=dict)
     #: Rate starts given back: waiter id -> start (µs).
     spare: dict[str, int] = field(default_factory=dict)
     mailboxes: dict[str, list[str]] = field(default_factory=dict)
+    #: One log per window, by (per_us, calls): id -> start (µs), ended entries included
+    #: until a call that loads the windows trims them.
+    logs: dict[tuple[int, bool], dict[str, int]] = field(default_factory=dict)
+    #: ``costs`` hash, id fields only: cost units (when not one unit) of a window entry
+    #: (as last settled) or of a queued waiter.
+    costs: dict[str, int] = field(default_factory=dict)
+    #: ``costs`` field ``last``: (id, TAT text, TAT text before) of the reservation (or
+    #: its settle) that last moved the TAT.
+    last: tuple[str, str, str] | None = None
+    #: The model's own record of every start it granted and that was not withdrawn.
+    started: dict[str, Start] = field(default_factory=dict)
+    reservations: int = 0
 
     # -- building blocks -------------------------------------------------------------
 
@@ -85,6 +163,7 @@ class LimiterModel:
         for waiter_id in self._due(self.waiters, now):
             del self.waiters[waiter_id]
             self.queue.pop(waiter_id, None)
+            self.costs.pop(waiter_id, None)
 
     def _forget_ended(self, now: int) -> None:
         for waiter_id in self._due(self.recent, now):
@@ -95,9 +174,55 @@ class LimiterModel:
         self.seq += 1
         return self.seq
 
-    def _reserve(self, now: int, limits: Limits, max_delay: int | None) -> int | None:
-        """The next rate start's delay (µs), reserved; None (nothing reserved) if it would
-        exceed *max_delay*. A start given back and still ahead comes first."""
+    def _tat_text(self) -> str:
+        return "" if self.tat is None else f"{self.tat:.3f}"
+
+    def _set_tat(self, value: float) -> None:
+        self.tat = float(f"{value:.3f}")
+
+    def _is_last(self, waiter_id: str) -> bool:
+        """Whether *waiter_id*'s reservation (or settle) is the last that moved the TAT."""
+        return self.last is not None and self.last[:2] == (waiter_id, self._tat_text())
+
+    def log(self, window: Window) -> dict[str, int]:
+        """The log of *window*: id -> start."""
+        return self.logs.setdefault((window.per_us, window.calls), {})
+
+    def _cost_of(self, waiter_id: str) -> int:
+        return self.costs.get(waiter_id, UNIT)
+
+    def _load_windows(self, now: int, limits: Limits) -> int:
+        """Trim what ended from every window log (at most :data:`PURGE_BATCH` each; an
+        entry leaving the longest window ends its cost record); return the latest start."""
+        longest = max(range(len(limits.windows)), key=lambda j: (limits.windows[j].per_us, j))
+        for j, window in enumerate(limits.windows):
+            log = self.log(window)
+            for member in self._due(log, now - window.per_us):
+                del log[member]
+                if j == longest:
+                    self.costs.pop(member, None)
+        return max(self.log(limits.windows[0]).values(), default=0)
+
+    def window_start(self, t0: int, cost: int, window: Window) -> int:
+        """The earliest start >= t0 at which *window* admits *cost* more units: the walk of
+        the contract (drop the oldest live entries until the rest plus the cost fit)."""
+        live = sorted(
+            ((m, s) for m, s in self.log(window).items() if s > t0 - window.per_us),
+            key=_member_order,
+        )
+        total = sum(window.charge(self._cost_of(m)) for m, _ in live)
+        need = window.charge(cost)
+        start = t0
+        for member, entry_start in live:
+            if total + need <= window.limit:
+                break
+            total -= window.charge(self._cost_of(member))
+            start = max(start, entry_start + window.per_us)
+        return start
+
+    def _reserve_spare_or_gcra(self, now: int, limits: Limits, max_delay: int | None) -> int | None:
+        """One unit, no windows (as before costs): a start given back and still ahead, else
+        the next GCRA slot. Leaves ``last`` alone."""
         ahead = [(m, s) for m, s in self.spare.items() if s >= now]
         if ahead:
             member, start = min(ahead, key=_member_order)
@@ -107,13 +232,47 @@ class LimiterModel:
             del self.spare[member]
             return delay
         interval = float(limits.interval_us)
-        # GCRA: the request is allowed once the theoretical arrival time, less the burst
-        # tolerance, has been reached; each grant pushes the TAT by one interval.
         arrival = max(self.tat if self.tat is not None else 0.0, float(now))
         delay = math.ceil(max(0.0, arrival - (limits.burst - 1) * interval - now))
         if max_delay is not None and delay > max_delay:
             return None
-        self.tat = float(f"{arrival + interval:.3f}")
+        self._set_tat(arrival + interval)
+        return delay
+
+    def _reserve(
+        self, waiter_id: str, now: int, limits: Limits, max_delay: int | None, cost: int
+    ) -> int | None:
+        """The next rate start's delay (µs), reserved and charged to every window and the
+        GCRA; None (nothing reserved) if it would exceed *max_delay*."""
+        if cost == UNIT and not limits.windows:
+            return self._reserve_spare_or_gcra(now, limits, max_delay)
+        # Never before the latest start reserved (first come, first served), each window's
+        # walk, and the GCRA with cost c: allowed once TAT - (burst - c) * interval.
+        window_t = now
+        if limits.windows:
+            window_t = max(now, self._load_windows(now, limits))
+            t0 = window_t
+            for window in limits.windows:
+                window_t = max(window_t, self.window_start(t0, cost, window))
+        t = float(window_t)
+        interval = float(limits.interval_us)
+        arrival = 0.0
+        units = cost / UNIT
+        if interval > 0:
+            arrival = max(self.tat if self.tat is not None else 0.0, float(now))
+            t = max(t, arrival - (limits.burst - units) * interval)
+        delay = math.ceil(max(0.0, t - now))
+        if max_delay is not None and delay > max_delay:
+            return None
+        if interval > 0:
+            before = f"{self.tat if self.tat is not None else 0.0:.3f}"
+            self._set_tat(max(arrival, float(window_t)) + units * interval)
+            self.last = (waiter_id, self._tat_text(), before)
+        if limits.windows:
+            for window in limits.windows:
+                self.log(window)[waiter_id] = now + delay
+            if cost != UNIT:
+                self.costs[waiter_id] = cost
         return delay
 
     def _give_back(self, waiter_id: str, start_at: int, now: int, limits: Limits) -> None:
@@ -134,22 +293,50 @@ class LimiterModel:
         if not is_latest(start_at):
             self.spare[waiter_id] = start_at
             return
-        self.tat = float(f"{self.tat - interval:.3f}")
+        self._set_tat(self.tat - interval)
         while self.spare:
             member, start = max(self.spare.items(), key=_member_order)
             if not is_latest(start):
                 break
             del self.spare[member]
-            self.tat = float(f"{self.tat - interval:.3f}")
+            self._set_tat(self.tat - interval)
+
+    def _withdraw(
+        self, waiter_id: str, start_at: int | None, cost: int, now: int, limits: Limits
+    ) -> None:
+        """Withdraw the reservation of *waiter_id* (*start_at*: its grant's start, None if
+        the grant is gone): out of every window log, and the TAT back to what it was before
+        if that reservation was the last to move it. One unit without windows goes through
+        the given-back starts, as before costs."""
+        if cost == UNIT and not limits.windows:
+            if start_at is not None:
+                self._give_back(waiter_id, start_at, now, limits)
+        else:
+            if limits.windows:
+                self._load_windows(now, limits)
+                for window in limits.windows:
+                    self.log(window).pop(waiter_id, None)
+            if start_at is not None and limits.interval_us > 0 and self._is_last(waiter_id):
+                assert self.last is not None
+                before = float(self.last[2])
+                self.tat = before if before > 0 else None
+                self.last = None
+        self.costs.pop(waiter_id, None)
+        self.started.pop(waiter_id, None)
 
     def _grant(
-        self, waiter_id: str, now: int, limits: Limits, max_delay: int | None = None
+        self,
+        waiter_id: str,
+        now: int,
+        limits: Limits,
+        max_delay: int | None = None,
+        cost: int = UNIT,
     ) -> tuple[int, int] | None:
         """Turn ``waiter_id`` into a holder; return (fencing token, start delay in µs), or
         None (nothing changed) if its rate start would be more than *max_delay* away."""
         delay = 0
-        if limits.interval_us > 0:
-            reserved = self._reserve(now, limits, max_delay)
+        if limits.interval_us > 0 or limits.windows:
+            reserved = self._reserve(waiter_id, now, limits, max_delay, cost)
             if reserved is None:
                 return None
             delay = reserved
@@ -157,9 +344,14 @@ class LimiterModel:
         self.waiters.pop(waiter_id, None)
         token = self._next_seq()
         start_at = now + delay
+        self.reservations += 1
+        self.started[waiter_id] = Start(start_at, self.reservations, cost)
         if limits.max_at_once > 0:
             self.holders[waiter_id] = start_at + limits.lease_ttl_us
-            self.grants[waiter_id] = (token, start_at)
+            self.grants[waiter_id] = (token, start_at, cost)
+            if not limits.windows:
+                # A queued waiter's cost record: in its grants entry from now on.
+                self.costs.pop(waiter_id, None)
         return token, delay
 
     def _queue_order(self) -> list[str]:
@@ -175,7 +367,7 @@ class LimiterModel:
             and self.queue
         ):
             head = self._queue_order()[0]
-            granted_now = self._grant(head, now, limits)
+            granted_now = self._grant(head, now, limits, None, self._cost_of(head))
             assert granted_now is not None
             token, delay = granted_now
             self.mailboxes.setdefault(process_of(head), []).append(f"{head}|{token}|{delay}")
@@ -185,71 +377,77 @@ class LimiterModel:
     # -- the scripts -----------------------------------------------------------------
 
     def _acquire_rate_only(
-        self, now: int, waiter_id: str, limits: Limits, max_delay: int | None
+        self, now: int, waiter_id: str, limits: Limits, max_delay: int | None, cost: int
     ) -> list[int]:
         ends = self.recent.get(waiter_id)
         stored = self.grants.get(waiter_id)
         if ends is not None and ends > now and stored is not None:
             # A retry: the remembered grant, nothing reserved.
-            token, start_at = stored
+            token, start_at, _ = stored
             return [1, token, max(0, start_at - now)]
-        granted = self._grant(waiter_id, now, limits, max_delay)
+        granted = self._grant(waiter_id, now, limits, max_delay, cost)
         if granted is None:
             return [2, 0]
         token, delay = granted
         self.recent[waiter_id] = now + limits.lease_ttl_us
-        self.grants[waiter_id] = (token, now + delay)
+        self.grants[waiter_id] = (token, now + delay, cost)
         return [1, token, delay]
 
     def _acquire_one(
-        self, now: int, waiter_id: str, limits: Limits, max_delay: int | None
+        self, now: int, waiter_id: str, limits: Limits, max_delay: int | None, cost: int
     ) -> list[int]:
         if waiter_id in self.holders:
             if waiter_id not in self.grants:
                 return [1, 0, 0]
-            token, start_at = self.grants[waiter_id]
+            token, start_at, _ = self.grants[waiter_id]
             return [1, token, max(0, start_at - now)]
         order = self._queue_order()
         queued = waiter_id in self.queue
         ahead = order.index(waiter_id) if queued else len(order)
         if len(self.holders) + ahead < limits.max_at_once:
-            granted = self._grant(waiter_id, now, limits, max_delay)
+            granted = self._grant(waiter_id, now, limits, max_delay, cost)
             return [2, 0] if granted is None else [1, *granted]
         if not queued:
             self.queue[waiter_id] = self._next_seq()
+        if cost != UNIT:
+            self.costs[waiter_id] = cost
         self.waiters[waiter_id] = now + limits.lease_ttl_us
         return [0, ahead]
 
     def acquire(
         self,
         now: int,
-        waiter_ids: list[str],
+        items: list[str],
         *,
         max_at_once: int,
         interval_us: float,
         burst: int,
         lease_ttl_us: int,
+        windows: tuple[Window, ...] = (),
     ) -> list[list[int]]:
-        """Model of acquire.lua: per waiter id, ``[1, token, delay_us]``, ``[0, ahead]``
-        or ``[2, 0]`` (refused: an id ``"<id>/<max delay us>"`` whose rate start would be
-        further away than that).
+        """Model of acquire.lua: per item, ``[1, token, delay_us]``, ``[0, ahead]`` or
+        ``[2, 0]`` (refused: an item with a max delay whose rate start would be further
+        away than that).
 
-        One purge, then each id in turn as if acquired alone. Rate only
-        (``max_at_once == 0``) keeps no leases but remembers each grant for
-        ``lease_ttl_us``: ended memories are forgotten first (at most
+        An item is ``"<id>[/<max delay us>][*<cost units>]"`` (no cost: :data:`UNIT`).
+        One purge, then each item in turn as if acquired alone. A rate start is the
+        latest of: now, the latest start reserved (with windows), each window's walk and
+        the GCRA with cost; it is charged to every window and the GCRA, or (refused) to
+        none. Rate only (``max_at_once == 0``) keeps no leases but remembers each grant
+        for ``lease_ttl_us``: ended memories are forgotten first (at most
         :data:`PURGE_BATCH`), then an id remembered (memory ending after ``now``, grant
         still stored) gets its grant again with the delay left, and any other id is
         granted the next token and rate slot and remembered.
         """
-        if not waiter_ids:
+        if not items:
             raise ValueError("acquire takes at least one waiter id")
-        limits = Limits(max_at_once, interval_us, burst, lease_ttl_us)
-        split = [_split_max_delay(item) for item in waiter_ids]
+        limits = Limits(max_at_once, interval_us, burst, lease_ttl_us, windows)
+        split = [parse_item(item) for item in items]
         if max_at_once == 0:
             self._forget_ended(now)
-            return [self._acquire_rate_only(now, i, limits, m) for i, m in split]
+            return [self._acquire_rate_only(now, i, limits, m, c) for i, m, c in split]
         self._purge(now)
-        return [self._acquire_one(now, i, limits, m) for i, m in split]
+        return [self._acquire_one(now, i, limits, m, c) for i, m, c in split]
 
     def release(
         self,
@@ -260,15 +458,17 @@ class LimiterModel:
         interval_us: float,
         burst: int,
         lease_ttl_us: int,
+        windows: tuple[Window, ...] = (),
     ) -> list[int]:
         """Model of release.lua: ``[released, granted]``.
 
-        Every id leaves holders and grants (``released`` counts those that were held),
+        Every id leaves holders and grants (``released`` counts those that were held;
+        window entries stay: a start is charged whether or not its task still runs),
         then one purge and one handoff.
         """
         if not lease_ids:
             raise ValueError("release takes at least one lease id")
-        limits = Limits(max_at_once, interval_us, burst, lease_ttl_us)
+        limits = Limits(max_at_once, interval_us, burst, lease_ttl_us, windows)
         released = 0
         for lease_id in lease_ids:
             released += self.holders.pop(lease_id, None) is not None
@@ -286,9 +486,10 @@ class LimiterModel:
         interval_us: float,
         burst: int,
         lease_ttl_us: int,
+        windows: tuple[Window, ...] = (),
     ) -> list[object]:
         """Model of renew.lua: ``[lost_lease_ids, lost_waiter_ids, granted]``."""
-        limits = Limits(max_at_once, interval_us, burst, lease_ttl_us)
+        limits = Limits(max_at_once, interval_us, burst, lease_ttl_us, windows)
         lost_leases: list[str] = []
         for lease_id in lease_ids:
             expiry = self.holders.get(lease_id)
@@ -316,20 +517,75 @@ class LimiterModel:
         interval_us: float,
         burst: int,
         lease_ttl_us: int,
+        windows: tuple[Window, ...] = (),
     ) -> list[int]:
-        """Model of cancel.lua: ``[was_granted, granted]``."""
-        limits = Limits(max_at_once, interval_us, burst, lease_ttl_us)
+        """Model of cancel.lua: ``[was_granted, granted]``.
+
+        The waiter leaves the queue; its reservation is withdrawn (see :meth:`_withdraw`):
+        out of every window log and ``costs``, and the TAT rolled back if it was the last
+        to move it (a reservation whose grant is gone still leaves the window logs).
+        """
+        limits = Limits(max_at_once, interval_us, burst, lease_ttl_us, windows)
         self.queue.pop(waiter_id, None)
         self.waiters.pop(waiter_id, None)
         was_granted = int(self.holders.pop(waiter_id, None) is not None)
         stored = self.grants.pop(waiter_id, None)
-        if stored is not None:
+        if stored is None:
+            self._withdraw(waiter_id, None, UNIT, now, limits)
+        else:
             self.recent.pop(waiter_id, None)
-            self._give_back(waiter_id, stored[1], now, limits)
+            self._withdraw(waiter_id, stored[1], stored[2], now, limits)
         if max_at_once == 0:
             return [0, 0]
         self._purge(now)
         return [was_granted, self._handoff(now, limits)]
+
+    def settle(
+        self,
+        now: int,
+        waiter_id: str,
+        actual: int,
+        previous: int,
+        *,
+        max_at_once: int,
+        interval_us: float,
+        burst: int,
+        lease_ttl_us: int,
+        windows: tuple[Window, ...] = (),
+    ) -> int:
+        """Model of settle.lua: 1 if a window log held the reservation or the TAT changed,
+        else 0.
+
+        d = actual - (the cost as last settled: the logs' record if a log holds the entry,
+        else *previous*, the caller's). Every counts-cost window holding the entry (ended
+        or not: settle does not trim) changes it by d. GCRA: d > 0 is debt (TAT + d
+        intervals); d < 0 is refunded only while this reservation (or its settle) is the
+        last that moved the TAT.
+        """
+        held = [w for w in windows if waiter_id in self.log(w)]
+        if held:
+            previous = self._cost_of(waiter_id)
+        diff = actual - previous
+        if diff != 0 and held:
+            if actual == UNIT:
+                self.costs.pop(waiter_id, None)
+            else:
+                self.costs[waiter_id] = actual
+        applied = False
+        if diff != 0 and interval_us > 0 and self.tat:
+            is_last = self._is_last(waiter_id)
+            if diff > 0 or is_last:
+                self._set_tat(self.tat + diff / UNIT * float(interval_us))
+                applied = True
+                if is_last:
+                    assert self.last is not None
+                    self.last = (waiter_id, self._tat_text(), self.last[2])
+        record = self.started.get(waiter_id)
+        if record is not None and diff != 0:
+            # What the work spent, whether or not a window still counts it.
+            record.overspend += max(0, diff)
+            record.cost = actual
+        return int(bool(held) or applied)
 
     def status(self, now: int) -> list[object]:
         """Model of status.lua: ``[now, holders_flat, queue_flat, tat, seq, spare]``."""
@@ -340,7 +596,34 @@ class LimiterModel:
                 out += [member, str(score)]
             return out
 
-        tat = "" if self.tat is None else f"{self.tat:.3f}"
         ahead = [s for s in self.spare.values() if s >= now]
         spare = str(min(ahead)) if ahead else ""
-        return [now, flat(self.holders), flat(self.queue), tat, str(self.seq), spare]
+        return [now, flat(self.holders), flat(self.queue), self._tat_text(), str(self.seq), spare]
+
+    # -- what the tests check --------------------------------------------------------
+
+    def grant_texts(self) -> dict[str, str]:
+        """The ``grants`` hash as stored: ``"<token>|<start>"``, then ``"|<cost>"`` when the
+        cost is not one unit."""
+        return {
+            lease: f"{token}|{start}" if cost == UNIT else f"{token}|{start}|{cost}"
+            for lease, (token, start, cost) in self.grants.items()
+        }
+
+    def last_text(self) -> str | None:
+        """The ``costs`` field ``last`` as stored."""
+        return None if self.last is None else "|".join(self.last)
+
+    def worst_window(self, window: Window) -> tuple[int, int]:
+        """Over every window of length ``per`` anchored at a recorded start: the most units
+        started in one, and the overspend allowed there; as (started, allowed overspend)
+        of the window that exceeds ``limit + allowed`` by the most."""
+        records = sorted(self.started.values(), key=lambda r: r.start)
+        worst = (0, 0)
+        for anchor in records:
+            inside = [r for r in records if anchor.start <= r.start < anchor.start + window.per_us]
+            used = sum(window.charge(r.cost) for r in inside)
+            allowed = 0 if window.calls else sum(r.overspend for r in inside)
+            if used - allowed > worst[0] - worst[1]:
+                worst = (used, allowed)
+        return worst
