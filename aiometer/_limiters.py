@@ -258,12 +258,15 @@ class ConcurrencyLimiter(SlotMixin[CostPermit]):
             return 0.0
         return left
 
-    async def pause(self, seconds: float) -> None:
+    async def pause(self, seconds: float) -> float:
         """Start nothing before *seconds* from now.
 
         A pause extends one in force, never shortens it. Permits already held are not taken
         back; tasks waiting keep their order: a place freed during the pause goes to the
         longest waiter, which starts when the pause ends. ``pause(0)`` changes nothing.
+
+        Returns:
+            Seconds until the pause in force ends (at least *seconds*).
 
         Raises:
             TypeError, ValueError: *seconds* is not a finite number >= 0.
@@ -272,19 +275,24 @@ class ConcurrencyLimiter(SlotMixin[CostPermit]):
         until = anyio.current_time() + seconds
         if until > self._paused_until:
             self._paused_until = until
+        return self._paused_for()
 
-    async def throttled(self, retry_after: float | None = None) -> None:
+    async def throttled(self, retry_after: float | None = None) -> bool:
         """Report that the target pushed back: with *retry_after*, :meth:`pause` that long.
 
         ``max_at_once`` does not adapt (see :class:`RateLimiter`'s ``adaptive=``), so without
         *retry_after* this does nothing; it exists so that code reporting push-back can treat
         every limiter alike.
 
+        Returns:
+            False (nothing to cut).
+
         Raises:
             TypeError, ValueError: *retry_after* is not None or a finite number >= 0.
         """
         if retry_after is not None:
             await self.pause(_check_seconds(retry_after, "retry_after"))
+        return False
 
     def acquire_nowait(self, cost: float = 1) -> CostPermit:
         """Take a permit without waiting (*cost* is checked, and ignored: a task is a task).
@@ -531,7 +539,7 @@ class RateLimiter(SlotMixin[CostPermit]):
         """The adaptive options, or None if the rate does not adapt."""
         return None if self._adaptive is None else self._adaptive.options
 
-    async def pause(self, seconds: float) -> None:
+    async def pause(self, seconds: float) -> float:
         """Start nothing before *seconds* from now.
 
         A pause extends one in force, never shortens it. Tasks waiting keep their order: the
@@ -539,19 +547,28 @@ class RateLimiter(SlotMixin[CostPermit]):
         after an idle period (at most ``burst`` at once, nothing caught up for the time
         paused). ``pause(0)`` changes nothing.
 
+        Returns:
+            Seconds until the pause in force ends (at least *seconds*).
+
         Raises:
             TypeError, ValueError: *seconds* is not a finite number >= 0.
         """
         seconds = _check_seconds(seconds, "seconds")
-        self._schedule.pause(anyio.current_time() + seconds)
+        now = anyio.current_time()
+        schedule = self._schedule
+        schedule.pause(now + seconds)
+        return schedule.paused_until - now
 
-    async def throttled(self, retry_after: float | None = None) -> None:
+    async def throttled(self, retry_after: float | None = None) -> bool:
         """Report that the target pushed back (a 429 or 503 answer).
 
         With *retry_after* (seconds, from the answer's ``Retry-After``), :meth:`pause` that
         long. With ``adaptive=``, cut the rate applied by the ``factor``, unless a cut happened
         less than ``cooldown`` seconds ago: report every push-back, the cool-down makes one
         burst of them count once. Without either, nothing changes.
+
+        Returns:
+            True if this report cut the rate.
 
         Raises:
             TypeError, ValueError: *retry_after* is not None or a finite number >= 0.
@@ -570,6 +587,8 @@ class RateLimiter(SlotMixin[CostPermit]):
             self._schedule.pause(now + retry_after)
         if self._adaptive is not None and self._adaptive.cut(now):
             self._adapt(now)
+            return True
+        return False
 
     @property
     def burst(self) -> int:

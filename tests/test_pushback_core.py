@@ -208,7 +208,7 @@ async def test_rate_pause_holds_every_start_keeps_the_order_and_wakes_nobody_ear
 ) -> None:
     limiter = aiometer.RateLimiter(1000, burst=3)
     starts: list[tuple[int, float]] = []
-    await limiter.pause(0.2)
+    assert await limiter.pause(0.2) == pytest.approx(0.2)
     until = anyio.current_time() + 0.2
     with pytest.raises(anyio.WouldBlock):
         limiter.acquire_nowait()
@@ -221,7 +221,7 @@ async def test_rate_pause_holds_every_start_keeps_the_order_and_wakes_nobody_ear
         # Extending the pause resumes no queued task (only the head sleeps, on a timer).
         await limiter.pause(0.3)
         until = max(until, anyio.current_time() + 0.3)
-        await limiter.pause(0.01)  # shorter: ignored
+        assert await limiter.pause(0.01) > 0.25  # shorter: ignored
         assert limiter.statistics().paused_for > 0.25
         await anyio.wait_all_tasks_blocked()
         assert queue_wakeups.count == 0
@@ -237,7 +237,7 @@ async def test_rate_pause_holds_every_start_keeps_the_order_and_wakes_nobody_ear
 @pytest.mark.anyio
 async def test_rate_throttled_with_retry_after_pauses_and_without_changes_nothing() -> None:
     limiter = aiometer.RateLimiter(50)
-    await limiter.throttled()
+    assert await limiter.throttled() is False
     stats = limiter.statistics()
     assert (stats.paused_for, stats.effective_max_per_second, stats.cuts) == (0.0, 50.0, 0)
     await limiter.throttled(retry_after=0.15)
@@ -253,9 +253,15 @@ async def test_a_burst_of_push_backs_cuts_once_per_cooldown() -> None:
     limiter = aiometer.RateLimiter(
         200, adaptive=aiometer.Adaptive(factor=0.5, cooldown=0.2, recovery=1000)
     )
+    reports: list[bool] = []
+
+    async def report() -> None:
+        reports.append(await limiter.throttled())
+
     async with anyio.create_task_group() as tg:
         for _ in range(20):
-            tg.start_soon(limiter.throttled)
+            tg.start_soon(report)
+    assert sorted(reports) == [False] * 19 + [True]
     stats = limiter.statistics()
     assert stats.cuts == 1
     assert stats.effective_max_per_second == pytest.approx(100, rel=0.01)
@@ -355,7 +361,9 @@ async def test_concurrency_pause_hands_freed_places_in_order_and_starts_at_the_e
         with pytest.raises(anyio.WouldBlock):
             limiter.acquire_nowait()
         assert starts == []
-        await anyio.sleep(0.25)
+        with anyio.fail_after(5):
+            while len(starts) < 2:
+                await anyio.sleep(0.01)
         # The two longest waiters got the freed places (they start at the same moment, in
         # either order); the third still waits.
         assert sorted(i for i, _ in starts) == [0, 1]
@@ -368,7 +376,9 @@ async def test_concurrency_pause_hands_freed_places_in_order_and_starts_at_the_e
 async def test_concurrency_pause_cancelled_sleeper_passes_its_place_on() -> None:
     limiter = aiometer.ConcurrencyLimiter(1)
     permit = await limiter.acquire()
-    await limiter.pause(10)
+    assert await limiter.pause(10) == pytest.approx(10)
+    assert await limiter.pause(1) > 9
+    assert await limiter.throttled(retry_after=1) is False
     starts: list[int] = []
 
     async def one(i: int) -> None:
