@@ -16,10 +16,6 @@ local window_spec = ARGV[8]
 -- The adaptive spec (parse_adaptive in _read.lua): false when off.
 local adaptive_spec = ARGV[9]
 local adaptive = false
--- The limits as configured by the caller (ARGV[2], ARGV[3]), before control
--- changes max_at_once and interval (see apply_control).
-local configured_max_at_once = max_at_once
-local configured_interval = interval
 -- No start is given before this (microseconds; 0: no pause): see apply_control.
 local not_before = 0
 
@@ -93,8 +89,6 @@ local function check_common_args()
     return adaptive_err
   end
   adaptive = parsed
-  configured_max_at_once = max_at_once
-  configured_interval = interval
   return nil
 end
 

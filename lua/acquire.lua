@@ -194,6 +194,12 @@ if max_at_once == 0 then
       local delay = 0
       if interval > 0 or #windows > 0 then
         delay = reserve_for(id, costs[i], now, max_delays[i]) or false
+      elseif not_before > now then
+        -- A pause without a rate limit: the grant waits for its end.
+        delay = not_before - now
+        if max_delays[i] and delay > max_delays[i] then
+          delay = false
+        end
       end
       if delay then
         known[id] = {}

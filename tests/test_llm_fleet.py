@@ -191,7 +191,7 @@ def test_ctrl_c_is_one_line_and_stops_every_worker() -> None:
     for line in run.stdout:
         if " answered, " in line:
             break
-    assert len(_workers_named(name)) == 4
+    assert len(_workers_named(name, parent=run.pid)) == 4
     os.killpg(run.pid, signal.SIGINT)
     out, err = run.communicate(timeout=30)
     assert run.returncode == 130, out + err
@@ -200,16 +200,19 @@ def test_ctrl_c_is_one_line_and_stops_every_worker() -> None:
     assert _workers_named(name) == []
 
 
-def _workers_named(name: str) -> list[int]:
-    """The live worker processes of the run called *name* (Linux /proc)."""
+def _workers_named(name: str, parent: int | None = None) -> list[int]:
+    """The live worker processes of the run called *name* (Linux /proc); with *parent*, only
+    its children (a worker's own short-lived forks carry its command line too)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             arguments = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
         except OSError:
+            continue
+        if parent is not None and int(ppid) != parent:
             continue
         role = arguments[arguments.index(b"--role") + 1] if b"--role" in arguments else b""
         if state != "Z" and role == b"worker" and name.encode() in arguments:

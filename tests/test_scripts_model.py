@@ -58,6 +58,8 @@ acquire_batches = st.one_of(
     st.lists(acquire_ids, min_size=1, max_size=1), st.lists(acquire_ids, min_size=1, max_size=4)
 )
 lease_ids = st.one_of(waiter_ids, st.just("zz:0"))
+#: Pauses (control.lua): none, shorter than an interval, a few intervals, longer than a lease.
+pauses = st.sampled_from([0, 1_000, 300_000, 2 * SECOND])
 release_batches = st.one_of(
     st.lists(lease_ids, min_size=1, max_size=1), st.lists(lease_ids, min_size=1, max_size=4)
 )
@@ -239,6 +241,13 @@ class ScriptsMatchModel(RuleBasedStateMachine):
     def status(self) -> None:
         assert self.run(load_script("status"), [self.now]) == self.model.status(self.now)
 
+    @rule(us=pauses)
+    def pause(self, us: int) -> None:
+        self.model.pause(self.now, us)
+        control = [costs_key("m"), control_key("m")]
+        reply = self.run(load_script("control"), [self.now, 60_000, "pause", us], control)
+        assert reply[2] == paused_text(self.model, self.now)
+
     @invariant()
     def same_state(self) -> None:
         mailboxes = [mailbox_prefix("m") + process for process in PROCESSES]
@@ -337,6 +346,11 @@ cost_units = st.one_of(
     st.just(-1),  # stands for "the most any limit admits"
 )
 max_delays = st.one_of(st.none(), st.sampled_from([0, 1, 100_000, 400_000, 2 * SECOND]))
+
+
+def paused_text(model: LimiterModel, now: int) -> str:
+    """control.lua's paused_until as the model has it ('' once it has passed)."""
+    return str(model.paused_until) if model.paused_until > now else ""
 
 
 def item_text(waiter_id: str, max_delay: int | None, cost: int) -> str:
@@ -570,6 +584,16 @@ class CostsAndWindowsMatchModel(RuleBasedStateMachine):
         change = "none" if actual == previous else "up" if actual > previous else "down"
         moved = "TAT moved" if self.model.tat != tat else "TAT kept"
         event(f"settle {change}: reply {expected}, {moved}")
+
+    @rule(us=pauses)
+    def pause(self, us: int) -> None:
+        self.model.pause(self.now, us)
+        if self.check_scripts:
+            keys = self.keys()
+            argv = encode_args([self.now, 60_000, "pause", us])
+            sha = load_script("control").sha1
+            reply = normalize_reply(self.redis.evalsha(sha, len(keys), *keys, *argv))
+            assert reply[2] == paused_text(self.model, self.now)
 
     @rule(process=st.sampled_from(PROCESSES))
     def drain_mailbox(self, process: str) -> None:

@@ -148,6 +148,8 @@ class LimiterModel:
     #: The model's own record of every start it granted and that was not withdrawn.
     started: dict[str, Start] = field(default_factory=dict)
     reservations: int = 0
+    #: ``control`` field ``paused_until`` (µs; 0: never paused): no start before it.
+    paused_until: int = 0
 
     # -- building blocks -------------------------------------------------------------
 
@@ -223,7 +225,8 @@ class LimiterModel:
     def _reserve_spare_or_gcra(self, now: int, limits: Limits, max_delay: int | None) -> int | None:
         """One unit, no windows (as before costs): a start given back and still ahead, else
         the next GCRA slot. Leaves ``last`` alone."""
-        ahead = [(m, s) for m, s in self.spare.items() if s >= now]
+        not_before = max(now, self.paused_until)
+        ahead = [(m, s) for m, s in self.spare.items() if s >= not_before]
         if ahead:
             member, start = min(ahead, key=_member_order)
             delay = math.ceil(start - now)
@@ -233,10 +236,12 @@ class LimiterModel:
             return delay
         interval = float(limits.interval_us)
         arrival = max(self.tat if self.tat is not None else 0.0, float(now))
-        delay = math.ceil(max(0.0, arrival - (limits.burst - 1) * interval - now))
+        # In a pause the start is its end, and the GCRA counts the start from there.
+        first = max(arrival - (limits.burst - 1) * interval, float(not_before))
+        delay = math.ceil(first - now)
         if max_delay is not None and delay > max_delay:
             return None
-        self._set_tat(arrival + interval)
+        self._set_tat(max(arrival, first) + interval)
         return delay
 
     def _reserve(
@@ -248,9 +253,9 @@ class LimiterModel:
             return self._reserve_spare_or_gcra(now, limits, max_delay)
         # Never before the latest start reserved (first come, first served), each window's
         # walk, and the GCRA with cost c: allowed once TAT - (burst - c) * interval.
-        window_t = now
+        window_t = max(now, self.paused_until)
         if limits.windows:
-            window_t = max(now, self._load_windows(now, limits))
+            window_t = max(window_t, self._load_windows(now, limits))
             t0 = window_t
             for window in limits.windows:
                 window_t = max(window_t, self.window_start(t0, cost, window))
@@ -340,6 +345,11 @@ class LimiterModel:
             if reserved is None:
                 return None
             delay = reserved
+        elif self.paused_until > now:
+            # A pause without a rate limit: the grant waits for its end.
+            delay = self.paused_until - now
+            if max_delay is not None and delay > max_delay:
+                return None
         self.queue.pop(waiter_id, None)
         self.waiters.pop(waiter_id, None)
         token = self._next_seq()
@@ -375,6 +385,10 @@ class LimiterModel:
         return granted
 
     # -- the scripts -----------------------------------------------------------------
+
+    def pause(self, now: int, us: int) -> None:
+        """control.lua 'pause': extends the pause to now + us, never shortens it."""
+        self.paused_until = max(self.paused_until, now + us)
 
     def _acquire_rate_only(
         self, now: int, waiter_id: str, limits: Limits, max_delay: int | None, cost: int
