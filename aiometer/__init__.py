@@ -6,6 +6,7 @@ come from any :class:`Limiter`, such as ``aiometer_redis.RedisLimiter`` for limi
 across a fleet of processes.
 """
 
+from ._adaptive import Adaptive
 from ._limiters import (
     ConcurrencyLimiter,
     ConcurrencyStatistics,
@@ -21,6 +22,7 @@ from ._run import amap, run_all, run_any, run_on_each
 __version__ = "1.1.0.dev0"
 
 __all__ = [
+    "Adaptive",
     "ConcurrencyLimiter",
     "ConcurrencyStatistics",
     "CostPermit",

@@ -8,6 +8,7 @@ freed concurrency slots can never start more tasks than the rate allows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Generic, Protocol, TypeVar, runtime_checkable
 import anyio
 import anyio.lowlevel
 
+from ._adaptive import Adaptive, AdaptiveRate, check_adaptive, check_floor
 from ._rate import Rate, check_rates
 from ._validation import (
     check_actual_cost,
@@ -144,6 +146,15 @@ def _fast_path_catch_up(interval: float) -> float:
     return _FAST_CATCH_UP if interval < _TIMER_PRECISION else 0.0
 
 
+def _check_seconds(value: object, name: str) -> float:
+    """Return *value* as a float if it is a finite number >= 0 (a duration), else raise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class ConcurrencyStatistics:
     """A snapshot of a :class:`ConcurrencyLimiter`.
@@ -151,12 +162,16 @@ class ConcurrencyStatistics:
     Attributes:
         max_at_once: the current limit.
         held: permits handed out and not yet released.
-        waiting: tasks blocked in ``acquire()``.
+        waiting: tasks blocked in ``acquire()``, including those that will start as soon as a
+            pause ends (each of them already has its place).
+        paused_for: seconds left of the pause in force (see :meth:`ConcurrencyLimiter.pause`);
+            0.0 if none.
     """
 
     max_at_once: int
     held: int
     waiting: int
+    paused_for: float = 0.0
 
 
 class _ConcurrencyPermit:
@@ -183,7 +198,7 @@ class ConcurrencyLimiter(SlotMixin[CostPermit]):
     One instance can be passed to several concurrent run calls (``limiter=``) so that a single
     limit covers all of them, and can be used directly with ``async with limiter.slot():``.
     Assigning :attr:`max_at_once` changes the limit for the next acquisitions; permits already
-    held are not taken back.
+    held are not taken back. :meth:`pause` holds every start back for a while.
 
     Raises:
         TypeError: ``max_at_once`` is not an int.
@@ -195,6 +210,10 @@ class ConcurrencyLimiter(SlotMixin[CostPermit]):
         # A released permit goes straight to the longest waiter, so a newcomer calling
         # acquire() cannot overtake it and one release wakes exactly one waiter.
         self._places = Places(self._max_at_once)
+        # No start before this time (-inf: no pause, the hot path tests just that).
+        self._paused_until = -math.inf
+        # Tasks that have their place and sleep until the pause ends.
+        self._sleepers = 0
 
     def __repr__(self) -> str:
         stats = self.statistics()
@@ -222,19 +241,71 @@ class ConcurrencyLimiter(SlotMixin[CostPermit]):
     def statistics(self) -> ConcurrencyStatistics:
         """Return how many permits are held and how many tasks wait."""
         places = self._places
+        sleepers = self._sleepers
         return ConcurrencyStatistics(
-            self._max_at_once, self._max_at_once - places.free, places.waiting
+            self._max_at_once,
+            self._max_at_once - places.free - sleepers,
+            places.waiting + sleepers,
+            self._paused_for(),
         )
+
+    def _paused_for(self) -> float:
+        if self._paused_until == -math.inf:
+            return 0.0
+        left = self._paused_until - anyio.current_time()
+        if left <= 0:
+            self._paused_until = -math.inf
+            return 0.0
+        return left
+
+    async def pause(self, seconds: float) -> float:
+        """Start nothing before *seconds* from now.
+
+        A pause extends one in force, never shortens it. Permits already held are not taken
+        back; tasks waiting keep their order: a place freed during the pause goes to the
+        longest waiter, which starts when the pause ends. ``pause(0)`` changes nothing.
+
+        Returns:
+            Seconds until the pause in force ends (at least *seconds*).
+
+        Raises:
+            TypeError, ValueError: *seconds* is not a finite number >= 0.
+        """
+        seconds = _check_seconds(seconds, "seconds")
+        until = anyio.current_time() + seconds
+        if until > self._paused_until:
+            self._paused_until = until
+        return self._paused_for()
+
+    async def throttled(self, retry_after: float | None = None) -> bool:
+        """Report that the target pushed back: with *retry_after*, :meth:`pause` that long.
+
+        ``max_at_once`` does not adapt (see :class:`RateLimiter`'s ``adaptive=``), so without
+        *retry_after* this does nothing; it exists so that code reporting push-back can treat
+        every limiter alike.
+
+        Returns:
+            False (nothing to cut).
+
+        Raises:
+            TypeError, ValueError: *retry_after* is not None or a finite number >= 0.
+        """
+        if retry_after is not None:
+            await self.pause(_check_seconds(retry_after, "retry_after"))
+        return False
 
     def acquire_nowait(self, cost: float = 1) -> CostPermit:
         """Take a permit without waiting (*cost* is checked, and ignored: a task is a task).
 
         Raises:
             TypeError, ValueError: *cost* is not a finite number > 0.
-            anyio.WouldBlock: no permit is free, or other tasks are already waiting for one.
+            anyio.WouldBlock: no permit is free, other tasks are already waiting for one, or a
+                pause is in force.
         """
         if cost.__class__ is not int or cost != 1:
             check_cost(cost)
+        if self._paused_until != -math.inf and self._paused_for() > 0:
+            raise anyio.WouldBlock
         if self._places.take_nowait():
             return _ConcurrencyPermit(self)
         raise anyio.WouldBlock
@@ -250,7 +321,22 @@ class ConcurrencyLimiter(SlotMixin[CostPermit]):
         if cost.__class__ is not int or cost != 1:
             check_cost(cost)
         await self._places.take()
+        if self._paused_until != -math.inf:
+            await self._wait_for_pause()
         return _ConcurrencyPermit(self)
+
+    async def _wait_for_pause(self) -> None:
+        # The place is taken first, so the order of the queue is kept: the tasks that hold
+        # places start together when the pause ends, and the next ones still queue behind.
+        self._sleepers += 1
+        try:
+            while (left := self._paused_for()) > 0:
+                await anyio.sleep(left)
+        except BaseException:
+            self._release_one()
+            raise
+        finally:
+            self._sleepers -= 1
 
     def _release_one(self) -> None:
         self._places.give(1)
@@ -269,6 +355,11 @@ class RateStatistics:
         rates: the windows of the limiter, in the order given.
         used: for each window of ``rates``, what started in its last ``per`` seconds (cost, or
             calls for ``counts="calls"``), settled costs included.
+        paused_for: seconds left of the pause in force (see :meth:`RateLimiter.pause`); 0.0
+            if none.
+        effective_max_per_second: the rate applied now: ``max_per_second``, or less after an
+            adaptive limiter's cuts (see ``adaptive=``); None without ``max_per_second``.
+        cuts: how many times push-back cut the rate (0 unless adaptive).
     """
 
     max_per_second: float | None
@@ -277,6 +368,9 @@ class RateStatistics:
     next_start: float
     rates: tuple[Rate, ...] = ()
     used: tuple[float, ...] = ()
+    paused_for: float = 0.0
+    effective_max_per_second: float | None = None
+    cuts: int = 0
 
 
 class _RatePermit(Reservation):
@@ -329,16 +423,26 @@ class RateLimiter(SlotMixin[CostPermit]):
     window and in the GCRA, so later starts move accordingly. A GCRA refund applies only while
     no later start was reserved; refunds always apply to the windows.
 
+    When the target pushes back (a 429 or 503), report it with ``await
+    limiter.throttled(retry_after)``: with a ``retry_after`` the limiter starts nothing for
+    that long (:meth:`pause`), and with ``adaptive=`` the rate applied is cut multiplicatively,
+    at most once per cool-down, then climbs back linearly to ``max_per_second`` while no more
+    push-back arrives (see :class:`~aiometer.Adaptive`). Windows of ``rates`` do not adapt.
+
     Args:
         max_per_second: cost units per second (GCRA), or None for windows only.
         burst: units that may start back to back after an idle period (with max_per_second).
         rates: windows that hold together with ``max_per_second``.
+        adaptive: True (the defaults of :class:`~aiometer.Adaptive`) or an ``Adaptive``: let
+            ``throttled()`` cut the rate applied below ``max_per_second``. Needs
+            ``max_per_second``.
 
     Raises:
-        TypeError: ``max_per_second`` is not a number, ``burst`` is not an int, or ``rates`` is
-            not a sequence of Rate.
+        TypeError: ``max_per_second`` is not a number, ``burst`` is not an int, ``rates`` is
+            not a sequence of Rate, or ``adaptive`` is neither a bool nor an Adaptive.
         ValueError: ``max_per_second`` is not finite and > 0, ``burst`` is below 1, two rates
-            share ``per`` and ``counts``, or neither ``max_per_second`` nor ``rates`` is given.
+            share ``per`` and ``counts``, neither ``max_per_second`` nor ``rates`` is given,
+            ``adaptive`` without ``max_per_second``, or an adaptive floor above it.
 
     Example::
 
@@ -356,6 +460,7 @@ class RateLimiter(SlotMixin[CostPermit]):
         *,
         burst: int = 1,
         rates: Iterable[Rate] = (),
+        adaptive: bool | Adaptive = False,
     ) -> None:
         if max_per_second is not None:
             max_per_second = check_max_per_second(max_per_second)
@@ -363,7 +468,15 @@ class RateLimiter(SlotMixin[CostPermit]):
         windows = check_rates(rates)
         if max_per_second is None and not windows:
             raise ValueError("RateLimiter needs max_per_second or rates, got neither")
+        options = check_adaptive(adaptive, max_per_second)
         self._max_per_second = max_per_second
+        # The effective rate (None: not adaptive); the schedule runs at its current value.
+        self._adaptive = (
+            None
+            if options is None or max_per_second is None
+            else AdaptiveRate(options, max_per_second)
+        )
+        self._effective = max_per_second
         interval = None if max_per_second is None else 1.0 / max_per_second
         self._schedule = Schedule(interval, self._burst, windows, _RatePermit)
         self._schedule.whole_calls = self._whole_calls
@@ -378,6 +491,8 @@ class RateLimiter(SlotMixin[CostPermit]):
         parts = []
         if self._max_per_second is not None:
             parts.append(f"max_per_second={self._max_per_second}, burst={self._burst}")
+        if self._adaptive is not None:
+            parts.append(f"adaptive={self._adaptive.options!r}")
         rates = self._schedule.rates
         if rates:
             parts.append(f"rates=[{', '.join(map(repr, rates))}]")
@@ -391,12 +506,89 @@ class RateLimiter(SlotMixin[CostPermit]):
     @max_per_second.setter
     def max_per_second(self, value: float) -> None:
         rate = check_max_per_second(value)
+        adaptive = self._adaptive
+        if adaptive is not None:
+            check_floor(adaptive.options, rate)
+        now = anyio.current_time()
+        if adaptive is not None:
+            # An adaptive limiter keeps its effective rate (at most the new maximum) and
+            # recovers toward the new maximum.
+            adaptive.set_maximum(rate, now)
+            self._max_per_second = rate
+            self._adapt(now)
+            return
+        self._max_per_second = rate
+        self._set_effective(rate, now)
+
+    def _set_effective(self, rate: float, now: float) -> None:
         interval = 1.0 / rate
         # The backlog is rescaled so that the new rate applies from now on.
-        self._schedule.set_interval(interval, anyio.current_time())
-        self._max_per_second = rate
+        self._schedule.set_interval(interval, now)
+        self._effective = rate
         self._catch_up = _catch_up(interval)
         self._fast_catch_up = _fast_path_catch_up(interval)
+
+    def _adapt(self, now: float) -> None:
+        assert self._adaptive is not None
+        rate = self._adaptive.rate(now)
+        if rate != self._effective:
+            self._set_effective(rate, now)
+
+    @property
+    def adaptive(self) -> Adaptive | None:
+        """The adaptive options, or None if the rate does not adapt."""
+        return None if self._adaptive is None else self._adaptive.options
+
+    async def pause(self, seconds: float) -> float:
+        """Start nothing before *seconds* from now.
+
+        A pause extends one in force, never shortens it. Tasks waiting keep their order: the
+        longest waiter starts first when the pause ends, and after it the schedule resumes as
+        after an idle period (at most ``burst`` at once, nothing caught up for the time
+        paused). ``pause(0)`` changes nothing.
+
+        Returns:
+            Seconds until the pause in force ends (at least *seconds*).
+
+        Raises:
+            TypeError, ValueError: *seconds* is not a finite number >= 0.
+        """
+        seconds = _check_seconds(seconds, "seconds")
+        now = anyio.current_time()
+        schedule = self._schedule
+        schedule.pause(now + seconds)
+        return schedule.paused_until - now
+
+    async def throttled(self, retry_after: float | None = None) -> bool:
+        """Report that the target pushed back (a 429 or 503 answer).
+
+        With *retry_after* (seconds, from the answer's ``Retry-After``), :meth:`pause` that
+        long. With ``adaptive=``, cut the rate applied by the ``factor``, unless a cut happened
+        less than ``cooldown`` seconds ago: report every push-back, the cool-down makes one
+        burst of them count once. Without either, nothing changes.
+
+        Returns:
+            True if this report cut the rate.
+
+        Raises:
+            TypeError, ValueError: *retry_after* is not None or a finite number >= 0.
+
+        Example::
+
+            async with limiter.slot():
+                response = await client.get(url)
+            if response.status_code in (429, 503):
+                await limiter.throttled(retry_after=seconds_from(response))
+        """
+        if retry_after is not None:
+            retry_after = _check_seconds(retry_after, "retry_after")
+        now = anyio.current_time()
+        if retry_after is not None:
+            self._schedule.pause(now + retry_after)
+        if self._adaptive is not None and self._adaptive.cut(now):
+            self._adapt(now)
+            return True
+        return False
 
     @property
     def burst(self) -> int:
@@ -416,6 +608,9 @@ class RateLimiter(SlotMixin[CostPermit]):
         """Return the limits, the waiting tasks, the time to the next start and the windows'
         usage."""
         now = anyio.current_time()
+        adaptive = self._adaptive
+        if adaptive is not None:
+            self._adapt(now)
         schedule = self._schedule
         delay = schedule.earliest(now, 1) - now
         return RateStatistics(
@@ -425,6 +620,9 @@ class RateLimiter(SlotMixin[CostPermit]):
             max(delay, 0.0),
             schedule.rates,
             schedule.used(now),
+            max(schedule.paused_until - now, 0.0),
+            self._effective,
+            0 if adaptive is None else adaptive.cuts,
         )
 
     def _waiting(self) -> int:
@@ -451,13 +649,17 @@ class RateLimiter(SlotMixin[CostPermit]):
 
         Raises:
             TypeError, ValueError: *cost* is not a finite number > 0, or can never start.
-            anyio.WouldBlock: the start is not allowed yet, or tasks are waiting.
+            anyio.WouldBlock: the start is not allowed yet (a pause included), or tasks are
+                waiting.
         """
         if cost.__class__ is not int or cost != 1:
             cost = self.check_cost(cost)
         if self._head_busy:
             raise anyio.WouldBlock
-        permit = self._take_now(anyio.current_time(), cost)
+        now = anyio.current_time()
+        if self._adaptive is not None:
+            self._adapt(now)
+        permit = self._take_now(now, cost)
         if permit is None:
             raise anyio.WouldBlock
         return permit
@@ -485,6 +687,8 @@ class RateLimiter(SlotMixin[CostPermit]):
             cost = self.check_cost(cost)
         if not self._head_busy:
             now = anyio.current_time()
+            if self._adaptive is not None:
+                self._adapt(now)
             schedule = self._schedule
             tat = schedule.tat
             permit = schedule.reserve(
@@ -500,6 +704,8 @@ class RateLimiter(SlotMixin[CostPermit]):
         try:
             while True:
                 now = anyio.current_time()
+                if self._adaptive is not None:
+                    self._adapt(now)
                 # The head keeps the schedule (no drift from a late wake-up) but catches up at
                 # most one interval of lateness, or two milliseconds (the timer precision of
                 # the event loops plus scheduling) at rates above 1000/s: a long stall releases

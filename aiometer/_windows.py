@@ -19,6 +19,9 @@ Rules (one set for every limiter):
   GCRA alone never reserves out of order, so only schedules with windows track it.)
 - **All or nothing.** The start is the latest of the GCRA's and every window's earliest; it is
   charged to all of them, or (past the caller's deadline) to none.
+- **Pause.** No start is earlier than ``paused_until`` (see :meth:`Schedule.pause`), and the GCRA
+  counts the first start after a pause from the pause's end, so the burst after a pause is
+  the same as after an idle period, never a catch-up of the paused time.
 - **Settle.** Settling a reservation to its actual cost changes its entry, at its original
   start, in every ``counts="cost"`` window still holding it. The GCRA takes a debt at once
   (``tat += d * T``); a refund (``d < 0``) moves ``tat`` back only while no later start was
@@ -201,6 +204,7 @@ class Schedule(Generic[R]):
         "burst",
         "interval",
         "latest",
+        "paused_until",
         "tat",
         "whole_calls",
     )
@@ -223,6 +227,8 @@ class Schedule(Generic[R]):
         self.tat = -math.inf
         #: The latest start reserved (no later reservation may start before it).
         self.latest = -math.inf
+        #: No start before this time (-inf: no pause).
+        self.paused_until = -math.inf
         self._windows = tuple(_Window(rate) for rate in rates)
         # The reservation that last moved tat (its settle may refund the GCRA).
         self._gcra_owner: R | None = None
@@ -254,6 +260,11 @@ class Schedule(Generic[R]):
             self.tat = now + (self.tat - now) * interval / old
         self.interval = interval
 
+    def pause(self, until: float) -> None:
+        """No start before *until*; a pause in force that ends later is kept (never shortened)."""
+        if until > self.paused_until:
+            self.paused_until = until
+
     def trim(self, now: float) -> None:
         """Drop the window entries that no start from *now* on can see."""
         for window in self._windows:
@@ -271,6 +282,8 @@ class Schedule(Generic[R]):
     def earliest(self, now: float, cost: float) -> float:
         """The earliest start of *cost* from *now* (inf if it can never start)."""
         start = self.latest if self.latest > now else now
+        if self.paused_until > start:
+            start = self.paused_until
         interval = self.interval
         if interval is not None:
             allowed = self.tat - self._headroom(cost) * interval
@@ -302,7 +315,7 @@ class Schedule(Generic[R]):
             start = self.earliest(now, cost)
         else:
             # The GCRA alone (the common case), inline.
-            start = now
+            start = now if now >= self.paused_until else self.paused_until
             if self.interval is not None:
                 room = self.burst - cost
                 if room < 0 and self.whole_calls:
@@ -317,6 +330,8 @@ class Schedule(Generic[R]):
         if interval is not None:
             tat = self.tat
             base = start if gcra_from is None else gcra_from
+            if base < self.paused_until:
+                base = self.paused_until
             self.tat = (tat if tat > base else base) + cost * interval
             self._gcra_owner = reservation
         if self._windows:

@@ -174,8 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--requests", type=_positive_int, default=400, help="requests in all (worker: its own)"
     )
-    demo.add_argument("--max-at-once", type=_positive_int, default=8)
-    demo.add_argument("--max-per-second", type=_positive_float, default=40.0)
+    demo.add_argument(
+        "--max-at-once", type=_positive_int, help="default 8 (16 with --target-capacity)"
+    )
+    demo.add_argument(
+        "--max-per-second", type=_positive_float, help="default 40 (100 with --target-capacity)"
+    )
     demo.add_argument("--burst", type=_positive_int, default=1)
     demo.add_argument(
         "--task-time",
@@ -191,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
         "worker, so the fleet as a whole breaks them)",
     )
     demo.add_argument("--no-progress", action="store_true", help="log lines, no live display")
+    demo.add_argument(
+        "--target-capacity",
+        type=_positive_float,
+        metavar="PER_SECOND",
+        help="the target answers 429 with Retry-After beyond this many requests per second; "
+        "the workers report each 429 with throttled() and adapt their rate",
+    )
+    demo.add_argument(
+        "--no-adaptive",
+        action="store_true",
+        help="with --target-capacity: honour Retry-After (a fleet-wide pause) without cutting "
+        "the rate",
+    )
     demo.add_argument(
         "--plot",
         metavar="FILE",

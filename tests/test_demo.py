@@ -16,7 +16,8 @@ import pytest
 
 from aiometer_redis import RedisLimiter
 from aiometer_redis._cli import build_parser
-from aiometer_redis.demo import judge
+from aiometer_redis.demo import Capacity, judge, judge_pushback
+from aiometer_redis.demo._workers import retry_after_of
 from aiometer_redis.testing import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -277,3 +278,128 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+# -- against a target that pushes back (--target-capacity) -----------------------------------
+
+
+def test_capacity_admits_per_second_and_says_when_there_is_room() -> None:
+    capacity = Capacity(3)
+    assert [capacity.admit(t) for t in (10.0, 10.2, 10.4)] == [None, None, None]
+    assert capacity.admit(10.5) == pytest.approx(0.5)
+    assert capacity.admit(10.9) == pytest.approx(0.1)
+    # The first admitted request left the window: room for one, not more.
+    assert capacity.admit(11.0) is None
+    assert capacity.admit(11.1) == pytest.approx(0.1)
+
+
+def test_retry_after_is_read_as_seconds() -> None:
+    class Answer:
+        def __init__(self, value: str | None) -> None:
+            self.headers = {} if value is None else {"Retry-After": value}
+
+    assert retry_after_of(Answer("0.250")) == 0.25
+    assert retry_after_of(Answer("2")) == 2.0
+    assert retry_after_of(Answer(None)) is None
+    assert retry_after_of(Answer("Wed, 21 Oct 2015 07:28:00 GMT")) is None
+    assert retry_after_of(Answer("-1")) is None
+    assert retry_after_of(Answer("nan")) is None
+
+
+def test_judge_pushback_counts_after_convergence() -> None:
+    # 10 s at 27 served per second from t=100, and 429s: 40 in the first 5 s, 5 after.
+    served = [(100 + i / 27, 100 + i / 27 + 0.1, 0) for i in range(270)]
+    refused = [(100 + i * 0.1, 0, 50.0) for i in range(40)] + [(106 + i, 1, 30.0) for i in range(5)]
+    verdict = judge_pushback(served, refused, capacity=30, adaptive=True)
+    assert (verdict.served, verdict.refused, verdict.refused_after) == (270, 45, 5)
+    assert verdict.served_after == 135
+    assert verdict.refused_share == pytest.approx(5 / 140)
+    assert verdict.throughput_share == pytest.approx(135 / (100 + 269 / 27 - 105) / 30)
+    assert verdict.held
+    # The same run with 10 more 429s after convergence: over 5%.
+    more = refused + [(107.5 + i / 20, 2, 30.0) for i in range(10)]
+    assert not judge_pushback(served, more, capacity=30, adaptive=True).held
+    # Or with a capacity twice as high: under 85% of it.
+    assert not judge_pushback(served, refused, capacity=60, adaptive=True).held
+    # A run shorter than the convergence shows nothing.
+    short = judge_pushback(served[:100], [], capacity=30, adaptive=True)
+    assert short.refused_share is None
+    assert short.throughput_share is None
+    assert not short.held
+
+
+def test_no_adaptive_without_a_target_capacity_is_refused() -> None:
+    result = _cli("demo", "--no-progress", "--local", "--no-adaptive")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == (
+        "aiometer-redis: --no-adaptive needs --target-capacity (without a target that pushes "
+        "back there is nothing to adapt to)\n"
+    )
+    assert result.stdout == ""
+    result = _cli("demo", "--target-capacity", "0")
+    assert result.returncode == 2
+    assert "--target-capacity" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def _pushback_row(stdout: str, label: str) -> str:
+    (row,) = [line for line in stdout.splitlines() if label in line]
+    return row
+
+
+@pytest.mark.slow
+def test_demo_in_process_adaptive_converges_on_the_target_capacity() -> None:
+    # One worker, its own adaptive RateLimiter: configured at 100/s against a target of 30/s.
+    result = _cli(
+        "demo", "--no-progress", "--local", "--workers", "1", "--requests", "420",
+        "--target-capacity", "30",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Push-back held" in result.stdout
+    assert "All limits held." in result.stdout
+    assert "OK" in _pushback_row(result.stdout, "share answered 429")
+    assert "OK" in _pushback_row(result.stdout, "throughput / capacity")
+
+
+@pytest.mark.slow
+def test_demo_without_adaptive_says_which_target_it_missed() -> None:
+    # Retry-After alone (a pause after each 429) keeps the throughput, at the cost of many
+    # 429s: the verdict says so and the demo exits 1.
+    result = _cli(
+        "demo", "--no-progress", "--local", "--workers", "1", "--requests", "420",
+        "--target-capacity", "30", "--no-adaptive",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "not adaptive (--no-adaptive)" in result.stdout
+    assert "MISSED" in _pushback_row(result.stdout, "share answered 429")
+    assert "Push-back missed its targets." in result.stdout
+    assert "Push-back held" not in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_fleet_converges_on_the_target_capacity(tmp_path: Path) -> None:
+    # Four worker processes share one adaptive RedisLimiter at 100/s against a target of 30/s:
+    # the 429s every worker reports cut the fleet's rate, once per cool-down.
+    picture = tmp_path / "pushback.png"
+    result = _cli(
+        "demo", "--no-progress", "--requests", "420", "--target-capacity", "30",
+        "--plot", str(picture),
+    )  # fmt: skip
+    assert "Push-back held" in result.stdout, result.stdout + result.stderr
+    assert "OK" in _pushback_row(result.stdout, "share answered 429")
+    assert "OK" in _pushback_row(result.stdout, "throughput / capacity")
+    assert "max_per_second=100.0" in result.stdout
+    # Exit 0 exactly when the limiter's own limits held too (they are checked as always).
+    assert result.returncode == (0 if "All limits held." in result.stdout else 1), result.stdout
+    assert picture.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_demo_fleet_without_adaptive_keeps_sending_too_many() -> None:
+    result = _cli(
+        "demo", "--no-progress", "--requests", "420", "--target-capacity", "30", "--no-adaptive",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "not adaptive (--no-adaptive)" in result.stdout
+    assert "MISSED" in _pushback_row(result.stdout, "share answered 429")
+    assert "Push-back missed its targets." in result.stdout

@@ -8,23 +8,41 @@ records when each request arrived and how many were in flight, so the verdict is
 rate-limited server would have seen.
 
 Modules: ``_target`` (the HTTP target and its recorder), ``_workers`` (a worker, and the fleet
-of worker processes), ``_verdict`` (judging the record against the limits, with the window
+of worker processes), ``_options`` (defaults that depend on ``--target-capacity``),
+``_verdict`` (judging the record against the limits, with the window
 arithmetic of :mod:`aiometer_redis.testing`), ``_plot`` (the picture), ``_run`` (the roles).
+
+With ``--target-capacity`` the target also enforces a limit of its own (429 with Retry-After)
+while the workers are configured far above it and report each 429 with ``throttled()``; the
+push-back verdict says how close the fleet came to the target's capacity, and at what cost in
+429s, once the first seconds of convergence are over.
 """
 
 from __future__ import annotations
 
 from ._run import run_demo, run_target
-from ._target import Recorder, TargetServer
-from ._verdict import Verdict, WindowCheck, judge, render_verdict
+from ._target import Capacity, Recorder, TargetServer
+from ._verdict import (
+    PushbackVerdict,
+    Verdict,
+    WindowCheck,
+    judge,
+    judge_pushback,
+    render_pushback,
+    render_verdict,
+)
 from ._workers import run_worker, worker_main
 
 __all__ = [
+    "Capacity",
+    "PushbackVerdict",
     "Recorder",
     "TargetServer",
     "Verdict",
     "WindowCheck",
     "judge",
+    "judge_pushback",
+    "render_pushback",
     "render_verdict",
     "run_demo",
     "run_target",

@@ -9,8 +9,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ._options import settle_options
 from ._target import Request, TargetServer
-from ._verdict import Verdict, judge, render_verdict
+from ._verdict import (
+    PushbackVerdict,
+    Verdict,
+    judge,
+    judge_pushback,
+    render_pushback,
+    render_verdict,
+)
 from ._workers import WorkerFleet
 
 __all__ = ["run_demo", "run_target"]
@@ -30,11 +38,23 @@ def _report(
     return verdict
 
 
-def _listen(host: str, port: int, task_time: float) -> TargetServer:
+def _report_pushback(
+    target: TargetServer, args: argparse.Namespace, console: Any
+) -> PushbackVerdict:
+    requests, _, _ = target.recorder.snapshot()
+    refused, _ = target.recorder.pushback()
+    verdict = judge_pushback(
+        requests, refused, capacity=args.target_capacity, adaptive=not args.no_adaptive
+    )
+    render_pushback(verdict, console)
+    return verdict
+
+
+def _listen(host: str, port: int, task_time: float, capacity: float | None) -> TargetServer:
     from .._cli import CommandError
 
     try:
-        return TargetServer(host, port, task_time).start()
+        return TargetServer(host, port, task_time, capacity).start()
     except OSError as exc:
         why = exc.strerror or str(exc)
         raise CommandError(f"the target cannot listen on {host}:{port}: {why}") from None
@@ -44,8 +64,9 @@ def run_target(args: argparse.Namespace) -> int:
     """Serve as the target until interrupted; print a verdict after each burst of traffic."""
     from rich.console import Console
 
+    settle_options(args)
     console = Console()
-    server = _listen(args.host, args.port, args.task_time)
+    server = _listen(args.host, args.port, args.task_time, args.target_capacity)
     console.print(f"target listening on {server.url}")
     try:
         while True:
@@ -54,6 +75,8 @@ def run_target(args: argparse.Namespace) -> int:
             requests, in_flight, _ = recorder.snapshot()
             if requests and not in_flight and time.time() - recorder.last_activity > 2:
                 _report(requests, args, console)
+                if args.target_capacity is not None:
+                    _report_pushback(server, args, console)
                 recorder.clear()
     except KeyboardInterrupt:
         # Ctrl-C is how this role is stopped: not a failure.
@@ -80,7 +103,8 @@ def _no_second_interrupt() -> Iterator[None]:
 def run_demo(args: argparse.Namespace) -> int:
     """The whole demo on this machine.
 
-    Returns 0 when every request was made and the limits held, 1 when a limit was broken.
+    Returns 0 when every request was made and the limits held (and, with
+    ``--target-capacity``, the push-back targets were met), else 1.
 
     Raises:
         CommandError: Redis cannot be used (checked once, before any worker starts), a worker
@@ -91,6 +115,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .._cli import CommandError, check_redis
     from ..testing import RedisServer
 
+    settle_options(args)
     console = Console()
     server: RedisServer | None = None
     redis_url = args.redis_url
@@ -106,7 +131,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 raise CommandError(f"cannot start an embedded redis-server: {exc}") from None
             redis_url = server.url
             console.print(f"started an embedded redis-server at {redis_url}")
-        target = _listen("127.0.0.1", 0, args.task_time)
+        target = _listen("127.0.0.1", 0, args.task_time, args.target_capacity)
         mode = (
             "in-process limiters per worker (--local)"
             if args.local
@@ -116,6 +141,15 @@ def run_demo(args: argparse.Namespace) -> int:
             f"{args.workers} workers, {args.requests} requests, max_at_once={args.max_at_once}, "
             f"max_per_second={args.max_per_second}, burst={args.burst}: {mode}"
         )
+        if args.target_capacity is not None:
+            console.print(
+                f"the target answers 429 beyond {args.target_capacity:g} requests/s; the "
+                + (
+                    "workers report each one and adapt their rate"
+                    if not args.no_adaptive
+                    else "workers honour Retry-After but do not adapt (--no-adaptive)"
+                )
+            )
         fleet = WorkerFleet(args, redis_url or "", target.url)
         if args.no_progress:
             _log_progress(fleet, target, args, console)
@@ -123,6 +157,7 @@ def run_demo(args: argparse.Namespace) -> int:
             _live_progress(fleet, target, args, console)
         failures = fleet.failures()
         requests, _, _ = target.recorder.snapshot()
+        refused, rates = target.recorder.pushback()
     finally:
         with _no_second_interrupt():
             if fleet is not None:
@@ -131,8 +166,14 @@ def run_demo(args: argparse.Namespace) -> int:
                 target.stop()
             if server is not None:
                 server.stop()
+    pushback: PushbackVerdict | None = None
     if requests:
         verdict: Verdict | None = _report(requests, args, console, expected=args.requests)
+        if args.target_capacity is not None:
+            pushback = judge_pushback(
+                requests, refused, capacity=args.target_capacity, adaptive=not args.no_adaptive
+            )
+            render_pushback(pushback, console)
     else:
         verdict = None
     if args.plot and requests:
@@ -145,6 +186,10 @@ def run_demo(args: argparse.Namespace) -> int:
                 max_at_once=args.max_at_once,
                 max_per_second=args.max_per_second,
                 burst=args.burst,
+                refused=refused,
+                rates=rates,
+                capacity=args.target_capacity,
+                fleet_rate=not args.local,
             )
         except OSError as exc:
             raise CommandError(f"cannot write the plot {args.plot!r}: {exc.strerror}") from None
@@ -153,7 +198,8 @@ def run_demo(args: argparse.Namespace) -> int:
         raise CommandError("; ".join(failures))
     if verdict is None:
         raise CommandError("the target saw no request")
-    return 0 if verdict.ok and verdict.requests == args.requests else 1
+    held = pushback is None or pushback.held
+    return 0 if verdict.ok and verdict.requests == args.requests and held else 1
 
 
 def _progress_counts(target: TargetServer, workers: int) -> tuple[list[int], int, int]:
@@ -169,6 +215,15 @@ def _progress_counts(target: TargetServer, workers: int) -> tuple[list[int], int
     return done, in_flight, recent
 
 
+def _refused_lately(target: TargetServer) -> str:
+    """The progress line's count of 429s in the last second (empty without a capacity)."""
+    refused, _ = target.recorder.pushback()
+    if target.capacity is None:
+        return ""
+    now = time.time()
+    return f"  429s in the last second {sum(1 for a, _, _ in refused if now - a <= 1.0)}"
+
+
 def _log_progress(
     fleet: WorkerFleet, target: TargetServer, args: argparse.Namespace, console: Any
 ) -> None:
@@ -180,7 +235,7 @@ def _log_progress(
             done, in_flight, recent = _progress_counts(target, args.workers)
             console.print(
                 f"done {sum(done)}/{args.requests}  in flight {in_flight}  "
-                f"last second {recent} requests"
+                f"last second {recent} requests{_refused_lately(target)}"
             )
 
 
@@ -206,7 +261,10 @@ def _live_progress(
         grid.add_row(progress)
         limit = f" / {args.max_at_once}" if args.max_at_once else ""
         rate = f" / {args.max_per_second:g}" if args.max_per_second else ""
-        grid.add_row(f"in flight: {in_flight}{limit}    starts in the last second: {recent}{rate}")
+        grid.add_row(
+            f"in flight: {in_flight}{limit}    starts in the last second: {recent}{rate}"
+            + _refused_lately(target)
+        )
         return grid
 
     with Live(view(), console=console, refresh_per_second=10) as live:

@@ -7,14 +7,42 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["Recorder", "Request", "TargetServer"]
+__all__ = ["Capacity", "Recorder", "Rejection", "Request", "TargetServer"]
 
 #: One served request: (arrival, end, worker), times from ``time.time()``.
 Request = tuple[float, float, int]
+#: One request answered 429: (arrival, worker, the worker's effective rate or -1 if unknown).
+Rejection = tuple[float, int, float]
+
+
+class Capacity:
+    """The target's own limit: at most *per_second* requests admitted in any second.
+
+    A sliding window over the admitted arrivals of the last second; a request beyond it is
+    refused with the seconds until the window has room again (what ``Retry-After`` says).
+    """
+
+    def __init__(self, per_second: float) -> None:
+        self.per_second = per_second
+        self._limit = max(1, int(per_second))
+        self._admitted: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def admit(self, now: float) -> float | None:
+        """Admit a request arriving at *now* (None), or return the seconds to wait."""
+        with self._lock:
+            admitted = self._admitted
+            while admitted and admitted[0] <= now - 1.0:
+                admitted.popleft()
+            if len(admitted) < self._limit:
+                admitted.append(now)
+                return None
+            return admitted[0] + 1.0 - now
 
 
 class Recorder:
@@ -23,6 +51,9 @@ class Recorder:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requests: list[Request] = []
+        self.rejected: list[Rejection] = []
+        #: (arrival, worker, effective rate) of each admitted request that said its rate.
+        self.rates: list[tuple[float, int, float]] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self.last_activity = 0.0
@@ -42,6 +73,21 @@ class Recorder:
             self.last_activity = now
             self.requests.append((arrival, now, worker))
 
+    def reject(self, worker: int, rate: float) -> None:
+        with self._lock:
+            now = time.time()
+            self.last_activity = now
+            self.rejected.append((now, worker, rate))
+
+    def note_rate(self, arrival: float, worker: int, rate: float) -> None:
+        with self._lock:
+            self.rates.append((arrival, worker, rate))
+
+    def pushback(self) -> tuple[list[Rejection], list[tuple[float, int, float]]]:
+        """The requests answered 429, and the effective rates the workers reported."""
+        with self._lock:
+            return list(self.rejected), list(self.rates)
+
     def snapshot(self) -> tuple[list[Request], int, int]:
         with self._lock:
             return list(self.requests), self.in_flight, self.max_in_flight
@@ -49,6 +95,8 @@ class Recorder:
     def clear(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.rejected.clear()
+            self.rates.clear()
             self.max_in_flight = self.in_flight
 
 
@@ -65,15 +113,30 @@ class TargetServer:
     """A real HTTP server that answers ``GET /work?worker=I`` after about ``task_time`` seconds
     (uniformly 0.5x to 1.5x, so that the concurrency and the rate limit take turns binding).
 
+    With *capacity* (requests per second) the target also enforces a limit of its own, as a
+    rate-limited API does: a request beyond it is answered at once with 429 and a
+    ``Retry-After`` in seconds (fractional: the time until the target has room again). A
+    worker may add ``&rate=R``, the effective rate its limiter applies, which the target
+    records for the plot.
+
     ``GET /stats`` returns what it recorded as JSON, for targets running in another process.
 
     Raises:
         OSError: the address cannot be bound (in use, not local, no permission).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, task_time: float = 0.05) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        task_time: float = 0.05,
+        capacity: float | None = None,
+    ) -> None:
         self.recorder = Recorder()
         recorder = self.recorder
+        limit = None if capacity is None else Capacity(capacity)
+        #: Requests per second the target admits (None: no limit of its own).
+        self.capacity = capacity
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -81,12 +144,22 @@ class TargetServer:
             def do_GET(self) -> None:
                 url = urlsplit(self.path)
                 if url.path == "/work":
+                    query = parse_qs(url.query)
                     try:
-                        worker = int(parse_qs(url.query).get("worker", ["0"])[0])
+                        worker = int(query.get("worker", ["0"])[0])
+                        rate = float(query.get("rate", ["-1"])[0])
                     except ValueError:
-                        self.send_error(400, "worker must be an integer")
+                        self.send_error(400, "worker must be an integer, rate a number")
                         return
+                    if limit is not None:
+                        wait = limit.admit(time.time())
+                        if wait is not None:
+                            recorder.reject(worker, rate)
+                            self._refuse(wait)
+                            return
                     arrival = recorder.begin()
+                    if rate >= 0:
+                        recorder.note_rate(arrival, worker, rate)
                     try:
                         time.sleep(task_time * random.uniform(0.5, 1.5))
                     finally:
@@ -94,10 +167,24 @@ class TargetServer:
                     self._reply(b"ok")
                 elif url.path == "/stats":
                     requests, in_flight, peak = recorder.snapshot()
-                    body = {"requests": requests, "in_flight": in_flight, "max_in_flight": peak}
+                    rejected, _ = recorder.pushback()
+                    body = {
+                        "requests": requests,
+                        "rejected": rejected,
+                        "in_flight": in_flight,
+                        "max_in_flight": peak,
+                    }
                     self._reply(json.dumps(body).encode())
                 else:
                     self.send_error(404)
+
+            def _refuse(self, wait: float) -> None:
+                body = b"too many requests"
+                self.send_response(429)
+                self.send_header("Retry-After", f"{wait:.3f}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def _reply(self, body: bytes) -> None:
                 self.send_response(200)

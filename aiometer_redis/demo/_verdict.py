@@ -10,7 +10,15 @@ from typing import Any
 from ..testing import allowed_in_window, max_in_window, max_overlap
 from ._target import Request
 
-__all__ = ["Verdict", "WindowCheck", "judge", "render_verdict"]
+__all__ = [
+    "PushbackVerdict",
+    "Verdict",
+    "WindowCheck",
+    "judge",
+    "judge_pushback",
+    "render_pushback",
+    "render_verdict",
+]
 
 
 @dataclass(frozen=True)
@@ -146,3 +154,133 @@ def render_verdict(verdict: Verdict, console: Any, *, expected: int | None = Non
         )
     else:
         console.print("[bold green]All limits held.[/]")
+
+
+#: The first seconds of a push-back run, while the fleet finds the target's capacity.
+CONVERGENCE = 5.0
+#: Targets of a push-back run after convergence: at most this share answered 429 ...
+MAX_REFUSED_SHARE = 0.05
+#: ... and at least this share of the target's capacity served.
+MIN_THROUGHPUT_SHARE = 0.85
+
+
+@dataclass(frozen=True)
+class PushbackVerdict:
+    """A run against a target with a capacity of its own, after the first ``CONVERGENCE`` s.
+
+    Attributes:
+        capacity: the target's requests per second.
+        adaptive: whether the workers adapted their rate.
+        served, refused: requests answered (200) and refused (429), in all.
+        served_after, refused_after: the same, arriving after the first ``CONVERGENCE`` s.
+        span_after: seconds from the end of convergence to the last served arrival.
+    """
+
+    capacity: float
+    adaptive: bool
+    served: int
+    refused: int
+    served_after: int
+    refused_after: int
+    span_after: float
+
+    @property
+    def refused_share(self) -> float | None:
+        """Share of the requests after convergence answered 429 (None: none sent)."""
+        sent = self.served_after + self.refused_after
+        return self.refused_after / sent if sent else None
+
+    @property
+    def throughput_share(self) -> float | None:
+        """Requests served per second after convergence, as a share of the capacity (None: the
+        run ended before convergence)."""
+        if self.span_after <= 0 or self.served_after < 2:
+            return None
+        return self.served_after / self.span_after / self.capacity
+
+    @property
+    def held(self) -> bool:
+        refused, throughput = self.refused_share, self.throughput_share
+        return (
+            refused is not None
+            and throughput is not None
+            and refused < MAX_REFUSED_SHARE
+            and throughput >= MIN_THROUGHPUT_SHARE
+        )
+
+
+def judge_pushback(
+    requests: Sequence[Request],
+    refused: Sequence[tuple[float, int, float]],
+    *,
+    capacity: float,
+    adaptive: bool,
+) -> PushbackVerdict:
+    """Judge a run against a target of *capacity* requests per second from its record.
+
+    Convergence ends ``CONVERGENCE`` seconds after the first arrival (served or refused).
+    """
+    arrivals = [a for a, _, _ in requests] + [a for a, _, _ in refused]
+    if not arrivals:
+        return PushbackVerdict(capacity, adaptive, 0, 0, 0, 0, 0.0)
+    settled = min(arrivals) + CONVERGENCE
+    served_after = [a for a, _, _ in requests if a >= settled]
+    return PushbackVerdict(
+        capacity=capacity,
+        adaptive=adaptive,
+        served=len(requests),
+        refused=len(refused),
+        served_after=len(served_after),
+        refused_after=sum(1 for a, _, _ in refused if a >= settled),
+        span_after=max(served_after, default=settled) - settled,
+    )
+
+
+def render_pushback(verdict: PushbackVerdict, console: Any) -> None:
+    """Print the push-back verdict with rich, ending with "held" or what missed its target."""
+    from rich.table import Table
+
+    mode = "adaptive" if verdict.adaptive else "not adaptive (--no-adaptive)"
+    table = Table(title=f"Push-back: a target of {verdict.capacity:g} requests/s")
+    table.add_column(f"after the first {CONVERGENCE:g} s")
+    table.add_column("target", justify="right")
+    table.add_column("observed", justify="right")
+    table.add_column("", justify="center")
+    refused, throughput = verdict.refused_share, verdict.throughput_share
+
+    def mark(ok: bool) -> str:
+        return "[green]OK[/]" if ok else "[bold red]MISSED[/]"
+
+    table.add_row("workers", "", mode, "")
+    table.add_row(
+        "share answered 429",
+        f"< {MAX_REFUSED_SHARE:.0%}",
+        "-"
+        if refused is None
+        else f"{refused:.1%} ({verdict.refused_after} of "
+        f"{verdict.served_after + verdict.refused_after})",
+        mark(refused is not None and refused < MAX_REFUSED_SHARE),
+    )
+    table.add_row(
+        "throughput / capacity",
+        f">= {MIN_THROUGHPUT_SHARE:.0%}",
+        "-"
+        if throughput is None
+        else f"{throughput:.1%} ({verdict.served_after / verdict.span_after:.1f}/s)",
+        mark(throughput is not None and throughput >= MIN_THROUGHPUT_SHARE),
+    )
+    table.add_row(
+        "429s in all (first 5 s too)",
+        "",
+        f"{verdict.refused} of {verdict.served + verdict.refused}",
+        "",
+    )
+    console.print(table)
+    if verdict.held:
+        console.print(
+            "[bold green]Push-back held: the fleet converged on the target's capacity.[/]"
+        )
+    elif refused is None or throughput is None:
+        console.print("[bold red]Push-back not shown: the run ended within its first 5 s.[/]")
+    else:
+        console.print("[bold red]Push-back missed its targets.[/]")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 import anyio
 
@@ -18,7 +21,12 @@ import aiometer
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["WorkerFleet", "run_worker", "worker_main"]
+__all__ = ["DEMO_ADAPTIVE", "WorkerFleet", "run_worker", "worker_main"]
+
+#: The workers' adaptive options against ``--target-capacity``. The defaults (halve the rate)
+#: are the safe choice against an unknown target, and average about three quarters of its
+#: capacity once converged; a gentler cut and a slower climb stay closer to it.
+DEMO_ADAPTIVE = aiometer.Adaptive(factor=0.8, cooldown=0.5, recovery=60.0)
 
 #: Exit status of a worker that failed and said why in one line on stderr.
 WORKER_FAILED = 3
@@ -31,6 +39,9 @@ async def run_worker(args: argparse.Namespace) -> None:
     from .._limiter import RedisLimiter
 
     async with httpx.AsyncClient(base_url=args.target_url, timeout=60) as http:
+        if args.target_capacity is not None:
+            await _run_against_capacity(args, http)
+            return
 
         async def fetch(n: int) -> None:
             response = await http.get("/work", params={"worker": args.worker_id, "n": n})
@@ -54,6 +65,82 @@ async def run_worker(args: argparse.Namespace) -> None:
             await aiometer.run_on_each(
                 fetch, range(args.requests), limiter=limiter, max_at_once=args.max_at_once or 64
             )
+
+
+def retry_after_of(response: Any) -> float | None:
+    """The seconds of a 429 or 503 answer's ``Retry-After`` (a number of seconds; None if
+    absent or not a number: an HTTP date is not worth a clock comparison here)."""
+    text = response.headers.get("Retry-After")
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+async def _run_against_capacity(args: argparse.Namespace, http: Any) -> None:
+    """``--target-capacity``: every 429 is reported with ``throttled(retry_after=...)`` and the
+    request tried again under the limiter; each request carries the effective rate its limiter
+    applied (``&rate=``), for the plot."""
+    from .._limiter import RedisLimiter
+
+    adaptive: bool | aiometer.Adaptive = False if args.no_adaptive else DEMO_ADAPTIVE
+    rate_now: list[float] = [args.max_per_second]
+    pushback: Callable[[float | None], Awaitable[object]]
+    slot: Callable[[], AbstractAsyncContextManager[object]]
+
+    async def fetch(n: int) -> None:
+        while True:
+            async with slot():
+                response = await http.get(
+                    "/work", params={"worker": args.worker_id, "n": n, "rate": rate_now[0]}
+                )
+            if response.status_code not in (429, 503):
+                response.raise_for_status()
+                return
+            await pushback(retry_after_of(response))
+
+    if args.local:
+        rate = aiometer.RateLimiter(args.max_per_second, burst=args.burst, adaptive=adaptive)
+        concurrency = aiometer.ConcurrencyLimiter(args.max_at_once)
+
+        @asynccontextmanager
+        async def both() -> AsyncIterator[None]:
+            async with concurrency.slot(), rate.slot():
+                stats = rate.statistics()
+                rate_now[0] = stats.effective_max_per_second or args.max_per_second
+                yield
+
+        async def report(retry_after: float | None) -> None:
+            await rate.throttled(retry_after=retry_after)
+
+        slot, pushback = both, report
+        await aiometer.run_on_each(fetch, range(args.requests), max_at_once=args.max_at_once)
+        return
+    async with RedisLimiter.from_url(
+        args.redis_url,
+        args.name,
+        max_at_once=args.max_at_once,
+        max_per_second=args.max_per_second,
+        burst=args.burst,
+        adaptive=adaptive,
+    ) as limiter:
+        slot, pushback = limiter.slot, limiter.throttled
+
+        async def follow_rate() -> None:
+            # The fleet's effective rate, as this worker sees it: one read every 0.25 s.
+            while True:
+                stats = await limiter.statistics()
+                if stats.effective_max_per_second is not None:
+                    rate_now[0] = stats.effective_max_per_second
+                await anyio.sleep(0.25)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow_rate)
+            await aiometer.run_on_each(fetch, range(args.requests), max_at_once=args.max_at_once)
+            tg.cancel_scope.cancel()
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
@@ -84,7 +171,9 @@ def describe_failure(exc: BaseException, args: argparse.Namespace) -> str:
 def worker_main(args: argparse.Namespace) -> int:
     """Entry of ``--role worker``: run, and on failure say why in one line (exit status 3)."""
     from .._cli import CommandError
+    from ._options import settle_options
 
+    settle_options(args)
     if args.target_url is None:
         raise CommandError("--role worker needs --target-url", 2)
     if args.redis_url is None and not args.local:
@@ -137,6 +226,10 @@ class WorkerFleet:
                     command += ["--max-per-second", repr(args.max_per_second)]
                 if args.local:
                     command.append("--local")
+                if args.target_capacity is not None:
+                    command += ["--target-capacity", repr(args.target_capacity)]
+                if args.no_adaptive:
+                    command.append("--no-adaptive")
                 stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
                 process = subprocess.Popen(
                     command, stdin=subprocess.DEVNULL, stderr=stderr, start_new_session=True
