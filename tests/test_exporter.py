@@ -413,6 +413,7 @@ def test_top_refreshes_until_ctrl_c(server: RedisServer) -> None:
         "now",
         "1",
         "0.0",
+        "-",
     ]
 
 
