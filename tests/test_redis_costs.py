@@ -186,9 +186,13 @@ async def test_run_functions_refuse_an_impossible_cost_before_any_work(
         with pytest.raises(ConfigurationError, match=r"cost 20 can never start"):
             await aiometer.run_on_each(task, [1, 2], limiter=limiter, cost=lambda n: 10 * n)
         assert calls == [1]
-        # settle= settles every permit: 10 units charged, 4 spent, 6 given back at once.
-        await aiometer.run_on_each(task, [5], limiter=limiter, cost=10, settle=lambda n, result: 4)
-        stats = await limiter.statistics()
+    # settle= settles every permit: 10 units charged, 4 spent, 6 given back at once. (A limiter
+    # of its own: the first one's window is full for a minute.)
+    async with RedisLimiter.from_url(
+        server.url, f"{name}-settle", rates=[Rate(10, per=60)]
+    ) as fresh:
+        await aiometer.run_on_each(task, [5], limiter=fresh, cost=10, settle=lambda n, result: 4)
+        stats = await fresh.statistics()
         assert stats.rates_used == (4.0,)
 
 
