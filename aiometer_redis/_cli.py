@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
@@ -661,18 +662,43 @@ def _top(args: argparse.Namespace) -> int:
     from ._top import watch
 
     console = Console()
+    interrupted = False
 
     async def show(client: Any) -> None:
-        await watch(
-            client,
-            console,
-            args.prefix,
-            interval=args.interval,
-            once=args.once,
-            max_limiters=args.max_limiters,
-        )
+        nonlocal interrupted
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def stop_on_ctrl_c() -> None:
+                # Ctrl-C cancels the whole scope, which no library code can swallow (the event
+                # loop's own handler cancels the main task once, and a client library that
+                # catches that one cancellation would leave top running).
+                nonlocal interrupted
+                with anyio.open_signal_receiver(signal.SIGINT) as signals:
+                    async for _ in signals:
+                        interrupted = True
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(stop_on_ctrl_c)
+            try:
+                await watch(
+                    client,
+                    console,
+                    args.prefix,
+                    interval=args.interval,
+                    once=args.once,
+                    max_limiters=args.max_limiters,
+                )
+            except Exception as exc:  # raised as itself below, not in an ExceptionGroup
+                failure = exc
+            tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     _run_against_redis(args.redis_url, show, timeout=None, cluster=args.cluster)
+    if interrupted:
+        raise KeyboardInterrupt
     return 0
 
 
