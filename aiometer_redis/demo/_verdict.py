@@ -156,8 +156,8 @@ def render_verdict(verdict: Verdict, console: Any, *, expected: int | None = Non
     console.print(table)
     if verdict.windows:
         console.print(
-            f"(arrival limits: burst + max_per_second x (window + {TRANSPORT_SLACK * 1000:g} ms "
-            "from start to arrival) + 1)"
+            f"(limits: burst + max_per_second x (window + {TRANSPORT_SLACK * 1000:g} ms to "
+            "arrive) + 1)"
         )
     if not verdict.ok:
         console.print("[bold red]A limit was broken.[/]")
