@@ -75,6 +75,32 @@ bursts = st.integers(1, 3)
 lease_ttls = st.sampled_from([200_000, SECOND])
 
 
+def _pairs(flat: list[str]) -> dict[str, int]:
+    return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def assert_first_eight_match(
+    model: LimiterModel,
+    holders: list[str],
+    queue: list[str],
+    waiters: list[str],
+    tat: str,
+    seq: str,
+    grants: list[str],
+    recent: list[str],
+    spare: list[str],
+) -> None:
+    """The eight keys of every limiter (SNAPSHOT's reply) hold what *model* says."""
+    assert _pairs(holders) == model.holders
+    assert _pairs(queue) == model.queue
+    assert _pairs(waiters) == model.waiters
+    assert _pairs(recent) == model.recent
+    assert _pairs(spare) == model.spare
+    assert tat == ("" if model.tat is None else f"{model.tat:.3f}")
+    assert seq == str(model.seq)
+    assert dict(zip(grants[::2], grants[1::2], strict=True)) == model.grant_texts()
+
+
 class ScriptsMatchModel(RuleBasedStateMachine):
     """Random operations on fakeredis and on :class:`LimiterModel` give equal results."""
 
@@ -255,18 +281,7 @@ class ScriptsMatchModel(RuleBasedStateMachine):
             SNAPSHOT, [], mailboxes
         )
         model = self.model
-
-        def pairs(flat: list[str]) -> dict[str, int]:
-            return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-        assert pairs(holders) == model.holders
-        assert pairs(queue) == model.queue
-        assert pairs(waiters) == model.waiters
-        assert pairs(recent) == model.recent
-        assert pairs(spare) == model.spare
-        assert tat == ("" if model.tat is None else f"{model.tat:.3f}")
-        assert seq == str(model.seq)
-        assert dict(zip(grants[::2], grants[1::2], strict=True)) == model.grant_texts()
+        assert_first_eight_match(model, holders, queue, waiters, tat, seq, grants, recent, spare)
         assert boxes == [model.mailboxes.get(process, []) for process in PROCESSES]
         # A mailbox only ever receives grants for its own process's waiters.
         for process, box in zip(PROCESSES, boxes, strict=True):
@@ -628,25 +643,14 @@ class CostsAndWindowsMatchModel(RuleBasedStateMachine):
             self.redis.evalsha(SNAPSHOT.sha1, 8, *keys[:8])
         )
         model = self.model
-
-        def pairs(flat: list[str]) -> dict[str, int]:
-            return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-        assert pairs(holders) == model.holders
-        assert pairs(queue) == model.queue
-        assert pairs(waiters) == model.waiters
-        assert pairs(recent) == model.recent
-        assert pairs(spare) == model.spare
-        assert tat == ("" if model.tat is None else f"{model.tat:.3f}")
-        assert seq == str(model.seq)
-        assert dict(zip(grants[::2], grants[1::2], strict=True)) == model.grant_texts()
+        assert_first_eight_match(model, holders, queue, waiters, tat, seq, grants, recent, spare)
         costs_flat, *logs = normalize_reply(
             # costs, then the window logs (control, KEYS[10], is never written here).
             self.redis.evalsha(WINDOW_SNAPSHOT.sha1, len(keys) - 9, keys[8], *keys[10:])
         )
         costs = dict(zip(costs_flat[::2], costs_flat[1::2], strict=True))
         for window, log in zip(self.windows, logs, strict=True):
-            entries = pairs(log)
+            entries = _pairs(log)
             assert entries == model.log(window), window
             # Each window's running sum is what its log holds (an id without a cost
             # record counts one unit).
