@@ -12,13 +12,13 @@ __all__ = ["Batcher"]
 
 
 class _Entry:
-    __slots__ = ("deadline", "error", "item", "reply", "wake")
+    __slots__ = ("deadline", "error", "items", "reply", "wake")
 
-    def __init__(self, item: str, deadline: float) -> None:
-        self.item = item
+    def __init__(self, items: list[str], deadline: float) -> None:
+        self.items = items
         self.deadline = deadline
         self.wake = anyio.Event()
-        self.reply: Any = _PENDING
+        self.reply: list[Any] = _PENDING
         self.error: BaseException | None = None
 
 
@@ -56,7 +56,17 @@ class Batcher:
         Raises:
             TimeoutError: *deadline* passed while the item was still queued.
         """
-        entry = _Entry(item, deadline)
+        replies = await self.submit_many([item], deadline)
+        return replies[0]
+
+    async def submit_many(self, items: list[str], deadline: float) -> list[Any]:
+        """Send *items* (not empty) together in the next call, in this order, and return
+        their parts of the reply.
+
+        Raises:
+            TimeoutError: *deadline* passed while the items were still queued.
+        """
+        entry = _Entry(items, deadline)
         self._queue.append(entry)
         with anyio.CancelScope(shield=True):
             if self._busy:
@@ -76,19 +86,31 @@ class Batcher:
             self._busy = True
             try:
                 while entry.reply is _PENDING and entry.error is None:
-                    batch = self._queue[:_MAX_BATCH]
-                    del self._queue[:_MAX_BATCH]
+                    taken = 1
+                    size = len(self._queue[0].items)
+                    while taken < len(self._queue):
+                        size += len(self._queue[taken].items)
+                        if size > _MAX_BATCH:
+                            break
+                        taken += 1
+                    batch = self._queue[:taken]
+                    del self._queue[:taken]
                     try:
                         replies = await self._run(
-                            [e.item for e in batch], min(e.deadline for e in batch)
+                            [item for e in batch for item in e.items],
+                            min(e.deadline for e in batch),
                         )
+                        if len(replies) != sum(len(e.items) for e in batch):
+                            raise ValueError("a reply for each item was expected")
                     except BaseException as exc:
                         for e in batch:
                             e.error = exc
                             e.wake.set()
                         raise
-                    for e, reply in zip(batch, replies, strict=True):
-                        e.reply = reply
+                    at = 0
+                    for e in batch:
+                        e.reply = replies[at : at + len(e.items)]
+                        at += len(e.items)
                         e.wake.set()
             finally:
                 self._busy = False

@@ -333,6 +333,8 @@ async def test_lost_replies_count_once_each(
                 proxy.url, name, max_per_second=1000.0, metrics=registry
             ) as limiter,
         ):
+            # One script call per acquisition: no starts reserved ahead for the next ones.
+            limiter._reserve_cap = 1
             for _ in range(count):
                 await limiter.acquire()
     dropped = len(proxy.dropped)

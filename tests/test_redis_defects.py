@@ -204,6 +204,9 @@ async def test_outage_waits_are_bounded_per_caller(name: str, options: dict[str,
         ) as limiter:
             async with limiter.slot():
                 pass
+            # A rate-only limiter may hold starts reserved ahead (at most 50 ms): agreed with
+            # Redis before the outage, they would be handed out without a call. Let them pass.
+            await anyio.sleep(0.1)
             server.pause()
             try:
 
