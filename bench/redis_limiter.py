@@ -44,12 +44,23 @@ them readable, and move with whatever else the machine is doing.
    and 10 s counting cost, 10 s counting calls); three windows with ``max_per_second``; a plain
    ``max_at_once`` limiter and the same with three windows (an acquire and a release call per
    task); and a window that is full all the time (``Rate(400, per=0.25)``, costs 1 to 8:
-   every reservation walks its log; tasks wait, so its rate is not comparable). Limits are out
+   every reservation walks its log; tasks wait, so its rate is not comparable). Starts are not
+   reserved ahead here (see 5), so every row makes one call per acquisition. Limits are out
    of reach elsewhere: the scripts pay for the window logs but nobody waits. Per task: EVALSHA
    calls (round trips), the redis-server time of those calls per task and per call, and the
    commands the scripts ran (``redis.call``), all from ``INFO commandstats`` read before and
    after each phase with a separate client. Target (1 coroutine, where the count is exact):
    every cost or window row makes at most 1.1x the script calls per task of its plain row.
+
+5. Rate reservations, the old scheme and the new side by side. 8 processes share one rate-only
+   limiter of 20,000 starts/s; each takes starts the way a run function called without
+   ``max_at_once`` does (one coroutine: ``acquire()``, hand the permit to a task, ``acquire()``
+   again). *old*: one script call per start (reservations ahead switched off); *new*: a call
+   also reserves the next starts of the fleet for the same process (up to 50 ms of the rate),
+   handed out locally at their times. Per start: script calls (round trips), the commands the
+   scripts ran, and the redis-server time, from ``INFO commandstats`` around each phase; and the
+   fraction of the rate reached. Targets (new): <= 0.3 script calls per start, >= 0.95 of the
+   rate.
 
 The 8-process rows run more processes than a small machine has cores, next to redis-server
 itself: read the ratio, not the absolute rate. The exit status is 0 whatever the verdicts.
@@ -80,6 +91,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from bench._common import (
     _BLPOP_TIMEOUT_SECONDS,
     _FAST_RATE,
+    _PHASE_GAP_SECONDS,
     Result,
     Spec,
     Worker,
@@ -125,6 +137,11 @@ _TARGET_COMMANDS_PER_TASK = 4.0
 # processes are added, never past it.
 _COMMANDS_BOUND_PER_TASK = 3.0
 _TARGET_HANDOFF_P50_MS = 2.0
+_RESERVE_PROCESSES = 8
+_RESERVE_RATE = 20_000.0
+_RESERVE_SCHEMES = ("old", "new")
+_TARGET_RESERVE_CALLS = 0.3
+_TARGET_RESERVE_SHARE = 0.95
 
 
 async def _throughput_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
@@ -178,6 +195,34 @@ async def _contention_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
         seconds = time.time() - start
         calls = dict(adapter.calls)
     _stage_result({"calls": calls, "seconds": seconds})
+
+
+async def _reserve_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
+    """One coroutine taking starts of a shared rate-only limiter, per phase (scheme); the
+    reader (process 0) also reads INFO commandstats around each phase."""
+    seconds: float = spec["seconds"]
+    start = await _stage_start()
+    counts: list[int] = []
+    stats: list[Result] = []
+    for index, scheme in enumerate(spec["phases"]):
+        begin = start + index * (seconds + _PHASE_GAP_SECONDS)
+        end = begin + seconds
+        limiter = RedisLimiter(client, f"{spec['prefix']}:{index}", max_per_second=_RESERVE_RATE)
+        if scheme == "old":
+            limiter._reserve_cap = 1  # the switch that restores the old scheme
+        async with limiter, anyio.create_task_group() as task_group:
+            await anyio.sleep(max(0.0, begin - time.time()))
+            before = await _CommandStats.read(client) if spec["reader"] else None
+            done = 0
+            while time.time() < end:
+                permit = await limiter.acquire()
+                task_group.start_soon(permit.release)
+                done += 1
+            counts.append(done)
+            if before is not None:
+                after = await _CommandStats.read(client) - before
+                stats.append({"calls": dict(after.calls), "usec": dict(after.usec)})
+    _stage_result({"counts": counts, "stats": stats})
 
 
 async def _handoff_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
@@ -560,6 +605,9 @@ async def _cost_phase(
         redis.asyncio.Redis.from_url(url) as client,
         RedisLimiter(client, f"costs:{time.time_ns()}", **row.options) as limiter,
     ):
+        # One script call per acquisition, cost 1 or not (no starts reserved ahead), so that
+        # the rows compare what one call costs.
+        limiter._reserve_cap = 1
 
         async def cycle() -> None:
             permit = await limiter.acquire(cost=row.cost_of(next(counter)))
@@ -678,6 +726,88 @@ async def _costs(
     return measured
 
 
+async def _reservations(
+    pool: _Pool, url: str, settings: _Settings, verdicts: list[_Verdict]
+) -> Result:
+    phases = list(_RESERVE_SCHEMES * settings.rounds)
+    _section(
+        f"5. Rate reservations: {_RESERVE_PROCESSES} processes share a rate-only limiter of "
+        f"{_RESERVE_RATE:,.0f} starts/s,\none coroutine per process taking starts (acquire, hand "
+        f"the permit to a task); {settings.rounds} interleaved round(s) of "
+        f"{settings.phase_seconds:g} s per scheme.\nold = one script call per start; new = "
+        "starts reserved ahead in one call and handed out locally."
+    )
+    specs = [
+        {
+            "kind": "reserve",
+            "url": url,
+            "prefix": f"reserve-{time.time_ns()}",
+            "seconds": settings.phase_seconds,
+            "phases": phases,
+            "reader": index == 0,
+        }
+        for index in range(_RESERVE_PROCESSES)
+    ]
+    (results,) = await _run_stages(pool, specs)
+    in_script = _script_command_names()
+    reader = next(result for result in results if result["stats"])
+    totals = {scheme: Counter[str]() for scheme in _RESERVE_SCHEMES}
+    for index, scheme in enumerate(phases):
+        total = totals[scheme]
+        total["starts"] += sum(result["counts"][index] for result in results)
+        calls = Counter(reader["stats"][index]["calls"])
+        usec = Counter(reader["stats"][index]["usec"])
+        total["script_calls"] += calls["evalsha"] + calls["eval"]
+        total["usec"] += usec["evalsha"] + usec["eval"]
+        total["in_script"] += sum(calls[name] for name in in_script)
+    measured: Result = {}
+    rows = []
+    for scheme in _RESERVE_SCHEMES:
+        total = totals[scheme]
+        total_seconds = settings.rounds * settings.phase_seconds
+        starts = max(total["starts"], 1)
+        share = total["starts"] / total_seconds / _RESERVE_RATE
+        calls_per_start = total["script_calls"] / starts
+        measured[scheme] = {
+            "starts_per_second": total["starts"] / total_seconds,
+            "share_of_rate": share,
+            "script_calls_per_start": calls_per_start,
+            "in_script_commands_per_start": total["in_script"] / starts,
+            "server_us_per_start": total["usec"] / starts,
+        }
+        verdict = ""
+        if scheme == "new":
+            passed = calls_per_start <= _TARGET_RESERVE_CALLS and share >= _TARGET_RESERVE_SHARE
+            verdict = _verdict(passed)
+            verdicts.append(
+                _Verdict(
+                    f"rate reservations, {_RESERVE_PROCESSES} processes at {_RESERVE_RATE:,.0f}/s:"
+                    f" <= {_TARGET_RESERVE_CALLS} calls per start, >= {_TARGET_RESERVE_SHARE} of "
+                    "the rate",
+                    f"{calls_per_start:.2f} calls, {share:.2f} of the rate",
+                    passed,
+                )
+            )
+        rows.append(
+            [
+                scheme,
+                f"{total['starts'] / total_seconds:,.0f}",
+                f"{share:.2f}",
+                f"{calls_per_start:.2f}",
+                f"{total['in_script'] / starts:.1f}",
+                f"{total['usec'] / starts:.1f}",
+                verdict,
+            ]
+        )
+    headers = ["scheme", "starts/s", "of rate", "calls/start", "cmds/start", "server us/start", ""]
+    print(_table(headers, rows))
+    print(
+        "calls/start: script round trips per start (EVALSHA); cmds/start: redis.call commands the "
+        "scripts ran; server us/start: redis-server time of the script calls per start."
+    )
+    return measured
+
+
 async def _sections(
     pool: _Pool,
     url: str,
@@ -690,6 +820,7 @@ async def _sections(
         "commands_per_task": await _contention(pool, url, stats_client, settings, verdicts),
         "handoff": await _handoff(pool, url, settings, verdicts),
         "costs": await _costs(url, stats_client, settings, verdicts),
+        "reservations": await _reservations(pool, url, settings, verdicts),
     }
 
 
@@ -697,6 +828,7 @@ _WORKERS: dict[str, Worker] = {
     "throughput": _throughput_worker,
     "contention": _contention_worker,
     "handoff": _handoff_worker,
+    "reserve": _reserve_worker,
 }
 
 
