@@ -21,7 +21,6 @@ Redis clock):
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import math
@@ -62,6 +61,7 @@ from ._keys import KeyLayout
 from ._leases import LeaseTable
 from ._metrics import limiter_metrics
 from ._permit import RedisPermit
+from ._reserve import HORIZON, ReservePool, reserve_cap
 from ._scripts import Script, decode_acquire_reply, load_script
 from ._state import (
     Control,
@@ -258,22 +258,10 @@ class RedisLimiter:
         self._stack: AsyncExitStack | None = None
         # Rate reservations (rate only, max_per_second set): a call for a start of one unit
         # also reserves the next few starts of the fleet for this process's next acquisitions.
-        self._reserving = config.max_at_once is None and config.max_per_second is not None
-        self._pool: list[tuple[float, str, int]] = []  # (local start time, waiter id, token)
-        self._refill: anyio.Event | None = None  # set when the call in flight is answered
-        self._rate_waiters = 0  # callers on the reserving path not yet served
-        self._lookahead = 1  # starts reserved beyond the callers waiting; adapts
-        self._pool_used = True  # every start of the last reservation was handed out
-        self._reservations_wasted = 0
-        self._reserve_cap = 1  # at most this many starts per call (1: none reserved ahead)
-        self._late = 0.0
-        if self._reserving:
-            assert config.max_per_second is not None
-            interval = 1.0 / config.max_per_second
-            # At most _HORIZON of the fleet's rate at once, and a start is handed out at most
-            # one interval (or 1 ms) after its time; later, it is dropped (never bunched).
-            self._reserve_cap = max(1, min(_MAX_RESERVED, int(_HORIZON / interval)))
-            self._late = max(interval, 0.001)
+        cap = reserve_cap(config.max_per_second) if config.max_per_second is not None else 1
+        self._reserving = config.max_at_once is None and cap > 1
+        self._pool = ReservePool(cap)
+        self._refill: anyio.Event | None = None  # set when the reservation in flight is answered
 
     def __repr__(self) -> str:
         config = self._config
@@ -332,7 +320,7 @@ class RedisLimiter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._pool:
+        if self._pool or self._refill is not None:
             await self._give_back_reserved()
         stack, self._stack = self._stack, None
         self._leases.open = False
@@ -387,7 +375,7 @@ class RedisLimiter:
     def is_idle(self) -> bool:
         """True if nothing is held, awaited or left to withdraw through this limiter."""
         if self._pool:
-            self._drop_late(anyio.current_time())
+            self._pool.drop_late(anyio.current_time())
             if self._pool:
                 return False
         return self._leases.is_idle() and not (
@@ -591,7 +579,7 @@ class RedisLimiter:
         return await self._call("settle", waiter_id, actual, previous)
 
     async def _acquire(self, start: float, deadline: float | None, units: int) -> RedisPermit:
-        if self._reserving and units == UNIT and self._reserve_cap > 1:
+        if self._reserving and units == UNIT:
             return await self._acquire_reserved(start, deadline)
         local = await self._local_permit(start)
         waiter_id = f"{self._process_id}:{next(self._counter)}"
@@ -635,41 +623,27 @@ class RedisLimiter:
             raise
         return permit
 
-    def _rate_permit(self, waiter_id: str, token: int) -> RedisPermit:
-        return RedisPermit(
-            self._leases, None, token, None, waiter_id=waiter_id, units=UNIT, settler=self._settle
-        )
-
-    def _drop_late(self, now: float) -> None:
-        pool = self._pool
-        while pool and pool[0][0] < now - self._late:
-            heapq.heappop(pool)
-            self._reservations_wasted += 1
-            self._pool_used = False
-            self._lookahead = max(0, self._lookahead // 2)
-
     async def _acquire_reserved(self, start: float, deadline: float | None) -> RedisPermit:
-        """A start of one unit on a rate-only limiter: from this process's reserved starts
-        if one is due soon, else from a call that reserves the next few starts as well."""
-        self._rate_waiters += 1
-        try:
-            while True:
-                now = anyio.current_time()
-                self._drop_late(now)
-                pool = self._pool
-                if pool and (deadline is None or pool[0][0] <= deadline):
-                    at, waiter_id, token = heapq.heappop(pool)
-                    break
-                if self._refill is not None and self._failing_since is None:
-                    # The call in flight reserves for this caller too. (While Redis fails,
-                    # every caller makes its own call, bounded by its own retry window.)
-                    await self._refill.wait()
-                    continue
-                # The caller's own start: while Redis fails, its retry window runs from there.
-                at, waiter_id, token = await self._reserve(start, deadline)
+        """A start of one unit on a rate-only limiter: from the starts this process reserved
+        ahead if one lies before the deadline, else from a call that reserves the next few
+        starts of the fleet as well."""
+        pool = self._pool
+        while True:
+            entry = pool.take(anyio.current_time(), deadline)
+            if entry is not None:
                 break
-        finally:
-            self._rate_waiters -= 1
+            if self._refill is not None and self._failing_since is None:
+                # The call in flight reserves for this caller too. (While Redis fails, every
+                # caller makes its own call, bounded by its own retry window.)
+                await self._refill.wait()
+                continue
+            # The caller's own start: while Redis fails, its retry window runs from there.
+            entry = await self._reserve(start, deadline, own=True)
+            assert entry is not None
+            break
+        if pool.running_low() and self._refill is None and self._task_group is not None:
+            self._task_group.start_soon(self._prefetch)
+        at, waiter_id, token = entry
         try:
             delay = at - anyio.current_time()
             if delay > 0:
@@ -681,38 +655,52 @@ class RedisLimiter:
         except BaseException:
             if self._leases.open:
                 # The next acquisition of this process takes it (if not too late by then).
-                heapq.heappush(self._pool, (at, waiter_id, token))
+                pool.put_back(entry)
             else:
                 await self._give_back(waiter_id, waiter_id, None)
             raise
-        return self._rate_permit(waiter_id, token)
+        return RedisPermit(
+            self._leases, None, token, None, waiter_id=waiter_id, units=UNIT, settler=self._settle
+        )
 
-    async def _reserve(self, start: float, deadline: float | None) -> tuple[float, str, int]:
-        """One call for this caller's start and the next few: returns the caller's (local
-        start time, waiter id, token) and adds the others to the pool."""
+    async def _prefetch(self) -> None:
+        """Reserve the next starts before the pool runs dry (in the background)."""
+        if self._refill is not None or self._failing_since is not None:
+            return
+        try:
+            await self._reserve(anyio.current_time(), None, own=False)
+        except RedisLimiterError as exc:
+            # The callers that find the pool empty make their own calls and see the failure.
+            logger.debug("limiter %r: reserving starts ahead failed: %s", self._name, exc)
+
+    async def _reserve(
+        self, start: float, deadline: float | None, *, own: bool
+    ) -> tuple[float, str, int] | None:
+        """One call for this caller's start (if *own*) and the next few, which go to the
+        pool; returns the caller's ``(local start time, waiter id, token)``."""
         refill = anyio.Event()
         if self._refill is None:
             self._refill = refill
         try:
-            extra = min(self._reserve_cap - 1, self._lookahead + self._rate_waiters - 1)
-            if self._failing_since is not None:
-                extra = 0
-            if self._pool_used:
-                self._lookahead = min(self._reserve_cap - 1, max(1, self._lookahead * 2))
-            self._pool_used = True
-            own = f"{self._process_id}:{next(self._counter)}"
-            ids = [own] + [f"{self._process_id}:{next(self._counter)}" for _ in range(extra)]
-            item = own
-            if deadline is not None:
-                item += f"/{max(0, int((deadline - anyio.current_time()) * 1e6))}"
-            # Starts reserved ahead never lie further than the horizon.
-            horizon = f"/{int(_HORIZON * 1e6)}"
-            items = [item] + [i + horizon for i in ids[1:]]
+            pool = self._pool
+            extra = 0 if self._failing_since is not None else pool.wanted(anyio.current_time())
+            if not own and extra == 0:
+                return None
+            items: list[str] = []
+            if own:
+                item = f"{self._process_id}:{next(self._counter)}"
+                if deadline is not None:
+                    item += f"/{max(0, int((deadline - anyio.current_time()) * 1e6))}"
+                items.append(item)
+            # Starts reserved ahead never lie further away than the horizon.
+            horizon = f"/{int(HORIZON * 1e6)}"
+            items.extend(f"{self._process_id}:{next(self._counter)}{horizon}" for _ in range(extra))
+            ids = [item.partition("/")[0] for item in items]
             try:
                 replies = await self._acquires.submit_many(items, self._redis_deadline(start))
             except TimeoutError as exc:
-                for i in ids:
-                    self._leases.orphan(i)
+                for waiter_id in ids:
+                    self._leases.orphan(waiter_id)
                 if isinstance(exc, RedisLimiterError):
                     raise
                 raise RedisUnavailableError(
@@ -721,30 +709,35 @@ class RedisLimiter:
                     "answered)"
                 ) from self._last_failure
             except (RedisUnavailableError, PoolExhaustedError):
-                for i in ids:
-                    self._leases.orphan(i)
+                for waiter_id in ids:
+                    self._leases.orphan(waiter_id)
                 raise
             now = anyio.current_time()
-            for waiter_id, reply in zip(ids[1:], replies[1:], strict=True):
+            first = 1 if own else 0
+            for waiter_id, reply in zip(ids[first:], replies[first:], strict=True):
                 if reply[0] == 1:
-                    heapq.heappush(self._pool, (now + reply[2] / 1e6, waiter_id, int(reply[1])))
+                    pool.put(now + reply[2] / 1e6, waiter_id, int(reply[1]))
+            if not own:
+                return None
             reply = replies[0]
             if reply[0] != 1:
                 raise self._too_late()
-            return now + reply[2] / 1e6, own, int(reply[1])
+            pool.handed()
+            return now + reply[2] / 1e6, ids[0], int(reply[1])
         finally:
             if self._refill is refill:
                 self._refill = None
             refill.set()
 
     async def _give_back_reserved(self) -> None:
-        """Give back the starts this process reserved and did not use (on exit), latest first
-        (each rolls the rate state back), within one retry window in all."""
-        pool, self._pool = self._pool, []
-        if self._in_fallback:
+        """Give back the starts this process reserved ahead and did not use (on exit), latest
+        first (each rolls the rate state back), within one retry window in all."""
+        if self._refill is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._retry_window):
+                await self._refill.wait()
+        ahead = self._pool.ahead(anyio.current_time())
+        if self._in_fallback or not ahead:
             return
-        now = anyio.current_time()
-        ahead = sorted((entry for entry in pool if entry[0] > now), reverse=True)
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._retry_window):
             for _, waiter_id, _ in ahead:
                 try:
@@ -1046,11 +1039,6 @@ class RedisLimiter:
             await client.delete(*self._keys, self._mailbox)  # the window logs too
         except ClientError as exc:
             raise as_limiter_error(self._name, "reset", exc) from exc.__cause__
-
-
-# How far ahead a process reserves rate starts, and at most how many at once.
-_HORIZON = 0.05
-_MAX_RESERVED = 64
 
 
 def _local_rate_limiter(config: LimiterConfig) -> RateLimiter | None:

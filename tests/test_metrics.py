@@ -334,7 +334,7 @@ async def test_lost_replies_count_once_each(
             ) as limiter,
         ):
             # One script call per acquisition: no starts reserved ahead for the next ones.
-            limiter._reserve_cap = 1
+            limiter._reserving = False
             for _ in range(count):
                 await limiter.acquire()
     dropped = len(proxy.dropped)
