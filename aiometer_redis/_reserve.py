@@ -2,9 +2,12 @@
 
 A rate-only limiter's script call can reserve, besides the start its caller asked for, the
 next few starts of the fleet for this process's next acquisitions. They wait here, each with
-its local start time, and are handed out in order, never before that time. How many to reserve
-follows what the process used lately: about ``AHEAD`` seconds of its recent rate of starts,
-never more than ``HORIZON`` seconds of the fleet's rate nor ``MAX_RESERVED``.
+its local start time, and are handed out in order, never before that time, and dropped when
+more than ``LATE`` behind it. How many to hold follows what the process used lately: about
+``AHEAD`` seconds of its recent rate of starts, never more than ``HORIZON`` seconds of the
+fleet's rate nor ``MAX_RESERVED``, and halved after a call interval in which a start was
+dropped (the process could not keep up with starts that close together: a busy CPU, or a
+fleet rate above its own pace), doubled back after one without.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ LATE = 0.002
 #: At most this many starts are reserved in one call.
 MAX_RESERVED = 64
 
-#: How much one new measurement of the rate of starts weighs in the estimate.
+#: How much one new measurement of the rate of starts weighs in the estimate (at least).
 _SMOOTHING = 0.5
 
 
@@ -38,7 +41,17 @@ class ReservePool:
         cap: the most starts one call may take (see :func:`reserve_cap`).
     """
 
-    __slots__ = ("_entries", "_handed", "_rate", "_since", "cap", "dropped")
+    __slots__ = (
+        "_dropped_before",
+        "_entries",
+        "_handed",
+        "_rate",
+        "_since",
+        "_size",
+        "_target",
+        "cap",
+        "dropped",
+    )
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
@@ -50,6 +63,11 @@ class ReservePool:
         self._handed = 0
         self._since: float | None = None
         self._rate: float | None = None
+        # The most the pool is filled to (halved after drops, doubled back), what the last call
+        # aimed at, and `dropped` when it was made.
+        self._size = 1
+        self._target = 0
+        self._dropped_before = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -91,21 +109,29 @@ class ReservePool:
 
     def wanted(self, now: float) -> int:
         """How many starts a call made at *now* should reserve for the process's next
-        acquisitions (beyond the callers waiting): about ``AHEAD`` seconds of its recent rate,
-        less what the pool holds. Call once per reservation call: it starts a new
-        measurement."""
+        acquisitions (beyond the callers waiting): what tops the pool up to about ``AHEAD``
+        seconds of its recent rate (within the size that drops allow). Call once per
+        reservation call: it starts a new measurement."""
         since, handed = self._since, self._handed
         self._since, self._handed = now, 0
         if since is not None and now > since:
             measured = handed / (now - since)
             rate = self._rate
-            self._rate = measured if rate is None else rate + _SMOOTHING * (measured - rate)
-        if self._rate is None:
-            return 1  # the first call: one ahead, so the next acquisition measures the rate
-        return max(0, min(self.cap - 1, round(self._rate * AHEAD) - len(self._entries)))
+            # A measurement over a long interval is an average already: it replaces the
+            # estimate (after a lull, the next call reserves little).
+            weight = max(_SMOOTHING, min(1.0, (now - since) / HORIZON))
+            self._rate = measured if rate is None else rate + weight * (measured - rate)
+        if self.dropped > self._dropped_before:
+            self._size = max(1, self._size // 2)
+        elif since is not None:
+            self._size = min(self.cap - 1, self._size * 2)
+        self._dropped_before = self.dropped
+        demand = 1 if self._rate is None else round(self._rate * AHEAD)
+        self._target = min(self._size, demand)
+        self._size = max(1, self._target)  # grows from what was used, not past it
+        return max(0, self._target - len(self._entries))
 
     def running_low(self) -> bool:
-        """True when the pool holds less than half of what the recent rate uses in
-        ``AHEAD``: time to reserve more before a caller finds it empty."""
-        rate = self._rate
-        return rate is not None and len(self._entries) * 2 < min(self.cap, rate * AHEAD)
+        """True when the pool holds less than half of what the last call aimed at: time to
+        reserve more before a caller finds it empty."""
+        return len(self._entries) * 2 < self._target

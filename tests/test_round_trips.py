@@ -59,18 +59,31 @@ def test_pool_hands_out_in_order_and_drops_late_starts() -> None:
 def test_pool_sizes_calls_by_the_recent_rate() -> None:
     pool = ReservePool(cap=64)
     assert pool.wanted(0.0) == 1  # no measurement yet: one ahead
-    for _ in range(50):  # 50 starts in 10 ms: 5000 per second
-        pool.handed()
-    assert pool.wanted(0.010) == round(5000 * AHEAD)  # 50
-    assert pool.running_low()  # empty
+    now = 0.0
+    sizes = []
+    for _ in range(7):  # 50 starts per 10 ms: 5000 per second
+        for _ in range(50):
+            pool.handed()
+        now += 0.010
+        sizes.append(pool.wanted(now))
+    # The size doubles call after call up to what the rate uses in AHEAD (50 starts).
+    assert sizes == [2, 4, 8, 16, 32, 50, 50]
+    assert round(5000 * AHEAD) == 50
     for i in range(20):
-        pool.put(1.0 + i / 1000, f"p:{i}", i)
-    assert pool.running_low()  # 20 held: less than half of the 50 the rate uses in AHEAD
+        pool.put(now + i / 1000, f"p:{i}", i)
+    assert pool.running_low()  # 20 held: less than half of the 50 aimed at
     for i in range(20, 30):
-        pool.put(1.0 + i / 1000, f"p:{i}", i)
+        pool.put(now + i / 1000, f"p:{i}", i)
     assert not pool.running_low()
+    # A start dropped (not taken within LATE): the next call aims at half as many.
+    assert pool.take(now + 0.021 + LATE + 1e-6, None) is not None
+    assert pool.dropped > 0
+    for _ in range(50):
+        pool.handed()
+    now += 0.010
+    assert pool.wanted(now) == 25 - len(pool)  # half of 50
     # Nothing handed out for a second: the estimate falls and so does the size of a call.
-    assert pool.wanted(1.010) < 5000 * AHEAD - 30
+    assert pool.wanted(now + 1.0) == 0
 
 
 def test_pool_gives_back_what_is_still_ahead_latest_first() -> None:
