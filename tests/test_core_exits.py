@@ -329,9 +329,10 @@ async def test_max_per_second_alone_reaches_fast_rates() -> None:
 
     begin = anyio.current_time()
     await aiometer.run_on_each(record, range(count), max_per_second=rate)
-    # The bench requires 0.95; a loaded test machine gets a wider margin. Without keeping the
-    # schedule across timer ticks this is about 0.3.
-    assert (count - 1) / (max(starts) - begin) >= 0.8 * rate
+    # The bench requires 0.95 on a quiet machine; this only tells the schedule kept across
+    # timer ticks (without it, about 0.3) from a loaded machine's slowness (0.8 failed under
+    # load now and then).
+    assert (count - 1) / (max(starts) - begin) >= 0.5 * rate
 
     recording = Recording(aiometer.RateLimiter(rate))
     await aiometer.run_on_each(record, range(count), limiter=recording)
