@@ -61,7 +61,7 @@ from ._keys import KeyLayout
 from ._leases import LeaseTable
 from ._metrics import limiter_metrics
 from ._permit import RedisPermit
-from ._reserve import HORIZON, ReservePool, reserve_cap
+from ._reserve import HORIZON, LATE, ReservePool, reserve_cap
 from ._scripts import Script, decode_acquire_reply, load_script
 from ._state import (
     Control,
@@ -626,42 +626,52 @@ class RedisLimiter:
     async def _acquire_reserved(self, start: float, deadline: float | None) -> RedisPermit:
         """A start of one unit on a rate-only limiter: from the starts this process reserved
         ahead if one lies before the deadline, else from a call that reserves the next few
-        starts of the fleet as well."""
+        starts of the fleet as well. A start reserved ahead is handed out at most ``LATE``
+        after its time: one this caller overslept (a busy event loop or CPU) is dropped and
+        the caller takes the next."""
         pool = self._pool
         while True:
             entry = pool.take(anyio.current_time(), deadline)
-            if entry is not None:
-                break
-            if self._refill is not None and self._failing_since is None:
-                # The call in flight reserves for this caller too. (While Redis fails, every
-                # caller makes its own call, bounded by its own retry window.)
-                await self._refill.wait()
+            reserved_ahead = entry is not None
+            if entry is None:
+                if self._refill is not None and self._failing_since is None:
+                    # The call in flight reserves for this caller too. (While Redis fails,
+                    # every caller makes its own call, bounded by its own retry window.)
+                    await self._refill.wait()
+                    continue
+                # The caller's own start: while Redis fails, its retry window runs from there.
+                entry = await self._reserve(start, deadline, own=True)
+                assert entry is not None
+            if pool.running_low() and self._refill is None and self._task_group is not None:
+                self._task_group.start_soon(self._prefetch)
+            at, waiter_id, token = entry
+            try:
+                delay = at - anyio.current_time()
+                if delay > 0:
+                    if deadline is not None and at > deadline:
+                        raise self._too_late()
+                    await anyio.sleep(delay)
+                else:
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+            except BaseException:
+                if self._leases.open:
+                    # The next acquisition of this process takes it (if not too late by then).
+                    pool.put_back(entry)
+                else:
+                    await self._give_back(waiter_id, waiter_id, None)
+                raise
+            if reserved_ahead and anyio.current_time() - at > LATE:
+                pool.overslept()
                 continue
-            # The caller's own start: while Redis fails, its retry window runs from there.
-            entry = await self._reserve(start, deadline, own=True)
-            assert entry is not None
-            break
-        if pool.running_low() and self._refill is None and self._task_group is not None:
-            self._task_group.start_soon(self._prefetch)
-        at, waiter_id, token = entry
-        try:
-            delay = at - anyio.current_time()
-            if delay > 0:
-                if deadline is not None and at > deadline:
-                    raise self._too_late()
-                await anyio.sleep(delay)
-            else:
-                await anyio.lowlevel.checkpoint_if_cancelled()
-        except BaseException:
-            if self._leases.open:
-                # The next acquisition of this process takes it (if not too late by then).
-                pool.put_back(entry)
-            else:
-                await self._give_back(waiter_id, waiter_id, None)
-            raise
-        return RedisPermit(
-            self._leases, None, token, None, waiter_id=waiter_id, units=UNIT, settler=self._settle
-        )
+            return RedisPermit(
+                self._leases,
+                None,
+                token,
+                None,
+                waiter_id=waiter_id,
+                units=UNIT,
+                settler=self._settle,
+            )
 
     async def _prefetch(self) -> None:
         """Reserve the next starts before the pool runs dry (in the background)."""

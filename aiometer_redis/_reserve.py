@@ -95,6 +95,12 @@ class ReservePool:
         self._handed -= 1
         heapq.heappush(self._entries, entry)
 
+    def overslept(self) -> None:
+        """Count a start taken with :meth:`take` and dropped: its caller woke up more than
+        ``LATE`` after its time."""
+        self._handed -= 1
+        self.dropped += 1
+
     def drop_late(self, now: float) -> None:
         """Drop the starts more than ``LATE`` behind *now*."""
         entries = self._entries

@@ -60,7 +60,9 @@ them readable, and move with whatever else the machine is doing.
    also reserves the next starts of the fleet for the same process (about 10 ms of its recent
    rate), handed out locally at their times. Per start: script calls (round trips), the
    commands the scripts ran, and the redis-server time, from ``INFO commandstats`` around each
-   phase; the fraction of the rate reached, and the starts reserved ahead that went unused.
+   phase; the fraction of the rate reached, the starts reserved ahead that went unused, and how
+   late each start began against its time in the fleet's schedule (read back from Redis, whose
+   clock is the workers' on one machine; none may begin early).
    Targets (new): <= 0.3 script calls per start, >= 0.95 of the rate.
 
 The 8-process rows run more processes than a small machine has cores, next to redis-server
@@ -139,7 +141,8 @@ _TARGET_COMMANDS_PER_TASK = 4.0
 _COMMANDS_BOUND_PER_TASK = 3.0
 _TARGET_HANDOFF_P50_MS = 2.0
 _RESERVE_PROCESSES = 8
-_RESERVE_RATE = 20_000.0
+_RESERVE_RATES = (3_000.0, 20_000.0)
+_RESERVE_TARGET_RATE = 20_000.0
 _RESERVE_SCHEMES = ("old", "new")
 _TARGET_RESERVE_CALLS = 0.3
 _TARGET_RESERVE_SHARE = 0.95
@@ -201,34 +204,54 @@ async def _contention_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
     _stage_result({"calls": calls, "seconds": seconds})
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 async def _reserve_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
     """One coroutine taking starts of a shared rate-only limiter, per phase (scheme); the
-    reader (process 0) also reads INFO commandstats around each phase."""
+    reader (process 0) also reads INFO commandstats around each phase. After the last phase,
+    each start taken is compared with its time in the fleet's schedule (read back from the
+    grants the scripts remember): how late it began."""
     seconds: float = spec["seconds"]
     start = await _stage_start()
     counts: list[int] = []
     dropped: list[int] = []
     stats: list[Result] = []
-    for index, scheme in enumerate(spec["phases"]):
+    taken: list[tuple[str, list[tuple[str, float]]]] = []
+    for index, (rate, scheme) in enumerate(spec["phases"]):
         begin = start + index * (seconds + _PHASE_GAP_SECONDS)
         end = begin + seconds
-        limiter = RedisLimiter(client, f"{spec['prefix']}:{index}", max_per_second=_RESERVE_RATE)
+        limiter = RedisLimiter(client, f"{spec['prefix']}:{index}", max_per_second=rate)
         if scheme == "old":
             limiter._reserving = False  # the switch that restores the old scheme
+        starts: list[tuple[str, float]] = []
+        taken.append((limiter.keys[5], starts))
         async with limiter, anyio.create_task_group() as task_group:
             await anyio.sleep(max(0.0, begin - time.time()))
             before = await _CommandStats.read(client) if spec["reader"] else None
-            done = 0
             while time.time() < end:
                 permit = await limiter.acquire()
+                starts.append((permit._waiter_id, time.time()))
                 task_group.start_soon(permit.release)
-                done += 1
-            counts.append(done)
+            counts.append(len(starts))
             dropped.append(limiter._pool.dropped)
             if before is not None:
                 after = await _CommandStats.read(client) - before
                 stats.append({"calls": dict(after.calls), "usec": dict(after.usec)})
-    _stage_result({"counts": counts, "dropped": dropped, "stats": stats})
+    late: list[list[float]] = []
+    for grants_key, starts in taken:
+        # One sample in ten is enough for percentiles.
+        sample = starts[::10]
+        grants = await client.hmget(grants_key, [waiter_id for waiter_id, _ in sample])
+        late.append(
+            [
+                at - int(_text(grant).split("|")[1]) / 1e6
+                for (_, at), grant in zip(sample, grants, strict=True)
+                if grant is not None
+            ]
+        )
+    _stage_result({"counts": counts, "dropped": dropped, "stats": stats, "late": late})
 
 
 async def _handoff_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
@@ -735,19 +758,26 @@ async def _costs(
 async def _reservations(
     pool: _Pool, url: str, settings: _Settings, verdicts: list[_Verdict]
 ) -> Result:
-    phases = list(_RESERVE_SCHEMES * settings.rounds)
+    phases: list[tuple[float, str]] = [
+        (rate, scheme)
+        for _ in range(settings.rounds)
+        for rate in _RESERVE_RATES
+        for scheme in _RESERVE_SCHEMES
+    ]
     _section(
         f"5. Rate reservations: {_RESERVE_PROCESSES} processes share a rate-only limiter of "
-        f"{_RESERVE_RATE:,.0f} starts/s,\none coroutine per process taking starts (acquire, hand "
-        f"the permit to a task); {settings.rounds} interleaved round(s) of "
-        f"{settings.phase_seconds:g} s per scheme.\nold = one script call per start; new = "
-        "starts reserved ahead in one call and handed out locally."
+        f"{' and '.join(f'{rate:,.0f}' for rate in _RESERVE_RATES)} starts/s,\none coroutine per "
+        f"process taking starts (acquire, hand the permit to a task); {settings.rounds} "
+        f"interleaved round(s) of {settings.phase_seconds:g} s per rate and scheme.\nold = one "
+        "script call per start; new = starts reserved ahead in one call and handed out locally."
     )
+    # One prefix for every process: they share each phase's limiter.
+    prefix = f"reserve-{time.time_ns()}"
     specs = [
         {
             "kind": "reserve",
             "url": url,
-            "prefix": f"reserve-{time.time_ns()}",
+            "prefix": prefix,
             "seconds": settings.phase_seconds,
             "phases": phases,
             "reader": index == 0,
@@ -757,11 +787,14 @@ async def _reservations(
     (results,) = await _run_stages(pool, specs)
     in_script = _script_command_names()
     reader = next(result for result in results if result["stats"])
-    totals = {scheme: Counter[str]() for scheme in _RESERVE_SCHEMES}
-    for index, scheme in enumerate(phases):
-        total = totals[scheme]
+    totals: dict[tuple[float, str], Counter[str]] = {}
+    lateness: dict[tuple[float, str], list[float]] = {}
+    for index, (rate, scheme) in enumerate(phases):
+        total = totals.setdefault((rate, scheme), Counter())
         total["starts"] += sum(result["counts"][index] for result in results)
         total["dropped"] += sum(result["dropped"][index] for result in results)
+        late = lateness.setdefault((rate, scheme), [])
+        late.extend(sample for result in results for sample in result["late"][index])
         calls = Counter(reader["stats"][index]["calls"])
         usec = Counter(reader["stats"][index]["usec"])
         total["script_calls"] += calls["evalsha"] + calls["eval"]
@@ -769,46 +802,54 @@ async def _reservations(
         total["in_script"] += sum(calls[name] for name in in_script)
     measured: Result = {}
     rows = []
-    for scheme in _RESERVE_SCHEMES:
-        total = totals[scheme]
-        total_seconds = settings.rounds * settings.phase_seconds
-        starts = max(total["starts"], 1)
-        share = total["starts"] / total_seconds / _RESERVE_RATE
-        calls_per_start = total["script_calls"] / starts
-        measured[scheme] = {
-            "starts_per_second": total["starts"] / total_seconds,
-            "share_of_rate": share,
-            "script_calls_per_start": calls_per_start,
-            "in_script_commands_per_start": total["in_script"] / starts,
-            "server_us_per_start": total["usec"] / starts,
-            "dropped_per_start": total["dropped"] / starts,
-        }
-        verdict = ""
-        if scheme == "new":
-            passed = calls_per_start <= _TARGET_RESERVE_CALLS and share >= _TARGET_RESERVE_SHARE
-            verdict = _verdict(passed)
-            verdicts.append(
-                _Verdict(
-                    f"rate reservations, {_RESERVE_PROCESSES} processes at {_RESERVE_RATE:,.0f}/s:"
-                    f" <= {_TARGET_RESERVE_CALLS} calls per start, >= {_TARGET_RESERVE_SHARE} of "
-                    "the rate",
-                    f"{calls_per_start:.2f} calls, {share:.2f} of the rate",
-                    passed,
+    total_seconds = settings.rounds * settings.phase_seconds
+    for rate in _RESERVE_RATES:
+        for scheme in _RESERVE_SCHEMES:
+            total, late = totals[rate, scheme], lateness[rate, scheme]
+            starts = max(total["starts"], 1)
+            share = total["starts"] / total_seconds / rate
+            calls_per_start = total["script_calls"] / starts
+            result = measured[f"{rate:.0f}/{scheme}"] = {
+                "starts_per_second": total["starts"] / total_seconds,
+                "share_of_rate": share,
+                "script_calls_per_start": calls_per_start,
+                "in_script_commands_per_start": total["in_script"] / starts,
+                "server_us_per_start": total["usec"] / starts,
+                "dropped_per_start": total["dropped"] / starts,
+                "late_ms_p50": _percentile(late, 0.50) * 1000,
+                "late_ms_p99": _percentile(late, 0.99) * 1000,
+                "early_starts": sum(1 for sample in late if sample < 0),
+            }
+            verdict = ""
+            if scheme == "new" and rate == _RESERVE_TARGET_RATE:
+                passed = calls_per_start <= _TARGET_RESERVE_CALLS and share >= _TARGET_RESERVE_SHARE
+                verdict = _verdict(passed)
+                verdicts.append(
+                    _Verdict(
+                        f"rate reservations, {_RESERVE_PROCESSES} processes at {rate:,.0f}/s: "
+                        f"<= {_TARGET_RESERVE_CALLS} calls per start, >= "
+                        f"{_TARGET_RESERVE_SHARE} of the rate",
+                        f"{calls_per_start:.2f} calls, {share:.2f} of the rate",
+                        passed,
+                    )
                 )
+            rows.append(
+                [
+                    f"{rate:,.0f}/s",
+                    scheme,
+                    f"{total['starts'] / total_seconds:,.0f}",
+                    f"{share:.2f}",
+                    f"{calls_per_start:.2f}",
+                    f"{total['in_script'] / starts:.1f}",
+                    f"{total['usec'] / starts:.1f}",
+                    f"{total['dropped'] / starts:.2f}",
+                    f"{result['late_ms_p50']:.2f} / {result['late_ms_p99']:.2f}",
+                    str(result["early_starts"]),
+                    verdict,
+                ]
             )
-        rows.append(
-            [
-                scheme,
-                f"{total['starts'] / total_seconds:,.0f}",
-                f"{share:.2f}",
-                f"{calls_per_start:.2f}",
-                f"{total['in_script'] / starts:.1f}",
-                f"{total['usec'] / starts:.1f}",
-                f"{total['dropped'] / starts:.2f}",
-                verdict,
-            ]
-        )
     headers = [
+        "rate",
         "scheme",
         "starts/s",
         "of rate",
@@ -816,14 +857,18 @@ async def _reservations(
         "cmds/start",
         "server us/start",
         "dropped/start",
+        "late ms p50 / p99",
+        "early",
         "",
     ]
     print(_table(headers, rows))
     print(
         "calls/start: script round trips per start (EVALSHA); cmds/start: redis.call commands the "
         "scripts ran; server us/start: redis-server time of the script calls per start; "
-        "dropped/start: starts reserved ahead that went unused (not handed out within 2 ms of "
-        "their time)."
+        "dropped/start: starts reserved ahead that went unused (not begun within 2 ms of the "
+        "time the process learned for them); late: how long after its time in the fleet's "
+        "schedule (Redis clock) a start began (time.time() when acquire() returned; one start "
+        "in ten); early: starts that began before their time (must be 0)."
     )
     return measured
 
