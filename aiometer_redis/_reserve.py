@@ -7,7 +7,8 @@ more than ``LATE`` behind it. How many to hold follows what the process used lat
 ``AHEAD`` seconds of its recent rate of starts, never more than ``HORIZON`` seconds of the
 fleet's rate nor ``MAX_RESERVED``, and halved after a call interval in which a start was
 dropped (the process could not keep up with starts that close together: a busy CPU, or a
-fleet rate above its own pace), doubled back after one without.
+fleet rate above its own pace); it doubles call after call until the first drop, and grows by
+an eighth after that.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ReservePool:
     """
 
     __slots__ = (
+        "_doubling",
         "_dropped_before",
         "_entries",
         "_handed",
@@ -66,6 +68,7 @@ class ReservePool:
         # The most the pool is filled to (halved after drops, doubled back), what the last call
         # aimed at, and `dropped` when it was made.
         self._size = 1
+        self._doubling = True
         self._target = 0
         self._dropped_before = 0
 
@@ -129,8 +132,11 @@ class ReservePool:
             self._rate = measured if rate is None else rate + weight * (measured - rate)
         if self.dropped > self._dropped_before:
             self._size = max(1, self._size // 2)
+            self._doubling = False
         elif since is not None:
-            self._size = min(self.cap - 1, self._size * 2)
+            # Doubling until a start is first dropped, then a slower climb back.
+            grown = self._size * 2 if self._doubling else self._size + max(1, self._size // 8)
+            self._size = min(self.cap - 1, grown)
         self._dropped_before = self.dropped
         demand = 1 if self._rate is None else round(self._rate * AHEAD)
         self._target = min(self._size, demand)
