@@ -12,7 +12,9 @@ Redis clock):
    ``cancel.lua``) hand a freed slot straight to the oldest ticket and push the grant to the
    owner's mailbox list, which one dispatcher task per limiter per process blocks on with
    BLPOP. As a fallback against a lost wake-up, a waiter re-runs ``acquire.lua`` (idempotent
-   for the same waiter id) after ``recheck_interval`` without news.
+   for the same waiter id) after ``recheck_interval`` without news. A release is not awaited:
+   it rides in front of the process's next ``acquire.lua`` call (a swap), whose handoff returns
+   the grants to this process's own waiters in its reply instead of through the mailbox.
 4. While tasks run, one renewal task per limiter per process extends all of the process's
    leases and queue entries in one call every ``lease_ttl / 3``. A process killed with
    SIGKILL stops renewing, so its slots come back within ``lease_ttl``.
