@@ -271,18 +271,17 @@ for i = 1, count do
     local rank = nil
     -- Whether its liveness is written already.
     local live = false
-    if queue_len >= max_at_once then
-      -- A waiter not queued yet would be max_at_once-th or later: it queues
-      -- whatever is held. waiters holds the ids of the queue, so adding its
-      -- liveness only if absent tells whether it is queued: no ZRANK for a new
-      -- waiter, and no ZCARD of holders.
+    if queue_len > 0 then
+      -- waiters holds the ids of the queue, so adding its liveness only if
+      -- absent tells whether it is queued: no ZRANK for a new waiter (one that
+      -- is not left queued takes its liveness back below). Behind a queue as
+      -- long as max_at_once, a new waiter queues whatever is held: no ZCARD of
+      -- holders either.
       if redis.call('ZADD', waiters_key, 'NX', int(now + lease_ttl), id) == 1 then
         live = true
       else
         rank = redis.call('ZRANK', queue_key, id)
       end
-    elseif queue_len > 0 then
-      rank = redis.call('ZRANK', queue_key, id)
     end
     local ahead = rank or queue_len
     local token, delay = nil, nil
@@ -291,6 +290,10 @@ for i = 1, count do
     end
     if ahead < max_at_once and held + ahead < max_at_once then
       token, delay = grant(id, now, max_delays[i], costs[i])
+      if live then
+        redis.call('ZREM', waiters_key, id)
+        live = false
+      end
       if token == nil then
         replies[i] = {2}
       elseif rank then
