@@ -689,8 +689,10 @@ end
 
 -- Moves queue heads into free concurrency slots, in ticket order, and posts
 -- "<waiter id>|<token>|<delay_us>" to each new holder's process mailbox (one
--- RPUSH per process, messages in grant order). Returns how many were granted.
-local function handoff(now)
+-- RPUSH per process, messages in grant order). Returns how many were granted,
+-- and the messages of process `own` (nil: none is), which are returned to the
+-- caller instead of posted: a list, empty when none.
+local function handoff(now, own)
   if max_at_once <= 0 then
     return 0
   end
@@ -724,12 +726,17 @@ local function handoff(now)
     local box = messages[process]
     box[#box + 1] = head .. '|' .. int(token) .. '|' .. int(delay)
   end
+  local kept = {}
   for _, process in ipairs(processes) do
-    local mailbox = mailbox_prefix .. process
-    redis.call('RPUSH', mailbox, unpack(messages[process]))
-    redis.call('PEXPIRE', mailbox, int(key_ttl_ms))
+    if process == own then
+      kept = messages[process]
+    else
+      local mailbox = mailbox_prefix .. process
+      redis.call('RPUSH', mailbox, unpack(messages[process]))
+      redis.call('PEXPIRE', mailbox, int(key_ttl_ms))
+    end
   end
-  return #heads
+  return #heads, kept
 end
 
 -- Every key gets a TTL so an abandoned limiter disappears. Leases and the GCRA

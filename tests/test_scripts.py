@@ -49,6 +49,7 @@ from aiometer_redis._scripts import (
     Script,
     all_scripts,
     decode_acquire_reply,
+    decode_swap_reply,
     load_script,
     script_dir,
 )
@@ -176,6 +177,14 @@ class Limiter:
     async def release(self, now: int | None, *lease_ids: str) -> Any:
         """release.lua for a batch of leases: ``[released, granted]``."""
         return await self.call("release", now, *lease_ids)
+
+    async def swap(
+        self, now: int | None, releases: Sequence[str], *waiter_ids: str
+    ) -> tuple[int, list[str], list[list[int]]]:
+        """acquire.lua with release items ('-<lease id>') before the waiter items:
+        ``(released, own grants, entries)``."""
+        reply = await self.call("acquire", now, *(f"-{r}" for r in releases), *waiter_ids)
+        return decode_swap_reply(reply)
 
     async def renew(
         self, now: int | None, lease_ids: Sequence[str], waiter_ids: Sequence[str] = ()
@@ -720,6 +729,97 @@ async def test_batch_release_frees_several_and_hands_off_once_in_fifo(backend: B
             [],
         ]
         assert await lim.release(NOW + 3, "b:2", "b:3", "nobody:1") == [2, 0]
+
+
+@pytest.mark.anyio
+async def test_swap_gives_the_slot_to_the_new_acquisition_when_nobody_waits(
+    backend: Backend,
+) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=2)
+        assert await lim.acquire(NOW, "a:1", "a:2") == [[1, 1, 0], [1, 2, 0]]
+        assert await lim.swap(NOW + 1, ["a:1"], "a:3") == (1, [], [[1, 3, 0]])
+        status = await lim.status(NOW + 2)
+        assert status[1] == ["a:2", str(NOW + SECOND), "a:3", str(NOW + 1 + SECOND)]
+        assert status[2] == []
+        # Release items alone: what release.lua does, and no entries.
+        assert await lim.swap(NOW + 3, ["a:2", "a:3"]) == (2, [], [])
+        assert (await lim.status(NOW + 4))[1:3] == [[], []]
+
+
+@pytest.mark.anyio
+async def test_swap_hands_the_slot_to_the_oldest_waiter_of_another_process(
+    backend: Backend,
+) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "b:1") == [[0, 0]]
+        assert await lim.acquire(NOW, "a:2") == [[0, 1]]
+        # a:1's release frees the slot for b:1 (the oldest, posted to b's mailbox); a:3
+        # queues behind a:2.
+        assert await lim.swap(NOW + 1, ["a:1"], "a:3") == (1, [], [[0, 1]])
+        assert await lim.mailbox("b") == ["b:1|4|0"]
+        assert await lim.mailbox("a") == []
+        assert (await lim.status(NOW + 2))[2] == ["a:2", "3", "a:3", "5"]
+        # b swaps: a:2 (a's own waiter, not b's) is posted to a's mailbox.
+        assert await lim.swap(NOW + 3, ["b:1"], "b:2") == (1, [], [[0, 1]])
+        assert await lim.mailbox("a") == ["a:2|6|0"]
+        # a swaps with its own waiter at the head: the grant comes back in the reply and
+        # is not posted.
+        assert await lim.swap(NOW + 4, ["a:2"], "a:4") == (1, ["a:3|8|0"], [[0, 1]])
+        assert await lim.mailbox("a") == ["a:2|6|0"]
+        assert (await lim.status(NOW + 5))[1:3] == [
+            ["a:3", str(NOW + 4 + SECOND)],
+            ["b:2", "7", "a:4", "9"],
+        ]
+
+
+@pytest.mark.anyio
+async def test_swap_of_a_queued_waiter_granted_by_its_own_release(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "a:2") == [[0, 0]]
+        # A re-check of a:2 riding with a:1's release: the handoff grants it (returned as
+        # an own grant) and its entry shows the same grant.
+        assert await lim.swap(NOW + 1, ["a:1"], "a:2") == (1, ["a:2|3|0"], [[1, 3, 0]])
+        assert await lim.mailbox("a") == []
+
+
+@pytest.mark.anyio
+async def test_swap_of_an_unknown_or_expired_lease_frees_nothing(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
+        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW + 2 * SECOND, "b:1") == [[1, 2, 0]]
+        # a:1 expired (b:1 holds the slot); zz:9 was never held: a:2 queues.
+        assert await lim.swap(NOW + 2 * SECOND + 1, ["a:1", "zz:9"], "a:2") == (0, [], [[0, 0]])
+        assert (await lim.status(NOW + 2 * SECOND + 2))[1] == ["b:1", str(NOW + 3 * SECOND)]
+        # An id given twice counts once; a:2 is not the caller's (b's): posted.
+        assert await lim.swap(NOW + 2 * SECOND + 3, ["b:1", "b:1"]) == (1, [], [])
+        assert await lim.mailbox("a") == ["a:2|4|0"]
+
+
+@pytest.mark.anyio
+async def test_swap_on_a_rate_only_limiter(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0)
+        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        # Nothing is held: nothing is released; the waiter item is served as always.
+        assert await lim.swap(NOW + 1, ["a:1"], "a:2") == (0, [], [[1, 2, 99_999]])
+
+
+@pytest.mark.anyio
+async def test_malformed_release_items_are_refused_without_writes(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        before = await lim.status(NOW)
+        for items in (["-", "a:2"], ["-nocolon"], ["-a:1", "a:2", "-a:3"], ["a:2", "-a:1"]):
+            with pytest.raises(ErrorReply, match="ERR_ARG"):
+                await lim.call("acquire", NOW + 1, *items)
+        assert await lim.status(NOW) == before
 
 
 @pytest.mark.anyio
