@@ -89,7 +89,7 @@
 -- put in holders. recent and grants, when written, live until
 -- now + lease_ttl_us + key_ttl_ms: past the end of every memory they hold.
 --
--- Only the keys the call wrote get their TTL refreshed (see expire_written).
+-- TTLs: see "TTLs and purges" in lua/README.md (expire_written).
 -- Errors: 'ERR_ARG ...' for malformed arguments, and for a cost that no limit
 -- can ever admit (above burst units with a rate limit, or above the limit of a
 -- window counting cost); nothing is written.
@@ -324,16 +324,33 @@ for i = 1, count do
       replies[i] = {1, 0, 0}
     end
   else
-    held = held or redis.call('ZCARD', holders_key)
-    local rank = redis.call('ZRANK', queue_key, id)
-    local ahead = rank
-    if not rank then
-      queue_len = queue_len or redis.call('ZCARD', queue_key)
-      ahead = queue_len
+    queue_len = queue_len or redis.call('ZCARD', queue_key)
+    local rank = nil
+    -- Whether its liveness is written already.
+    local live = false
+    if queue_len > 0 then
+      -- waiters holds the ids of the queue, so adding its liveness only if
+      -- absent tells whether it is queued: no ZRANK for a new waiter (one that
+      -- is not left queued takes its liveness back below). Behind a queue as
+      -- long as max_at_once, a new waiter queues whatever is held: no ZCARD of
+      -- holders either.
+      if redis.call('ZADD', waiters_key, 'NX', int(now + lease_ttl), id) == 1 then
+        live = true
+      else
+        rank = redis.call('ZRANK', queue_key, id)
+      end
     end
+    local ahead = rank or queue_len
     local token, delay = nil, nil
-    if held + ahead < max_at_once then
+    if ahead < max_at_once then
+      held = held or redis.call('ZCARD', holders_key)
+    end
+    if ahead < max_at_once and held + ahead < max_at_once then
       token, delay = grant(id, now, max_delays[i], costs[i])
+      if live then
+        redis.call('ZREM', waiters_key, id)
+        live = false
+      end
       if token == nil then
         replies[i] = {2}
       elseif rank then
@@ -341,22 +358,31 @@ for i = 1, count do
         if #windows == 0 and costs[i] ~= UNIT then
           redis.call('HDEL', costs_key, id)  -- kept in its grants entry from now on
         end
-        if queue_len then
-          queue_len = queue_len - 1
-        end
+        queue_len = queue_len - 1
       end
     end
     if token then
+      if held == 0 then
+        created[holders_key], created[grants_key] = true, true
+      end
       held = held + 1
       replies[i] = {1, token, delay}
     elseif replies[i] == nil then
       if not rank then
         local ticket = redis.call('INCR', seq_key)
+        if ticket == 1 then
+          created[seq_key] = true
+        end
+        if queue_len == 0 then
+          created[queue_key], created[waiters_key] = true, true
+        end
         redis.call('ZADD', queue_key, int(ticket), id)
         queue_len = queue_len + 1
       end
-      redis.call('ZADD', waiters_key, int(now + lease_ttl), id)
-      wrote_queue = true
+      if not live then
+        redis.call('ZADD', waiters_key, int(now + lease_ttl), id)
+      end
+      wrote_expiry(now + lease_ttl)
       if costs[i] ~= UNIT then
         redis.call('HSET', costs_key, id, int(costs[i]))
         wrote_costs = true
