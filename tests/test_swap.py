@@ -258,7 +258,7 @@ async def test_a_caller_cancelled_during_its_swap_leaks_nothing(
                 await anyio.sleep(0.002)
         # The release happened, the grant the cancelled caller got was given back (or its
         # queue entry withdrawn): nothing held, nothing queued.
-        assert await held_and_queued(x) == (0, 0)
+        assert await held_and_queued(x, y) == (0, 0)
         assert x.is_idle()
 
 
