@@ -34,9 +34,13 @@ them readable, and move with whatever else the machine is doing.
    ``lua/*.lua``); *server us* is the redis-server time of those round trips (the ``usec`` of
    commandstats, which for EVALSHA includes the commands its script ran). All per task. The
    split per script comes from counting calls in each worker's client adapter (``acquire+rel``:
-   acquire calls that carried releases). Targets: separate <= 4 round trips per task and
-   never more than 3 at any fleet size (one acquire, one wake-up, one release); swap <= 1.5
-   round trips per task at both fleet sizes.
+   acquire calls that carried releases; ``releases only``: those of them with no acquisition).
+   Targets: separate <= 4 round trips per task and never more than 3 at any fleet size (one
+   acquire, one wake-up, one release); swap <= 1.5 round trips per task at both fleet sizes.
+   Then, in one process, the engine path: ``aiometer.run_on_each`` with ``limiter=`` a
+   ``max_at_once=4`` RedisLimiter, with a pool of 4 and 8 workers and without ``max_at_once``
+   (a task spawned per item), 2 ms tasks: script calls per task for both schemes (does a
+   finished task's release ride with the next task's acquisition?). Printed, not judged.
 3. Handoff latency. Two processes ping-pong the only slot of a ``max_at_once=1`` limiter,
    holding it 3 ms so the other is always queued: the holder records ``time.time()`` just
    before ``release()``, the waiter right after ``acquire()`` returns. Measured for both
@@ -81,6 +85,7 @@ import anyio
 import anyio.to_thread
 import redis.asyncio
 
+import aiometer
 from aiometer import Rate
 from aiometer_redis import RedisLimiter
 from aiometer_redis._client import ScriptArg
@@ -173,13 +178,20 @@ async def _throughput_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
 
 
 class _SwapCountingClient(_CountingClient):
-    """Counts acquire calls that carry release items ('-<lease id>') as "acquire+rel"."""
+    """Also counts the acquire calls that carry release items ('-<lease id>', after the
+    header, whose entries never start with '-'): "acquire+rel", and among them "releases
+    only" (no waiter item after them)."""
 
     async def run_script(
         self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]
     ) -> Any:
-        if script.name == "acquire" and any(str(a).startswith("-") for a in args):
-            self.calls["acquire+rel"] += 1
+        if script.name == "acquire":
+            items = [str(a) for a in args]
+            first = next((i for i, a in enumerate(items) if a.startswith("-")), None)
+            if first is not None:
+                self.calls["acquire+rel"] += 1
+                if all(a.startswith("-") for a in items[first:]):
+                    self.calls["releases only"] += 1
         return await super().run_script(script, keys, args)
 
 
@@ -359,6 +371,7 @@ async def _contention(
     script_columns = [
         "acquire",
         "acquire+rel",
+        "releases only",
         "release",
         "cancel",
         "renew",
@@ -475,6 +488,78 @@ async def _contention(
         f"The most for separate is {worst:.2f} round trips per task (bound "
         f"{_COMMANDS_BOUND_PER_TASK:g}) {_verdict(passed)}"
     )
+    measured.extend(await _engine_path(url))
+    return measured
+
+
+# The engine path: aiometer.run_on_each(task, items, max_at_once=..., limiter=RedisLimiter)
+# in this process, with a pool of workers and without max_at_once (one task spawned per item).
+_ENGINE_LIMITER_MAX_AT_ONCE = 4
+_ENGINE_POOLS = (4, 8, None)
+_ENGINE_ITEMS = 300
+_ENGINE_TASK_SECONDS = 0.002
+
+
+async def _engine_path(url: str) -> list[Result]:
+    """Script calls per task when the engine takes a RedisLimiter: does a finished task's
+    release ride with the next task's acquisition?"""
+    print(
+        f"\nThe engine path, one process: run_on_each over {_ENGINE_ITEMS} items of "
+        f"{_ENGINE_TASK_SECONDS * 1000:g} ms with limiter=RedisLimiter(max_at_once="
+        f"{_ENGINE_LIMITER_MAX_AT_ONCE}); script calls per task (releases only: calls that "
+        "carried no acquisition)\n"
+    )
+    rows: list[list[str]] = []
+    measured: list[Result] = []
+
+    async def task(_: int) -> None:
+        await anyio.sleep(_ENGINE_TASK_SECONDS)
+
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        for pool in _ENGINE_POOLS:
+            for scheme, swap in _SCHEMES:
+                adapter = _SwapCountingClient(client)
+                name = f"engine-{pool}-{scheme}"
+                limiter = RedisLimiter(adapter, name, max_at_once=_ENGINE_LIMITER_MAX_AT_ONCE)
+                async with limiter:
+                    limiter._swap = swap
+                    await aiometer.run_on_each(
+                        task, range(_ENGINE_ITEMS), max_at_once=pool, limiter=limiter
+                    )
+                calls = adapter.calls
+                swaps = calls["acquire+rel"]
+                alone = calls["releases only"]
+                per_task = {
+                    "acquire": (calls["acquire"] - swaps) / _ENGINE_ITEMS,
+                    "acquire+rel": (swaps - alone) / _ENGINE_ITEMS,
+                    "releases only": alone / _ENGINE_ITEMS,
+                    "release": calls["release"] / _ENGINE_ITEMS,
+                }
+                total = sum(per_task.values())
+                rows.append(
+                    [
+                        "none (a task per item)" if pool is None else str(pool),
+                        scheme,
+                        *(f"{value:.2f}" for value in per_task.values()),
+                        f"{total:.2f}",
+                    ]
+                )
+                measured.append(
+                    {"engine_max_at_once": pool, "scheme": f"engine, {scheme}", **per_task}
+                )
+    finally:
+        await client.aclose()
+    headers = [
+        "engine max_at_once",
+        "scheme",
+        "acquire",
+        "acquire+rel",
+        "releases only",
+        "release",
+        "calls/task",
+    ]
+    print(_table(headers, rows))
     return measured
 
 
