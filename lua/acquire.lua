@@ -57,7 +57,10 @@
 --               (the mailbox format), joined by ';', in grant order; '' if
 --               none. Grants to other processes are posted as always.
 --   entries     the string above, for the waiter items ('' if none)
--- Only clients that send release items read this shape.
+-- Only clients that send release items read this shape. A swap repeated after a
+-- lost reply releases nothing more (released counts 0) and does not return the
+-- own grants of the first run again: the caller's waiters find them by asking
+-- again (an id already granted gets its grant back, see above).
 --
 -- Rate only (max_at_once = 0) takes a fast path that keeps no lease: holders,
 -- queue and waiters are neither read nor written (nor purged). Every id is
