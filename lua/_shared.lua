@@ -107,9 +107,13 @@ end
 --               what the call writes comes within 3/4 of key_ttl_ms of it.
 --   next_purge  no expiry in holders or waiters is before it (written by this
 --               version): purge() does nothing before then.
-local BOOK_FIELDS = {'keys_until', 'next_purge'}
+--   costly      1 once a waiter with a cost other than one unit was queued:
+--               until then, a limiter without a rate or windows hands off
+--               without reading the queued waiters' costs (queued_costs).
+local BOOK_FIELDS = {'keys_until', 'next_purge', 'costly'}
 local keys_until = nil
 local next_purge = nil
+local costly = false
 -- What this call will store (flush_book writes the ones that changed).
 local new_keys_until = nil
 local new_next_purge = nil
@@ -126,6 +130,7 @@ local function apply_control(now)
   local c, any = read_control(BOOK_FIELDS)
   keys_until, next_purge = c.keys_until, c.next_purge
   new_keys_until, new_next_purge = keys_until, next_purge
+  costly = c.costly ~= nil
   control_used = any
   if not any then
     return
@@ -623,6 +628,28 @@ local function purge(now)
   end
 end
 
+-- Records that a waiter with a cost other than one unit is queued (its cost is
+-- in costs): from now on handoffs read the queued waiters' costs.
+local costly_written = false
+local function queued_costly()
+  costly_written = not costly
+  costly = true
+end
+
+-- The cost units of the queued waiters `ids` (as costs_of). A limiter without a
+-- rate or windows on which no costly waiter was ever queued (costly absent)
+-- does not read them: all are one unit.
+local function queued_costs(ids)
+  if interval > 0 or #windows > 0 or costly then
+    return costs_of(ids)
+  end
+  local out = {}
+  for i = 1, #ids do
+    out[i] = UNIT
+  end
+  return out
+end
+
 -- Takes queued waiters out of the queue (and out of waiters) before a grant.
 local function unqueue(ids)
   redis.call('ZREM', queue_key, unpack(ids))
@@ -710,7 +737,7 @@ local function handoff(now, own)
   end
   unqueue(heads)
   -- A queued waiter's cost was recorded when it queued.
-  local costs = costs_of(heads)
+  local costs = queued_costs(heads)
   local processes = {}
   local messages = {}
   for i, head in ipairs(heads) do
@@ -754,6 +781,11 @@ local function flush_book()
   if new_next_purge and new_next_purge ~= next_purge then
     fields[#fields + 1] = 'next_purge'
     fields[#fields + 1] = int(new_next_purge)
+  end
+  if costly_written then
+    fields[#fields + 1] = 'costly'
+    fields[#fields + 1] = '1'
+    costly_written = false
   end
   keys_until, next_purge = new_keys_until, new_next_purge
   if #fields > 0 then

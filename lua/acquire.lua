@@ -389,6 +389,7 @@ for i = 1, count do
       if costs[i] ~= UNIT then
         redis.call('HSET', costs_key, id, int(costs[i]))
         wrote_costs = true
+        queued_costly()
       end
       replies[i] = {0, ahead}
     end

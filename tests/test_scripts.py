@@ -988,6 +988,121 @@ async def test_only_the_keys_a_call_writes_get_their_ttl_refreshed(backend: Back
         assert await refreshed(rate, rate.acquire(NOW + 2, "p:2", "p:4")) == memory_keys
 
 
+DEL = Script.from_source("test_del", "return redis.call('DEL', KEYS[1])")
+BOOK = Script.from_source(
+    "test_book",
+    "return redis.call('HMGET', KEYS[1], 'keys_until', 'next_purge', 'costly')",
+)
+
+
+async def book(lim: Limiter) -> list[int | None]:
+    """The writers' bookkeeping in control: keys_until, next_purge, costly (None: absent)."""
+    values = await lim.client.run_script(BOOK, [lim.keys[9]], [])
+    return [None if v is None else int(v) for v in values]
+
+
+@pytest.mark.anyio
+async def test_purge_waits_for_the_first_expiry_and_shorter_leases_bring_it_forward(
+    backend: Backend,
+) -> None:
+    async with backend.open() as opened:
+        long = Limiter(opened.client, max_at_once=2, lease_ttl_us=10 * SECOND)
+        short = dataclasses.replace(long, lease_ttl_us=SECOND)
+        assert await long.acquire_one(NOW, "a:1") == [1, 1, 0]
+        # Nothing expires before a:1's lease (NOW + 10 s) ...
+        assert (await book(long))[1] == NOW + 10 * SECOND
+        # ... but a lease of 1 s, written later, does: next_purge follows it.
+        assert await short.acquire_one(NOW + 1, "b:1") == [1, 2, 0]
+        assert (await book(long))[1] == NOW + 1 + SECOND
+        assert await long.acquire_one(NOW + SECOND, "c:1") == [0, 0]
+        # At b:1's expiry it is purged (and the queue head takes its slot on acquire).
+        assert await long.acquire_one(NOW + 1 + SECOND, "c:1") == [1, 4, 0]
+        _, holders, _, _, _ = await long.status(NOW + 1 + SECOND)
+        assert sorted(holders[::2]) == ["a:1", "c:1"]
+        assert (await book(long))[1] == NOW + 10 * SECOND
+
+
+@pytest.mark.anyio
+async def test_without_bookkeeping_a_call_purges_and_refreshes(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        assert await lim.acquire_one(NOW, "a:1") == [1, 1, 0]
+        assert await lim.acquire_one(NOW, "b:1") == [0, 0]
+        # control lost (deleted, or expired before the other keys): the next call neither
+        # skips an expired lease nor leaves a key without the group's TTL.
+        await opened.client.run_script(DEL, [lim.keys[9]], [])
+        await lim.set_ttls(5_000)
+        # a:1's lease and b:1's liveness ended at NOW + 1 s: both are purged, b:1 is new.
+        assert await lim.acquire_one(NOW + SECOND, "b:1") == [1, 3, 0]
+        ttls = await lim.pttls()
+        assert ttls[lim.keys[1]] == ttls[lim.keys[2]] == -2  # nobody queued
+        for key in (lim.keys[0], lim.keys[4], lim.keys[5]):
+            assert 60_000 < ttls[key] <= 61_000, (key, ttls)  # b:1's lease + 60 s
+        keys_until, next_purge, costly = await book(lim)
+        assert keys_until == NOW + 2 * SECOND + 60 * SECOND
+        assert next_purge == NOW + 2 * SECOND
+        assert costly is None
+
+
+@pytest.mark.anyio
+async def test_every_key_outlives_what_it_holds_by_a_quarter_of_key_ttl(backend: Backend) -> None:
+    async with backend.open() as opened:
+        key_ttl_ms = 8_000
+        lim = Limiter(
+            opened.client,
+            max_at_once=2,
+            interval_us=50_000.0,
+            burst=2,
+            lease_ttl_us=2 * SECOND,
+            key_ttl_ms=key_ttl_ms,
+        )
+        rng = random.Random(16)
+        now = NOW
+        waiting: list[str] = []
+        holding: list[str] = []
+        for n in range(200):
+            now += rng.choice([1, 1_000, 100_000, 700_000])
+            pick = rng.random()
+            # No renew.lua nor cancel.lua: they refresh the whole group on every call.
+            if pick < 0.5:
+                reply = await lim.acquire_one(now, f"p{n % 3}:{n}")
+                (holding if reply[0] == 1 else waiting).append(f"p{n % 3}:{n}")
+            elif pick < 0.85 and holding:
+                await lim.release(now, holding.pop(rng.randrange(len(holding))))
+            elif holding:
+                await lim.swap(now, [holding.pop()], f"p9:{n}")
+            _, holders, queue, _, _ = await lim.status(now)
+            live = {*holders[::2], *queue}
+            holding = [i for i in holding if i in live]
+            waiting = [i for i in waiting if i in live]
+            # The latest expiry each key of the group holds, relative to now (ms).
+            raw = await lim.client.run_script(SNAPSHOT, lim.keys, [])
+            expiries = [int(float(v)) for v in [*raw[0][1::2], *raw[2][1::2]]] or [now]
+            needed_ms = (max(expiries) - now) / 1_000 + key_ttl_ms / 4
+            ttls = await lim.pttls()
+            for key in (*lim.keys[:3], lim.keys[4], lim.keys[5]):
+                if ttls[key] != -2:
+                    # PTTL runs on the server's clock: allow the time the test took since.
+                    assert ttls[key] >= needed_ms - 200, (n, key, ttls[key], needed_ms)
+
+
+@pytest.mark.anyio
+async def test_a_handoff_reads_queued_costs_only_once_a_costly_waiter_queued(
+    backend: Backend,
+) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        assert await lim.acquire_one(NOW, "a:1") == [1, 1, 0]
+        assert await lim.acquire_one(NOW, "b:1") == [0, 0]
+        assert (await book(lim))[2] is None
+        assert await lim.release(NOW, "a:1") == [1, 1]
+        assert await lim.acquire_one(NOW, "c:1*2500000") == [0, 0]
+        assert (await book(lim))[2] == 1
+        assert await lim.release(NOW, "b:1") == [1, 1]
+        # c:1 was granted with its cost, and its cost record moved to its grants entry.
+        assert (await lim.memories())[1]["c:1"] == f"5|{NOW}|2500000"
+
+
 @pytest.mark.anyio
 async def test_far_future_rate_reservation_keeps_its_key(backend: Backend) -> None:
     async with backend.open() as opened:
