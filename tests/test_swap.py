@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from helpers.tcp_proxy import Request, TcpProxy
 
 from aiometer_redis import RedisLimiter
 from aiometer_redis._client import ScriptArg
@@ -294,4 +295,48 @@ async def test_releasing_an_expired_lease_frees_nobody_elses_slot(connect: Any) 
             assert got == []
             await y_permit.release()
         assert got == ["x"]
+        assert await held_and_queued(x, y) == (0, 0)
+
+
+@pytest.mark.anyio
+@pytest.mark.backends("asyncio")  # redis-py: a cut connection is a failed attempt, retried
+async def test_a_lost_swap_reply_does_not_strand_a_grant_to_an_own_waiter(
+    connect: Any, server: RedisServer, name: str
+) -> None:
+    """The reply of a swap whose handoff granted this process's own waiter is lost (the
+    connection is cut after the script ran): the retry releases nothing more and returns no
+    grant, so the waiters ask again at once, well before their re-check (30 s here)."""
+    dropped: list[Request] = []
+
+    def first_swap(request: Request) -> bool:
+        is_script = request[0].upper() in (b"EVALSHA", b"EVAL")
+        if not dropped and is_script and any(a.startswith(b"-") for a in request[3:]):
+            dropped.append(request)
+            return True
+        return False
+
+    async with (
+        TcpProxy(server.port, drop=first_swap) as proxy,
+        connect(max_at_once=2) as y,
+        RedisLimiter.from_url(proxy.url, name, max_at_once=2, recheck_interval=30) as x,
+    ):
+        y_permit = await y.acquire()  # y keeps one of the two slots throughout
+        first = await x.acquire()
+        got = anyio.Event()
+
+        async def b() -> None:
+            async with x.slot():
+                got.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(b)
+            with anyio.fail_after(5):
+                while not (await y.statistics()).waiters:
+                    await anyio.sleep(0.002)
+            await first.release()  # goes alone: its handoff grants b, in the lost reply
+            with anyio.fail_after(5):
+                await got.wait()
+        assert dropped
+        assert len(proxy.dropped) == 1
+        await y_permit.release()
         assert await held_and_queued(x, y) == (0, 0)
