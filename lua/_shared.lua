@@ -714,6 +714,11 @@ local function process_of(id)
   return string.match(id, '^([^:]*):') or id
 end
 
+-- What the handoff of this call leaves, for the acquisitions that follow it in
+-- the same call: held = the number of holders (nil: no handoff ran), queued =
+-- 0 when it emptied the queue (nil: unknown).
+local handoff_left = {}
+
 -- Moves queue heads into free concurrency slots, in ticket order, and posts
 -- "<waiter id>|<token>|<delay_us>" to each new holder's process mailbox (one
 -- RPUSH per process, messages in grant order). Returns how many were granted,
@@ -728,13 +733,19 @@ local function handoff(now, own)
     created[holders_key], created[grants_key] = true, true
   end
   local free = math.min(max_at_once - held, 100)
+  handoff_left.held = held
   if free <= 0 then
     return 0
   end
   local heads = redis.call('ZRANGE', queue_key, 0, free - 1)
+  -- Fewer heads than free slots: the queue is empty now.
+  if #heads < free then
+    handoff_left.queued = 0
+  end
   if #heads == 0 then
     return 0
   end
+  handoff_left.held = held + #heads
   unqueue(heads)
   -- A queued waiter's cost was recorded when it queued.
   local costs = queued_costs(heads)

@@ -312,10 +312,11 @@ if #releases > 0 then
   local _, kept = handoff(now, process_of(releases[1]))
   own_grants = kept or {}
 end
--- ZCARD of holders and of the queue, read when first needed and then kept up
--- to date here as this call grants and queues.
-local held = nil
-local queue_len = nil
+-- ZCARD of holders and of the queue, known from the handoff of the release
+-- items or read when first needed, and then kept up to date here as this call
+-- grants and queues.
+local held = handoff_left.held
+local queue_len = handoff_left.queued
 
 for i = 1, count do
   local id = ids[i]

@@ -1792,6 +1792,25 @@ async def test_contended_acquire_and_release_refresh_only_what_they_write(
         assert message.startswith("c:1|")
 
 
+@pytest.mark.redis
+@pytest.mark.backends("asyncio")
+@pytest.mark.anyio
+async def test_a_swap_reads_the_number_of_holders_once(
+    anyio_backend: str, redis_url: str, probe: redis.Redis
+) -> None:
+    async with connected_client(redis_url) as client:
+        lim = Limiter(client, max_at_once=2, lease_ttl_us=30 * SECOND)
+        assert await lim.acquire(None, "a:1", "b:1", "c:1") == [[1, 1, 0], [1, 2, 0], [0, 0]]
+        # Two slots freed, one waiter queued: the handoff leaves one holder and an empty
+        # queue, and the waiter item of the same call is granted without reading either.
+        commands = await in_script_commands(probe, lim.swap(None, ["a:1", "b:1"], "a:2"))
+        assert [args[0] for args in commands].count("ZCARD") == 1
+        assert "ZRANK" not in [args[0] for args in commands]
+        _, holders, queue, _, _ = await lim.status(None)
+        assert sorted(holders[::2]) == ["a:2", "c:1"]
+        assert queue == []
+
+
 # -- the scripts as files ----------------------------------------------------------------
 
 
