@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 __all__ = ["Batcher"]
 
@@ -43,12 +44,40 @@ class Batcher:
     the entries it carries, and an entry still queued when its deadline passes leaves the
     queue and raises ``TimeoutError`` (nothing was sent for it). So no caller waits past its
     own deadline, however many calls were queued before it.
+
+    Items handed over with :meth:`post` (a release) are not waited for: they ride in front of
+    the entries of the next call, whoever sends it, and :meth:`flush_loop` (a background task)
+    sends them alone when no call takes them along within a few scheduler ticks. *run* gets
+    the posted items first and returns replies for the submitted ones only; when a call that
+    carried posted items fails, *lost* is told which (they may or may not have run).
     """
 
-    def __init__(self, run: Callable[[list[str], float], Awaitable[list[Any]]]) -> None:
+    def __init__(
+        self,
+        run: Callable[[list[str], float], Awaitable[list[Any]]],
+        lost: Callable[[list[str], BaseException], None] | None = None,
+    ) -> None:
         self._run = run
+        self._lost = lost
         self._queue: list[_Entry] = []
         self._busy = False
+        # Posted items not yet sent, with their deadlines; and how many are in a call in flight.
+        self._posted: list[tuple[str, float]] = []
+        self._posted_in_flight = 0
+        # Set when a posted item waits for the flusher; set when no call is in flight.
+        self._flush_needed = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    @property
+    def pending(self) -> int:
+        """Posted items not yet answered (queued or in a call in flight)."""
+        return len(self._posted) + self._posted_in_flight
+
+    def post(self, item: str, deadline: float) -> None:
+        """Send *item* with the next call, without waiting for it (see the class docstring)."""
+        self._posted.append((item, deadline))
+        self._flush_needed.set()
 
     async def submit(self, item: str, deadline: float) -> Any:
         """Send *item* in the next call, and return its part of the reply.
@@ -83,41 +112,83 @@ class Batcher:
                 if entry.reply is not _PENDING:
                     return entry.reply
             # Leading: either nobody was, or the previous leader handed over to us.
-            self._busy = True
-            try:
-                while entry.reply is _PENDING and entry.error is None:
-                    taken = 1
-                    size = len(self._queue[0].items)
-                    while taken < len(self._queue):
-                        size += len(self._queue[taken].items)
-                        if size > _MAX_BATCH:
-                            break
-                        taken += 1
-                    batch = self._queue[:taken]
-                    del self._queue[:taken]
-                    try:
-                        replies = await self._run(
-                            [item for e in batch for item in e.items],
-                            min(e.deadline for e in batch),
-                        )
-                        if len(replies) != sum(len(e.items) for e in batch):
-                            raise ValueError("a reply for each item was expected")
-                    except BaseException as exc:
-                        for e in batch:
-                            e.error = exc
-                            e.wake.set()
-                        raise
-                    at = 0
-                    for e in batch:
-                        e.reply = replies[at : at + len(e.items)]
-                        at += len(e.items)
-                        e.wake.set()
-            finally:
-                self._busy = False
-                if self._queue:
-                    self._busy = True
-                    self._queue[0].wake.set()
+            await self._lead(entry)
         return entry.reply
+
+    async def flush(self) -> None:
+        """Send the posted items now, and wait until no call is in flight. Shielded from
+        cancellation; raises what a call carrying them raised (after telling *lost*)."""
+        with anyio.CancelScope(shield=True):
+            while self._posted or self._busy:
+                if self._busy:
+                    await self._idle.wait()
+                else:
+                    await self._lead(None)
+
+    async def flush_loop(self, ticks: int = 3) -> None:
+        """Runs in the background: sends posted items that no call took along within *ticks*
+        scheduler ticks. Failures were reported to *lost*; the loop goes on."""
+        while True:
+            await self._flush_needed.wait()
+            for _ in range(ticks):
+                await anyio.lowlevel.checkpoint()
+            self._flush_needed = anyio.Event()
+            if self._posted and not self._busy:
+                try:
+                    await self.flush()
+                except Exception:
+                    if self._lost is None:
+                        raise
+
+    async def _lead(self, entry: _Entry | None) -> None:
+        """Send calls until *entry* is answered (None: one call for the posted items)."""
+        if not self._busy:
+            self._busy = True
+            self._idle = anyio.Event()
+        try:
+            while True:
+                # Whole entries, up to _MAX_BATCH items (an entry of more goes alone).
+                taken = size = 0
+                for queued in self._queue:
+                    size += len(queued.items)
+                    if taken and size > _MAX_BATCH:
+                        break
+                    taken += 1
+                batch = self._queue[:taken]
+                del self._queue[:taken]
+                posted = self._posted[:_MAX_BATCH]
+                del self._posted[:_MAX_BATCH]
+                deadlines = [e.deadline for e in batch] + [d for _, d in posted]
+                items = [i for i, _ in posted] + [i for e in batch for i in e.items]
+                self._posted_in_flight += len(posted)
+                try:
+                    replies = await self._run(items, min(deadlines))
+                    if len(replies) != sum(len(e.items) for e in batch):
+                        raise ValueError("a reply for each submitted item was expected")
+                except BaseException as exc:
+                    for e in batch:
+                        e.error = exc
+                        e.wake.set()
+                    if posted and self._lost is not None:
+                        self._lost([i for i, _ in posted], exc)
+                    raise
+                finally:
+                    self._posted_in_flight -= len(posted)
+                at = 0
+                for e in batch:
+                    e.reply = replies[at : at + len(e.items)]
+                    at += len(e.items)
+                    e.wake.set()
+                if entry is None or entry.reply is not _PENDING or entry.error is not None:
+                    break
+        finally:
+            if self._queue:
+                self._queue[0].wake.set()  # hands over: still busy
+            else:
+                self._busy = False
+                self._idle.set()
+                if self._posted:
+                    self._flush_needed.set()
 
 
 def _own_copy(error: BaseException) -> BaseException:

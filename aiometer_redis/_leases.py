@@ -14,6 +14,7 @@ ids left to withdraw, and the background loops that keep them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -90,6 +91,9 @@ class LeaseTable:
         self._withdrawing = False
         self._waiters_added = anyio.Event()
         self._releases = Batcher(self._release_many)
+        #: The limiter's acquire batcher when releases ride with acquisitions (swaps: a
+        #: release is posted, not awaited); None: each release awaits its own call.
+        self.swap_batcher: Batcher | None = None
 
     # -- what the limiter and its permits ask -----------------------------------------------------
 
@@ -125,8 +129,58 @@ class LeaseTable:
         del self.waiters[waiter_id]
 
     def is_idle(self) -> bool:
-        """True if nothing is held, awaited or left to withdraw."""
-        return not self.held and not self.waiters and not self.orphans
+        """True if nothing is held, awaited, left to release or left to withdraw."""
+        return (
+            not self.held
+            and not self.waiters
+            and not self.orphans
+            and not (self.swap_batcher is not None and self.swap_batcher.pending)
+        )
+
+    def post_release(self, lease: Lease) -> None:
+        """Give *lease* back with the next acquire call of this process (or alone, a few
+        scheduler ticks later, if none comes): see :class:`Batcher`. Not waited for; if the
+        call fails the lease is withdrawn later or expires within lease_ttl."""
+        assert self.swap_batcher is not None
+        self.held.pop(lease.lease_id, None)
+        self.swap_batcher.post(
+            f"-{lease.lease_id}", anyio.current_time() + self._config.retry_window
+        )
+
+    def releases_lost(self, items: list[str], error: BaseException) -> None:
+        """A call carrying posted releases (``-<lease id>`` items) failed: withdraw them
+        when Redis answers again."""
+        lease_ids = [item[1:] for item in items]
+        self.orphans.update(lease_ids)
+        logger.warning(
+            "limiter %r: could not release lease%s %s (%s); released when Redis answers "
+            "again, or expired within lease_ttl",
+            self.name,
+            "s" if len(lease_ids) > 1 else "",
+            ", ".join(lease_ids),
+            error,
+        )
+
+    async def flush_releases(self) -> None:
+        """Send the posted releases now (and wait for the call in flight, if any)."""
+        if self.swap_batcher is not None:
+            # A failure was reported (and the leases orphaned) by releases_lost.
+            with contextlib.suppress(RedisLimiterError, TimeoutError):
+                await self.swap_batcher.flush()
+
+    def recheck_waiters(self) -> None:
+        """Wake every waiter to ask Redis again (a grant may have been lost with a reply)."""
+        for waiter in self.waiters.values():
+            waiter.event.set()
+
+    def deliver(self, message: str) -> None:
+        """Hand a grant ``"<waiter id>|<token>|<delay_us>"`` (from the mailbox, or returned
+        by a swap) to its waiter, if it still waits."""
+        waiter_id, token, delay_us = message.split("|")
+        waiter = self.waiters.get(waiter_id)
+        if waiter is not None:
+            waiter.grant = (int(token), int(delay_us))
+            waiter.event.set()
 
     async def release(self, lease: Lease) -> None:
         """Give *lease* back in Redis (merged with the releases of other coroutines); if
@@ -235,10 +289,5 @@ class LeaseTable:
                 backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.05
-            if message is None:
-                continue
-            waiter_id, token, delay_us = message.split("|")
-            waiter = self.waiters.get(waiter_id)
-            if waiter is not None:
-                waiter.grant = (int(token), int(delay_us))
-                waiter.event.set()
+            if message is not None:
+                self.deliver(message)

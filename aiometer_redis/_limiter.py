@@ -12,7 +12,9 @@ Redis clock):
    ``cancel.lua``) hand a freed slot straight to the oldest ticket and push the grant to the
    owner's mailbox list, which one dispatcher task per limiter per process blocks on with
    BLPOP. As a fallback against a lost wake-up, a waiter re-runs ``acquire.lua`` (idempotent
-   for the same waiter id) after ``recheck_interval`` without news.
+   for the same waiter id) after ``recheck_interval`` without news. A release is not awaited:
+   it rides in front of the process's next ``acquire.lua`` call (a swap), whose handoff returns
+   the grants to this process's own waiters in its reply instead of through the mailbox.
 4. While tasks run, one renewal task per limiter per process extends all of the process's
    leases and queue entries in one call every ``lease_ttl / 3``. A process killed with
    SIGKILL stops renewing, so its slots come back within ``lease_ttl``.
@@ -62,7 +64,7 @@ from ._leases import LeaseTable
 from ._metrics import limiter_metrics
 from ._permit import RedisPermit
 from ._reserve import HORIZON, LATE, ReservePool, reserve_cap
-from ._scripts import Script, decode_acquire_reply, load_script
+from ._scripts import Script, decode_acquire_reply, decode_swap_reply, load_script
 from ._state import (
     Control,
     RedisLimiterStatistics,
@@ -242,6 +244,8 @@ class RedisLimiter:
         # the client library's error of its latest attempt.
         self._failing_since: float | None = None
         self._last_failure: BaseException | None = None
+        # Attempts of calls that failed on the client side (their call may have run).
+        self._failed_attempts = 0
         self._counter = itertools.count()
         max_at_once = config.max_at_once
         self._local = ConcurrencyLimiter(max_at_once) if max_at_once is not None else None
@@ -254,7 +258,10 @@ class RedisLimiter:
         self._metrics = self._leases.metrics = limiter_metrics(name, config.metrics, self._leases)
         if client is not None and self._metrics is not None:
             self._client = self._metrics.timed(client)
-        self._acquires = Batcher(self._acquire_many)
+        # One batcher carries the acquisitions and the releases of this process: a release is
+        # posted and rides with the next acquire call (a swap, see lua/README.md).
+        self._acquires = Batcher(self._acquire_many, self._leases.releases_lost)
+        self._leases.swap_batcher = self._acquires
         self._stack: AsyncExitStack | None = None
         # Rate reservations (rate only, max_per_second set): a call for a start of one unit
         # also reserves the next few starts of the fleet for this process's next acquisitions.
@@ -262,6 +269,17 @@ class RedisLimiter:
         self._reserving = config.max_at_once is None and cap > 1
         self._pool = ReservePool(cap)
         self._refill: anyio.Event | None = None  # set when the reservation in flight is answered
+
+    @property
+    def _swap(self) -> bool:
+        """Whether releases ride with acquisitions (the default). Set to False (before use) to
+        give each release a call of its own, awaited by ``release()`` (the previous scheme,
+        for side-by-side measurements)."""
+        return self._leases.swap_batcher is not None
+
+    @_swap.setter
+    def _swap(self, value: bool) -> None:
+        self._leases.swap_batcher = self._acquires if value else None
 
     def __repr__(self) -> str:
         config = self._config
@@ -326,6 +344,9 @@ class RedisLimiter:
         self._leases.open = False
         self._task_group = None
         if stack is not None:
+            # The releases still pending go now, while the client is open.
+            with anyio.CancelScope(shield=True):
+                await self._leases.flush_releases()
             await exit_unwrapped(lambda: stack.__aexit__(exc_type, exc, tb), exc)
 
     async def _own_client(
@@ -350,6 +371,16 @@ class RedisLimiter:
         if self._config.max_at_once is not None:
             assert self._client is not None
             task_group.start_soon(self._leases.dispatch_loop, self._client, self._mailbox)
+            task_group.start_soon(self._flush_loop)
+
+    async def _flush_loop(self) -> None:
+        # Sends the posted releases that no acquisition took along; stopped (a group closing,
+        # or the limiter left), it sends those still pending.
+        try:
+            await self._acquires.flush_loop()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._leases.flush_releases()
 
     def attach(self, task_group: anyio.abc.TaskGroup) -> anyio.CancelScope:
         """Open the limiter with its background tasks in *task_group*, instead of with
@@ -424,6 +455,7 @@ class RedisLimiter:
             except Unavailable as exc:
                 last = exc
                 self._last_failure = exc.__cause__ or exc
+                self._failed_attempts += 1
             except ErrorReply as exc:
                 raise translate_reply(self._name, script, exc) from exc.__cause__
             now = anyio.current_time()
@@ -838,7 +870,21 @@ class RedisLimiter:
             ) from self._last_failure
 
     async def _acquire_many(self, items: list[str], deadline: float) -> list[Any]:
-        return decode_acquire_reply(await self._call("acquire", *items, deadline=deadline))
+        failed_before = self._failed_attempts
+        reply = await self._call("acquire", *items, deadline=deadline)
+        if isinstance(reply, str):
+            return decode_acquire_reply(reply)
+        # A swap: release items went first. The handoff's grants to this process's own
+        # queued waiters come back here instead of through the mailbox.
+        _, grants, entries = decode_swap_reply(reply)
+        for message in grants:
+            self._leases.deliver(message)
+        if self._failed_attempts != failed_before:
+            # An attempt whose reply was lost may have run: the grants it returned are
+            # recorded in Redis only. Every waiter asks again now (acquire returns a grant
+            # already made) rather than at its next re-check.
+            self._leases.recheck_waiters()
+        return entries
 
     async def _take(
         self, waiter_id: str, start: float, deadline: float | None, units: int = UNIT
@@ -910,10 +956,13 @@ class RedisLimiter:
     # -- operator views ------------------------------------------------------------------------
 
     async def statistics(self) -> RedisLimiterStatistics:
-        """Read the limiter's state from Redis (holders, waiters, next start)."""
+        """Read the limiter's state from Redis (holders, waiters, next start). The releases
+        of this process still pending (see :meth:`RedisPermit.release`) are sent first."""
         client = self._client
         if client is None:
             raise RuntimeError("enter the limiter first: `async with RedisLimiter(...)`")
+        if self._leases.open:
+            await self._leases.flush_releases()
         config = self._config
         state = await read_state(client, self._keys, self._name, config.window_spec)
         control = state.control

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from aiometer import CostPermit, Permit
 
@@ -117,8 +118,11 @@ class RedisPermit:
     async def release(self) -> None:
         """Give the slot back (idempotent; completes even inside a cancelled scope).
 
-        If Redis cannot be reached the lease is left to expire within ``lease_ttl``. The
-        permit's rate reservation stays counted in its windows (it may still be settled).
+        The release is not waited for: it goes to Redis with this process's next acquisition
+        (one call for both), or alone a few scheduler ticks later; leaving the limiter sends
+        the releases still pending. If Redis cannot be reached the lease is given back when
+        it answers again, or expires within ``lease_ttl``. The permit's rate reservation
+        stays counted in its windows (it may still be settled).
         """
         if self._released:
             return
@@ -136,6 +140,13 @@ class RedisPermit:
                 await self._local.release()
             return
         with anyio.CancelScope(shield=True):
+            if leases.swap_batcher is not None:
+                leases.post_release(self._lease)
+                if self._local is not None:
+                    await self._local.release()
+                else:
+                    await anyio.lowlevel.checkpoint()
+                return
             try:
                 await leases.release(self._lease)
             finally:

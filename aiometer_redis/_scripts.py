@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 __all__ = [
     "PRELUDES",
@@ -23,6 +24,7 @@ __all__ = [
     "Script",
     "all_scripts",
     "decode_acquire_reply",
+    "decode_swap_reply",
     "load_script",
     "script_dir",
 ]
@@ -62,6 +64,18 @@ def decode_acquire_reply(reply: str) -> list[list[int]]:
     """acquire.lua's reply string as one list per waiter id: ``[1, token, delay_us]`` when
     granted, ``[0, ahead]`` when queued."""
     return [[int(field) for field in entry.split(",")] for entry in reply.split(";")]
+
+
+def decode_swap_reply(reply: list[Any]) -> tuple[int, list[str], list[list[int]]]:
+    """The reply of an acquire.lua call with release items: how many of them were held, the
+    grants handed off to the caller's own queued waiters (``"<waiter id>|<token>|<delay_us>"``,
+    as in a mailbox) and the entries of its waiter items (see :func:`decode_acquire_reply`)."""
+    released, grants, entries = reply
+    return (
+        int(released),
+        grants.split(";") if grants else [],
+        decode_acquire_reply(entries) if entries else [],
+    )
 
 
 @dataclass(frozen=True)

@@ -24,18 +24,31 @@ them readable, and move with whatever else the machine is doing.
    Targets: rate-only >= 0.8, concurrency-only >= 0.4 (two round trips per cycle).
 2. Redis commands per task under contention. 2 and 8 processes share one limiter with
    ``max_at_once=4``; each runs 8 workers doing 5 ms tasks inside ``limiter.slot()``, so most
-   acquisitions queue and are woken through the mailbox. ``INFO commandstats`` is read before
-   and after with a separate client. *Client commands* are what the limiter processes sent
-   (EVALSHA, EVAL, BLPOP, anything else except the benchmark's own INFO); *in-script commands*
-   are the ones the Lua scripts ran (the ``redis.call`` names found in ``lua/*.lua``), shown
-   for information. The split per script comes from counting calls in each worker's client
-   adapter. Targets: <= 4 client commands per task, and at most 10 % more with 8 processes
-   than with 2.
+   acquisitions queue and are woken through the mailbox. Each fleet size runs twice, side by
+   side: *separate* is the scheme without swaps (``limiter._swap = False``: ``release()``
+   awaits a release.lua call of its own) and *swap* the default one (a release rides with the
+   same process's next acquire.lua call, and grants to the caller's own waiters come back in
+   its reply instead of through the mailbox). ``INFO commandstats`` is read before and after
+   each run with a separate client. *Round trips* are the client commands the limiter
+   processes sent (EVALSHA, EVAL, BLPOP, anything else except the benchmark's own INFO);
+   *in-script commands* are the ones the Lua scripts ran (the ``redis.call`` names found in
+   ``lua/*.lua``); *server us* is the redis-server time of those round trips (the ``usec`` of
+   commandstats, which for EVALSHA includes the commands its script ran). All per task. The
+   split per script comes from counting calls in each worker's client adapter (``acquire+rel``:
+   acquire calls that carried releases; ``releases only``: those of them with no acquisition).
+   Targets: separate <= 4 round trips per task and never more than 3 at any fleet size (one
+   acquire, one wake-up, one release); swap <= 1.5 round trips per task at both fleet sizes.
+   Then, in one process, the engine path: ``aiometer.run_on_each`` with ``limiter=`` a
+   ``max_at_once=4`` RedisLimiter, with a pool of 4 and 8 workers and without ``max_at_once``
+   (a task spawned per item), 2 ms tasks: script calls per task for both schemes (does a
+   finished task's release ride with the next task's acquisition?). Printed, not judged.
 3. Handoff latency. Two processes ping-pong the only slot of a ``max_at_once=1`` limiter,
    holding it 3 ms so the other is always queued: the holder records ``time.time()`` just
-   before ``release()``, the waiter right after ``acquire()`` returns. The floor next to it is
-   the same ping-pong over raw RPUSH / BLPOP between the same two processes.
-   Target: p50 <= 2 ms.
+   before ``release()``, the waiter right after ``acquire()`` returns. Measured for both
+   schemes of section 2 (with swaps the holder's release rides with its next acquisition, and
+   the freed slot is posted to the other's mailbox). The floor next to it is the same
+   ping-pong over raw RPUSH / BLPOP between the same two processes.
+   Targets: p50 <= 2 ms, and the swap scheme's p50 at most 1.1x the separate one's (+0.05 ms).
 4. Costs and windows next to plain acquisitions. One process loops ``acquire(cost=c)`` +
    ``release()`` next to a PING loop, interleaved in rounds, with 16 coroutines (concurrent
    acquisitions share script calls) and again with 1 (one script call per acquisition, so the
@@ -86,8 +99,11 @@ import anyio
 import anyio.to_thread
 import redis.asyncio
 
+import aiometer
 from aiometer import Rate
 from aiometer_redis import RedisLimiter
+from aiometer_redis._client import ScriptArg
+from aiometer_redis._scripts import Script
 
 # Run as a script, this file's directory (bench/) is on sys.path, the repository root is not.
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
@@ -134,6 +150,9 @@ _CONTENTION_TASK_SECONDS = 0.005
 _HANDOFF_HOLD_SECONDS = 0.003
 _TARGET_RATIOS = {"rate-only": 0.8, "concurrency-only": 0.4}
 _TARGET_COMMANDS_PER_TASK = 4.0
+_TARGET_SWAP_ROUND_TRIPS_PER_TASK = 1.5
+# Sections 2 and 3 run each scheme: (label, the value of RedisLimiter._swap).
+_SCHEMES = (("separate", False), ("swap", True))
 # "Not growing with the fleet": every task costs at most one acquire call, one wake-up (BLPOP)
 # and one release call whatever the number of processes; batching merges some of them, more so
 # when fewer processes share the slots, so the measured count may rise towards this bound as
@@ -182,11 +201,30 @@ async def _throughput_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
     _stage_result(result)
 
 
+class _SwapCountingClient(_CountingClient):
+    """Also counts the acquire calls that carry release items ('-<lease id>', after the
+    header, whose entries never start with '-'): "acquire+rel", and among them "releases
+    only" (no waiter item after them)."""
+
+    async def run_script(
+        self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]
+    ) -> Any:
+        if script.name == "acquire":
+            items = [str(a) for a in args]
+            first = next((i for i, a in enumerate(items) if a.startswith("-")), None)
+            if first is not None:
+                self.calls["acquire+rel"] += 1
+                if all(a.startswith("-") for a in items[first:]):
+                    self.calls["releases only"] += 1
+        return await super().run_script(script, keys, args)
+
+
 async def _contention_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
-    adapter = _CountingClient(client)
+    adapter = _SwapCountingClient(client)
     task_seconds: float = spec["task_seconds"]
     todo = iter(range(spec["tasks"]))
     async with RedisLimiter(adapter, spec["name"], max_at_once=spec["max_at_once"]) as limiter:
+        limiter._swap = spec["swap"]
 
         async def work() -> None:
             for _ in todo:
@@ -255,21 +293,25 @@ async def _reserve_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
 
 
 async def _handoff_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
-    """Stage 1: ping-pong through the limiter. Stage 2: the same over raw RPUSH / BLPOP."""
+    """One stage per scheme: ping-pong through the limiter. Last stage: the same over raw
+    RPUSH / BLPOP."""
     role: int = spec["role"]
     rounds: int = spec["rounds"]
     await _open_connections(client, 3)
-    holds: list[tuple[float, float]] = []
-    async with RedisLimiter(client, spec["name"], max_at_once=1) as limiter:
-        await _stage_start()
-        for _ in range(rounds):
-            permit = await limiter.acquire()
-            acquired = time.time()
-            await anyio.sleep(_HANDOFF_HOLD_SECONDS)
-            released = time.time()
-            await permit.release()
-            holds.append((acquired, released))
-    _stage_result({"holds": holds})
+    for swap in spec["swaps"]:
+        holds: list[tuple[float, float]] = []
+        name = f"{spec['name']}:{'swap' if swap else 'separate'}"
+        async with RedisLimiter(client, name, max_at_once=1) as limiter:
+            limiter._swap = swap
+            await _stage_start()
+            for _ in range(rounds):
+                permit = await limiter.acquire()
+                acquired = time.time()
+                await anyio.sleep(_HANDOFF_HOLD_SECONDS)
+                released = time.time()
+                await permit.release()
+                holds.append((acquired, released))
+        _stage_result({"holds": holds})
 
     inbox, outbox = f"{spec['name']}:raw:{role}", f"{spec['name']}:raw:{1 - role}"
     latencies: list[float] = []
@@ -388,10 +430,13 @@ async def _contention(
     verdicts: list[_Verdict],
 ) -> list[Result]:
     _section(
-        f"2. Redis commands per task: max_at_once={_CONTENTION_MAX_AT_ONCE}, "
+        f"2. Redis round trips per task: max_at_once={_CONTENTION_MAX_AT_ONCE}, "
         f"{_CONTENTION_WORKERS} workers per process, {_CONTENTION_TASK_SECONDS * 1000:g} ms "
-        f"tasks, {settings.contention_tasks} tasks in all\n"
-        f"target: <= {_TARGET_COMMANDS_PER_TASK:g} client commands per task"
+        f"tasks, {settings.contention_tasks} tasks in all per run\n"
+        "separate: each release its own call (limiter._swap = False); swap: a release rides "
+        "with the next acquisition\n"
+        f"targets: separate <= {_TARGET_COMMANDS_PER_TASK:g} round trips per task; swap <= "
+        f"{_TARGET_SWAP_ROUND_TRIPS_PER_TASK:g}"
     )
     in_script = _script_command_names()
     measured: list[Result] = []
@@ -399,6 +444,8 @@ async def _contention(
     split_rows: list[list[str]] = []
     script_columns = [
         "acquire",
+        "acquire+rel",
+        "releases only",
         "release",
         "cancel",
         "renew",
@@ -406,94 +453,187 @@ async def _contention(
         "blpop (timed out)",
     ]
     for processes in _CONTENTION_PROCESSES:
-        tasks_each = settings.contention_tasks // processes
-        tasks = tasks_each * processes
-        spec = {
-            "kind": "contention",
-            "url": url,
-            "name": f"contention-{processes}",
-            "max_at_once": _CONTENTION_MAX_AT_ONCE,
-            "workers": _CONTENTION_WORKERS,
-            "tasks": tasks_each,
-            "task_seconds": _CONTENTION_TASK_SECONDS,
-        }
-        snapshot = _Snapshot(stats_client)
-        (results,) = await _run_stages(pool, [spec] * processes, before_start=snapshot)
-        delta = (await _CommandStats.read(stats_client) - snapshot.stats).calls
-        del delta["info"]  # the "before" snapshot itself
-        client_commands = {n: c for n, c in delta.items() if n not in in_script}
-        script_commands = {n: c for n, c in delta.items() if n in in_script}
-        client_per_task = sum(client_commands.values()) / tasks
-        script_per_task = sum(script_commands.values()) / tasks
-        seconds = max(result["seconds"] for result in results)
-        adapter_calls: Counter[str] = Counter()
-        for result in results:
-            adapter_calls.update(result["calls"])
-        passed = client_per_task <= _TARGET_COMMANDS_PER_TASK
-        verdicts.append(
-            _Verdict(
-                f"client commands per task, {processes} processes: "
-                f"<= {_TARGET_COMMANDS_PER_TASK:g}",
-                f"{client_per_task:.2f}",
-                passed,
-            )
-        )
-        rows.append(
-            [
-                str(processes),
-                str(tasks),
-                f"{tasks / seconds:,.0f}",
-                f"{client_per_task:.2f}",
-                _verdict(passed),
-                ", ".join(f"{n} {c / tasks:.2f}" for n, c in sorted(client_commands.items())),
-                f"{script_per_task:.1f}",
-            ]
-        )
-        split_rows.append(
-            [str(processes)] + [f"{adapter_calls[name] / tasks:.2f}" for name in script_columns]
-        )
-        measured.append(
-            {
-                "processes": processes,
-                "tasks": tasks,
-                "seconds": seconds,
-                "client_commands_per_task": client_per_task,
-                "in_script_commands_per_task": script_per_task,
-                "client_commands": client_commands,
-                "in_script_commands": script_commands,
-                "adapter_calls": dict(adapter_calls),
+        for scheme, swap in _SCHEMES:
+            tasks_each = settings.contention_tasks // processes
+            tasks = tasks_each * processes
+            spec = {
+                "kind": "contention",
+                "url": url,
+                "name": f"contention-{processes}-{scheme}",
+                "max_at_once": _CONTENTION_MAX_AT_ONCE,
+                "workers": _CONTENTION_WORKERS,
+                "tasks": tasks_each,
+                "task_seconds": _CONTENTION_TASK_SECONDS,
+                "swap": swap,
             }
-        )
+            snapshot = _Snapshot(stats_client)
+            (results,) = await _run_stages(pool, [spec] * processes, before_start=snapshot)
+            stats = await _CommandStats.read(stats_client) - snapshot.stats
+            delta = stats.calls
+            del delta["info"]  # the "before" snapshot itself
+            client_commands = {n: c for n, c in delta.items() if n not in in_script}
+            script_commands = {n: c for n, c in delta.items() if n in in_script}
+            client_per_task = sum(client_commands.values()) / tasks
+            script_per_task = sum(script_commands.values()) / tasks
+            server_us_per_task = sum(stats.usec[n] for n in client_commands) / tasks
+            seconds = max(result["seconds"] for result in results)
+            adapter_calls: Counter[str] = Counter()
+            for result in results:
+                adapter_calls.update(result["calls"])
+            target = _TARGET_SWAP_ROUND_TRIPS_PER_TASK if swap else _TARGET_COMMANDS_PER_TASK
+            passed = client_per_task <= target
+            verdicts.append(
+                _Verdict(
+                    f"round trips per task, {scheme}, {processes} processes: <= {target:g}",
+                    f"{client_per_task:.2f}",
+                    passed,
+                )
+            )
+            rows.append(
+                [
+                    str(processes),
+                    scheme,
+                    str(tasks),
+                    f"{tasks / seconds:,.0f}",
+                    f"{client_per_task:.2f}",
+                    _verdict(passed),
+                    ", ".join(f"{n} {c / tasks:.2f}" for n, c in sorted(client_commands.items())),
+                    f"{script_per_task:.1f}",
+                    f"{server_us_per_task:.0f}",
+                ]
+            )
+            split_rows.append(
+                [str(processes), scheme]
+                + [f"{adapter_calls[name] / tasks:.2f}" for name in script_columns]
+            )
+            measured.append(
+                {
+                    "processes": processes,
+                    "scheme": scheme,
+                    "tasks": tasks,
+                    "seconds": seconds,
+                    "client_commands_per_task": client_per_task,
+                    "in_script_commands_per_task": script_per_task,
+                    "server_usec_per_task": server_us_per_task,
+                    "client_commands": client_commands,
+                    "in_script_commands": script_commands,
+                    "adapter_calls": dict(adapter_calls),
+                }
+            )
     headers = [
         "processes",
+        "scheme",
         "tasks",
         "tasks/s",
-        "client cmds/task",
+        "round trips/task",
         "result",
         "client commands by name",
         "in-script cmds/task",
+        "server us/task",
     ]
     print(_table(headers, rows))
     print("\nCalls per task counted in the workers' client adapter:\n")
-    print(_table(["processes", *script_columns], split_rows))
-    first, last = measured[0], measured[-1]
-    growth = last["client_commands_per_task"] / first["client_commands_per_task"]
-    worst = max(result["client_commands_per_task"] for result in measured)
+    print(_table(["processes", "scheme", *script_columns], split_rows))
+    separate = [r for r in measured if r["scheme"] == "separate"]
+    worst = max(result["client_commands_per_task"] for result in separate)
     passed = worst <= _COMMANDS_BOUND_PER_TASK + 0.05
     verdicts.append(
         _Verdict(
-            f"client commands per task, {first['processes']} to {last['processes']} processes: "
-            f"<= {_COMMANDS_BOUND_PER_TASK:g} (one acquire, one wake-up, one release) at every "
-            f"fleet size",
+            f"round trips per task, separate, {separate[0]['processes']} to "
+            f"{separate[-1]['processes']} processes: <= {_COMMANDS_BOUND_PER_TASK:g} (one "
+            "acquire, one wake-up, one release) at every fleet size",
             f"{worst:.2f}",
             passed,
         )
     )
+    for processes in _CONTENTION_PROCESSES:
+        old, new = (
+            next(r for r in measured if r["processes"] == processes and r["scheme"] == scheme)
+            for scheme, _ in _SCHEMES
+        )
+        print(
+            f"\n{processes} processes, swap vs separate: round trips per task "
+            f"{new['client_commands_per_task']:.2f} vs {old['client_commands_per_task']:.2f}, "
+            f"in-script commands {new['in_script_commands_per_task']:.1f} vs "
+            f"{old['in_script_commands_per_task']:.1f}, server us "
+            f"{new['server_usec_per_task']:.0f} vs {old['server_usec_per_task']:.0f}"
+        )
     print(
-        f"\nFrom {first['processes']} to {last['processes']} processes: {growth:.2f}x; the most "
-        f"is {worst:.2f} commands per task (bound {_COMMANDS_BOUND_PER_TASK:g}: batching saves "
-        f"less when fewer slots per process are free at once) {_verdict(passed)}"
+        f"The most for separate is {worst:.2f} round trips per task (bound "
+        f"{_COMMANDS_BOUND_PER_TASK:g}) {_verdict(passed)}"
     )
+    measured.extend(await _engine_path(url))
+    return measured
+
+
+# The engine path: aiometer.run_on_each(task, items, max_at_once=..., limiter=RedisLimiter)
+# in this process, with a pool of workers and without max_at_once (one task spawned per item).
+_ENGINE_LIMITER_MAX_AT_ONCE = 4
+_ENGINE_POOLS = (4, 8, None)
+_ENGINE_ITEMS = 300
+_ENGINE_TASK_SECONDS = 0.002
+
+
+async def _engine_path(url: str) -> list[Result]:
+    """Script calls per task when the engine takes a RedisLimiter: does a finished task's
+    release ride with the next task's acquisition?"""
+    print(
+        f"\nThe engine path, one process: run_on_each over {_ENGINE_ITEMS} items of "
+        f"{_ENGINE_TASK_SECONDS * 1000:g} ms with limiter=RedisLimiter(max_at_once="
+        f"{_ENGINE_LIMITER_MAX_AT_ONCE}); script calls per task (releases only: calls that "
+        "carried no acquisition)\n"
+    )
+    rows: list[list[str]] = []
+    measured: list[Result] = []
+
+    async def task(_: int) -> None:
+        await anyio.sleep(_ENGINE_TASK_SECONDS)
+
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        for pool in _ENGINE_POOLS:
+            for scheme, swap in _SCHEMES:
+                adapter = _SwapCountingClient(client)
+                name = f"engine-{pool}-{scheme}"
+                limiter = RedisLimiter(adapter, name, max_at_once=_ENGINE_LIMITER_MAX_AT_ONCE)
+                async with limiter:
+                    limiter._swap = swap
+                    await aiometer.run_on_each(
+                        task, range(_ENGINE_ITEMS), max_at_once=pool, limiter=limiter
+                    )
+                calls = adapter.calls
+                swaps = calls["acquire+rel"]
+                alone = calls["releases only"]
+                per_task = {
+                    "acquire": (calls["acquire"] - swaps) / _ENGINE_ITEMS,
+                    "acquire+rel": (swaps - alone) / _ENGINE_ITEMS,
+                    "releases only": alone / _ENGINE_ITEMS,
+                    "release": calls["release"] / _ENGINE_ITEMS,
+                }
+                total = sum(per_task.values())
+                rows.append(
+                    [
+                        "none (a task per item)" if pool is None else str(pool),
+                        scheme,
+                        *(f"{value:.2f}" for value in per_task.values()),
+                        f"{total:.2f}",
+                    ]
+                )
+                measured.append(
+                    {"engine_max_at_once": pool, "scheme": f"engine, {scheme}", **per_task}
+                )
+    finally:
+        await client.aclose()
+    headers = [
+        "engine max_at_once",
+        "scheme",
+        "acquire",
+        "acquire+rel",
+        "releases only",
+        "release",
+        "calls/task",
+    ]
+    print(_table(headers, rows))
     return measured
 
 
@@ -510,29 +650,40 @@ def _latency_summary(samples: Sequence[float]) -> Result:
 async def _handoff(pool: _Pool, url: str, settings: _Settings, verdicts: list[_Verdict]) -> Result:
     _section(
         "3. Release-to-start handoff between two processes "
-        f"(max_at_once=1, slot held {_HANDOFF_HOLD_SECONDS * 1000:g} ms)"
+        f"(max_at_once=1, slot held {_HANDOFF_HOLD_SECONDS * 1000:g} ms), for each scheme"
     )
     rounds = settings.handoff_rounds
+    swaps = [swap for _, swap in _SCHEMES]
     specs = [
-        {"kind": "handoff", "url": url, "name": "handoff", "role": role, "rounds": rounds}
+        {
+            "kind": "handoff",
+            "url": url,
+            "name": "handoff",
+            "role": role,
+            "rounds": rounds,
+            "swaps": swaps,
+        }
         for role in (0, 1)
     ]
-    limiter_results, raw_results = await _run_stages(pool, specs, stages=2)
-    holds = sorted(
-        (acquired, released, role)
-        for role, result in enumerate(limiter_results)
-        for acquired, released in result["holds"]
-    )
-    # A handoff is a hold that follows one of the other process; the last holds of the
-    # process that finishes second follow its own and are not handoffs.
-    handoffs = [
-        later[0] - earlier[1]
-        for earlier, later in itertools.pairwise(holds)
-        if earlier[2] != later[2]
-    ]
-    overlaps = sum(1 for latency in handoffs if latency < 0)
+    *limiter_stages, raw_results = await _run_stages(pool, specs, stages=len(swaps) + 1)
+    summaries: dict[str, Result] = {}
+    overlaps: dict[str, int] = {}
+    for (scheme, _), limiter_results in zip(_SCHEMES, limiter_stages, strict=True):
+        holds = sorted(
+            (acquired, released, role)
+            for role, result in enumerate(limiter_results)
+            for acquired, released in result["holds"]
+        )
+        # A handoff is a hold that follows one of the other process; the last holds of the
+        # process that finishes second follow its own and are not handoffs.
+        handoffs = [
+            later[0] - earlier[1]
+            for earlier, later in itertools.pairwise(holds)
+            if earlier[2] != later[2]
+        ]
+        overlaps[scheme] = sum(1 for latency in handoffs if latency < 0)
+        summaries[scheme] = _latency_summary(handoffs)
     raw = [latency for result in raw_results for latency in result["latencies"]]
-    limiter_summary = _latency_summary(handoffs)
     raw_summary = _latency_summary(raw)
     rows = [
         [
@@ -543,29 +694,38 @@ async def _handoff(pool: _Pool, url: str, settings: _Settings, verdicts: list[_V
             f"{summary['max_ms']:.3f}",
         ]
         for label, summary in (
-            ("RedisLimiter: release() -> acquire() returns", limiter_summary),
+            *(
+                (f"RedisLimiter ({scheme}): release() -> acquire() returns", summaries[scheme])
+                for scheme, _ in _SCHEMES
+            ),
             ("floor: RPUSH -> BLPOP returns", raw_summary),
         )
     ]
     print(_table(["handoff", "samples", "p50 ms", "p99 ms", "max ms"], rows))
-    ratio = limiter_summary["p50_ms"] / raw_summary["p50_ms"]
-    passed = limiter_summary["p50_ms"] <= _TARGET_HANDOFF_P50_MS
+    old, new = summaries["separate"]["p50_ms"], summaries["swap"]["p50_ms"]
+    passed = new <= _TARGET_HANDOFF_P50_MS
+    not_worse = new <= old * 1.1 + 0.05
     print(
-        f"\np50 vs floor: {ratio:.1f}x; overlapping holds (must be 0): {overlaps}; "
-        f"p50 target <= {_TARGET_HANDOFF_P50_MS:g} ms {_verdict(passed)}"
+        f"\nswap p50 vs floor: {new / raw_summary['p50_ms']:.1f}x, vs separate: "
+        f"{new / old:.2f}x {_verdict(not_worse)}; overlapping holds (must be 0): "
+        f"{sum(overlaps.values())}; p50 target <= {_TARGET_HANDOFF_P50_MS:g} ms {_verdict(passed)}"
+    )
+    verdicts.append(
+        _Verdict(f"handoff p50 (swap) <= {_TARGET_HANDOFF_P50_MS:g} ms", f"{new:.3f} ms", passed)
     )
     verdicts.append(
         _Verdict(
-            f"handoff p50 <= {_TARGET_HANDOFF_P50_MS:g} ms",
-            f"{limiter_summary['p50_ms']:.3f} ms",
-            passed,
+            "handoff p50, swap vs separate: <= 1.1x (+0.05 ms)",
+            f"{new:.3f} vs {old:.3f} ms",
+            not_worse,
         )
     )
     return {
-        "limiter": limiter_summary,
+        "limiter": summaries["swap"],
+        "limiter_by_scheme": summaries,
         "raw_floor": raw_summary,
-        "p50_vs_floor": ratio,
-        "overlapping_holds": overlaps,
+        "p50_vs_floor": new / raw_summary["p50_ms"],
+        "overlapping_holds": sum(overlaps.values()),
     }
 
 

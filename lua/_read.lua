@@ -67,18 +67,27 @@ end
 local CONTROL_FIELDS = {'paused_until', 'max_at_once', 'interval_us', 'adaptive', 'keep_until'}
 
 -- control's fields as a table (absent fields are nil; numbers as numbers but
--- 'adaptive', kept as its text), and whether the key holds any of them.
-local function read_control()
+-- 'adaptive', kept as its text), and whether the key holds any of them. The
+-- fields named in `extra` (numbers; the writers' bookkeeping, see _shared.lua)
+-- are read by the same HMGET and do not count in `any`.
+local function read_control(extra)
   local c = {}
   local any = false
   if not control_key then
     return c, false
   end
-  local values = redis.call('HMGET', control_key, unpack(CONTROL_FIELDS))
-  for i, field in ipairs(CONTROL_FIELDS) do
+  local fields = CONTROL_FIELDS
+  if extra then
+    fields = {unpack(CONTROL_FIELDS)}
+    for _, field in ipairs(extra) do
+      fields[#fields + 1] = field
+    end
+  end
+  local values = redis.call('HMGET', control_key, unpack(fields))
+  for i, field in ipairs(fields) do
     local v = values[i]
     if v then
-      any = true
+      any = any or i <= #CONTROL_FIELDS
       if field == 'adaptive' then
         c[field] = v
       else

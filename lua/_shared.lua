@@ -97,6 +97,29 @@ local function ttl_until(until_us, now)
   return math.max(key_ttl_ms, math.ceil((until_us - now) / 1000) + key_ttl_ms)
 end
 
+-- The writers' bookkeeping, kept in control next to its fields and read by the
+-- same HMGET (see lua/README.md: "TTLs and purges"). Numbers in microseconds;
+-- nil when absent (control expired, deleted, or never written): then the call
+-- purges and refreshes as if they were due.
+--   keys_until  the expiry the group holders, grants, queue, waiters and seq
+--               was last given (refresh_group); a key of the group this call
+--               creates gets it, and the group is given a later one only when
+--               what the call writes comes within 3/4 of key_ttl_ms of it.
+--   next_purge  no expiry in holders or waiters is before it (written by this
+--               version): purge() does nothing before then.
+--   costly      1 once a waiter with a cost other than one unit was queued:
+--               until then, a limiter without a rate or windows hands off
+--               without reading the queued waiters' costs (queued_costs).
+local BOOK_FIELDS = {'keys_until', 'next_purge', 'costly'}
+local keys_until = nil
+local next_purge = nil
+local costly = false
+-- What this call will store (flush_book writes the ones that changed).
+local new_keys_until = nil
+local new_next_purge = nil
+-- Whether control holds any of its own fields (apply_control then set its TTL).
+local control_used = false
+
 -- Reads control (one HMGET) and applies it to this call: a limit set at run time
 -- replaces the caller's (only a limit the caller has: max_at_once > 0, interval
 -- > 0, so a rate-only caller stays rate-only); an adaptive caller's interval is
@@ -104,7 +127,11 @@ end
 -- in use gets its TTL refreshed (until its pause end or keep_until, and
 -- key_ttl_ms after): it lives while the limiter is used.
 local function apply_control(now)
-  local c, any = read_control()
+  local c, any = read_control(BOOK_FIELDS)
+  keys_until, next_purge = c.keys_until, c.next_purge
+  new_keys_until, new_next_purge = keys_until, next_purge
+  costly = c.costly ~= nil
+  control_used = any
   if not any then
     return
   end
@@ -142,13 +169,22 @@ local function call_in_slices(command, key, list, first, per)
   return total
 end
 
--- What this call added to holders (and grants), to the queue or waiters, and
--- to seq: expire_written refreshes the TTL of exactly those keys. Removing
--- members is not recorded: it never makes a key need to live longer than the
--- TTL it was given when the members were written.
-local wrote_holders = false
-local wrote_queue = false
-local wrote_seq = false
+-- Removing members is not recorded: it never makes a key need to live longer
+-- than the TTL it was given when the members were written.
+-- The latest expiry (lease or waiter liveness, microseconds) this call wrote to
+-- holders or waiters (nil: none), and the keys of the group it created (found
+-- empty before it wrote to them): see expire_written.
+local wrote_until = nil
+local created = {}
+
+-- Records that this call wrote the expiry `expiry` to holders or waiters: the
+-- group's TTL must cover it, and next_purge must not be after it.
+local function wrote_expiry(expiry)
+  wrote_until = math.max(wrote_until or expiry, expiry)
+  if new_next_purge and expiry < new_next_purge then
+    new_next_purge = expiry
+  end
+end
 
 -- The GCRA state is read at most once per call, kept here while the call
 -- reserves slots, and written back once, with its TTL, by flush_tat.
@@ -547,25 +583,71 @@ end
 
 -- Removes at most 100 members of the ZSET `key` whose score (an expiry) is
 -- <= now, and the same ids from `other` with `other_command` (HDEL or ZREM), so
--- one call never does unbounded work; the rest go in later calls.
+-- one call never does unbounded work; the rest go in later calls. Returns the
+-- ids removed.
 local function drop_ended(key, other, other_command, now)
   local ended = redis.call('ZRANGEBYSCORE', key, '-inf', int(now), 'LIMIT', 0, 100)
   if #ended > 0 then
     redis.call('ZREM', key, unpack(ended))
     redis.call(other_command, other, unpack(ended))
   end
+  return ended
 end
 
--- Drops expired leases (and their grants) and dead waiters (and their tickets).
+-- The earliest expiry (score) in the ZSET `key` when it is before `bound`,
+-- else bound.
+local function earliest_expiry(key, bound)
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if #first == 2 then
+    return math.min(bound, tonumber(first[2]))
+  end
+  return bound
+end
+
+-- Drops expired leases (and their grants) and dead waiters (and their tickets),
+-- once next_purge is reached (before it, nothing has expired): then the
+-- earliest expiry left, at most now + lease_ttl (what any later grant or queued
+-- waiter of the same lease TTL expires after), is the next next_purge.
 local function purge(now)
-  drop_ended(holders_key, grants_key, 'HDEL', now)
+  if next_purge and now < next_purge then
+    return
+  end
+  local full = #drop_ended(holders_key, grants_key, 'HDEL', now) == 100
   local ended = redis.call('ZRANGEBYSCORE', waiters_key, '-inf', int(now), 'LIMIT', 0, 100)
   if #ended > 0 then
     redis.call('ZREM', waiters_key, unpack(ended))
     redis.call('ZREM', queue_key, unpack(ended))
     -- A dead waiter's cost record (kept while it waited) goes with it.
     redis.call('HDEL', costs_key, unpack(ended))
+    full = full or #ended == 100
   end
+  if full then
+    new_next_purge = now  -- more ended than one call drops: the next call goes on
+  else
+    new_next_purge = earliest_expiry(waiters_key, earliest_expiry(holders_key, now + lease_ttl))
+  end
+end
+
+-- Records that a waiter with a cost other than one unit is queued (its cost is
+-- in costs): from now on handoffs read the queued waiters' costs.
+local costly_written = false
+local function queued_costly()
+  costly_written = not costly
+  costly = true
+end
+
+-- The cost units of the queued waiters `ids` (as costs_of). A limiter without a
+-- rate or windows on which no costly waiter was ever queued (costly absent)
+-- does not read them: all are one unit.
+local function queued_costs(ids)
+  if interval > 0 or #windows > 0 or costly then
+    return costs_of(ids)
+  end
+  local out = {}
+  for i = 1, #ids do
+    out[i] = UNIT
+  end
+  return out
 end
 
 -- Takes queued waiters out of the queue (and out of waiters) before a grant.
@@ -618,11 +700,13 @@ local function grant(id, now, max_delay, cost)
     end
   end
   local token = redis.call('INCR', seq_key)
-  wrote_seq = true
   local start_at = now + delay
   redis.call('ZADD', holders_key, int(start_at + lease_ttl), id)
   redis.call('HSET', grants_key, id, grant_entry(token, start_at, cost))
-  wrote_holders = true
+  wrote_expiry(start_at + lease_ttl)
+  if token == 1 then
+    created[seq_key] = true
+  end
   return token, delay
 end
 
@@ -630,24 +714,41 @@ local function process_of(id)
   return string.match(id, '^([^:]*):') or id
 end
 
+-- What the handoff of this call leaves, for the acquisitions that follow it in
+-- the same call: held = the number of holders (nil: no handoff ran), queued =
+-- 0 when it emptied the queue (nil: unknown).
+local handoff_left = {}
+
 -- Moves queue heads into free concurrency slots, in ticket order, and posts
 -- "<waiter id>|<token>|<delay_us>" to each new holder's process mailbox (one
--- RPUSH per process, messages in grant order). Returns how many were granted.
-local function handoff(now)
+-- RPUSH per process, messages in grant order). Returns how many were granted,
+-- and the messages of process `own` (nil: none is), which are returned to the
+-- caller instead of posted: a list, empty when none.
+local function handoff(now, own)
   if max_at_once <= 0 then
     return 0
   end
-  local free = math.min(max_at_once - redis.call('ZCARD', holders_key), 100)
+  local held = redis.call('ZCARD', holders_key)
+  if held == 0 then
+    created[holders_key], created[grants_key] = true, true
+  end
+  local free = math.min(max_at_once - held, 100)
+  handoff_left.held = held
   if free <= 0 then
     return 0
   end
   local heads = redis.call('ZRANGE', queue_key, 0, free - 1)
+  -- Fewer heads than free slots: the queue is empty now.
+  if #heads < free then
+    handoff_left.queued = 0
+  end
   if #heads == 0 then
     return 0
   end
+  handoff_left.held = held + #heads
   unqueue(heads)
   -- A queued waiter's cost was recorded when it queued.
-  local costs = costs_of(heads)
+  local costs = queued_costs(heads)
   local processes = {}
   local messages = {}
   for i, head in ipairs(heads) do
@@ -663,45 +764,90 @@ local function handoff(now)
     local box = messages[process]
     box[#box + 1] = head .. '|' .. int(token) .. '|' .. int(delay)
   end
+  local kept = {}
   for _, process in ipairs(processes) do
-    local mailbox = mailbox_prefix .. process
-    redis.call('RPUSH', mailbox, unpack(messages[process]))
-    redis.call('PEXPIRE', mailbox, int(key_ttl_ms))
+    if process == own then
+      kept = messages[process]
+    else
+      local mailbox = mailbox_prefix .. process
+      redis.call('RPUSH', mailbox, unpack(messages[process]))
+      redis.call('PEXPIRE', mailbox, int(key_ttl_ms))
+    end
   end
-  return #heads
-end
-
--- holders and grants live until the last lease's expiry plus key_ttl_ms.
-local function expire_holders(now)
-  local last = redis.call('ZRANGE', holders_key, -1, -1, 'WITHSCORES')
-  local holders_ttl = key_ttl_ms
-  if #last == 2 then
-    holders_ttl = ttl_until(tonumber(last[2]), now)
-  end
-  redis.call('PEXPIRE', holders_key, int(holders_ttl))
-  redis.call('PEXPIRE', grants_key, int(holders_ttl))
+  return #heads, kept
 end
 
 -- Every key gets a TTL so an abandoned limiter disappears. Leases and the GCRA
 -- state may point into the future; those keys live until then plus key_ttl_ms.
---
--- expire_written refreshes only what this call added to; a key it did not add
--- to is absent or kept the TTL it got when it was written. queue and waiters
--- are refreshed together (a waiter's liveness must not outlive its ticket), and
--- with them seq (whose counter must outlive the tickets it handed out).
+
+-- Writes the bookkeeping that changed to control. control gets a TTL of
+-- key_ttl_ms unless it holds fields of its own (apply_control gave it its
+-- TTL); losing the bookkeeping only makes the next call purge and refresh.
+local function flush_book()
+  local fields = {}
+  if new_keys_until and new_keys_until ~= keys_until then
+    fields[#fields + 1] = 'keys_until'
+    fields[#fields + 1] = int(new_keys_until)
+  end
+  if new_next_purge and new_next_purge ~= next_purge then
+    fields[#fields + 1] = 'next_purge'
+    fields[#fields + 1] = int(new_next_purge)
+  end
+  if costly_written then
+    fields[#fields + 1] = 'costly'
+    fields[#fields + 1] = '1'
+    costly_written = false
+  end
+  keys_until, next_purge = new_keys_until, new_next_purge
+  if #fields > 0 then
+    redis.call('HSET', control_key, unpack(fields))
+    if not control_used then
+      redis.call('PEXPIRE', control_key, int(key_ttl_ms))
+    end
+  end
+end
+
+-- The keys of the group whose TTL refresh_group sets together.
+local GROUP = {holders_key, grants_key, queue_key, waiters_key, seq_key}
+
+-- Gives every key of the group the TTL until the latest lease in holders (or
+-- `latest_written`, if later) plus key_ttl_ms, and records it in keys_until.
+local function refresh_group(now, latest_written)
+  local last = redis.call('ZRANGE', holders_key, -1, -1, 'WITHSCORES')
+  local horizon = math.max(now, latest_written)
+  if #last == 2 then
+    horizon = math.max(horizon, tonumber(last[2]))
+  end
+  local ttl = ttl_until(horizon, now)
+  for _, key in ipairs(GROUP) do
+    redis.call('PEXPIRE', key, int(ttl))
+  end
+  new_keys_until = now + ttl * 1000
+end
+
+-- expire_written refreshes the group's TTLs only when they may no longer cover
+-- what this call wrote with a margin: keys_until is absent or less than 3/4 of
+-- key_ttl_ms after the latest expiry written (so once per quarter of
+-- key_ttl_ms while the limiter is used). Otherwise only a key of the group this
+-- call created (it had no TTL) is given keys_until. A key the call did not
+-- write is absent or kept the TTL it had; queue and waiters always have the
+-- same (a waiter's liveness must not outlive its ticket), and seq too (its
+-- counter must outlive the tickets and tokens it handed out).
 local function expire_written(now)
   flush_rates(now)
-  if wrote_holders then
-    expire_holders(now)
+  if wrote_until then
+    if keys_until == nil or keys_until < wrote_until + key_ttl_ms * 750 then
+      refresh_group(now, wrote_until)
+    else
+      local ttl = int(math.ceil((keys_until - now) / 1000))
+      for _, key in ipairs(GROUP) do
+        if created[key] then
+          redis.call('PEXPIRE', key, ttl)
+        end
+      end
+    end
   end
-  if wrote_queue then
-    redis.call('PEXPIRE', queue_key, int(key_ttl_ms))
-    redis.call('PEXPIRE', waiters_key, int(key_ttl_ms))
-    wrote_seq = true
-  end
-  if wrote_seq then
-    redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
-  end
+  flush_book()
 end
 
 -- expire_keys refreshes every key, whatever the call wrote: for scripts whose
@@ -709,16 +855,14 @@ end
 -- the exception: only acquire.lua's rate-only path adds to it, and refreshes it.
 local function expire_keys(now)
   local tat_written = flush_rates(now)
-  expire_holders(now)
-  redis.call('PEXPIRE', queue_key, int(key_ttl_ms))
-  redis.call('PEXPIRE', waiters_key, int(key_ttl_ms))
-  redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
+  refresh_group(now, now)
   if not tat_written then
     local tat = tonumber(redis.call('GET', tat_key) or '')
     if tat then
       redis.call('PEXPIRE', tat_key, int(ttl_until(tat, now)))
     end
   end
+  flush_book()
 end
 -- End of shared helpers.
 -- ---------------------------------------------------------------------------

@@ -4,7 +4,17 @@
 -- KEYS, the common ARGV[1..9] and the mailboxes: see lua/README.md.
 --
 -- ARGV after the common header:
---   10 ..            one or more waiter items
+--   10 ..            zero or more release items '-<lease id>', then zero or more
+--                    waiter items (at least one item in all; a release item
+--                    after a waiter item is refused). A release item does what
+--                    release.lua does for its id, first: the id leaves holders
+--                    and grants (its entries in the window logs stay); then
+--                    expired leases and dead waiters are purged once, the free
+--                    slots are handed off to the queue heads once (in ticket
+--                    order: a waiter item of this call queues behind them),
+--                    and the waiter items are served as below. So a process
+--                    gives a slot back and asks for the next one in one call.
+--   then             the waiter items
 --                    '<process id>:<n>[/<max delay us>][*<cost units>]'; the
 --                    waiter id '<process id>:<n>' becomes the lease id when
 --                    granted. '/<max delay us>' (the caller's remaining time):
@@ -21,7 +31,8 @@
 -- an id later in the batch queues behind the ones before it and gets a later
 -- ticket or token, and consecutive rate reservations follow each other.
 --
--- Reply: one string with one entry per waiter id, in ARGV order, the entries
+-- Reply (a call without release items): one string with one entry per waiter
+-- id, in ARGV order, the entries
 -- separated by ';' and the integers of an entry by ',' (a flat string costs a
 -- client far less to parse than nested arrays; for two ids: '1,17,0;0,3'):
 --   1,token,delay_us  granted; start after delay_us (rate limit), token is a
@@ -35,6 +46,21 @@
 --                     away than its max delay. Nothing is reserved, held or
 --                     queued for it (an entry it already had in the queue
 --                     stays, for its caller to cancel).
+--
+-- Reply of a call with release items: {released, own grants, entries}:
+--   released    as release.lua's: how many of the ids were held (an unknown or
+--               expired lease counts 0 and frees nobody else's slot; an id
+--               given twice counts once)
+--   own grants  the handoff's grants to queued waiters of the caller's own
+--               process (the part before ':' of the first item), which are
+--               NOT posted to its mailbox: "<waiter id>|<token>|<delay_us>"
+--               (the mailbox format), joined by ';', in grant order; '' if
+--               none. Grants to other processes are posted as always.
+--   entries     the string above, for the waiter items ('' if none)
+-- Only clients that send release items read this shape. A swap repeated after a
+-- lost reply releases nothing more (released counts 0) and does not return the
+-- own grants of the first run again: the caller's waiters find them by asking
+-- again (an id already granted gets its grant back, see above).
 --
 -- Rate only (max_at_once = 0) takes a fast path that keeps no lease: holders,
 -- queue and waiters are neither read nor written (nor purged). Every id is
@@ -66,7 +92,7 @@
 -- put in holders. recent and grants, when written, live until
 -- now + lease_ttl_us + key_ttl_ms: past the end of every memory they hold.
 --
--- Only the keys the call wrote get their TTL refreshed (see expire_written).
+-- TTLs: see "TTLs and purges" in lua/README.md (expire_written).
 -- Errors: 'ERR_ARG ...' for malformed arguments, and for a cost that no limit
 -- can ever admit (above burst units with a rate limit, or above the limit of a
 -- window counting cost); nothing is written.
@@ -80,16 +106,30 @@ local err = check_common_args()
 if err then
   return err
 end
-local count = #ARGV - 9
-if count < 1 then
+if #ARGV < 10 then
   return bad_arg('waiter id', "'<process id>:<n>' (at least one)", nil)
 end
--- ids[i], max_delays[i] (nil: no bound) and costs[i] (units) of ARGV[9 + i].
+-- The release items' lease ids, in ARGV order; the waiter items follow them.
+local releases = {}
+local first_waiter = 10
+while first_waiter <= #ARGV and string.sub(ARGV[first_waiter], 1, 1) == '-' do
+  local lease_id = string.match(ARGV[first_waiter], '^%-([^:/*]+:[^/*]*)$')
+  if not lease_id then
+    return bad_arg('release item', "'-<process id>:<n>'", ARGV[first_waiter])
+  end
+  releases[#releases + 1] = lease_id
+  first_waiter = first_waiter + 1
+end
+local count = #ARGV - first_waiter + 1
+-- ids[i], max_delays[i] (nil: no bound) and costs[i] (units) of the i-th waiter item.
 local ids = {}
 local max_delays = {}
 local costs = {}
 local ITEM = "'<process id>:<n>[/<max delay us>][*<cost units>]'"
-for i = 10, #ARGV do
+for i = first_waiter, #ARGV do
+  if string.sub(ARGV[i], 1, 1) == '-' then
+    return bad_arg('release item', 'before every waiter item', ARGV[i])
+  end
   local id, tail = string.match(ARGV[i], '^([^:/*]+:[^/*]*)(.*)$')
   local max_delay, cost = nil, nil
   if tail and tail ~= '' then
@@ -118,9 +158,10 @@ for i = 10, #ARGV do
         .. int(w.limit) .. ')', ARGV[i])
     end
   end
-  ids[i - 9] = id
-  max_delays[i - 9] = tonumber(max_delay)
-  costs[i - 9] = cost
+  local k = i - first_waiter + 1
+  ids[k] = id
+  max_delays[k] = tonumber(max_delay)
+  costs[k] = cost
 end
 
 -- ---------------------------------------------------------------------------
@@ -168,9 +209,24 @@ local function encode_replies(replies)
   return table.concat(entries, ';')
 end
 
+-- The reply: the entries string, or with release items the table of the
+-- header (released, own grants, entries).
+local released = 0
+local own_grants = {}
+local function reply_with(entries)
+  if #releases == 0 then
+    return entries
+  end
+  return {released, table.concat(own_grants, ';'), entries}
+end
+
 local now = read_now()
 apply_control(now)
 local replies = {}
+if #releases > 0 then
+  released = call_in_slices('ZREM', holders_key, releases, 1, SLICE)
+  call_in_slices('HDEL', grants_key, releases, 1, SLICE)
+end
 
 -- Rate only. With the server clock, a first call runs TIME, ZRANGEBYSCORE
 -- recent (and ZREM recent, HDEL grants when memories ended), HMGET grants,
@@ -248,14 +304,19 @@ if max_at_once == 0 then
       replies[i] = {1, grant_info[1], math.max(0, grant_info[2] - now)}
     end
   end
-  return encode_replies(replies)
+  return reply_with(encode_replies(replies))
 end
 
 purge(now)
--- ZCARD of holders and of the queue, read when first needed and then kept up
--- to date here as this call grants and queues.
-local held = nil
-local queue_len = nil
+if #releases > 0 then
+  local _, kept = handoff(now, process_of(releases[1]))
+  own_grants = kept or {}
+end
+-- ZCARD of holders and of the queue, known from the handoff of the release
+-- items or read when first needed, and then kept up to date here as this call
+-- grants and queues.
+local held = handoff_left.held
+local queue_len = handoff_left.queued
 
 for i = 1, count do
   local id = ids[i]
@@ -267,16 +328,33 @@ for i = 1, count do
       replies[i] = {1, 0, 0}
     end
   else
-    held = held or redis.call('ZCARD', holders_key)
-    local rank = redis.call('ZRANK', queue_key, id)
-    local ahead = rank
-    if not rank then
-      queue_len = queue_len or redis.call('ZCARD', queue_key)
-      ahead = queue_len
+    queue_len = queue_len or redis.call('ZCARD', queue_key)
+    local rank = nil
+    -- Whether its liveness is written already.
+    local live = false
+    if queue_len > 0 then
+      -- waiters holds the ids of the queue, so adding its liveness only if
+      -- absent tells whether it is queued: no ZRANK for a new waiter (one that
+      -- is not left queued takes its liveness back below). Behind a queue as
+      -- long as max_at_once, a new waiter queues whatever is held: no ZCARD of
+      -- holders either.
+      if redis.call('ZADD', waiters_key, 'NX', int(now + lease_ttl), id) == 1 then
+        live = true
+      else
+        rank = redis.call('ZRANK', queue_key, id)
+      end
     end
+    local ahead = rank or queue_len
     local token, delay = nil, nil
-    if held + ahead < max_at_once then
+    if ahead < max_at_once then
+      held = held or redis.call('ZCARD', holders_key)
+    end
+    if ahead < max_at_once and held + ahead < max_at_once then
       token, delay = grant(id, now, max_delays[i], costs[i])
+      if live then
+        redis.call('ZREM', waiters_key, id)
+        live = false
+      end
       if token == nil then
         replies[i] = {2}
       elseif rank then
@@ -284,25 +362,35 @@ for i = 1, count do
         if #windows == 0 and costs[i] ~= UNIT then
           redis.call('HDEL', costs_key, id)  -- kept in its grants entry from now on
         end
-        if queue_len then
-          queue_len = queue_len - 1
-        end
+        queue_len = queue_len - 1
       end
     end
     if token then
+      if held == 0 then
+        created[holders_key], created[grants_key] = true, true
+      end
       held = held + 1
       replies[i] = {1, token, delay}
     elseif replies[i] == nil then
       if not rank then
         local ticket = redis.call('INCR', seq_key)
+        if ticket == 1 then
+          created[seq_key] = true
+        end
+        if queue_len == 0 then
+          created[queue_key], created[waiters_key] = true, true
+        end
         redis.call('ZADD', queue_key, int(ticket), id)
         queue_len = queue_len + 1
       end
-      redis.call('ZADD', waiters_key, int(now + lease_ttl), id)
-      wrote_queue = true
+      if not live then
+        redis.call('ZADD', waiters_key, int(now + lease_ttl), id)
+      end
+      wrote_expiry(now + lease_ttl)
       if costs[i] ~= UNIT then
         redis.call('HSET', costs_key, id, int(costs[i]))
         wrote_costs = true
+        queued_costly()
       end
       replies[i] = {0, ahead}
     end
@@ -310,4 +398,4 @@ for i = 1, count do
 end
 
 expire_written(now)
-return encode_replies(replies)
+return reply_with(encode_replies(replies))

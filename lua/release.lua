@@ -17,7 +17,7 @@
 --             An id given twice counts once.
 --   granted   number of queued waiters handed a slot (posted to their mailboxes)
 --
--- Only the keys the call wrote get their TTL refreshed (see expire_written).
+-- TTLs: see "TTLs and purges" in lua/README.md (expire_written).
 -- Errors: 'ERR_ARG ...' for malformed arguments (nothing is written).
 
 -- The preludes lua/_read.lua and lua/_shared.lua come first: they bind KEYS,

@@ -248,6 +248,8 @@ async def test_hundred_limiters_on_three_shards(
                     tg.start_soon(
                         partial(aiometer.run_on_each, task, [name] * tasks_per_run, limiter=limiter)
                     )
+            # Each sends its own pending releases (they ride with acquisitions) first.
+            await second.statistics()
             stats = await first.statistics()
             assert stats.holders == (), name
             assert stats.waiters == (), name

@@ -18,7 +18,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from aiometer_redis._client import ScriptArg, encode_args, normalize_reply
 from aiometer_redis._keys import control_key, costs_key, limiter_keys, mailbox_prefix
-from aiometer_redis._scripts import Script, all_scripts, decode_acquire_reply, load_script
+from aiometer_redis._scripts import (
+    Script,
+    all_scripts,
+    decode_acquire_reply,
+    decode_swap_reply,
+    load_script,
+)
 
 NOW = 1_700_000_000_000_000
 SECOND = 1_000_000
@@ -148,7 +154,11 @@ class ScriptsMatchModel(RuleBasedStateMachine):
             "",  # ARGV[9]: not adaptive
         ]
         reply = self.run(load_script(name), [*header, *extra], [costs_key("m"), control_key("m")])
-        return decode_acquire_reply(reply) if name == "acquire" else reply
+        if name == "acquire":
+            return (
+                decode_swap_reply(reply) if isinstance(reply, list) else decode_acquire_reply(reply)
+            )
+        return reply
 
     @initialize(
         max_at_once=st.integers(0, 4),
@@ -227,6 +237,24 @@ class ScriptsMatchModel(RuleBasedStateMachine):
         held = [i for i in self.model.holders if process_of(i) == process]
         if held or extra:
             self.release([*held, *extra])
+
+    @rule(
+        process=st.sampled_from(PROCESSES),
+        extra=st.lists(lease_ids, max_size=2),
+        numbers=st.lists(st.integers(0, 2), max_size=3),
+    )
+    def swap(self, process: str, extra: list[str], numbers: list[int]) -> None:
+        # What a process sends when it releases and acquires in one call: the leases it
+        # holds (and maybe unknown ones), then waiter items of its own.
+        held = [i for i in self.model.holders if process_of(i) == process]
+        releases = [*held, *extra] or [f"{process}:0"]
+        items = [f"{process}:{n}" for n in numbers]
+        expected = self.model.swap(self.now, releases, items, **self.limits())
+        reply = self.call("acquire", *(f"-{r}" for r in releases), *items)
+        assert reply == expected
+        # A client retries a batch only until it has its reply, never after releasing it.
+        self.last_rate_batch = None
+        event("swap: a grant returned to its own process" if expected[1] else "swap")
 
     @rule(leases=st.lists(waiter_ids, max_size=4), waiters=st.lists(waiter_ids, max_size=4))
     def renew(self, leases: list[str], waiters: list[str]) -> None:

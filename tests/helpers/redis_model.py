@@ -367,7 +367,11 @@ class LimiterModel:
     def _queue_order(self) -> list[str]:
         return [m for m, _ in sorted(self.queue.items(), key=_member_order)]
 
-    def _handoff(self, now: int, limits: Limits) -> int:
+    def _handoff(
+        self, now: int, limits: Limits, own: str | None = None, kept: list[str] | None = None
+    ) -> int:
+        """Grants queue heads the free slots; a grant to process *own* goes to *kept*
+        instead of its mailbox."""
         if limits.max_at_once <= 0:
             return 0
         granted = 0
@@ -380,7 +384,11 @@ class LimiterModel:
             granted_now = self._grant(head, now, limits, None, self._cost_of(head))
             assert granted_now is not None
             token, delay = granted_now
-            self.mailboxes.setdefault(process_of(head), []).append(f"{head}|{token}|{delay}")
+            message = f"{head}|{token}|{delay}"
+            if kept is not None and process_of(head) == own:
+                kept.append(message)
+            else:
+                self.mailboxes.setdefault(process_of(head), []).append(message)
             granted += 1
         return granted
 
@@ -462,6 +470,42 @@ class LimiterModel:
             return [self._acquire_rate_only(now, i, limits, m, c) for i, m, c in split]
         self._purge(now)
         return [self._acquire_one(now, i, limits, m, c) for i, m, c in split]
+
+    def swap(
+        self,
+        now: int,
+        lease_ids: list[str],
+        items: list[str],
+        *,
+        max_at_once: int,
+        interval_us: float,
+        burst: int,
+        lease_ttl_us: int,
+        windows: tuple[Window, ...] = (),
+    ) -> tuple[int, list[str], list[list[int]]]:
+        """Model of acquire.lua with release items: ``(released, own grants, entries)``.
+
+        The ids leave holders and grants first (as :meth:`release`); then, rate only, the
+        items as :meth:`acquire`; else one purge, one handoff whose grants to the caller's
+        process (that of the first lease id) are returned instead of posted, and each item
+        in turn.
+        """
+        if not lease_ids:
+            raise ValueError("a swap takes at least one lease id")
+        limits = Limits(max_at_once, interval_us, burst, lease_ttl_us, windows)
+        released = 0
+        for lease_id in lease_ids:
+            released += self.holders.pop(lease_id, None) is not None
+            self.grants.pop(lease_id, None)
+        split = [parse_item(item) for item in items]
+        if max_at_once == 0:
+            self._forget_ended(now)
+            entries = [self._acquire_rate_only(now, i, limits, m, c) for i, m, c in split]
+            return released, [], entries
+        self._purge(now)
+        kept: list[str] = []
+        self._handoff(now, limits, process_of(lease_ids[0]), kept)
+        return released, kept, [self._acquire_one(now, i, limits, m, c) for i, m, c in split]
 
     def release(
         self,
