@@ -269,6 +269,7 @@ class RedisLimiter:
         self._reserving = config.max_at_once is None and cap > 1
         self._pool = ReservePool(cap)
         self._refill: anyio.Event | None = None  # set when the reservation in flight is answered
+        self._rate_waiters = 0  # callers that found no start in the pool and wait for a call
 
     @property
     def _swap(self) -> bool:
@@ -666,14 +667,20 @@ class RedisLimiter:
             entry = pool.take(anyio.current_time(), deadline)
             reserved_ahead = entry is not None
             if entry is None:
-                if self._refill is not None and self._failing_since is None:
-                    # The call in flight reserves for this caller too. (While Redis fails,
-                    # every caller makes its own call, bounded by its own retry window.)
-                    await self._refill.wait()
-                    continue
-                # The caller's own start: while Redis fails, its retry window runs from there.
-                entry = await self._reserve(start, deadline, own=True)
-                assert entry is not None
+                self._rate_waiters += 1
+                try:
+                    if self._refill is not None and self._failing_since is None:
+                        # The call in flight reserves for this caller too. (While Redis
+                        # fails, every caller makes its own call, bounded by its own retry
+                        # window.)
+                        await self._refill.wait()
+                        continue
+                    # The caller's own start: while Redis fails, its retry window runs from
+                    # there.
+                    entry = await self._reserve(start, deadline, own=True)
+                    assert entry is not None
+                finally:
+                    self._rate_waiters -= 1
             if pool.running_low() and self._refill is None and self._task_group is not None:
                 self._task_group.start_soon(self._prefetch)
             at, waiter_id, token = entry
@@ -725,7 +732,13 @@ class RedisLimiter:
             self._refill = refill
         try:
             pool = self._pool
-            extra = 0 if self._failing_since is not None else pool.wanted(anyio.current_time())
+            extra = 0
+            if self._failing_since is None:
+                # As many as the recent rate uses in a few ms, and at least one for each
+                # (other) caller waiting now.
+                waiting = self._rate_waiters - 1 if own else self._rate_waiters
+                extra = max(pool.wanted(anyio.current_time()), waiting)
+                extra = min(extra, pool.cap - 1)
             if not own and extra == 0:
                 return None
             items: list[str] = []
