@@ -7,13 +7,11 @@ then checked from the recorded start times and costs, including the documented s
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from helpers.cost_worker import Task, check_rate, load_tasks, max_started
+from helpers.fleet import run_workers
 
 from aiometer_redis.testing import RedisServer
 
@@ -38,27 +36,14 @@ def _run_fleet(
     server: RedisServer, name: str, tmp_path: Path, per_process: list[list[str]], duration: float
 ) -> list[list[Task]]:
     """Run one cost worker per entry of *per_process* (its extra options), starting together."""
-    start_at = time.time() + 2.0
     rates = [
         f"{limit:g},{per:g}" + (",calls" if counts == "calls" else "")
         for limit, per, counts in RATES
     ]
-    common = [sys.executable, str(WORKER), "--url", server.url, "--name", name]
+    common = ["--url", server.url, "--name", name]
     common += [option for spec in rates for option in ("--rate", spec)]
-    common += ["--start-at", repr(start_at), "--duration", repr(duration)]
-    outs = [tmp_path / f"worker{i}.json" for i in range(len(per_process))]
-    procs = [
-        subprocess.Popen([*common, "--seed", f"{name}-{i}", "--out", str(out), *options])
-        for i, (out, options) in enumerate(zip(outs, per_process, strict=True))
-    ]
-    try:
-        for proc in procs:
-            assert proc.wait(timeout=duration + 60) == 0
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    seeded = [["--seed", f"{name}-{i}", *options] for i, options in enumerate(per_process)]
+    outs, _ = run_workers(WORKER, common, seeded, tmp_path, duration=duration, lead=2.0)
     return [load_tasks(str(out)) for out in outs]
 
 

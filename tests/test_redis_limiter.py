@@ -19,6 +19,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 import redis.asyncio
+from helpers.fleet import run_workers
 
 import aiometer
 import aiometer_redis
@@ -262,16 +263,8 @@ def _run_fleet(
 ) -> tuple[list[list[tuple[float, float]]], float, float]:
     """Run one worker per entry of *per_process* (its extra options), all starting together;
     return each one's task intervals and the demand window."""
-    start_at = time.time() + 1.5
-    outs = [tmp_path / f"worker{i}.json" for i in range(len(per_process))]
-    common = [sys.executable, str(WORKER), "--url", server.url, "--name", name]
-    timing = ["--start-at", repr(start_at), "--duration", repr(duration)]
-    procs = [
-        subprocess.Popen([*common, *timing, "--out", str(out), *options])
-        for out, options in zip(outs, per_process, strict=True)
-    ]
-    for proc in procs:
-        assert proc.wait(timeout=duration + 60) == 0
+    common = ["--url", server.url, "--name", name]
+    outs, start_at = run_workers(WORKER, common, per_process, tmp_path, duration=duration)
     results = []
     for out in outs:
         intervals = json.loads(out.read_text())["intervals"]

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +19,7 @@ from typing import Any
 
 import anyio
 import pytest
+from helpers.fleet import run_workers
 
 from aiometer_redis import ConfigurationError, RedisLimiter, RedisLimiterGroup
 from aiometer_redis.testing import RedisServer
@@ -47,16 +45,8 @@ def _run_fleet(
 ) -> tuple[list[dict[str, Any]], float]:
     """Run one worker per entry of *per_process* (its options), all starting together; return
     what each one recorded and the common start time."""
-    start_at = time.time() + 1.5
-    outs = [tmp_path / f"worker{i}.json" for i in range(len(per_process))]
-    common = [sys.executable, str(WORKER), "--url", server.url, "--name", name]
-    timing = ["--start-at", repr(start_at), "--duration", repr(duration)]
-    procs = [
-        subprocess.Popen([*common, *timing, "--out", str(out), *options])
-        for out, options in zip(outs, per_process, strict=True)
-    ]
-    for proc in procs:
-        assert proc.wait(timeout=duration + 60) == 0
+    common = ["--url", server.url, "--name", name]
+    outs, start_at = run_workers(WORKER, common, per_process, tmp_path, duration=duration)
     return [json.loads(out.read_text()) for out in outs], start_at
 
 

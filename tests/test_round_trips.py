@@ -21,6 +21,7 @@ from pathlib import Path
 import anyio
 import pytest
 import redis
+from helpers.fleet import run_workers
 
 from aiometer_redis import AcquireTimeoutError, RedisLimiter
 from aiometer_redis._reserve import AHEAD, LATE, ReservePool, reserve_cap
@@ -199,22 +200,12 @@ async def test_a_deadline_before_the_reserved_start_asks_redis(
 def _run_fleet(
     server: RedisServer, name: str, tmp_path: Path, per_process: Sequence[Sequence[str]]
 ) -> list[tuple[int, float]]:
-    duration = 2.0
-    start_at = time.time() + 2.0
-    outs = [tmp_path / f"worker{i}.json" for i in range(len(per_process))]
-    common = [sys.executable, str(WORKER), "--url", server.url, "--name", name]
-    timing = ["--start-at", repr(start_at), "--duration", repr(duration)]
-    procs = [
-        subprocess.Popen([*common, *timing, "--out", str(out), *options])
-        for out, options in zip(outs, per_process, strict=True)
-    ]
-    for proc in procs:
-        assert proc.wait(timeout=duration + 60) == 0
+    common = ["--url", server.url, "--name", name]
+    outs, _ = run_workers(WORKER, common, per_process, tmp_path, duration=2.0, lead=2.0)
     starts: list[tuple[int, float]] = []
     for out in outs:
-        starts.extend(
-            (int(token), float(at)) for token, at in json.loads(out.read_text())["starts"]
-        )
+        recorded = json.loads(out.read_text())["starts"]
+        starts.extend((int(token), float(at)) for token, at in recorded)
     return starts
 
 
