@@ -405,7 +405,10 @@ class RedisLimiter:
         self._leases.open = False
 
     def is_idle(self) -> bool:
-        """True if nothing is held, awaited or left to withdraw through this limiter."""
+        """True if nothing is held, awaited or left to withdraw through this limiter (nor
+        reserved ahead, nor being reserved)."""
+        if self._refill is not None:
+            return False
         if self._pool:
             self._pool.drop_late(anyio.current_time())
             if self._pool:

@@ -178,6 +178,22 @@ async def test_a_cancelled_caller_hands_its_reservation_on(server: RedisServer, 
 
 @pytest.mark.redis
 @pytest.mark.anyio
+async def test_not_idle_while_it_holds_starts_reserved_ahead(
+    server: RedisServer, name: str
+) -> None:
+    async with RedisLimiter.from_url(server.url, name, max_per_second=40) as limiter:
+        await limiter.acquire()
+        (reserved,) = limiter._pool.ahead(0.0)
+        limiter._pool.put(*reserved)
+        # A group would close an idle limiter: not while a start is reserved for it.
+        assert not limiter.is_idle()
+        await anyio.sleep(reserved[0] + LATE + 0.005 - anyio.current_time())
+        assert limiter.is_idle()  # the start passed unused: dropped
+        assert limiter._pool.dropped == 1
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
 async def test_a_deadline_before_the_reserved_start_asks_redis(
     server: RedisServer, name: str
 ) -> None:
