@@ -755,18 +755,9 @@ class RedisLimiter:
             items.extend(f"{self._process_id}:{next(self._counter)}{horizon}" for _ in range(extra))
             ids = [item.partition("/")[0] for item in items]
             try:
-                replies = await self._acquires.submit_many(items, self._redis_deadline(start))
-            except TimeoutError as exc:
-                for waiter_id in ids:
-                    self._leases.orphan(waiter_id)
-                if isinstance(exc, RedisLimiterError):
-                    raise
-                raise RedisUnavailableError(
-                    f"limiter {self._name!r}: Redis did not answer within "
-                    f"{self._retry_window:g}s (the calls queued before this one were not "
-                    "answered)"
-                ) from self._last_failure
+                replies = await self._submit_items(items, start)
             except (RedisUnavailableError, PoolExhaustedError):
+                # The call may have run: withdraw what it reserved when Redis answers again.
                 for waiter_id in ids:
                     self._leases.orphan(waiter_id)
                 raise
@@ -873,8 +864,14 @@ class RedisLimiter:
             item += f"/{max(0, int((deadline - anyio.current_time()) * 1e6))}"
         if units != UNIT:
             item += f"*{units}"
+        (reply,) = await self._submit_items([item], start)
+        return reply
+
+    async def _submit_items(self, items: list[str], start: float) -> list[Any]:
+        """Send acquire *items* together in the next call (see :class:`Batcher`); a caller
+        that began waiting at *start* gives up ``retry_window`` after it while Redis fails."""
         try:
-            return await self._acquires.submit(item, self._redis_deadline(start))
+            return await self._acquires.submit_many(items, self._redis_deadline(start))
         except TimeoutError as exc:
             if isinstance(exc, RedisLimiterError):
                 raise
