@@ -71,11 +71,14 @@ them readable, and move with whatever else the machine is doing.
    ``max_at_once`` does (one coroutine: ``acquire()``, hand the permit to a task, ``acquire()``
    again). *old*: one script call per start (reservations ahead switched off); *new*: a call
    also reserves the next starts of the fleet for the same process (about 10 ms of its recent
-   rate), handed out locally at their times. Per start: script calls (round trips), the
-   commands the scripts ran, and the redis-server time, from ``INFO commandstats`` around each
-   phase; the fraction of the rate reached, the starts reserved ahead that went unused, and how
-   late each start began against its time in the fleet's schedule (read back from Redis, whose
-   clock is the workers' on one machine; none may begin early).
+   rate), handed out locally at their times; *local*: the same loop with no Redis at all, each
+   process alone with an in-process ``RateLimiter`` of its eighth of the rate (the ceiling of
+   this machine for the loop, with nothing shared: no lateness to read back). Per start:
+   script calls (round trips), the commands the scripts ran, and the redis-server time, from
+   ``INFO commandstats`` around each phase; the fraction of the rate reached, the starts
+   reserved ahead that went unused, and how late each start began against its time in the
+   fleet's schedule (read back from Redis, whose clock is the workers' on one machine; none
+   may begin early).
    Targets (new): <= 0.3 script calls per start, >= 0.95 of the rate.
 
 The 8-process rows run more processes than a small machine has cores, next to redis-server
@@ -162,7 +165,7 @@ _TARGET_HANDOFF_P50_MS = 2.0
 _RESERVE_PROCESSES = 8
 _RESERVE_RATES = (3_000.0, 20_000.0)
 _RESERVE_TARGET_RATE = 20_000.0
-_RESERVE_SCHEMES = ("old", "new")
+_RESERVE_SCHEMES = ("old", "new", "local")
 _TARGET_RESERVE_CALLS = 0.3
 _TARGET_RESERVE_SHARE = 0.95
 
@@ -260,10 +263,29 @@ async def _reserve_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
     for index, (rate, scheme) in enumerate(spec["phases"]):
         begin = start + index * (seconds + _PHASE_GAP_SECONDS)
         end = begin + seconds
+        starts: list[tuple[str, float]] = []
+        if scheme == "local":
+            # The machine's ceiling for this loop: each process alone with its share of the
+            # rate in an in-process limiter (no Redis, nothing shared, nothing to compare).
+            local = aiometer.RateLimiter(max_per_second=rate / _RESERVE_PROCESSES)
+            async with anyio.create_task_group() as task_group:
+                await anyio.sleep(max(0.0, begin - time.time()))
+                before = await _CommandStats.read(client) if spec["reader"] else None
+                count = 0
+                while time.time() < end:
+                    local_permit = await local.acquire()
+                    count += 1
+                    task_group.start_soon(local_permit.release)
+            counts.append(count)
+            dropped.append(0)
+            taken.append(("", starts))
+            if before is not None:
+                after = await _CommandStats.read(client) - before
+                stats.append({"calls": dict(after.calls), "usec": dict(after.usec)})
+            continue
         limiter = RedisLimiter(client, f"{spec['prefix']}:{index}", max_per_second=rate)
         if scheme == "old":
             limiter._reserving = False  # the switch that restores the old scheme
-        starts: list[tuple[str, float]] = []
         taken.append((limiter.keys[5], starts))
         async with limiter, anyio.create_task_group() as task_group:
             await anyio.sleep(max(0.0, begin - time.time()))
@@ -281,6 +303,9 @@ async def _reserve_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
     for grants_key, starts in taken:
         # One sample in ten is enough for percentiles.
         sample = starts[::10]
+        if not sample:
+            late.append([])
+            continue
         grants = await client.hmget(grants_key, [waiter_id for waiter_id, _ in sample])
         late.append(
             [
@@ -929,7 +954,9 @@ async def _reservations(
         f"{' and '.join(f'{rate:,.0f}' for rate in _RESERVE_RATES)} starts/s,\none coroutine per "
         f"process taking starts (acquire, hand the permit to a task); {settings.rounds} "
         f"interleaved round(s) of {settings.phase_seconds:g} s per rate and scheme.\nold = one "
-        "script call per start; new = starts reserved ahead in one call and handed out locally."
+        "script call per start; new = starts reserved ahead in one call and handed out locally;\n"
+        "local = no Redis, each process an in-process RateLimiter of its eighth of the rate (the "
+        "machine's ceiling for this loop)."
     )
     # One prefix for every process: they share each phase's limiter.
     prefix = f"reserve-{time.time_ns()}"
@@ -976,10 +1003,11 @@ async def _reservations(
                 "in_script_commands_per_start": total["in_script"] / starts,
                 "server_us_per_start": total["usec"] / starts,
                 "dropped_per_start": total["dropped"] / starts,
-                "late_ms_p50": _percentile(late, 0.50) * 1000,
-                "late_ms_p99": _percentile(late, 0.99) * 1000,
                 "early_starts": sum(1 for sample in late if sample < 0),
             }
+            if late:
+                result["late_ms_p50"] = _percentile(late, 0.50) * 1000
+                result["late_ms_p99"] = _percentile(late, 0.99) * 1000
             verdict = ""
             if scheme == "new" and rate == _RESERVE_TARGET_RATE:
                 passed = calls_per_start <= _TARGET_RESERVE_CALLS and share >= _TARGET_RESERVE_SHARE
@@ -1003,8 +1031,8 @@ async def _reservations(
                     f"{total['in_script'] / starts:.1f}",
                     f"{total['usec'] / starts:.1f}",
                     f"{total['dropped'] / starts:.2f}",
-                    f"{result['late_ms_p50']:.2f} / {result['late_ms_p99']:.2f}",
-                    str(result["early_starts"]),
+                    f"{result['late_ms_p50']:.2f} / {result['late_ms_p99']:.2f}" if late else "-",
+                    str(result["early_starts"]) if late else "-",
                     verdict,
                 ]
             )
