@@ -696,10 +696,12 @@ class RedisLimiter:
                 else:
                     await anyio.lowlevel.checkpoint_if_cancelled()
             except BaseException:
-                if self._leases.open:
-                    # The next acquisition of this process takes it (if not too late by then).
+                if self._leases.open and self._rate_waiters:
+                    # Another caller of this process waits for a start: it takes this one.
                     pool.put_back(entry)
                 else:
+                    # Back to the fleet: the next reservation of any process may use it.
+                    pool.given_back()
                     await self._give_back(waiter_id, waiter_id, None)
                 raise
             if reserved_ahead and anyio.current_time() - at > LATE:

@@ -98,6 +98,10 @@ class ReservePool:
         self._handed -= 1
         heapq.heappush(self._entries, entry)
 
+    def given_back(self) -> None:
+        """Uncount a start taken with :meth:`take` that its caller gave back unused."""
+        self._handed -= 1
+
     def overslept(self) -> None:
         """Count a start taken with :meth:`take` and dropped: its caller woke up more than
         ``LATE`` after its time."""

@@ -114,12 +114,20 @@ def _tat_us(server: RedisServer, limiter: RedisLimiter) -> float:
 async def test_one_call_serves_the_next_acquisition(server: RedisServer, name: str) -> None:
     async with RedisLimiter.from_url(server.url, name, max_per_second=50) as limiter:
         first = await limiter.acquire()
+        if limiter._refill is not None:  # a top-up started in the background meanwhile
+            await limiter._refill.wait()
         # The first call reserved the next start too: the next acquisition takes it locally.
-        (reserved,) = limiter._pool.ahead(0.0)
+        reserved, *later = sorted(limiter._pool.ahead(0.0))
         assert reserved[2] == first.token + 1
-        limiter._pool.put(*reserved)
+        for entry in (reserved, *later):
+            limiter._pool.put(*entry)
         second = await limiter.acquire()
-        assert second.token == reserved[2]
+        # The reserved start, from the pool. (On a machine busy enough to wake the caller more
+        # than LATE after that start, it was dropped and the caller took a later one.)
+        if limiter._pool.dropped:
+            assert second.token > reserved[2]
+        else:
+            assert second.token == reserved[2]
         assert anyio.current_time() >= reserved[0]
 
 
@@ -164,16 +172,31 @@ async def test_reservations_are_given_back_on_exit(server: RedisServer, name: st
 
 @pytest.mark.redis
 @pytest.mark.anyio
-async def test_a_cancelled_caller_hands_its_reservation_on(server: RedisServer, name: str) -> None:
-    async with RedisLimiter.from_url(server.url, name, max_per_second=40) as limiter:
-        first = await limiter.acquire()
-        assert len(limiter._pool) == 1
+async def test_a_cancelled_caller_gives_its_reserved_start_back(
+    server: RedisServer, name: str
+) -> None:
+    async with (
+        RedisLimiter.from_url(server.url, name, max_per_second=40) as limiter,
+        RedisLimiter.from_url(server.url, name, max_per_second=40) as other,
+    ):
+        other._reserving = False  # another process, one call per start
+        await limiter.acquire()
+        (reserved,) = limiter._pool.ahead(0.0)
+        limiter._pool.put(*reserved)
+        # No top-up in the background meanwhile (it would move the rate state too).
+        limiter._refill = in_flight = anyio.Event()
         with anyio.move_on_after(0.002) as scope:
             await limiter.acquire()  # sleeps towards the reserved start (25 ms away)
         assert scope.cancelled_caught
-        # The start it left is the next acquisition's: the same token.
-        again = await limiter.acquire()
-        assert again.token == first.token + 1
+        limiter._refill = None
+        in_flight.set()
+        # Nobody else of this process waited for a start: it is not kept in the pool but given
+        # back to the fleet, so the other process's next start is that one (not one after the
+        # starts reserved since).
+        assert reserved[1] not in [entry[1] for entry in limiter._pool.ahead(0.0)]
+        await other.acquire()
+        # (Each process learns the time of a start from its own reply: a few ms apart.)
+        assert reserved[0] - 0.01 <= anyio.current_time() < reserved[0] + 0.015
 
 
 @pytest.mark.redis
