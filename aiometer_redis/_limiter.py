@@ -228,8 +228,14 @@ class RedisLimiter:
         self._url = url
         layout = KeyLayout.of(name, config.prefix, config.rates)
         self._keys = list(layout.script_keys)
+        self._layout = layout
         self._process_id = uuid.uuid4().hex[:16]
         self._mailbox = layout.mailbox(self._process_id)
+        # Whether this process's waiters are woken by grants pushed on a channel (pub/sub), not
+        # popped from a mailbox list (BLPOP). Cluster clients always use the mailbox. Set to
+        # False after construction, before entering, to keep the mailbox (the previous scheme,
+        # for side-by-side measurements).
+        self._push = True
         self._header = config.script_header(layout.mailbox_prefix)
         self._scripts: dict[str, Script] = {
             n: load_script(n)
@@ -324,6 +330,7 @@ class RedisLimiter:
             # client owner close the client.
             stack.callback(closing.set)
             stack.callback(task_group.cancel_scope.cancel)
+            self._pick_wakeups()
             self._start_background(task_group)
             self._task_group = task_group
         except BaseException:
@@ -367,11 +374,28 @@ class RedisLimiter:
                 )
                 await closing.wait()
 
+    def _pick_wakeups(self) -> bool:
+        """Choose how this process's waiters are woken (before any waiter id is made): True
+        for a channel, False for the mailbox list.
+
+        The scripts tell the two apart by the process id in the waiter ids: one ending in "!"
+        has its grants published on the channel of that name (see handoff in
+        lua/_shared.lua), any other has them pushed to its mailbox list of that name."""
+        assert self._client is not None
+        base = self._process_id.rstrip("!")
+        push = self._push and self._client.can_subscribe and self._config.max_at_once is not None
+        self._process_id = base + "!" if push else base
+        self._mailbox = self._layout.mailbox(self._process_id)
+        return push
+
     def _start_background(self, task_group: anyio.abc.TaskGroup) -> None:
         task_group.start_soon(self._leases.renew_loop)
         if self._config.max_at_once is not None:
             assert self._client is not None
-            task_group.start_soon(self._leases.dispatch_loop, self._client, self._mailbox)
+            if self._process_id.endswith("!"):
+                task_group.start_soon(self._leases.push_loop, self._client, self._mailbox)
+            else:
+                task_group.start_soon(self._leases.dispatch_loop, self._client, self._mailbox)
             task_group.start_soon(self._flush_loop)
 
     async def _flush_loop(self) -> None:
@@ -388,6 +412,7 @@ class RedisLimiter:
         ``async with`` (what :class:`RedisLimiterGroup` does); the returned scope stops them.
         Undo with :meth:`detach`."""
         scope = anyio.CancelScope()
+        self._pick_wakeups()
 
         async def background() -> None:
             with scope:
@@ -904,6 +929,7 @@ class RedisLimiter:
     ) -> tuple[int, int]:
         """Get a grant ``(token, delay_us)`` for *waiter_id* (a cost of *units*), queueing
         until one comes."""
+        ticket = self._leases.push_ticket()
         try:
             reply = await self._submit_acquire(waiter_id, start, deadline, units)
         except (RedisUnavailableError, PoolExhaustedError):
@@ -915,7 +941,7 @@ class RedisLimiter:
             return int(reply[1]), int(reply[2])
         if reply[0] == 2:
             raise self._too_late()
-        waiter = self._leases.wait(waiter_id)
+        waiter = self._leases.wait(waiter_id, ticket)
         try:
             while True:
                 with anyio.move_on_after(self._config.recheck_interval):
