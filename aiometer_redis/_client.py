@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 import anyio
 import sniffio
 
-from ._errors import ErrorMap
+from ._errors import ClientError, ErrorMap, ErrorReply
 from ._scripts import Script
 from ._urls import SentinelURL, parse_url
 
@@ -377,13 +377,31 @@ class CoredisClient:
             raise TypeError("pub/sub is not used with a cluster client")
         from coredis.retry import NoRetryPolicy
 
+        subscribed = False
         try:
             async with self._client.pubsub(
-                channels=[channel], retry_policy=NoRetryPolicy()
+                channels=[channel], retry_policy=NoRetryPolicy(), subscription_timeout=5
             ) as pubsub:
+                subscribed = True
                 yield _CoredisSubscription(pubsub, self._errors)
         except Exception as exc:
-            raise _neutral(self._errors, _leaf(exc))  # noqa: B904 - chained in _neutral
+            leaf = _leaf(exc)
+            if not subscribed and isinstance(leaf, TimeoutError) and await self._answers():
+                # On asyncio, coredis reports a SUBSCRIBE that Redis refused (an ACL without
+                # the channel) as an acknowledgement that never came.
+                raise ErrorReply(
+                    f"Redis answers, but did not acknowledge SUBSCRIBE {channel} (does the "
+                    "user's ACL allow SUBSCRIBE and the channel?)",
+                    "NOPERM",
+                ) from leaf
+            raise _neutral(self._errors, leaf)  # noqa: B904 - chained in _neutral
+
+    async def _answers(self) -> bool:
+        try:
+            await self.ping()
+        except ClientError:
+            return False
+        return True
 
     async def ping(self) -> None:
         """Round-trip a PING."""

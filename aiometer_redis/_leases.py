@@ -306,7 +306,9 @@ class LeaseTable:
         after reconnecting) wakes every waiter to ask again, and so does a waiter queued by
         a call sent before it (see :meth:`wait`). A subscription that fails is made again
         after a backoff (50 ms, doubling to 1 s); the waiters' own re-checks after
-        ``recheck_interval`` cover what happens meanwhile.
+        ``recheck_interval`` cover what happens meanwhile. A subscription Redis refuses (not
+        one it could not answer) turns this into :meth:`dispatch_loop` on the mailbox list
+        of the same name, where the scripts post the grants their PUBLISH could not send.
         """
         backoff = 0.05
         while True:
@@ -335,9 +337,21 @@ class LeaseTable:
                         elif now - idle_since >= PUSH_LINGER:
                             break
             except ClientError as exc:
-                if not isinstance(exc, Unavailable):
-                    logger.warning("limiter %r: the subscription failed: %s", self.name, exc)
                 self._push_live = False
+                if not isinstance(exc, Unavailable):
+                    # Refused (an ACL without SUBSCRIBE or the channel): the scripts post to
+                    # the list of the same name when their PUBLISH is refused too.
+                    logger.warning(
+                        "limiter %r: cannot subscribe to %s (%s); its waiters are woken "
+                        "through the mailbox list of that name instead (BLPOP). Allow the "
+                        "Redis user SUBSCRIBE, PUBLISH and the channels of the limiter's "
+                        "prefix (&<prefix>:*) to have the grants pushed",
+                        self.name,
+                        channel,
+                        exc,
+                    )
+                    await self.dispatch_loop(client, channel)
+                    return
                 # The waiters' own re-checks cover the outage; just don't spin.
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)

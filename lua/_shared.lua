@@ -723,7 +723,7 @@ local handoff_left = {}
 -- "<waiter id>|<token>|<delay_us>" to each new holder's process mailbox (one
 -- RPUSH per process, messages in grant order), or, for a process id ending in
 -- '!', publishes them joined by ',' on the channel of the same name (one PUBLISH
--- per process). Returns how many were granted,
+-- per process; a refused PUBLISH posts them to the list). Returns how many were granted,
 -- and the messages of process `own` (nil: none is), which are returned to the
 -- caller instead of posted: a list, empty when none.
 local function handoff(now, own)
@@ -770,14 +770,20 @@ local function handoff(now, own)
   for _, process in ipairs(processes) do
     if process == own then
       kept = messages[process]
-    elseif string.byte(process, -1) == 33 then
-      -- A process id ending in '!' listens on the channel of that name: one PUBLISH
-      -- of the messages joined by ',' (a channel is not a key: nothing to expire).
-      redis.call('PUBLISH', mailbox_prefix .. process, table.concat(messages[process], ','))
     else
       local mailbox = mailbox_prefix .. process
-      redis.call('RPUSH', mailbox, unpack(messages[process]))
-      redis.call('PEXPIRE', mailbox, int(key_ttl_ms))
+      -- A process id ending in '!' listens on the channel of that name: one PUBLISH
+      -- of the messages joined by ',' (a channel is not a key: nothing to expire).
+      -- Refused (an ACL without the channel), they go to the list of that name.
+      local published = false
+      if string.byte(process, -1) == 33 then
+        local reply = redis.pcall('PUBLISH', mailbox, table.concat(messages[process], ','))
+        published = type(reply) ~= 'table'
+      end
+      if not published then
+        redis.call('RPUSH', mailbox, unpack(messages[process]))
+        redis.call('PEXPIRE', mailbox, int(key_ttl_ms))
+      end
     end
   end
   return #heads, kept

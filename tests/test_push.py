@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,8 @@ def pubsub_clients(server: RedisServer) -> int:
 
 async def zcard(server: RedisServer, key: str) -> int:
     reply = send_command(server.port, "ZCARD", key)
-    assert reply is not None and reply.startswith(":"), reply
+    assert reply is not None
+    assert reply.startswith(":"), reply
     return int(reply[1:])
 
 
@@ -121,34 +122,36 @@ async def test_grants_to_another_limiter_arrive_by_push(
     server: RedisServer, name: str, flavour: str
 ) -> None:
     layout = KeyLayout.of(name)
-    async with open_client(flavour, server.url) as one, open_client(flavour, server.url) as two:
-        async with (
-            RedisLimiter(one, name, max_at_once=1, recheck_interval=30) as first,
-            RedisLimiter(two, name, max_at_once=1, recheck_interval=30) as second,
-        ):
-            reset_stats(server)
-            permit = await first.acquire()
-            got: list[float] = []
+    async with (
+        open_client(flavour, server.url) as one,
+        open_client(flavour, server.url) as two,
+        RedisLimiter(one, name, max_at_once=1, recheck_interval=30) as first,
+        RedisLimiter(two, name, max_at_once=1, recheck_interval=30) as second,
+    ):
+        reset_stats(server)
+        permit = await first.acquire()
+        got: list[float] = []
 
-            async def wait_for_slot() -> None:
-                async with second.slot():
-                    got.append(anyio.current_time())
+        async def wait_for_slot() -> None:
+            async with second.slot():
+                got.append(anyio.current_time())
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(wait_for_slot)
-                while await zcard(server, layout.keys[1]) == 0:  # queued
-                    await anyio.sleep(0.01)
-                await anyio.sleep(0.2)  # subscribed (and the re-check made) by now
-                released = anyio.current_time()
-                await permit.release()
-            # Pushed: well before the 30 s re-check.
-            assert got and got[0] - released < 1.0
-            stats = command_stats(server)
-            assert stats.get("blpop", 0) == 0
-            assert stats.get("publish", 0) >= 1
-            assert stats.get("subscribe", 0) == 1
-            assert send_command(server.port, "EXISTS", second._mailbox) == ":0\r\n"
-            assert second._mailbox.endswith("!")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_for_slot)
+            while await zcard(server, layout.keys[1]) == 0:  # queued
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.2)  # subscribed (and the re-check made) by now
+            released = anyio.current_time()
+            await permit.release()
+        # Pushed: well before the 30 s re-check.
+        assert len(got) == 1
+        assert got[0] - released < 1.0
+        stats = command_stats(server)
+        assert stats.get("blpop", 0) == 0
+        assert stats.get("publish", 0) >= 1
+        assert stats.get("subscribe", 0) == 1
+        assert send_command(server.port, "EXISTS", second._mailbox) == ":0\r\n"
+        assert second._mailbox.endswith("!")
 
 
 @pytest.mark.anyio
@@ -185,38 +188,41 @@ async def test_subscriber_killed_while_waiters_are_queued(
     layout = KeyLayout.of(name)
     rounds = 6
     waits: list[float] = []
-    async with open_client(flavour, server.url) as one, open_client(flavour, server.url) as two:
-        async with (
-            RedisLimiter(one, name, max_at_once=2, recheck_interval=10) as holder,
-            RedisLimiter(two, name, max_at_once=2, recheck_interval=10) as waiter,
-        ):
-            for _ in range(rounds):
-                permits = [await holder.acquire(), await holder.acquire()]
-                done = anyio.Event()
-                got: list[float] = []
 
-                async def take() -> None:
-                    async with waiter.slot():
-                        got.append(anyio.current_time())
-                        if len(got) == 2:
-                            done.set()
-                        await done.wait()
+    async def take(limiter: RedisLimiter, got: list[float], done: anyio.Event) -> None:
+        async with limiter.slot():
+            got.append(anyio.current_time())
+            if len(got) == 2:
+                done.set()
+            await done.wait()
 
-                with anyio.fail_after(30):
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(take)
-                        tg.start_soon(take)
-                        while await zcard(server, layout.keys[1]) < 2:
-                            await anyio.sleep(0.01)
-                        while pubsub_clients(server) == 0:
-                            await anyio.sleep(0.01)
-                        reply = send_command(server.port, "CLIENT", "KILL", "TYPE", "pubsub")
-                        assert reply is not None and reply.startswith(":")
-                        released = anyio.current_time()
-                        for permit in permits:
-                            await permit.release()
-                waits.append(max(got) - released)
-            assert not waiter._leases.waiters and not holder._leases.held
+    async with (
+        open_client(flavour, server.url) as one,
+        open_client(flavour, server.url) as two,
+        RedisLimiter(one, name, max_at_once=2, recheck_interval=10) as holder,
+        RedisLimiter(two, name, max_at_once=2, recheck_interval=10) as waiter,
+    ):
+        for _ in range(rounds):
+            permits = [await holder.acquire(), await holder.acquire()]
+            done = anyio.Event()
+            got: list[float] = []
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(take, waiter, got, done)
+                    tg.start_soon(take, waiter, got, done)
+                    while await zcard(server, layout.keys[1]) < 2:
+                        await anyio.sleep(0.01)
+                    while pubsub_clients(server) == 0:
+                        await anyio.sleep(0.01)
+                    reply = send_command(server.port, "CLIENT", "KILL", "TYPE", "pubsub")
+                    assert reply is not None
+                    assert reply.startswith(":")
+                    released = anyio.current_time()
+                    for permit in permits:
+                        await permit.release()
+            waits.append(max(got) - released)
+        assert not waiter._leases.waiters
+        assert not holder._leases.held
     # Every waiter got its slot; allow one round in six to be slow (a loaded machine).
     assert len(waits) == rounds
     assert sum(wait < 2.0 for wait in waits) >= rounds - 1, waits
@@ -231,23 +237,25 @@ async def test_subscription_is_dropped_once_nobody_waits(
     monkeypatch.setattr(leases_module, "PUSH_LINGER", 0.2)
     monkeypatch.setattr(leases_module, "_PUSH_POLL", 0.05)
     before = pubsub_clients(server)
-    async with open_client(flavour, server.url) as one, open_client(flavour, server.url) as two:
-        async with (
-            RedisLimiter(one, name, max_at_once=1) as first,
-            RedisLimiter(two, name, max_at_once=1) as second,
-        ):
-            # No waiter yet: no subscription.
-            await anyio.sleep(0.1)
-            assert pubsub_clients(server) == before
-            permit = await first.acquire()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(second.acquire)
-                await anyio.sleep(0.2)
-                assert pubsub_clients(server) == before + 1
-                await permit.release()
-            with anyio.fail_after(5):
-                while pubsub_clients(server) > before:
-                    await anyio.sleep(0.05)
+    async with (
+        open_client(flavour, server.url) as one,
+        open_client(flavour, server.url) as two,
+        RedisLimiter(one, name, max_at_once=1) as first,
+        RedisLimiter(two, name, max_at_once=1) as second,
+    ):
+        # No waiter yet: no subscription.
+        await anyio.sleep(0.1)
+        assert pubsub_clients(server) == before
+        permit = await first.acquire()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(second.acquire)
+            await anyio.sleep(0.2)
+            assert pubsub_clients(server) == before + 1
+            await permit.release()
+        # Subscribed while the waiter waited; dropped PUSH_LINGER after it left.
+        with anyio.fail_after(5):
+            while pubsub_clients(server) > before:
+                await anyio.sleep(0.05)
     assert pubsub_clients(server) == before
 
 
@@ -347,13 +355,8 @@ async def test_old_version_process_shares_a_limiter(
 async def test_cluster_clients_keep_the_mailbox(cluster: RedisCluster3, name: str) -> None:
     import redis.asyncio
 
-    async def clients() -> Sequence[Any]:
-        return [
-            redis.asyncio.RedisCluster.from_url(cluster.url),
-            redis.asyncio.RedisCluster.from_url(cluster.url),
-        ]
-
-    one, two = await clients()
+    one = redis.asyncio.RedisCluster.from_url(cluster.url)
+    two = redis.asyncio.RedisCluster.from_url(cluster.url)
     try:
         async with (
             RedisLimiter(one, name, max_at_once=1, recheck_interval=30) as first,
@@ -361,15 +364,23 @@ async def test_cluster_clients_keep_the_mailbox(cluster: RedisCluster3, name: st
         ):
             assert not second._mailbox.endswith("!")
             permit = await first.acquire()
+            got: list[float] = []
+
+            async def wait_for_slot() -> None:
+                async with second.slot():
+                    got.append(anyio.current_time())
+
             async with anyio.create_task_group() as tg:
-                tg.start_soon(second.acquire)
+                tg.start_soon(wait_for_slot)
                 await anyio.sleep(0.3)
                 for port in cluster.alive_ports():
                     reply = send_command(port, "CLIENT", "LIST", "TYPE", "pubsub")
-                    assert reply is not None and "id=" not in reply
+                    assert reply is not None
+                    assert "id=" not in reply
                 released = anyio.current_time()
                 await permit.release()
-            assert anyio.current_time() - released < 1.0  # BLPOP, not the re-check
+            assert len(got) == 1
+            assert got[0] - released < 1.0  # BLPOP, not the 30 s re-check
     finally:
         await one.aclose()
         await two.aclose()
