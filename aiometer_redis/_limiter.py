@@ -8,13 +8,16 @@ Redis clock):
    its coroutines need to contend in Redis, however many wait locally.
 2. ``acquire.lua`` either grants a slot (a lease with an expiry, a fencing token and the delay
    until the rate limit allows the start) or queues the waiter with a ticket.
-3. A queued waiter is woken by its process's mailbox: ``release.lua`` (and ``renew.lua`` /
-   ``cancel.lua``) hand a freed slot straight to the oldest ticket and push the grant to the
-   owner's mailbox list, which one dispatcher task per limiter per process blocks on with
-   BLPOP. As a fallback against a lost wake-up, a waiter re-runs ``acquire.lua`` (idempotent
-   for the same waiter id) after ``recheck_interval`` without news. A release is not awaited:
-   it rides in front of the process's next ``acquire.lua`` call (a swap), whose handoff returns
-   the grants to this process's own waiters in its reply instead of through the mailbox.
+3. A queued waiter is woken by a grant pushed to its process: ``release.lua`` (and
+   ``renew.lua`` / ``cancel.lua``) hand a freed slot straight to the oldest ticket and PUBLISH
+   the grant on the owner's channel, to which one dispatcher task per limiter per process
+   subscribes while the process has waiters (a re-subscription makes every waiter ask again:
+   a message published meanwhile is dropped). With a cluster client the grant goes to the
+   owner's mailbox list instead, which the dispatcher blocks on with BLPOP. As a fallback
+   against a lost wake-up, a waiter re-runs ``acquire.lua`` (idempotent for the same waiter
+   id) after ``recheck_interval`` without news. A release is not awaited: it rides in front
+   of the process's next ``acquire.lua`` call (a swap), whose handoff returns the grants to
+   this process's own waiters in its reply instead.
 4. While tasks run, one renewal task per limiter per process extends all of the process's
    leases and queue entries in one call every ``lease_ttl / 3``. A process killed with
    SIGKILL stops renewing, so its slots come back within ``lease_ttl``.
@@ -98,9 +101,11 @@ class RedisLimiter:
         redis: a ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster`` (asyncio), or a
             ``coredis.Redis`` / ``coredis.RedisCluster`` (asyncio and trio; enter it with
             ``async with`` before use). The limiter does not close a client it was given.
-            Each limiter object with waiting tasks keeps one pooled connection in a blocking
-            BLPOP, so size the client's pool for one per limiter object plus headroom (a
-            cluster client with 100 limiters needs ``max_connections`` above 100 per node).
+            Each limiter object with waiting tasks keeps one pooled connection for its
+            wake-ups (a pub/sub subscription, kept 5 s after the last waiter left; a
+            blocking BLPOP with a cluster client), so size the client's pool for one per
+            limiter object plus headroom (a cluster client with 100 limiters needs
+            ``max_connections`` above 100 per node).
         name: any string; processes using the same name and prefix share the limits.
         max_at_once: at most this many slots held at once across all processes.
         max_per_second: at most this many starts per second across all processes (GCRA).
@@ -113,7 +118,7 @@ class RedisLimiter:
         retry_window: how long a Redis call is retried (with backoff) on connection errors
             and time-outs before :class:`RedisUnavailableError` is raised.
         recheck_interval: how long a queued waiter waits for its wake-up before asking Redis
-            again (a fallback; normally the mailbox wakes it within a round trip).
+            again (a fallback; normally a pushed grant wakes it within a round trip).
         on_unavailable: ``"fail"`` (the default) raises :class:`RedisUnavailableError` when
             Redis does not answer within ``retry_window``: no task starts without Redis's
             agreement. ``"local"`` falls back to in-process limits instead (the same numbers,

@@ -11,6 +11,8 @@ local interval = tonumber(ARGV[3])
 local burst = tonumber(ARGV[4])
 local lease_ttl = tonumber(ARGV[5])
 local key_ttl_ms = tonumber(ARGV[6])
+-- The mailbox of process p is the list (or, for an id ending in '!', the channel)
+-- mailbox_prefix .. p: see handoff.
 local mailbox_prefix = ARGV[7]
 local window_spec = ARGV[8]
 -- The adaptive spec (parse_adaptive in _read.lua): false when off.
