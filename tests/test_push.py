@@ -259,6 +259,30 @@ async def test_subscription_is_dropped_once_nobody_waits(
     assert pubsub_clients(server) == before
 
 
+@pytest.mark.anyio
+async def test_leaving_while_subscribed_closes_the_subscription(
+    server: RedisServer, name: str, flavour: str
+) -> None:
+    before = pubsub_clients(server)
+    async with (
+        open_client(flavour, server.url) as one,
+        open_client(flavour, server.url) as two,
+        RedisLimiter(one, name, max_at_once=1) as first,
+    ):
+        permit = await first.acquire()
+        async with RedisLimiter(two, name, max_at_once=1) as second:
+            with anyio.move_on_after(0.3):
+                await second.acquire()  # queued, never granted: cancelled
+            assert pubsub_clients(server) == before + 1
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(second.acquire)
+                await anyio.sleep(0.1)
+                tg.cancel_scope.cancel()  # the limiter is left while its subscription is live
+        assert pubsub_clients(server) == before
+        await permit.release()
+        assert (await first.statistics()).waiters == ()
+
+
 # -- the previous version's scripts next to a pushing process -------------------------------
 
 

@@ -62,7 +62,7 @@ PASSWORD = "pw-7f3c9a1e-do-not-leak"
 # - keys and channels: the default prefix only (use ~<prefix>:* &<prefix>:* for another).
 # "reset" first makes the line idempotent; replace the password after ">".
 ACL_RULES = (
-    "limiter reset on >limiter-pw ~aiometer:* &aiometer:* -@all"
+    "limiter reset on >limiter-pw ~aiometer:* resetchannels &aiometer:* -@all"
     " +evalsha +eval +subscribe +unsubscribe +blpop +del +ping"
     " +time +get +set +incr +incrby +pexpire"
     " +zadd +zrem +zcard +zrange +zrangebyscore +zrank +zscore"
