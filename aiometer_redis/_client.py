@@ -1,8 +1,8 @@
 """A narrow async adapter over the supported Redis clients.
 
 The limiters need only a handful of operations from a client: run a Lua script, block
-on a list, ping, delete keys. :class:`ScriptClient` names exactly those, and
-:func:`adapt` wraps a user's client in the matching implementation:
+on a list, listen on a pub/sub channel, ping, delete keys. :class:`ScriptClient` names
+exactly those, and :func:`adapt` wraps a user's client in the matching implementation:
 
 * :class:`RedisPyClient` for ``redis.asyncio.Redis`` and ``redis.asyncio.RedisCluster``
   (asyncio only);
@@ -26,15 +26,18 @@ import inspect
 import math
 import sys
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import anyio
 import sniffio
 
-from ._errors import ErrorMap
+from ._errors import ClientError, ErrorMap, ErrorReply
 from ._scripts import Script
 from ._urls import SentinelURL, parse_url
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
     import coredis
@@ -45,6 +48,7 @@ __all__ = [
     "RedisPyClient",
     "ScriptArg",
     "ScriptClient",
+    "Subscription",
     "adapt",
     "client_from_url",
     "encode_args",
@@ -53,6 +57,24 @@ __all__ = [
 
 #: A value accepted in a script's ARGV.
 ScriptArg = str | int | float
+
+
+class Subscription(Protocol):
+    """A channel subscription held by :meth:`ScriptClient.subscribe`.
+
+    Attributes:
+        confirmed: how many times Redis confirmed the subscription: 1 after the first
+            SUBSCRIBE, one more after each re-subscription the client library made on its
+            own after a reconnection. Messages published while it was not subscribed are
+            lost: a caller that sees this number grow asks again for what it may have missed.
+    """
+
+    confirmed: int
+
+    async def receive(self, timeout: float) -> str | None:
+        """The next message published on the channel, waiting up to ``timeout`` seconds;
+        None when none came (a confirmation also returns None, after counting it)."""
+        ...
 
 
 @runtime_checkable
@@ -72,6 +94,17 @@ class ScriptClient(Protocol):
 
     async def blpop(self, key: str, timeout: float) -> str | None:
         """Pop the head of list ``key``, waiting up to ``timeout`` seconds; None on timeout."""
+        ...
+
+    @property
+    def can_subscribe(self) -> bool:
+        """Whether :meth:`subscribe` may be used (False for cluster clients: a message
+        published on a cluster goes to every node)."""
+        ...
+
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[Subscription]:
+        """Subscribe to ``channel`` on a connection of its own (taken from the client's pool
+        and given back on exit, unsubscribed)."""
         ...
 
     async def ping(self) -> None:
@@ -182,6 +215,7 @@ class RedisPyClient:
         # discovered the cluster, redis-py 8 can drop a connection while it is still
         # connecting; discovering it once, first, avoids that.
         self._needs_init = hasattr(client, "initialize")
+        self._is_cluster = _is_instance_from(client, "redis.asyncio", ("RedisCluster",))
         self._errors = _redis_py_errors()
 
     async def _ready(self) -> None:
@@ -227,6 +261,30 @@ class RedisPyClient:
             raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
         return _popped_value(reply)
 
+    @property
+    def can_subscribe(self) -> bool:
+        """False for ``redis.asyncio.RedisCluster``."""
+        return not self._is_cluster
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[Subscription]:
+        """Subscribe to ``channel`` on a connection taken from the client's pool (given back,
+        disconnected, on exit). redis-py re-subscribes by itself after a reconnection within
+        its retry policy; a connection it cannot restore raises ``Unavailable``."""
+        if self._is_cluster:
+            raise TypeError("pub/sub is not used with a cluster client")
+        pubsub = self._client.pubsub()
+        try:
+            try:
+                await pubsub.subscribe(channel)
+            except Exception as exc:
+                raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
+            yield _RedisPySubscription(pubsub, self._errors)
+        finally:
+            # Closing drops the connection: Redis ends its subscriptions with it.
+            with anyio.CancelScope(shield=True):
+                await pubsub.aclose()
+
     async def ping(self) -> None:
         """Round-trip a PING."""
         try:
@@ -267,6 +325,7 @@ class CoredisClient:
     def __init__(self, client: coredis.Redis[Any] | coredis.RedisCluster[Any]) -> None:
         self._client: Any = client
         self._errors = _coredis_errors()
+        self._is_cluster = _is_instance_from(client, "coredis", ("RedisCluster",))
 
     @property
     def client(self) -> coredis.Redis[Any] | coredis.RedisCluster[Any]:
@@ -303,6 +362,47 @@ class CoredisClient:
             raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
         return _popped_value(reply)
 
+    @property
+    def can_subscribe(self) -> bool:
+        """False for ``coredis.RedisCluster``."""
+        return not self._is_cluster
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[Subscription]:
+        """Subscribe to ``channel`` on a connection taken from the client's pool (given back
+        on exit, unsubscribed). A lost connection raises ``Unavailable`` (coredis's own
+        reconnections are turned off: their delays grow with each loss for the life of the
+        subscription; the caller subscribes again after its own backoff)."""
+        if self._is_cluster:
+            raise TypeError("pub/sub is not used with a cluster client")
+        from coredis.retry import NoRetryPolicy
+
+        subscribed = False
+        try:
+            async with self._client.pubsub(
+                channels=[channel], retry_policy=NoRetryPolicy(), subscription_timeout=5
+            ) as pubsub:
+                subscribed = True
+                yield _CoredisSubscription(pubsub, self._errors)
+        except Exception as exc:
+            leaf = _leaf(exc)
+            if not subscribed and isinstance(leaf, TimeoutError) and await self._answers():
+                # On asyncio, coredis reports a SUBSCRIBE that Redis refused (an ACL without
+                # the channel) as an acknowledgement that never came.
+                raise ErrorReply(
+                    f"Redis answers, but did not acknowledge SUBSCRIBE {channel} (does the "
+                    "user's ACL allow SUBSCRIBE and the channel?)",
+                    "NOPERM",
+                ) from leaf
+            raise _neutral(self._errors, leaf)  # noqa: B904 - chained in _neutral
+
+    async def _answers(self) -> bool:
+        try:
+            await self.ping()
+        except ClientError:
+            return False
+        return True
+
     async def ping(self) -> None:
         """Round-trip a PING."""
         try:
@@ -324,6 +424,67 @@ class CoredisClient:
 
     def __repr__(self) -> str:
         return f"CoredisClient({self._client!r})"
+
+
+class _RedisPySubscription:
+    """:class:`Subscription` over a redis-py ``PubSub`` (subscribed)."""
+
+    def __init__(self, pubsub: Any, errors: ErrorMap) -> None:
+        self._pubsub = pubsub
+        self._errors = errors
+        self.confirmed = 0
+
+    async def receive(self, timeout: float) -> str | None:
+        timeout = _check_timeout(timeout)
+        try:
+            message = await self._pubsub.get_message(timeout=timeout)
+        except Exception as exc:
+            raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
+        return _published(self, message)
+
+
+class _CoredisSubscription:
+    """:class:`Subscription` over a coredis ``PubSub`` (entered, subscribed)."""
+
+    def __init__(self, pubsub: Any, errors: ErrorMap) -> None:
+        self._pubsub = pubsub
+        self._errors = errors
+        self.confirmed = 0
+
+    async def receive(self, timeout: float) -> str | None:
+        timeout = _check_timeout(timeout)
+        try:
+            message = await self._pubsub.get_message(timeout=timeout)
+        except Exception as exc:
+            raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
+        return _published(self, message)
+
+
+def _published(subscription: Subscription, message: Any) -> str | None:
+    """The data of a published *message* (a dict of either library); a confirmation of the
+    subscription is counted in *subscription* and gives None, as do other kinds."""
+    if message is None:
+        return None
+    kind = normalize_reply(message["type"])
+    if kind == "subscribe":
+        subscription.confirmed += 1
+        return None
+    if kind != "message":
+        return None
+    data = normalize_reply(message["data"])
+    assert isinstance(data, str)
+    return data
+
+
+def _leaf(exc: Exception) -> Exception:
+    """The first error inside nested exception groups (coredis runs a subscription in a task
+    group), or *exc* itself."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        first = exc.exceptions[0]
+        if not isinstance(first, Exception):
+            break
+        exc = first
+    return exc
 
 
 def _neutral(errors: ErrorMap, exc: Exception) -> Exception:

@@ -4,8 +4,10 @@ ids left to withdraw, and the background loops that keep them.
 * The renewal loop extends every lease and queue entry of the process in one call every
   ``lease_ttl / 3``, and reports the leases it finds expired (a warning, a count, the
   ``on_lease_lost`` callback, and :attr:`Lease.lost` for the permit).
-* The dispatch loop blocks on the process's mailbox (BLPOP) and hands each grant pushed there
-  to its waiter.
+* The dispatch loop hands the grants made for this process's waiters by other processes'
+  calls to those waiters: pushed by Redis on the process's channel (pub/sub, see
+  :meth:`LeaseTable.push_loop`), or, with a cluster client, popped from its mailbox list
+  (BLPOP).
 * Orphans are ids whose last call failed on the client side: the call may still have run on
   the server (an acquire holding a lease nobody will release, a release or cancel that did
   not happen). ``cancel.lua`` frees an id whatever state it is in, so they are cancelled when
@@ -33,6 +35,12 @@ from ._metrics import LimiterMetrics
 __all__ = ["Lease", "LeaseTable", "ScriptCall", "Waiter"]
 
 logger = logging.getLogger("aiometer_redis")
+
+#: Seconds a subscription is kept after the last waiter of the process left: a limiter
+#: nobody waits on holds no connection, one in steady use does not subscribe again and again.
+PUSH_LINGER = 5.0
+# How often the push loop looks whether it may unsubscribe (seconds).
+_PUSH_POLL = 1.0
 
 #: Runs one of the limiter's scripts with these ARGV after the header, retrying until the
 #: deadline (default: the retry window); raises RedisLimiterError.
@@ -90,6 +98,10 @@ class LeaseTable:
         self.metrics: LimiterMetrics | None = None
         self._withdrawing = False
         self._waiters_added = anyio.Event()
+        # Push (pub/sub) wake-ups: whether the subscription is confirmed now, and how many
+        # times it was confirmed (a grant published before a confirmation may be lost).
+        self._push_live = False
+        self._push_epoch = 0
         self._releases = Batcher(self._release_many)
         #: The limiter's acquire batcher when releases ride with acquisitions (swaps: a
         #: release is posted, not awaited); None: each release awaits its own call.
@@ -118,9 +130,21 @@ class LeaseTable:
         """Withdraw *entry_id* when Redis answers again (its last call failed)."""
         self.orphans.add(entry_id)
 
-    def wait(self, waiter_id: str) -> Waiter:
-        """Queue a waiter of this process: the dispatch loop wakes it on a grant."""
+    def push_ticket(self) -> int:
+        """Taken before an acquire call that may queue a waiter (give it to :meth:`wait`):
+        which confirmed subscription was live then (-1: none)."""
+        return self._push_epoch if self._push_live else -1
+
+    def wait(self, waiter_id: str, ticket: int | None = None) -> Waiter:
+        """Queue a waiter of this process: the dispatch loop wakes it on a grant.
+
+        *ticket* (from :meth:`push_ticket` before its acquire call was sent): if the
+        subscription live now was not live then, a grant may have been published for it
+        before anyone listened, and the confirmation's re-check did not know the waiter yet:
+        it is woken at once to ask again."""
         waiter = self.waiters[waiter_id] = Waiter()
+        if ticket is not None and self._push_live and ticket != self._push_epoch:
+            waiter.event.set()
         self._waiters_added.set()
         return waiter
 
@@ -174,13 +198,15 @@ class LeaseTable:
             waiter.event.set()
 
     def deliver(self, message: str) -> None:
-        """Hand a grant ``"<waiter id>|<token>|<delay_us>"`` (from the mailbox, or returned
-        by a swap) to its waiter, if it still waits."""
-        waiter_id, token, delay_us = message.split("|")
-        waiter = self.waiters.get(waiter_id)
-        if waiter is not None:
-            waiter.grant = (int(token), int(delay_us))
-            waiter.event.set()
+        """Hand each grant ``"<waiter id>|<token>|<delay_us>"`` of *message* (from the mailbox
+        or the channel, where several are joined by ``,``, or returned by a swap) to its
+        waiter, if it still waits."""
+        for grant in message.split(","):
+            waiter_id, token, delay_us = grant.split("|")
+            waiter = self.waiters.get(waiter_id)
+            if waiter is not None:
+                waiter.grant = (int(token), int(delay_us))
+                waiter.event.set()
 
     async def release(self, lease: Lease) -> None:
         """Give *lease* back in Redis (merged with the releases of other coroutines); if
@@ -271,8 +297,69 @@ class LeaseTable:
         except Exception:
             logger.exception("limiter %r: the on_lease_lost callback failed", self.name)
 
+    async def push_loop(self, client: ScriptClient, channel: str) -> None:
+        """Hand the grants Redis publishes on this process's *channel* to their waiters.
+
+        Subscribed while this process has waiters (and :data:`PUSH_LINGER` seconds after
+        the last one left). A grant published while nobody listened is not kept: every
+        confirmation of the subscription (the first, and each one the client library makes
+        after reconnecting) wakes every waiter to ask again, and so does a waiter queued by
+        a call sent before it (see :meth:`wait`). A subscription that fails is made again
+        after a backoff (50 ms, doubling to 1 s); the waiters' own re-checks after
+        ``recheck_interval`` cover what happens meanwhile. A subscription Redis refuses (not
+        one it could not answer) turns this into :meth:`dispatch_loop` on the mailbox list
+        of the same name, where the scripts post the grants their PUBLISH could not send.
+        """
+        backoff = 0.05
+        while True:
+            if not self.waiters:
+                self._waiters_added = anyio.Event()
+                await self._waiters_added.wait()
+            try:
+                async with client.subscribe(channel) as subscription:
+                    confirmed = 0
+                    idle_since: float | None = None
+                    while True:
+                        message = await subscription.receive(_PUSH_POLL)
+                        if subscription.confirmed != confirmed:
+                            confirmed = subscription.confirmed
+                            self._push_epoch += 1
+                            self._push_live = True
+                            backoff = 0.05
+                            self.recheck_waiters()
+                        if message is not None:
+                            self.deliver(message)
+                        now = anyio.current_time()
+                        if self.waiters:
+                            idle_since = None
+                        elif idle_since is None:
+                            idle_since = now
+                        elif now - idle_since >= PUSH_LINGER:
+                            break
+            except ClientError as exc:
+                self._push_live = False
+                if not isinstance(exc, Unavailable):
+                    # Refused (an ACL without SUBSCRIBE or the channel): the scripts post to
+                    # the list of the same name when their PUBLISH is refused too.
+                    logger.warning(
+                        "limiter %r: cannot subscribe to %s (%s); its waiters are woken "
+                        "through the mailbox list of that name instead (BLPOP). Allow the "
+                        "Redis user SUBSCRIBE, PUBLISH and the channels of the limiter's "
+                        "prefix (&<prefix>:*) to have the grants pushed",
+                        self.name,
+                        channel,
+                        exc,
+                    )
+                    await self.dispatch_loop(client, channel)
+                    return
+                # The waiters' own re-checks cover the outage; just don't spin.
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+            finally:
+                self._push_live = False
+
     async def dispatch_loop(self, client: ScriptClient, mailbox: str) -> None:
-        """Hand the grants pushed to this process's *mailbox* to their waiters."""
+        """Hand the grants pushed to this process's *mailbox* (a list) to their waiters."""
         recheck_interval = self._config.recheck_interval
         backoff = 0.05
         while True:

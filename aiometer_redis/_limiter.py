@@ -8,13 +8,16 @@ Redis clock):
    its coroutines need to contend in Redis, however many wait locally.
 2. ``acquire.lua`` either grants a slot (a lease with an expiry, a fencing token and the delay
    until the rate limit allows the start) or queues the waiter with a ticket.
-3. A queued waiter is woken by its process's mailbox: ``release.lua`` (and ``renew.lua`` /
-   ``cancel.lua``) hand a freed slot straight to the oldest ticket and push the grant to the
-   owner's mailbox list, which one dispatcher task per limiter per process blocks on with
-   BLPOP. As a fallback against a lost wake-up, a waiter re-runs ``acquire.lua`` (idempotent
-   for the same waiter id) after ``recheck_interval`` without news. A release is not awaited:
-   it rides in front of the process's next ``acquire.lua`` call (a swap), whose handoff returns
-   the grants to this process's own waiters in its reply instead of through the mailbox.
+3. A queued waiter is woken by a grant pushed to its process: ``release.lua`` (and
+   ``renew.lua`` / ``cancel.lua``) hand a freed slot straight to the oldest ticket and PUBLISH
+   the grant on the owner's channel, to which one dispatcher task per limiter per process
+   subscribes while the process has waiters (a re-subscription makes every waiter ask again:
+   a message published meanwhile is dropped). With a cluster client the grant goes to the
+   owner's mailbox list instead, which the dispatcher blocks on with BLPOP. As a fallback
+   against a lost wake-up, a waiter re-runs ``acquire.lua`` (idempotent for the same waiter
+   id) after ``recheck_interval`` without news. A release is not awaited: it rides in front
+   of the process's next ``acquire.lua`` call (a swap), whose handoff returns the grants to
+   this process's own waiters in its reply instead.
 4. While tasks run, one renewal task per limiter per process extends all of the process's
    leases and queue entries in one call every ``lease_ttl / 3``. A process killed with
    SIGKILL stops renewing, so its slots come back within ``lease_ttl``.
@@ -98,9 +101,11 @@ class RedisLimiter:
         redis: a ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster`` (asyncio), or a
             ``coredis.Redis`` / ``coredis.RedisCluster`` (asyncio and trio; enter it with
             ``async with`` before use). The limiter does not close a client it was given.
-            Each limiter object with waiting tasks keeps one pooled connection in a blocking
-            BLPOP, so size the client's pool for one per limiter object plus headroom (a
-            cluster client with 100 limiters needs ``max_connections`` above 100 per node).
+            Each limiter object with waiting tasks keeps one pooled connection for its
+            wake-ups (a pub/sub subscription, kept 5 s after the last waiter left; a
+            blocking BLPOP with a cluster client), so size the client's pool for one per
+            limiter object plus headroom (a cluster client with 100 limiters needs
+            ``max_connections`` above 100 per node).
         name: any string; processes using the same name and prefix share the limits.
         max_at_once: at most this many slots held at once across all processes.
         max_per_second: at most this many starts per second across all processes (GCRA).
@@ -113,7 +118,7 @@ class RedisLimiter:
         retry_window: how long a Redis call is retried (with backoff) on connection errors
             and time-outs before :class:`RedisUnavailableError` is raised.
         recheck_interval: how long a queued waiter waits for its wake-up before asking Redis
-            again (a fallback; normally the mailbox wakes it within a round trip).
+            again (a fallback; normally a pushed grant wakes it within a round trip).
         on_unavailable: ``"fail"`` (the default) raises :class:`RedisUnavailableError` when
             Redis does not answer within ``retry_window``: no task starts without Redis's
             agreement. ``"local"`` falls back to in-process limits instead (the same numbers,
@@ -228,8 +233,14 @@ class RedisLimiter:
         self._url = url
         layout = KeyLayout.of(name, config.prefix, config.rates)
         self._keys = list(layout.script_keys)
+        self._layout = layout
         self._process_id = uuid.uuid4().hex[:16]
         self._mailbox = layout.mailbox(self._process_id)
+        # Whether this process's waiters are woken by grants pushed on a channel (pub/sub), not
+        # popped from a mailbox list (BLPOP). Cluster clients always use the mailbox. Set to
+        # False after construction, before entering, to keep the mailbox (the previous scheme,
+        # for side-by-side measurements).
+        self._push = True
         self._header = config.script_header(layout.mailbox_prefix)
         self._scripts: dict[str, Script] = {
             n: load_script(n)
@@ -324,6 +335,7 @@ class RedisLimiter:
             # client owner close the client.
             stack.callback(closing.set)
             stack.callback(task_group.cancel_scope.cancel)
+            self._pick_wakeups()
             self._start_background(task_group)
             self._task_group = task_group
         except BaseException:
@@ -367,11 +379,28 @@ class RedisLimiter:
                 )
                 await closing.wait()
 
+    def _pick_wakeups(self) -> bool:
+        """Choose how this process's waiters are woken (before any waiter id is made): True
+        for a channel, False for the mailbox list.
+
+        The scripts tell the two apart by the process id in the waiter ids: one ending in "!"
+        has its grants published on the channel of that name (see handoff in
+        lua/_shared.lua), any other has them pushed to its mailbox list of that name."""
+        assert self._client is not None
+        base = self._process_id.rstrip("!")
+        push = self._push and self._client.can_subscribe and self._config.max_at_once is not None
+        self._process_id = base + "!" if push else base
+        self._mailbox = self._layout.mailbox(self._process_id)
+        return push
+
     def _start_background(self, task_group: anyio.abc.TaskGroup) -> None:
         task_group.start_soon(self._leases.renew_loop)
         if self._config.max_at_once is not None:
             assert self._client is not None
-            task_group.start_soon(self._leases.dispatch_loop, self._client, self._mailbox)
+            if self._process_id.endswith("!"):
+                task_group.start_soon(self._leases.push_loop, self._client, self._mailbox)
+            else:
+                task_group.start_soon(self._leases.dispatch_loop, self._client, self._mailbox)
             task_group.start_soon(self._flush_loop)
 
     async def _flush_loop(self) -> None:
@@ -388,6 +417,7 @@ class RedisLimiter:
         ``async with`` (what :class:`RedisLimiterGroup` does); the returned scope stops them.
         Undo with :meth:`detach`."""
         scope = anyio.CancelScope()
+        self._pick_wakeups()
 
         async def background() -> None:
             with scope:
@@ -906,6 +936,7 @@ class RedisLimiter:
     ) -> tuple[int, int]:
         """Get a grant ``(token, delay_us)`` for *waiter_id* (a cost of *units*), queueing
         until one comes."""
+        ticket = self._leases.push_ticket()
         try:
             reply = await self._submit_acquire(waiter_id, start, deadline, units)
         except (RedisUnavailableError, PoolExhaustedError):
@@ -917,7 +948,7 @@ class RedisLimiter:
             return int(reply[1]), int(reply[2])
         if reply[0] == 2:
             raise self._too_late()
-        waiter = self._leases.wait(waiter_id)
+        waiter = self._leases.wait(waiter_id, ticket)
         try:
             while True:
                 with anyio.move_on_after(self._config.recheck_interval):

@@ -37,9 +37,10 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._client import ScriptArg, ScriptClient
+from ._client import ScriptArg, ScriptClient, Subscription
 from ._errors import ClientError, ErrorReply, PoolFull, Refused, Unavailable
 from ._exceptions import RedisLimiterError
 from ._scripts import Script
@@ -368,6 +369,13 @@ class _TimedClient:
 
     async def blpop(self, key: str, timeout: float) -> str | None:
         return await self._client.blpop(key, timeout)
+
+    @property
+    def can_subscribe(self) -> bool:
+        return self._client.can_subscribe
+
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[Subscription]:
+        return self._client.subscribe(channel)
 
     async def ping(self) -> None:
         await self._client.ping()

@@ -315,8 +315,9 @@ def _verdict(passed: bool) -> str:
 
 
 def _script_command_names() -> frozenset[str]:
-    """Lower-case names of every command the Lua scripts run through ``redis.call``."""
-    pattern = re.compile(r"redis\.call\(\s*'(\w+)'")
+    """Lower-case names of every command the Lua scripts run through ``redis.call`` or
+    ``redis.pcall``."""
+    pattern = re.compile(r"redis\.p?call\(\s*'(\w+)'")
     names: set[str] = set()
     for path in sorted(script_dir().glob("*.lua")):
         names.update(name.lower() for name in pattern.findall(path.read_text()))

@@ -11,6 +11,8 @@ local interval = tonumber(ARGV[3])
 local burst = tonumber(ARGV[4])
 local lease_ttl = tonumber(ARGV[5])
 local key_ttl_ms = tonumber(ARGV[6])
+-- The mailbox of process p is the list (or, for an id ending in '!', the channel)
+-- mailbox_prefix .. p: see handoff.
 local mailbox_prefix = ARGV[7]
 local window_spec = ARGV[8]
 -- The adaptive spec (parse_adaptive in _read.lua): false when off.
@@ -721,7 +723,9 @@ local handoff_left = {}
 
 -- Moves queue heads into free concurrency slots, in ticket order, and posts
 -- "<waiter id>|<token>|<delay_us>" to each new holder's process mailbox (one
--- RPUSH per process, messages in grant order). Returns how many were granted,
+-- RPUSH per process, messages in grant order), or, for a process id ending in
+-- '!', publishes them joined by ',' on the channel of the same name (one PUBLISH
+-- per process; a refused PUBLISH posts them to the list). Returns how many were granted,
 -- and the messages of process `own` (nil: none is), which are returned to the
 -- caller instead of posted: a list, empty when none.
 local function handoff(now, own)
@@ -770,8 +774,18 @@ local function handoff(now, own)
       kept = messages[process]
     else
       local mailbox = mailbox_prefix .. process
-      redis.call('RPUSH', mailbox, unpack(messages[process]))
-      redis.call('PEXPIRE', mailbox, int(key_ttl_ms))
+      -- A process id ending in '!' listens on the channel of that name: one PUBLISH
+      -- of the messages joined by ',' (a channel is not a key: nothing to expire).
+      -- Refused (an ACL without the channel), they go to the list of that name.
+      local published = false
+      if string.byte(process, -1) == 33 then
+        local reply = redis.pcall('PUBLISH', mailbox, table.concat(messages[process], ','))
+        published = type(reply) ~= 'table'
+      end
+      if not published then
+        redis.call('RPUSH', mailbox, unpack(messages[process]))
+        redis.call('PEXPIRE', mailbox, int(key_ttl_ms))
+      end
     end
   end
   return #heads, kept

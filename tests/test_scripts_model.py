@@ -51,7 +51,9 @@ SNAPSHOT = Script.from_source(
 )
 
 
-PROCESSES = ("a1", "b2", "c3")
+# "d4!" listens on its channel: its grants are published, never put in its mailbox list.
+PROCESSES = ("a1", "b2", "c3", "d4!")
+PUSHED = "d4!"
 WAITER_IDS = [f"{process}:{n}" for process in PROCESSES for n in range(3)]
 waiter_ids = st.sampled_from(WAITER_IDS)
 # Some ids carry a max delay (a caller with acquire_timeout): '<id>/<max delay us>'.
@@ -113,6 +115,9 @@ class ScriptsMatchModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        pubsub: Any = self.redis.pubsub  # untyped in redis-py
+        self.channel = pubsub(ignore_subscribe_messages=True)
+        self.channel.subscribe(mailbox_prefix("m") + PUSHED)
         for script in all_scripts().values():
             self.redis.script_load(script.source)
         self.redis.script_load(SNAPSHOT.source)
@@ -126,6 +131,7 @@ class ScriptsMatchModel(RuleBasedStateMachine):
         self.last_rate_batch: tuple[list[str], int, list[list[int]]] | None = None
 
     def teardown(self) -> None:
+        self.channel.close()
         self.redis.close()
 
     def limits(self) -> dict[str, Any]:
@@ -314,6 +320,11 @@ class ScriptsMatchModel(RuleBasedStateMachine):
         # A mailbox only ever receives grants for its own process's waiters.
         for process, box in zip(PROCESSES, boxes, strict=True):
             assert all(process_of(message.split("|")[0]) == process for message in box)
+        # What was published on the pushed process's channel since the last step.
+        published = []
+        while (message := self.channel.get_message()) is not None:
+            published.append(normalize_reply(message["data"]))
+        assert published == model.published.pop(PUSHED, [])
 
     @invariant()
     def every_key_has_a_ttl(self) -> None:

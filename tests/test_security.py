@@ -53,13 +53,24 @@ PASSWORD = "pw-7f3c9a1e-do-not-leak"
 
 # The least a RedisLimiter needs, as one `ACL SETUSER` line (derived from lua/*.lua, then
 # checked by running every code path as this user with an empty ACL LOG):
-# - EVALSHA runs the scripts, EVAL only after NOSCRIPT; BLPOP waits on the process's mailbox;
-#   DEL is reset(); PING probes Redis while it is unavailable (on_unavailable="local");
+# - EVALSHA runs the scripts, EVAL only after NOSCRIPT; SUBSCRIBE (UNSUBSCRIBE on leaving)
+#   listens on the process's channel, BLPOP waits on its mailbox list (cluster clients); DEL
+#   is reset(); PING probes Redis while it is unavailable (on_unavailable="local");
 # - every other command is one the scripts call: Redis checks a script's inner commands, and
-#   the keys they touch (the mailboxes too, which are not in KEYS), against the same user;
-# - keys: the default prefix only (use ~<prefix>:* for another); no pub/sub channels.
+#   the keys and channels they touch (the mailboxes too, which are not in KEYS), against the
+#   same user;
+# - keys and channels: the default prefix only (use ~<prefix>:* &<prefix>:* for another).
 # "reset" first makes the line idempotent; replace the password after ">".
 ACL_RULES = (
+    "limiter reset on >limiter-pw ~aiometer:* resetchannels &aiometer:* -@all"
+    " +evalsha +eval +subscribe +unsubscribe +blpop +del +ping"
+    " +time +get +set +incr +incrby +pexpire"
+    " +zadd +zrem +zcard +zrange +zrangebyscore +zrank +zscore"
+    " +hset +hget +hmget +hdel +rpush +publish"
+)
+# The rules of the version before pub/sub (no channel, no SUBSCRIBE nor PUBLISH): the
+# limiter still works under them, through the mailbox lists.
+LIST_ONLY_RULES = (
     "limiter reset on >limiter-pw ~aiometer:* resetchannels -@all"
     " +evalsha +eval +blpop +del +ping"
     " +time +get +set +incr +incrby +pexpire"
@@ -71,7 +82,7 @@ ACL_PASSWORD = "limiter-pw"
 
 # What the limiter sends from the client side; the other commands of ACL_RULES are the
 # scripts' own.
-CLIENT_COMMANDS = frozenset({"evalsha", "eval", "blpop", "del", "ping"})
+CLIENT_COMMANDS = frozenset({"evalsha", "eval", "subscribe", "unsubscribe", "blpop", "del", "ping"})
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -115,7 +126,7 @@ async def exercise(url: str, name: str) -> None:
     Rate only (acquire.lua's fast path), both limits with a second and a third "process"
     (separate limiter objects: their own process ids and mailboxes) so that a waiter queues in
     Redis, is renewed while queued (renew.lua), gets the slot handed over by release.lua
-    (RPUSH to its mailbox, BLPOP by its dispatcher), and a waiter gives up
+    (PUBLISH on its channel, read by its subscription), and a waiter gives up
     (AcquireTimeoutError: cancel.lua); statistics() (status.lua) and reset() (DEL).
     """
     with anyio.fail_after(20):
@@ -319,6 +330,22 @@ def _is_client_handshake(entry: dict[str, Any]) -> bool:
         and entry.get("username") == ACL_USER
         and " cmd=client " in f" {entry.get('client-info', '')} "
     )
+
+
+@pytest.mark.anyio
+async def test_acl_user_without_channels_runs_the_whole_flow(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The rules of the previous version: SUBSCRIBE and the scripts' PUBLISH are refused, the
+    # grants go to the mailbox lists and the limiter reads its own with BLPOP (and says so).
+    with RedisServer() as running:
+        admin = redis.Redis(port=running.port)
+        try:
+            _command(admin, "ACL", "SETUSER", *LIST_ONLY_RULES.split())
+        finally:
+            admin.close()
+        await exercise(_acl_url(running), _unique("lists"))
+    assert "mailbox list of that name instead" in caplog.text
 
 
 def test_acl_user_cannot_touch_other_keys_or_commands(acl_server: RedisServer) -> None:

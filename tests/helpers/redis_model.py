@@ -136,6 +136,9 @@ class LimiterModel:
     #: Rate starts given back: waiter id -> start (µs).
     spare: dict[str, int] = field(default_factory=dict)
     mailboxes: dict[str, list[str]] = field(default_factory=dict)
+    #: Process (an id ending in "!") -> the messages published on its channel, in order: one
+    #: per handoff that granted its waiters, their grants joined by ",".
+    published: dict[str, list[str]] = field(default_factory=dict)
     #: One log per window, by (per_us, calls): id -> start (µs), ended entries included
     #: until a call that loads the windows trims them.
     logs: dict[tuple[int, bool], dict[str, int]] = field(default_factory=dict)
@@ -371,10 +374,12 @@ class LimiterModel:
         self, now: int, limits: Limits, own: str | None = None, kept: list[str] | None = None
     ) -> int:
         """Grants queue heads the free slots; a grant to process *own* goes to *kept*
-        instead of its mailbox."""
+        instead of its mailbox, and those to a process whose id ends in "!" are published
+        on its channel (one message per process)."""
         if limits.max_at_once <= 0:
             return 0
         granted = 0
+        to_publish: dict[str, list[str]] = {}
         while (
             granted < min(limits.max_at_once, HANDOFF_BATCH)
             and len(self.holders) < limits.max_at_once
@@ -385,11 +390,16 @@ class LimiterModel:
             assert granted_now is not None
             token, delay = granted_now
             message = f"{head}|{token}|{delay}"
-            if kept is not None and process_of(head) == own:
+            process = process_of(head)
+            if kept is not None and process == own:
                 kept.append(message)
+            elif process.endswith("!"):
+                to_publish.setdefault(process, []).append(message)
             else:
-                self.mailboxes.setdefault(process_of(head), []).append(message)
+                self.mailboxes.setdefault(process, []).append(message)
             granted += 1
+        for process, messages in to_publish.items():
+            self.published.setdefault(process, []).append(",".join(messages))
         return granted
 
     # -- the scripts -----------------------------------------------------------------
