@@ -656,6 +656,37 @@ local function unqueue(ids)
   redis.call('ZREM', waiters_key, unpack(ids))
 end
 
+-- Tickets and fencing tokens come from seq, one block per call: the first number
+-- the call needs takes, with one INCRBY, that number and the `more` the call may
+-- still need after it (an upper bound); later numbers come from the block, in
+-- the order they are needed, so tokens still increase in grant order and
+-- tickets in arrival order, across calls too (a script runs alone). The
+-- numbers a call took and did not use are the top of its block, and
+-- return_numbers() gives them back (DECRBY) before the call ends: seq ends
+-- exactly where one INCR per number would have left it.
+local seq_next, seq_last = 1, 0
+
+local function next_number(more)
+  if seq_next > seq_last then
+    local size = 1 + more
+    seq_last = redis.call('INCRBY', seq_key, size)
+    seq_next = seq_last - size + 1
+    if seq_next == 1 then
+      created[seq_key] = true
+    end
+  end
+  local number = seq_next
+  seq_next = seq_next + 1
+  return number
+end
+
+local function return_numbers()
+  if seq_next <= seq_last then
+    redis.call('DECRBY', seq_key, seq_last - seq_next + 1)
+    seq_last = seq_next - 1
+  end
+end
+
 -- Makes `id` a holder (only when max_at_once > 0): a fencing token, when rate
 -- limited the next GCRA slot, and a lease running from the start. A queued id
 -- must be unqueued first. Returns token, delay_us (integer, how long the
@@ -684,7 +715,7 @@ local function parse_grant(entry)
   return tonumber(token), tonumber(start_at), cost
 end
 
-local function grant(id, now, max_delay, cost)
+local function grant(id, now, max_delay, cost, more)
   cost = cost or UNIT
   local delay = 0
   if interval > 0 or #windows > 0 then
@@ -699,14 +730,11 @@ local function grant(id, now, max_delay, cost)
       return nil
     end
   end
-  local token = redis.call('INCR', seq_key)
+  local token = next_number(more or 0)
   local start_at = now + delay
   redis.call('ZADD', holders_key, int(start_at + lease_ttl), id)
   redis.call('HSET', grants_key, id, grant_entry(token, start_at, cost))
   wrote_expiry(start_at + lease_ttl)
-  if token == 1 then
-    created[seq_key] = true
-  end
   return token, delay
 end
 
@@ -723,8 +751,10 @@ local handoff_left = {}
 -- "<waiter id>|<token>|<delay_us>" to each new holder's process mailbox (one
 -- RPUSH per process, messages in grant order). Returns how many were granted,
 -- and the messages of process `own` (nil: none is), which are returned to the
--- caller instead of posted: a list, empty when none.
-local function handoff(now, own)
+-- caller instead of posted: a list, empty when none. `after` (default 0): how
+-- many numbers of seq the call may need after the handoff (next_number takes
+-- them in the same block as the grants' tokens).
+local function handoff(now, own, after)
   if max_at_once <= 0 then
     return 0
   end
@@ -737,7 +767,13 @@ local function handoff(now, own)
   if free <= 0 then
     return 0
   end
-  local heads = redis.call('ZRANGE', queue_key, 0, free - 1)
+  -- The heads leave the queue as they are read (ZPOPMIN: lowest ticket first,
+  -- as ZRANGE orders them), then waiters.
+  local popped = redis.call('ZPOPMIN', queue_key, free)
+  local heads = {}
+  for j = 1, #popped, 2 do
+    heads[#heads + 1] = popped[j]
+  end
   -- Fewer heads than free slots: the queue is empty now.
   if #heads < free then
     handoff_left.queued = 0
@@ -746,13 +782,13 @@ local function handoff(now, own)
     return 0
   end
   handoff_left.held = held + #heads
-  unqueue(heads)
+  redis.call('ZREM', waiters_key, unpack(heads))
   -- A queued waiter's cost was recorded when it queued.
   local costs = queued_costs(heads)
   local processes = {}
   local messages = {}
   for i, head in ipairs(heads) do
-    local token, delay = grant(head, now, nil, costs[i])
+    local token, delay = grant(head, now, nil, costs[i], #heads - i + (after or 0))
     if #windows == 0 and costs[i] ~= UNIT then
       redis.call('HDEL', costs_key, head)  -- kept in its grants entry from now on
     end

@@ -811,6 +811,48 @@ async def test_swap_on_a_rate_only_limiter(backend: Backend) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_call_numbers_from_one_block_and_gives_back_what_it_did_not_use(
+    backend: Backend,
+) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [[1, 1, 0], [0, 0], [0, 1]]
+        # The handoff grants b:1 token 4; b:1's item finds it held, d:1 queues with ticket 5,
+        # c:1 is queued already: 6 and 7 of the block go back, seq stays at 5.
+        swapped = await lim.swap(NOW + 1, ["a:1"], "b:1", "d:1", "c:1")
+        assert swapped == (1, [], [[1, 4, 0], [0, 1], [0, 0]])
+        assert await lim.mailbox("b") == ["b:1|4|0"]
+        _, holders, queue, _, seq = await lim.status(NOW + 2)
+        assert holders[::2] == ["b:1"]
+        assert queue == ["c:1", "3", "d:1", "5"]
+        assert seq == "5"
+        # The same swap again (a lost reply): nothing released, the same grant and
+        # positions, no number taken.
+        assert await lim.swap(NOW + 3, ["a:1"], "b:1", "d:1", "c:1") == (
+            0,
+            [],
+            [[1, 4, 0], [0, 1], [0, 0]],
+        )
+        assert (await lim.status(NOW + 4))[2:] == [queue, "", "5"]
+        # Tokens in grant order, tickets in arrival order, one number each: b:1's
+        # release grants c:1 (6), e:1 queues (7) and f:1 behind it (8).
+        assert await lim.swap(NOW + 5, ["b:1"], "e:1", "f:1") == (1, [], [[0, 1], [0, 2]])
+        assert await lim.mailbox("c") == ["c:1|6|0"]
+        _, holders, queue, _, seq = await lim.status(NOW + 6)
+        assert queue == ["d:1", "5", "e:1", "7", "f:1", "8"]
+        assert seq == "8"
+        # A grant and a refusal in one batch (rate limit, max delay): the refused item
+        # takes no number.
+        rated = Limiter(opened.client, max_at_once=3, interval_us=SECOND, tag="r")
+        assert await rated.acquire(NOW, "a:1", "b:1/10", "c:1") == [
+            [1, 1, 0],
+            [2, 0],
+            [1, 2, SECOND],
+        ]
+        assert (await rated.status(NOW))[4] == "2"
+
+
+@pytest.mark.anyio
 async def test_malformed_release_items_are_refused_without_writes(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1)
@@ -1764,12 +1806,12 @@ async def test_contended_acquire_and_release_refresh_only_what_they_write(
         commands = await in_script_commands(probe, lim.acquire(None, "b:1"))
         assert pexpired(commands) == {queue, waiters}
         # With the queue as long as max_at_once: TIME, HMGET control, ZSCORE holders, ZCARD
-        # queue, ZADD waiters NX (new: not queued yet), INCR and ZADD queue; no purge
+        # queue, ZADD waiters NX (new: not queued yet), INCRBY seq and ZADD queue; no purge
         # before the first lease or liveness ends, no TTL while the group's covers what it
         # writes. Measured: 7 (13 when purging every call and refreshing what it wrote, 18
         # when every call refreshed every key).
         queued = await in_script_calls(probe, lim.acquire(None, "c:1"))
-        assert queued == {"time": 1, "hmget": 1, "zscore": 1, "zcard": 1, "zadd": 2, "incr": 1}
+        assert queued == {"time": 1, "hmget": 1, "zscore": 1, "zcard": 1, "zadd": 2, "incrby": 1}
         commands = await in_script_commands(probe, lim.acquire(None, "d:1"))
         assert len(commands) == sum(queued.values())
         # The concurrency path never touches recent.
@@ -1809,6 +1851,38 @@ async def test_a_swap_reads_the_number_of_holders_once(
         _, holders, queue, _, _ = await lim.status(None)
         assert sorted(holders[::2]) == ["a:2", "c:1"]
         assert queue == []
+
+
+@pytest.mark.redis
+@pytest.mark.backends("asyncio")
+@pytest.mark.anyio
+async def test_a_contended_swap_takes_its_numbers_with_one_incrby(
+    anyio_backend: str, redis_url: str, probe: redis.Redis
+) -> None:
+    async with connected_client(redis_url) as client:
+        lim = Limiter(client, max_at_once=1, lease_ttl_us=30 * SECOND)
+        assert await lim.acquire(None, "a:1", "b:1") == [[1, 1, 0], [0, 0]]
+        # a:1's release grants b:1, a:2 queues: token and ticket from one block of two; the
+        # head leaves the queue by ZPOPMIN (no ZRANGE, one ZREM: waiters).
+        commands = await in_script_commands(probe, lim.swap(None, ["a:1"], "a:2"))
+        names = [args[0] for args in commands]
+        seq = lim.keys[4]
+        assert [args for args in commands if args[1:2] == [seq]] == [["INCRBY", seq, "2"]]
+        assert ["ZPOPMIN", lim.keys[1], "1"] in commands
+        assert "ZRANGE" not in names
+        assert "DECRBY" not in names
+        assert (await lim.status(None))[2] == ["a:2", "4"]
+        # A new waiter, then a re-check of a queued one, riding with a release that frees
+        # nothing: a:3 takes a block of two (a:2 might need one), a:2 does not, and the
+        # number left goes back.
+        commands = await in_script_commands(probe, lim.swap(None, ["zz:1"], "a:3", "a:2"))
+        assert [args for args in commands if args[1:2] == [seq]] == [
+            ["INCRBY", seq, "2"],
+            ["DECRBY", seq, "1"],
+        ]
+        _, _, queue, _, last = await lim.status(None)
+        assert queue == ["a:2", "4", "a:3", "5"]
+        assert last == "5"
 
 
 # -- the scripts as files ----------------------------------------------------------------
