@@ -110,13 +110,18 @@ end
 --   costly      1 once a waiter with a cost other than one unit was queued:
 --               until then, a limiter without a rate or windows hands off
 --               without reading the queued waiters' costs (queued_costs).
-local BOOK_FIELDS = {'keys_until', 'next_purge', 'costly'}
+--   spare_ahead 0: a call found no start in spare ahead of it, and no start
+--               was given back since (give_back writes 1): reserve() does not
+--               read spare (earliest_spare).
+local BOOK_FIELDS = {'keys_until', 'next_purge', 'costly', 'spare_ahead'}
 local keys_until = nil
 local next_purge = nil
 local costly = false
+local spare_ahead = nil
 -- What this call will store (flush_book writes the ones that changed).
 local new_keys_until = nil
 local new_next_purge = nil
+local new_spare_ahead = nil
 -- Whether control holds any of its own fields (apply_control then set its TTL).
 local control_used = false
 
@@ -130,6 +135,8 @@ local function apply_control(now)
   local c, any = read_control(BOOK_FIELDS)
   keys_until, next_purge = c.keys_until, c.next_purge
   new_keys_until, new_next_purge = keys_until, next_purge
+  spare_ahead = c.spare_ahead
+  new_spare_ahead = spare_ahead
   costly = c.costly ~= nil
   control_used = any
   if not any then
@@ -207,16 +214,18 @@ local function set_tat(value)
 end
 
 -- The earliest start given back and not yet passed: {member, start_us}, or nil.
--- Read at most once per call while it finds none (the common case: one
--- ZRANGEBYSCORE per call).
+-- Read at most once per call while it finds none, and not at all while
+-- control's spare_ahead is 0 (the common case: nothing given back since a call
+-- found spare empty; a start given back after that sets it to 1).
 local spare_empty = false
 local function earliest_spare(now)
-  if spare_empty then
+  if spare_empty or new_spare_ahead == 0 then
     return nil
   end
   local first = redis.call('ZRANGEBYSCORE', spare_key, int(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
   if #first == 0 then
     spare_empty = true
+    new_spare_ahead = 0
     return nil
   end
   return {first[1], tonumber(first[2])}
@@ -293,6 +302,8 @@ local function give_back(id, start_at, now)
   if not is_latest(start_at) then
     redis.call('ZADD', spare_key, int(start_at), id)
     redis.call('PEXPIRE', spare_key, int(ttl_until(tat_value, now)))
+    spare_empty = false
+    new_spare_ahead = 1
     return
   end
   set_tat(tat_value - interval)
@@ -834,7 +845,11 @@ local function flush_book()
     fields[#fields + 1] = '1'
     costly_written = false
   end
-  keys_until, next_purge = new_keys_until, new_next_purge
+  if new_spare_ahead and new_spare_ahead ~= spare_ahead then
+    fields[#fields + 1] = 'spare_ahead'
+    fields[#fields + 1] = int(new_spare_ahead)
+  end
+  keys_until, next_purge, spare_ahead = new_keys_until, new_next_purge, new_spare_ahead
   if #fields > 0 then
     redis.call('HSET', control_key, unpack(fields))
     if not control_used then

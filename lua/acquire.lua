@@ -296,6 +296,8 @@ if max_at_once == 0 then
   end
   -- Also after a call that granted nothing new: its windows may have been trimmed.
   flush_rates(now)
+  -- control's spare_ahead, if the call found spare empty.
+  flush_book()
   for i = 1, count do
     local grant_info = known[ids[i]]
     if refused[i] then

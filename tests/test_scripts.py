@@ -918,7 +918,8 @@ async def test_rate_only_fast_path_writes_tat_seq_grants_and_recent(backend: Bac
         assert (await lim.acquire(NOW, "p:1", "p:2", "p:3"))[2] == [1, 3, 200_000]
         assert (await lim.acquire_one(None, "p:4"))[:2] == [1, 4]
         ttls = await lim.existing_ttls()
-        assert sorted(ttls) == sorted([tat, seq, grants, recent])
+        # control: spare_ahead (the first call found no start given back).
+        assert sorted(ttls) == sorted([tat, seq, grants, recent, lim.keys[9]])
         assert all(ttl > 0 for ttl in ttls.values()), ttls
         # A rate-only id is never a holder, nor queued.
         assert (await lim.status(NOW))[1:3] == [[], []]
@@ -1023,7 +1024,8 @@ async def test_only_the_keys_a_call_writes_get_their_ttl_refreshed(backend: Back
         assert all(89_000 < ttls[key] <= 90_000 for key in lim.keys[:6] if key != lim.keys[3]), ttls
         rate = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, tag="r")
         memory_keys = {"tat", "seq", "grants", "recent"}
-        assert await refreshed(rate, rate.acquire(NOW, "p:1", "p:2")) == memory_keys
+        # The first call also records in control that spare holds no start.
+        assert await refreshed(rate, rate.acquire(NOW, "p:1", "p:2")) == {*memory_keys, "control"}
         assert await refreshed(rate, rate.acquire(NOW, "p:3")) == memory_keys
         # A retry writes nothing; a batch with one new id writes what any grant writes.
         assert await refreshed(rate, rate.acquire(NOW + 1, "p:1", "p:3")) == set()
@@ -1041,6 +1043,56 @@ async def book(lim: Limiter) -> list[int | None]:
     """The writers' bookkeeping in control: keys_until, next_purge, costly (None: absent)."""
     values = await lim.client.run_script(BOOK, [lim.keys[9]], [])
     return [None if v is None else int(v) for v in values]
+
+
+SPARE_AHEAD = Script.from_source(
+    "test_spare_ahead", "return redis.call('HGET', KEYS[1], 'spare_ahead')"
+)
+
+
+async def spare_ahead(lim: Limiter) -> int | None:
+    """control's spare_ahead: 0 (no start given back ahead), 1 (maybe one), None (absent)."""
+    value = await lim.client.run_script(SPARE_AHEAD, [lim.keys[9]], [])
+    return None if value is None else int(value)
+
+
+@pytest.mark.anyio
+async def test_spare_is_read_until_found_empty_and_again_after_a_start_is_given_back(
+    backend: Backend,
+) -> None:
+    async with backend.open() as opened:
+        for max_at_once in (0, 10):
+            lim = Limiter(
+                opened.client, max_at_once=max_at_once, interval_us=SECOND, tag=f"s{max_at_once}"
+            )
+            assert await spare_ahead(lim) is None
+            assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [
+                [1, 1, 0],
+                [1, 2, SECOND],
+                [1, 3, 2 * SECOND],
+            ]
+            # The first reservation found spare empty: later calls do not read it.
+            assert await spare_ahead(lim) == 0
+            # b:1 withdraws a start that is not the latest: it goes to spare, and
+            # spare_ahead says so.
+            await lim.cancel(NOW + 1, "b:1")
+            assert await lim.spare() == {"b:1": NOW + SECOND}
+            assert await spare_ahead(lim) == 1
+            # The next reservation takes it (not the next GCRA slot, NOW + 3 s).
+            assert await lim.acquire(NOW + 2, "d:1") == [[1, 4, SECOND - 2]]
+            assert await lim.spare() == {}
+            assert await spare_ahead(lim) == 1
+            # The one after reads spare again, finds it empty and records it.
+            assert await lim.acquire(NOW + 3, "e:1") == [[1, 5, 3 * SECOND - 3]]
+            assert await spare_ahead(lim) == 0
+            # Without the record (control lost), spare is read again.
+            await lim.client.run_script(DEL, [lim.keys[9]], [])
+            await lim.cancel(NOW + 4, "a:1")  # passed: nothing to give back
+            assert await spare_ahead(lim) is None
+            await lim.cancel(NOW + 5, "c:1")
+            assert await lim.spare() == {"c:1": NOW + 2 * SECOND}
+            assert await spare_ahead(lim) == 1
+            assert await lim.acquire(NOW + 6, "f:1") == [[1, 6, 2 * SECOND - 6]]
 
 
 @pytest.mark.anyio
@@ -1747,21 +1799,25 @@ async def test_rate_only_fast_path_runs_few_commands(
         lim = Limiter(client, max_at_once=0, interval_us=100_000.0, burst=3)
         _, _, _, tat, seq, grants, recent, spare = lim.keys[:8]
         first_call = {"time", "zrangebyscore", "hmget", "incrby", "get", "set", "zadd", "hset"}
-        for batch in (["p:1"], ["p:2", "p:3", "p:4", "p:5"], ["p:6"]):
+        for n, batch in enumerate((["p:1"], ["p:2", "p:3", "p:4", "p:5"], ["p:6"])):
             calls = await in_script_calls(probe, lim.acquire(None, *batch))
-            # TIME, ZRANGEBYSCORE recent, HMGET grants, INCRBY seq, ZRANGEBYSCORE spare (read
-            # once per call while it holds no start), GET tat, SET tat .. PX, ZADD recent,
-            # HSET grants, PEXPIRE seq, recent and grants, HMGET control: whatever the batch
-            # size. Measured: 13 (5 when rate-only grants were not remembered, 11 before spare,
-            # 12 before control).
+            # TIME, ZRANGEBYSCORE recent, HMGET grants, INCRBY seq, GET tat, SET tat .. PX,
+            # ZADD recent, HSET grants, PEXPIRE seq, recent and grants, HMGET control:
+            # whatever the batch size. The first call also reads spare (ZRANGEBYSCORE),
+            # finds it empty and records that in control (HSET, PEXPIRE): later calls do
+            # not read it. Measured: 12 (5 when rate-only grants were not remembered, 11
+            # before spare, 12 before control, 13 while every call read spare).
             assert set(calls) <= {*first_call, "pexpire"}, calls
-            assert sum(calls.values()) <= 13, calls
+            assert sum(calls.values()) <= (15 if n == 0 else 12), calls
+            assert calls["zrangebyscore"] == (2 if n == 0 else 1), calls
         commands = await in_script_commands(probe, lim.acquire(None, "p:7", "p:8"))
         assert len(commands) == sum(calls.values())
         touched = {args[1] for args in commands if len(args) > 1}
-        assert touched == {tat, seq, grants, recent, spare, lim.keys[9]}  # control: read
+        # control: read; spare: not read (control's spare_ahead is 0).
+        assert touched == {tat, seq, grants, recent, lim.keys[9]}
+        assert spare not in touched
         assert pexpired(commands) == {tat, seq, grants, recent}
-        assert sorted(await lim.existing_ttls()) == sorted([tat, seq, grants, recent])
+        assert sorted(await lim.existing_ttls()) == sorted([tat, seq, grants, recent, lim.keys[9]])
 
         # A retry: TIME, ZRANGEBYSCORE, HMGET control and grants and one ZSCORE per
         # remembered id; no writes.
@@ -1775,7 +1831,8 @@ async def test_rate_only_fast_path_runs_few_commands(
         await timed.acquire(NOW, *(f"p:{n}" for n in range(5)))
         calls = await in_script_calls(probe, timed.acquire(NOW + SECOND, "q:1"))
         assert calls["zrem"] == calls["hdel"] == 1, calls
-        assert sum(calls.values()) == 14, calls  # 13 before control's HMGET
+        # 13 before control's HMGET, 14 while every call read spare.
+        assert sum(calls.values()) == 13, calls
 
         unlimited = Limiter(client, max_at_once=0, tag="u")
         calls = await in_script_calls(probe, unlimited.acquire(None, "p:1", "p:2"))
