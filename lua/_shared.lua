@@ -673,7 +673,7 @@ end
 -- the order they are needed, so tokens still increase in grant order and
 -- tickets in arrival order, across calls too (a script runs alone). The
 -- numbers a call took and did not use are the top of its block, and
--- return_numbers() gives them back (DECRBY) before the call ends: seq ends
+-- return_numbers() gives them back (INCRBY -n) before the call ends: seq ends
 -- exactly where one INCR per number would have left it.
 local seq_next, seq_last = 1, 0
 
@@ -693,7 +693,8 @@ end
 
 local function return_numbers()
   if seq_next <= seq_last then
-    redis.call('DECRBY', seq_key, seq_last - seq_next + 1)
+    -- INCRBY by a negative number: the ACL of the limiter's user needs no DECRBY.
+    redis.call('INCRBY', seq_key, seq_next - 1 - seq_last)
     seq_last = seq_next - 1
   end
 end

@@ -62,8 +62,8 @@ PASSWORD = "pw-7f3c9a1e-do-not-leak"
 ACL_RULES = (
     "limiter reset on >limiter-pw ~aiometer:* resetchannels -@all"
     " +evalsha +eval +blpop +del +ping"
-    " +time +get +set +incr +incrby +pexpire"
-    " +zadd +zrem +zcard +zrange +zrangebyscore +zrank +zscore"
+    " +time +get +set +incrby +pexpire"
+    " +zadd +zrem +zcard +zpopmin +zrange +zrangebyscore +zrank +zscore"
     " +hset +hget +hmget +hdel +rpush"
 )
 ACL_USER = "limiter"
