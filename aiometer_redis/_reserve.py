@@ -22,7 +22,7 @@ AHEAD = 0.010
 #: No start reserved ahead lies further away than this (seconds).
 HORIZON = 0.05
 #: A reserved start is handed out at most this late (seconds); later, it is dropped (unused).
-LATE = 0.002
+LATE = 0.005
 #: At most this many starts are reserved in one call.
 MAX_RESERVED = 64
 

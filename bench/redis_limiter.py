@@ -106,6 +106,7 @@ import aiometer
 from aiometer import Rate
 from aiometer_redis import RedisLimiter
 from aiometer_redis._client import ScriptArg
+from aiometer_redis._reserve import LATE
 from aiometer_redis._scripts import Script
 
 # Run as a script, this file's directory (bench/) is on sys.path, the repository root is not.
@@ -1087,10 +1088,11 @@ async def _reservations(
     print(
         "calls/start: script round trips per start (EVALSHA); cmds/start: redis.call commands the "
         "scripts ran; server us/start: redis-server time of the script calls per start; "
-        "dropped/start: starts reserved ahead that went unused (not begun within 2 ms of the "
-        "time the process learned for them); late: how long after its time in the fleet's "
-        "schedule (Redis clock) a start began (time.time() when acquire() returned; one start "
-        "in ten); early: starts that began before their time (must be 0)."
+        "dropped/start: starts reserved ahead that went unused (not begun within "
+        f"{LATE * 1000:g} ms of the time the process learned for them); late: how long after "
+        "its time in the fleet's schedule (Redis clock) a start began (time.time() when "
+        "acquire() returned; one start in ten); early: starts that began before their time "
+        "(must be 0)."
     )
     return measured
 

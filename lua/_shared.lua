@@ -112,13 +112,18 @@ end
 --   costly      1 once a waiter with a cost other than one unit was queued:
 --               until then, a limiter without a rate or windows hands off
 --               without reading the queued waiters' costs (queued_costs).
-local BOOK_FIELDS = {'keys_until', 'next_purge', 'costly'}
+--   spare_ahead 0: a call found no start in spare ahead of it, and no start
+--               was given back since (give_back writes 1): reserve() does not
+--               read spare (earliest_spare).
+local BOOK_FIELDS = {'keys_until', 'next_purge', 'costly', 'spare_ahead'}
 local keys_until = nil
 local next_purge = nil
 local costly = false
+local spare_ahead = nil
 -- What this call will store (flush_book writes the ones that changed).
 local new_keys_until = nil
 local new_next_purge = nil
+local new_spare_ahead = nil
 -- Whether control holds any of its own fields (apply_control then set its TTL).
 local control_used = false
 
@@ -132,6 +137,8 @@ local function apply_control(now)
   local c, any = read_control(BOOK_FIELDS)
   keys_until, next_purge = c.keys_until, c.next_purge
   new_keys_until, new_next_purge = keys_until, next_purge
+  spare_ahead = c.spare_ahead
+  new_spare_ahead = spare_ahead
   costly = c.costly ~= nil
   control_used = any
   if not any then
@@ -209,16 +216,18 @@ local function set_tat(value)
 end
 
 -- The earliest start given back and not yet passed: {member, start_us}, or nil.
--- Read at most once per call while it finds none (the common case: one
--- ZRANGEBYSCORE per call).
+-- Read at most once per call while it finds none, and not at all while
+-- control's spare_ahead is 0 (the common case: nothing given back since a call
+-- found spare empty; a start given back after that sets it to 1).
 local spare_empty = false
 local function earliest_spare(now)
-  if spare_empty then
+  if spare_empty or new_spare_ahead == 0 then
     return nil
   end
   local first = redis.call('ZRANGEBYSCORE', spare_key, int(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
   if #first == 0 then
     spare_empty = true
+    new_spare_ahead = 0
     return nil
   end
   return {first[1], tonumber(first[2])}
@@ -295,6 +304,8 @@ local function give_back(id, start_at, now)
   if not is_latest(start_at) then
     redis.call('ZADD', spare_key, int(start_at), id)
     redis.call('PEXPIRE', spare_key, int(ttl_until(tat_value, now)))
+    spare_empty = false
+    new_spare_ahead = 1
     return
   end
   set_tat(tat_value - interval)
@@ -658,6 +669,38 @@ local function unqueue(ids)
   redis.call('ZREM', waiters_key, unpack(ids))
 end
 
+-- Tickets and fencing tokens come from seq, one block per call: the first number
+-- the call needs takes, with one INCRBY, that number and the `more` the call may
+-- still need after it (an upper bound); later numbers come from the block, in
+-- the order they are needed, so tokens still increase in grant order and
+-- tickets in arrival order, across calls too (a script runs alone). The
+-- numbers a call took and did not use are the top of its block, and
+-- return_numbers() gives them back (INCRBY -n) before the call ends: seq ends
+-- exactly where one INCR per number would have left it.
+local seq_next, seq_last = 1, 0
+
+local function next_number(more)
+  if seq_next > seq_last then
+    local size = 1 + more
+    seq_last = redis.call('INCRBY', seq_key, size)
+    seq_next = seq_last - size + 1
+    if seq_next == 1 then
+      created[seq_key] = true
+    end
+  end
+  local number = seq_next
+  seq_next = seq_next + 1
+  return number
+end
+
+local function return_numbers()
+  if seq_next <= seq_last then
+    -- INCRBY by a negative number: the ACL of the limiter's user needs no DECRBY.
+    redis.call('INCRBY', seq_key, seq_next - 1 - seq_last)
+    seq_last = seq_next - 1
+  end
+end
+
 -- Makes `id` a holder (only when max_at_once > 0): a fencing token, when rate
 -- limited the next GCRA slot, and a lease running from the start. A queued id
 -- must be unqueued first. Returns token, delay_us (integer, how long the
@@ -686,7 +729,7 @@ local function parse_grant(entry)
   return tonumber(token), tonumber(start_at), cost
 end
 
-local function grant(id, now, max_delay, cost)
+local function grant(id, now, max_delay, cost, more)
   cost = cost or UNIT
   local delay = 0
   if interval > 0 or #windows > 0 then
@@ -701,14 +744,11 @@ local function grant(id, now, max_delay, cost)
       return nil
     end
   end
-  local token = redis.call('INCR', seq_key)
+  local token = next_number(more or 0)
   local start_at = now + delay
   redis.call('ZADD', holders_key, int(start_at + lease_ttl), id)
   redis.call('HSET', grants_key, id, grant_entry(token, start_at, cost))
   wrote_expiry(start_at + lease_ttl)
-  if token == 1 then
-    created[seq_key] = true
-  end
   return token, delay
 end
 
@@ -727,8 +767,10 @@ local handoff_left = {}
 -- '!', publishes them joined by ',' on the channel of the same name (one PUBLISH
 -- per process; a refused PUBLISH posts them to the list). Returns how many were granted,
 -- and the messages of process `own` (nil: none is), which are returned to the
--- caller instead of posted: a list, empty when none.
-local function handoff(now, own)
+-- caller instead of posted: a list, empty when none. `after` (default 0): how
+-- many numbers of seq the call may need after the handoff (next_number takes
+-- them in the same block as the grants' tokens).
+local function handoff(now, own, after)
   if max_at_once <= 0 then
     return 0
   end
@@ -741,7 +783,21 @@ local function handoff(now, own)
   if free <= 0 then
     return 0
   end
-  local heads = redis.call('ZRANGE', queue_key, 0, free - 1)
+  -- The heads leave the queue as they are read (ZPOPMIN: lowest ticket first,
+  -- as ZRANGE orders them), then waiters. Refused (an ACL without ZPOPMIN: the
+  -- rules of earlier versions), they are read with ZRANGE and removed with ZREM.
+  local popped = redis.pcall('ZPOPMIN', queue_key, free)
+  local heads = {}
+  if popped.err then
+    heads = redis.call('ZRANGE', queue_key, 0, free - 1)
+    if #heads > 0 then
+      redis.call('ZREM', queue_key, unpack(heads))
+    end
+  else
+    for j = 1, #popped, 2 do
+      heads[#heads + 1] = popped[j]
+    end
+  end
   -- Fewer heads than free slots: the queue is empty now.
   if #heads < free then
     handoff_left.queued = 0
@@ -750,13 +806,13 @@ local function handoff(now, own)
     return 0
   end
   handoff_left.held = held + #heads
-  unqueue(heads)
+  redis.call('ZREM', waiters_key, unpack(heads))
   -- A queued waiter's cost was recorded when it queued.
   local costs = queued_costs(heads)
   local processes = {}
   local messages = {}
   for i, head in ipairs(heads) do
-    local token, delay = grant(head, now, nil, costs[i])
+    local token, delay = grant(head, now, nil, costs[i], #heads - i + (after or 0))
     if #windows == 0 and costs[i] ~= UNIT then
       redis.call('HDEL', costs_key, head)  -- kept in its grants entry from now on
     end
@@ -812,7 +868,11 @@ local function flush_book()
     fields[#fields + 1] = '1'
     costly_written = false
   end
-  keys_until, next_purge = new_keys_until, new_next_purge
+  if new_spare_ahead and new_spare_ahead ~= spare_ahead then
+    fields[#fields + 1] = 'spare_ahead'
+    fields[#fields + 1] = int(new_spare_ahead)
+  end
+  keys_until, next_purge, spare_ahead = new_keys_until, new_next_purge, new_spare_ahead
   if #fields > 0 then
     redis.call('HSET', control_key, unpack(fields))
     if not control_used then

@@ -296,6 +296,8 @@ if max_at_once == 0 then
   end
   -- Also after a call that granted nothing new: its windows may have been trimmed.
   flush_rates(now)
+  -- control's spare_ahead, if the call found spare empty.
+  flush_book()
   for i = 1, count do
     local grant_info = known[ids[i]]
     if refused[i] then
@@ -309,7 +311,8 @@ end
 
 purge(now)
 if #releases > 0 then
-  local _, kept = handoff(now, process_of(releases[1]))
+  -- The waiter items may need one number of seq each after the handoff's grants.
+  local _, kept = handoff(now, process_of(releases[1]), count)
   own_grants = kept or {}
 end
 -- ZCARD of holders and of the queue, known from the handoff of the release
@@ -350,7 +353,7 @@ for i = 1, count do
       held = held or redis.call('ZCARD', holders_key)
     end
     if ahead < max_at_once and held + ahead < max_at_once then
-      token, delay = grant(id, now, max_delays[i], costs[i])
+      token, delay = grant(id, now, max_delays[i], costs[i], count - i)
       if live then
         redis.call('ZREM', waiters_key, id)
         live = false
@@ -373,10 +376,7 @@ for i = 1, count do
       replies[i] = {1, token, delay}
     elseif replies[i] == nil then
       if not rank then
-        local ticket = redis.call('INCR', seq_key)
-        if ticket == 1 then
-          created[seq_key] = true
-        end
+        local ticket = next_number(count - i)
         if queue_len == 0 then
           created[queue_key], created[waiters_key] = true, true
         end
@@ -397,5 +397,6 @@ for i = 1, count do
   end
 end
 
+return_numbers()
 expire_written(now)
 return reply_with(encode_replies(replies))

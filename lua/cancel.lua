@@ -53,8 +53,9 @@ end
 withdraw(waiter_id, start_at, cost, now)
 if max_at_once == 0 then
   -- Rate only: no lease, queue or waiter to hand on; the memory of the other
-  -- ids keeps its TTL.
+  -- ids keeps its TTL. A start given back is recorded in control (spare_ahead).
   flush_rates(now)
+  flush_book()
   return {0, 0}
 end
 purge(now)

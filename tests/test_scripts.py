@@ -811,6 +811,48 @@ async def test_swap_on_a_rate_only_limiter(backend: Backend) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_call_numbers_from_one_block_and_gives_back_what_it_did_not_use(
+    backend: Backend,
+) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [[1, 1, 0], [0, 0], [0, 1]]
+        # The handoff grants b:1 token 4; b:1's item finds it held, d:1 queues with ticket 5,
+        # c:1 is queued already: 6 and 7 of the block go back, seq stays at 5.
+        swapped = await lim.swap(NOW + 1, ["a:1"], "b:1", "d:1", "c:1")
+        assert swapped == (1, [], [[1, 4, 0], [0, 1], [0, 0]])
+        assert await lim.mailbox("b") == ["b:1|4|0"]
+        _, holders, queue, _, seq = await lim.status(NOW + 2)
+        assert holders[::2] == ["b:1"]
+        assert queue == ["c:1", "3", "d:1", "5"]
+        assert seq == "5"
+        # The same swap again (a lost reply): nothing released, the same grant and
+        # positions, no number taken.
+        assert await lim.swap(NOW + 3, ["a:1"], "b:1", "d:1", "c:1") == (
+            0,
+            [],
+            [[1, 4, 0], [0, 1], [0, 0]],
+        )
+        assert (await lim.status(NOW + 4))[2:] == [queue, "", "5"]
+        # Tokens in grant order, tickets in arrival order, one number each: b:1's
+        # release grants c:1 (6), e:1 queues (7) and f:1 behind it (8).
+        assert await lim.swap(NOW + 5, ["b:1"], "e:1", "f:1") == (1, [], [[0, 1], [0, 2]])
+        assert await lim.mailbox("c") == ["c:1|6|0"]
+        _, holders, queue, _, seq = await lim.status(NOW + 6)
+        assert queue == ["d:1", "5", "e:1", "7", "f:1", "8"]
+        assert seq == "8"
+        # A grant and a refusal in one batch (rate limit, max delay): the refused item
+        # takes no number.
+        rated = Limiter(opened.client, max_at_once=3, interval_us=SECOND, tag="r")
+        assert await rated.acquire(NOW, "a:1", "b:1/10", "c:1") == [
+            [1, 1, 0],
+            [2, 0],
+            [1, 2, SECOND],
+        ]
+        assert (await rated.status(NOW))[4] == "2"
+
+
+@pytest.mark.anyio
 async def test_malformed_release_items_are_refused_without_writes(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1)
@@ -876,7 +918,8 @@ async def test_rate_only_fast_path_writes_tat_seq_grants_and_recent(backend: Bac
         assert (await lim.acquire(NOW, "p:1", "p:2", "p:3"))[2] == [1, 3, 200_000]
         assert (await lim.acquire_one(None, "p:4"))[:2] == [1, 4]
         ttls = await lim.existing_ttls()
-        assert sorted(ttls) == sorted([tat, seq, grants, recent])
+        # control: spare_ahead (the first call found no start given back).
+        assert sorted(ttls) == sorted([tat, seq, grants, recent, lim.keys[9]])
         assert all(ttl > 0 for ttl in ttls.values()), ttls
         # A rate-only id is never a holder, nor queued.
         assert (await lim.status(NOW))[1:3] == [[], []]
@@ -981,7 +1024,8 @@ async def test_only_the_keys_a_call_writes_get_their_ttl_refreshed(backend: Back
         assert all(89_000 < ttls[key] <= 90_000 for key in lim.keys[:6] if key != lim.keys[3]), ttls
         rate = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, tag="r")
         memory_keys = {"tat", "seq", "grants", "recent"}
-        assert await refreshed(rate, rate.acquire(NOW, "p:1", "p:2")) == memory_keys
+        # The first call also records in control that spare holds no start.
+        assert await refreshed(rate, rate.acquire(NOW, "p:1", "p:2")) == {*memory_keys, "control"}
         assert await refreshed(rate, rate.acquire(NOW, "p:3")) == memory_keys
         # A retry writes nothing; a batch with one new id writes what any grant writes.
         assert await refreshed(rate, rate.acquire(NOW + 1, "p:1", "p:3")) == set()
@@ -999,6 +1043,56 @@ async def book(lim: Limiter) -> list[int | None]:
     """The writers' bookkeeping in control: keys_until, next_purge, costly (None: absent)."""
     values = await lim.client.run_script(BOOK, [lim.keys[9]], [])
     return [None if v is None else int(v) for v in values]
+
+
+SPARE_AHEAD = Script.from_source(
+    "test_spare_ahead", "return redis.call('HGET', KEYS[1], 'spare_ahead')"
+)
+
+
+async def spare_ahead(lim: Limiter) -> int | None:
+    """control's spare_ahead: 0 (no start given back ahead), 1 (maybe one), None (absent)."""
+    value = await lim.client.run_script(SPARE_AHEAD, [lim.keys[9]], [])
+    return None if value is None else int(value)
+
+
+@pytest.mark.anyio
+async def test_spare_is_read_until_found_empty_and_again_after_a_start_is_given_back(
+    backend: Backend,
+) -> None:
+    async with backend.open() as opened:
+        for max_at_once in (0, 10):
+            lim = Limiter(
+                opened.client, max_at_once=max_at_once, interval_us=SECOND, tag=f"s{max_at_once}"
+            )
+            assert await spare_ahead(lim) is None
+            assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [
+                [1, 1, 0],
+                [1, 2, SECOND],
+                [1, 3, 2 * SECOND],
+            ]
+            # The first reservation found spare empty: later calls do not read it.
+            assert await spare_ahead(lim) == 0
+            # b:1 withdraws a start that is not the latest: it goes to spare, and
+            # spare_ahead says so.
+            await lim.cancel(NOW + 1, "b:1")
+            assert await lim.spare() == {"b:1": NOW + SECOND}
+            assert await spare_ahead(lim) == 1
+            # The next reservation takes it (not the next GCRA slot, NOW + 3 s).
+            assert await lim.acquire(NOW + 2, "d:1") == [[1, 4, SECOND - 2]]
+            assert await lim.spare() == {}
+            assert await spare_ahead(lim) == 1
+            # The one after reads spare again, finds it empty and records it.
+            assert await lim.acquire(NOW + 3, "e:1") == [[1, 5, 3 * SECOND - 3]]
+            assert await spare_ahead(lim) == 0
+            # Without the record (control lost), spare is read again.
+            await lim.client.run_script(DEL, [lim.keys[9]], [])
+            await lim.cancel(NOW + 4, "a:1")  # passed: nothing to give back
+            assert await spare_ahead(lim) is None
+            await lim.cancel(NOW + 5, "c:1")
+            assert await lim.spare() == {"c:1": NOW + 2 * SECOND}
+            assert await spare_ahead(lim) == 1
+            assert await lim.acquire(NOW + 6, "f:1") == [[1, 6, 2 * SECOND - 6]]
 
 
 @pytest.mark.anyio
@@ -1705,21 +1799,25 @@ async def test_rate_only_fast_path_runs_few_commands(
         lim = Limiter(client, max_at_once=0, interval_us=100_000.0, burst=3)
         _, _, _, tat, seq, grants, recent, spare = lim.keys[:8]
         first_call = {"time", "zrangebyscore", "hmget", "incrby", "get", "set", "zadd", "hset"}
-        for batch in (["p:1"], ["p:2", "p:3", "p:4", "p:5"], ["p:6"]):
+        for n, batch in enumerate((["p:1"], ["p:2", "p:3", "p:4", "p:5"], ["p:6"])):
             calls = await in_script_calls(probe, lim.acquire(None, *batch))
-            # TIME, ZRANGEBYSCORE recent, HMGET grants, INCRBY seq, ZRANGEBYSCORE spare (read
-            # once per call while it holds no start), GET tat, SET tat .. PX, ZADD recent,
-            # HSET grants, PEXPIRE seq, recent and grants, HMGET control: whatever the batch
-            # size. Measured: 13 (5 when rate-only grants were not remembered, 11 before spare,
-            # 12 before control).
+            # TIME, ZRANGEBYSCORE recent, HMGET grants, INCRBY seq, GET tat, SET tat .. PX,
+            # ZADD recent, HSET grants, PEXPIRE seq, recent and grants, HMGET control:
+            # whatever the batch size. The first call also reads spare (ZRANGEBYSCORE),
+            # finds it empty and records that in control (HSET, PEXPIRE): later calls do
+            # not read it. Measured: 12 (5 when rate-only grants were not remembered, 11
+            # before spare, 12 before control, 13 while every call read spare).
             assert set(calls) <= {*first_call, "pexpire"}, calls
-            assert sum(calls.values()) <= 13, calls
+            assert sum(calls.values()) <= (15 if n == 0 else 12), calls
+            assert calls["zrangebyscore"] == (2 if n == 0 else 1), calls
         commands = await in_script_commands(probe, lim.acquire(None, "p:7", "p:8"))
         assert len(commands) == sum(calls.values())
         touched = {args[1] for args in commands if len(args) > 1}
-        assert touched == {tat, seq, grants, recent, spare, lim.keys[9]}  # control: read
+        # control: read; spare: not read (control's spare_ahead is 0).
+        assert touched == {tat, seq, grants, recent, lim.keys[9]}
+        assert spare not in touched
         assert pexpired(commands) == {tat, seq, grants, recent}
-        assert sorted(await lim.existing_ttls()) == sorted([tat, seq, grants, recent])
+        assert sorted(await lim.existing_ttls()) == sorted([tat, seq, grants, recent, lim.keys[9]])
 
         # A retry: TIME, ZRANGEBYSCORE, HMGET control and grants and one ZSCORE per
         # remembered id; no writes.
@@ -1733,7 +1831,8 @@ async def test_rate_only_fast_path_runs_few_commands(
         await timed.acquire(NOW, *(f"p:{n}" for n in range(5)))
         calls = await in_script_calls(probe, timed.acquire(NOW + SECOND, "q:1"))
         assert calls["zrem"] == calls["hdel"] == 1, calls
-        assert sum(calls.values()) == 14, calls  # 13 before control's HMGET
+        # 13 before control's HMGET, 14 while every call read spare.
+        assert sum(calls.values()) == 13, calls
 
         unlimited = Limiter(client, max_at_once=0, tag="u")
         calls = await in_script_calls(probe, unlimited.acquire(None, "p:1", "p:2"))
@@ -1764,12 +1863,12 @@ async def test_contended_acquire_and_release_refresh_only_what_they_write(
         commands = await in_script_commands(probe, lim.acquire(None, "b:1"))
         assert pexpired(commands) == {queue, waiters}
         # With the queue as long as max_at_once: TIME, HMGET control, ZSCORE holders, ZCARD
-        # queue, ZADD waiters NX (new: not queued yet), INCR and ZADD queue; no purge
+        # queue, ZADD waiters NX (new: not queued yet), INCRBY seq and ZADD queue; no purge
         # before the first lease or liveness ends, no TTL while the group's covers what it
         # writes. Measured: 7 (13 when purging every call and refreshing what it wrote, 18
         # when every call refreshed every key).
         queued = await in_script_calls(probe, lim.acquire(None, "c:1"))
-        assert queued == {"time": 1, "hmget": 1, "zscore": 1, "zcard": 1, "zadd": 2, "incr": 1}
+        assert queued == {"time": 1, "hmget": 1, "zscore": 1, "zcard": 1, "zadd": 2, "incrby": 1}
         commands = await in_script_commands(probe, lim.acquire(None, "d:1"))
         assert len(commands) == sum(queued.values())
         # The concurrency path never touches recent.
@@ -1782,11 +1881,13 @@ async def test_contended_acquire_and_release_refresh_only_what_they_write(
         released = await in_script_calls(probe, lim.release(None, "a:1"))
         commands = await in_script_commands(probe, lim.release(None, "b:1"))
         assert len(commands) == sum(released.values())
-        # Measured: 19 (22 when purging every call and refreshing what it wrote; 21 before
-        # costs, whose one HMGET reads the granted waiters' costs; 24 before that; 20 before
-        # the handoff read spare once). The release empties holders (max_at_once=1), so the
+        # Measured: 17 (19 while the handoff took its heads with ZRANGE + ZREM and read
+        # spare; 22 when purging every call and refreshing what it wrote; 21 before costs,
+        # whose one HMGET reads the granted waiters' costs; 24 before that; 20 before the
+        # handoff read spare once). The release empties holders (max_at_once=1), so the
         # grant creates it and grants again: they get the group's TTL, seq keeps its own.
-        assert sum(released.values()) <= 19, released
+        assert sum(released.values()) <= 17, released
+        assert "zrange" not in released, released  # the heads leave by ZPOPMIN
         assert pexpired(commands) == {holders, grants, tat, mailbox_prefix(lim.tag) + "c"}
         [message] = await lim.mailbox("c")
         assert message.startswith("c:1|")
@@ -1809,6 +1910,38 @@ async def test_a_swap_reads_the_number_of_holders_once(
         _, holders, queue, _, _ = await lim.status(None)
         assert sorted(holders[::2]) == ["a:2", "c:1"]
         assert queue == []
+
+
+@pytest.mark.redis
+@pytest.mark.backends("asyncio")
+@pytest.mark.anyio
+async def test_a_contended_swap_takes_its_numbers_with_one_incrby(
+    anyio_backend: str, redis_url: str, probe: redis.Redis
+) -> None:
+    async with connected_client(redis_url) as client:
+        lim = Limiter(client, max_at_once=1, lease_ttl_us=30 * SECOND)
+        assert await lim.acquire(None, "a:1", "b:1") == [[1, 1, 0], [0, 0]]
+        # a:1's release grants b:1, a:2 queues: token and ticket from one block of two; the
+        # head leaves the queue by ZPOPMIN (no ZRANGE, one ZREM: waiters).
+        commands = await in_script_commands(probe, lim.swap(None, ["a:1"], "a:2"))
+        names = [args[0] for args in commands]
+        seq = lim.keys[4]
+        assert [args for args in commands if args[1:2] == [seq]] == [["INCRBY", seq, "2"]]
+        assert ["ZPOPMIN", lim.keys[1], "1"] in commands
+        assert "ZRANGE" not in names
+        assert names.count("INCRBY") == 1
+        assert (await lim.status(None))[2] == ["a:2", "4"]
+        # A new waiter, then a re-check of a queued one, riding with a release that frees
+        # nothing: a:3 takes a block of two (a:2 might need one), a:2 does not, and the
+        # number left goes back.
+        commands = await in_script_commands(probe, lim.swap(None, ["zz:1"], "a:3", "a:2"))
+        assert [args for args in commands if args[1:2] == [seq]] == [
+            ["INCRBY", seq, "2"],
+            ["INCRBY", seq, "-1"],
+        ]
+        _, _, queue, _, last = await lim.status(None)
+        assert queue == ["a:2", "4", "a:3", "5"]
+        assert last == "5"
 
 
 # -- the scripts as files ----------------------------------------------------------------

@@ -64,12 +64,12 @@ PASSWORD = "pw-7f3c9a1e-do-not-leak"
 ACL_RULES = (
     "limiter reset on >limiter-pw ~aiometer:* resetchannels &aiometer:* -@all"
     " +evalsha +eval +subscribe +unsubscribe +blpop +del +ping"
-    " +time +get +set +incr +incrby +pexpire"
-    " +zadd +zrem +zcard +zrange +zrangebyscore +zrank +zscore"
+    " +time +get +set +incrby +pexpire"
+    " +zadd +zrem +zcard +zpopmin +zrange +zrangebyscore +zrank +zscore"
     " +hset +hget +hmget +hdel +rpush +publish"
 )
-# The rules of the version before pub/sub (no channel, no SUBSCRIBE nor PUBLISH): the
-# limiter still works under them, through the mailbox lists.
+# The rules of the version before pub/sub and ZPOPMIN (no channel, no SUBSCRIBE, PUBLISH nor
+# ZPOPMIN): the limiter still works under them, through the mailbox lists and ZRANGE + ZREM.
 LIST_ONLY_RULES = (
     "limiter reset on >limiter-pw ~aiometer:* resetchannels -@all"
     " +evalsha +eval +blpop +del +ping"
@@ -337,7 +337,8 @@ async def test_acl_user_without_channels_runs_the_whole_flow(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # The rules of the previous version: SUBSCRIBE and the scripts' PUBLISH are refused, the
-    # grants go to the mailbox lists and the limiter reads its own with BLPOP (and says so).
+    # grants go to the mailbox lists and the limiter reads its own with BLPOP (and says so);
+    # ZPOPMIN is refused too, and the hand-offs read the queue heads with ZRANGE + ZREM.
     with RedisServer() as running:
         admin = redis.Redis(port=running.port)
         try:
@@ -346,6 +347,39 @@ async def test_acl_user_without_channels_runs_the_whole_flow(
             admin.close()
         await exercise(_acl_url(running), _unique("lists"))
     assert "mailbox list of that name instead" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_acl_user_of_the_previous_rules_gets_a_slot_handed_over_at_once() -> None:
+    # Without ZPOPMIN (nor PUBLISH) a release still hands the slot to the queued waiter in the
+    # same call: the waiter has it within a round trip, not at a re-check or a lease expiry.
+    with RedisServer() as running:
+        admin = redis.Redis(port=running.port)
+        try:
+            _command(admin, "ACL", "SETUSER", *LIST_ONLY_RULES.split())
+        finally:
+            admin.close()
+        url, name = _acl_url(running), _unique("handoff")
+        with anyio.fail_after(10):
+            async with (
+                RedisLimiter.from_url(url, name, max_at_once=1) as first,
+                RedisLimiter.from_url(url, name, max_at_once=1) as second,
+            ):
+                held = await first.acquire()
+                handed = anyio.Event()
+
+                async def wait_in_queue() -> None:
+                    async with second.slot():
+                        handed.set()
+
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(wait_in_queue)
+                    while not (await first.statistics()).waiters:
+                        await anyio.sleep(0.01)
+                    released_at = anyio.current_time()
+                    await held.release()
+                    await handed.wait()
+                    assert anyio.current_time() - released_at < 0.5
 
 
 def test_acl_user_cannot_touch_other_keys_or_commands(acl_server: RedisServer) -> None:
