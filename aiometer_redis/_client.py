@@ -279,7 +279,7 @@ class RedisPyClient:
                 await pubsub.subscribe(channel)
             except Exception as exc:
                 raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
-            yield _RedisPySubscription(pubsub, self._errors)
+            yield _Subscription(pubsub, self._errors)
         finally:
             # Closing drops the connection: Redis ends its subscriptions with it.
             with anyio.CancelScope(shield=True):
@@ -383,7 +383,7 @@ class CoredisClient:
                 channels=[channel], retry_policy=NoRetryPolicy(), subscription_timeout=5
             ) as pubsub:
                 subscribed = True
-                yield _CoredisSubscription(pubsub, self._errors)
+                yield _Subscription(pubsub, self._errors)
         except Exception as exc:
             leaf = _leaf(exc)
             if not subscribed and isinstance(leaf, TimeoutError) and await self._answers():
@@ -426,25 +426,9 @@ class CoredisClient:
         return f"CoredisClient({self._client!r})"
 
 
-class _RedisPySubscription:
-    """:class:`Subscription` over a redis-py ``PubSub`` (subscribed)."""
-
-    def __init__(self, pubsub: Any, errors: ErrorMap) -> None:
-        self._pubsub = pubsub
-        self._errors = errors
-        self.confirmed = 0
-
-    async def receive(self, timeout: float) -> str | None:
-        timeout = _check_timeout(timeout)
-        try:
-            message = await self._pubsub.get_message(timeout=timeout)
-        except Exception as exc:
-            raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
-        return _published(self, message)
-
-
-class _CoredisSubscription:
-    """:class:`Subscription` over a coredis ``PubSub`` (entered, subscribed)."""
+class _Subscription:
+    """:class:`Subscription` over a subscribed ``PubSub`` of redis-py or coredis (both have
+    ``get_message(timeout=...)`` returning a dict, or None when nothing came)."""
 
     def __init__(self, pubsub: Any, errors: ErrorMap) -> None:
         self._pubsub = pubsub

@@ -265,14 +265,19 @@ async def test_bad_password_error_names_authentication(
 # -- 2. an ACL user with exactly what the limiter needs ----------------------------------------
 
 
+def _set_user(running: RedisServer, rules: str) -> None:
+    """Create the limiter's ACL user on *running* with *rules*."""
+    admin = redis.Redis(port=running.port)
+    try:
+        _command(admin, "ACL", "SETUSER", *rules.split())
+    finally:
+        admin.close()
+
+
 @pytest.fixture(scope="module")
 def acl_server() -> Iterator[RedisServer]:
     with RedisServer() as running:
-        admin = redis.Redis(port=running.port)
-        try:
-            _command(admin, "ACL", "SETUSER", *ACL_RULES.split())
-        finally:
-            admin.close()
+        _set_user(running, ACL_RULES)
         yield running
 
 
@@ -340,11 +345,7 @@ async def test_acl_user_without_channels_runs_the_whole_flow(
     # grants go to the mailbox lists and the limiter reads its own with BLPOP (and says so);
     # ZPOPMIN is refused too, and the hand-offs read the queue heads with ZRANGE + ZREM.
     with RedisServer() as running:
-        admin = redis.Redis(port=running.port)
-        try:
-            _command(admin, "ACL", "SETUSER", *LIST_ONLY_RULES.split())
-        finally:
-            admin.close()
+        _set_user(running, LIST_ONLY_RULES)
         await exercise(_acl_url(running), _unique("lists"))
     assert "mailbox list of that name instead" in caplog.text
 
@@ -356,11 +357,7 @@ async def test_acl_user_of_the_previous_rules_gets_a_slot_handed_over_at_once() 
     # on its mailbox list from the start: how a refused subscription falls back to it is the
     # test above.)
     with RedisServer() as running:
-        admin = redis.Redis(port=running.port)
-        try:
-            _command(admin, "ACL", "SETUSER", *LIST_ONLY_RULES.split())
-        finally:
-            admin.close()
+        _set_user(running, LIST_ONLY_RULES)
         url, name = _acl_url(running), _unique("handoff")
         second = RedisLimiter.from_url(url, name, max_at_once=1)
         second._push = False
