@@ -379,9 +379,9 @@ class RedisLimiter:
                 )
                 await closing.wait()
 
-    def _pick_wakeups(self) -> bool:
-        """Choose how this process's waiters are woken (before any waiter id is made): True
-        for a channel, False for the mailbox list.
+    def _pick_wakeups(self) -> None:
+        """Choose how this process's waiters are woken (before any waiter id is made): a
+        channel, or the mailbox list.
 
         The scripts tell the two apart by the process id in the waiter ids: one ending in "!"
         has its grants published on the channel of that name (see handoff in
@@ -391,7 +391,6 @@ class RedisLimiter:
         push = self._push and self._client.can_subscribe and self._config.max_at_once is not None
         self._process_id = base + "!" if push else base
         self._mailbox = self._layout.mailbox(self._process_id)
-        return push
 
     def _start_background(self, task_group: anyio.abc.TaskGroup) -> None:
         task_group.start_soon(self._leases.renew_loop)
@@ -780,7 +779,7 @@ class RedisLimiter:
             if own:
                 item = f"{self._process_id}:{next(self._counter)}"
                 if deadline is not None:
-                    item += f"/{max(0, int((deadline - anyio.current_time()) * 1e6))}"
+                    item += _max_delay(deadline)
                 items.append(item)
             # Starts reserved ahead never lie further away than the horizon.
             horizon = f"/{int(HORIZON * 1e6)}"
@@ -893,7 +892,7 @@ class RedisLimiter:
         item = waiter_id
         if deadline is not None and self._rate_limited:
             # Never reserve a rate start past the caller's deadline.
-            item += f"/{max(0, int((deadline - anyio.current_time()) * 1e6))}"
+            item += _max_delay(deadline)
         if units != UNIT:
             item += f"*{units}"
         (reply,) = await self._submit_items([item], start)
@@ -1144,6 +1143,12 @@ class RedisLimiter:
             await client.delete(*self._keys, self._mailbox)  # the window logs too
         except ClientError as exc:
             raise as_limiter_error(self._name, "reset", exc) from exc.__cause__
+
+
+def _max_delay(deadline: float) -> str:
+    """The ``/<max delay us>`` suffix of an acquire item whose caller gives up at
+    *deadline*: no rate start further away than that is reserved for it."""
+    return f"/{max(0, int((deadline - anyio.current_time()) * 1e6))}"
 
 
 def _local_rate_limiter(config: LimiterConfig) -> RateLimiter | None:
