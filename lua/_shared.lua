@@ -110,8 +110,8 @@ end
 --   next_purge  no expiry in holders or waiters is before it (written by this
 --               version): purge() does nothing before then.
 --   costly      1 once a waiter with a cost other than one unit was queued:
---               until then, a limiter without a rate or windows hands off
---               without reading the queued waiters' costs (queued_costs).
+--               until then, handoffs do not read the queued waiters' costs
+--               (queued_costs).
 --   spare_ahead 0: a call found no start in spare ahead of it, and no start
 --               was given back since (give_back writes 1): reserve() does not
 --               read spare (earliest_spare).
@@ -645,15 +645,20 @@ end
 -- in costs): from now on handoffs read the queued waiters' costs.
 local costly_written = false
 local function queued_costly()
-  costly_written = not costly
+  costly_written = costly_written or not costly
   costly = true
 end
 
--- The cost units of the queued waiters `ids` (as costs_of). A limiter without a
--- rate or windows on which no costly waiter was ever queued (costly absent)
--- does not read them: all are one unit.
+-- The cost units of the queued waiters `ids` (as costs_of). While no costly
+-- waiter was ever queued (costly absent), they are not read: all are one unit.
+-- Without the bookkeeping (keys_until absent: control expired or was deleted),
+-- costly may have been lost while a costly waiter is still queued: they are read,
+-- and costly is written again (queued waiters after `ids` are not known).
 local function queued_costs(ids)
-  if interval > 0 or #windows > 0 or costly then
+  if costly or keys_until == nil then
+    if not costly then
+      queued_costly()
+    end
     return costs_of(ids)
   end
   local out = {}

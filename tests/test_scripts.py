@@ -1198,6 +1198,37 @@ async def test_a_handoff_reads_queued_costs_only_once_a_costly_waiter_queued(
 
 
 @pytest.mark.anyio
+async def test_one_call_queueing_two_costly_waiters_writes_costly(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, interval_us=100_000.0, burst=5)
+        assert (await lim.acquire_one(NOW, "a:1"))[0] == 1
+        assert await lim.acquire(NOW, "b:1*2000000", "c:1*3000000") == [[0, 0], [0, 1]]
+        assert (await book(lim))[2] == 1
+        assert await lim.release(NOW, "a:1") == [1, 1]
+        assert (await lim.memories())[1]["b:1"].endswith("|2000000")
+
+
+@pytest.mark.anyio
+async def test_a_handoff_without_bookkeeping_still_charges_a_costly_waiter_its_cost(
+    backend: Backend,
+) -> None:
+    """control (and with it costly) is lost while a costly waiter is queued behind another:
+    the handoff that finds no bookkeeping reads the costs and writes costly again, so the
+    costly waiter is charged its cost when its turn comes."""
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, interval_us=100_000.0, burst=5)
+        assert (await lim.acquire_one(NOW, "a:1"))[0] == 1
+        assert await lim.acquire_one(NOW, "b:1") == [0, 0]
+        assert await lim.acquire_one(NOW, "c:1*2500000") == [0, 1]
+        assert (await book(lim))[2] == 1
+        assert await opened.client.delete(lim.keys[9]) == 1
+        assert await lim.release(NOW, "a:1") == [1, 1]
+        assert (await book(lim))[2] == 1
+        assert await lim.release(NOW, "b:1") == [1, 1]
+        assert (await lim.memories())[1]["c:1"].endswith("|2500000")
+
+
+@pytest.mark.anyio
 async def test_far_future_rate_reservation_keeps_its_key(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, interval_us=10.0 * SECOND, key_ttl_ms=1_000)
