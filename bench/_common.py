@@ -52,6 +52,7 @@ class _Settings:
     rounds: int
     phase_seconds: float
     contention_tasks: int  # in total, split evenly over the processes
+    fleet_tasks: int  # section 2's issue fleet: in total, split evenly over the processes
     handoff_rounds: int  # per process
     cluster_rounds: int
     cluster_phase_seconds: float
@@ -61,6 +62,7 @@ _FULL = _Settings(
     rounds=4,
     phase_seconds=0.75,
     contention_tasks=1600,
+    fleet_tasks=1200,
     handoff_rounds=200,
     cluster_rounds=3,
     cluster_phase_seconds=1.0,
@@ -69,6 +71,7 @@ _QUICK = _Settings(
     rounds=1,
     phase_seconds=0.4,
     contention_tasks=400,
+    fleet_tasks=320,
     handoff_rounds=50,
     cluster_rounds=1,
     cluster_phase_seconds=0.5,

@@ -38,6 +38,10 @@ them readable, and move with whatever else the machine is doing.
    acquire calls that carried releases; ``releases only``: those of them with no acquisition).
    Targets: separate <= 4 round trips per task and never more than 3 at any fleet size (one
    acquire, one wake-up, one release); swap <= 1.5 round trips per task at both fleet sizes.
+   Then the fleet of issue 16, each scheme in turn: 8 processes share ``max_at_once=10,
+   max_per_second=200``, each running 16 workers on tasks of 10-50 ms (drawn uniformly), with
+   the in-script commands per task by name for swap+push. Target: swap+push <= 12 in-script
+   commands per task, with 8 processes here and in the fleet.
    Then, in one process, the engine path: ``aiometer.run_on_each`` with ``limiter=`` a
    ``max_at_once=4`` RedisLimiter, with a pool of 4 and 8 workers and without ``max_at_once``
    (a task spawned per item), 2 ms tasks: script calls per task for both schemes (does a
@@ -89,6 +93,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import random
 import sys
 import time
 from collections import Counter
@@ -151,6 +156,25 @@ _CONTENTION_PROCESSES = (2, 8)
 _CONTENTION_MAX_AT_ONCE = 4
 _CONTENTION_WORKERS = 8
 _CONTENTION_TASK_SECONDS = 0.005
+# The fleet of issue 16: 8 processes share RedisLimiter(max_at_once=10, max_per_second=200),
+# each running 16 workers on 10-50 ms tasks.
+_FLEET_PROCESSES = 8
+_FLEET_MAX_AT_ONCE = 10
+_FLEET_MAX_PER_SECOND = 200.0
+_FLEET_WORKERS = 16
+_FLEET_TASK_SECONDS = (0.010, 0.050)
+_TARGET_SCRIPT_COMMANDS_PER_TASK = 12.0
+_CONTENTION_HEADERS = (
+    "processes",
+    "scheme",
+    "tasks",
+    "tasks/s",
+    "round trips/task",
+    "result",
+    "client commands by name",
+    "in-script cmds/task",
+    "server us/task",
+)
 _HANDOFF_HOLD_SECONDS = 0.003
 _TARGET_RATIOS = {"rate-only": 0.8, "concurrency-only": 0.4}
 _TARGET_COMMANDS_PER_TASK = 4.0
@@ -226,8 +250,15 @@ class _SwapCountingClient(_CountingClient):
 async def _contention_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
     adapter = _SwapCountingClient(client)
     task_seconds: float = spec["task_seconds"]
+    # A task lasts task_seconds plus up to this much more (uniformly drawn).
+    spread: float = spec.get("task_spread", 0.0)
     todo = iter(range(spec["tasks"]))
-    limiter = RedisLimiter(adapter, spec["name"], max_at_once=spec["max_at_once"])
+    limiter = RedisLimiter(
+        adapter,
+        spec["name"],
+        max_at_once=spec["max_at_once"],
+        max_per_second=spec.get("max_per_second"),
+    )
     limiter._swap = spec["swap"]
     limiter._push = spec["push"]  # before entering: it picks the process id
     async with limiter:
@@ -235,7 +266,7 @@ async def _contention_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
         async def work() -> None:
             for _ in todo:
                 async with limiter.slot():
-                    await anyio.sleep(task_seconds)
+                    await anyio.sleep(task_seconds + random.uniform(0.0, spread))
 
         await _open_connections(client, spec["workers"] + 2)
         adapter.calls.clear()
@@ -485,7 +516,6 @@ async def _contention(
     for processes in _CONTENTION_PROCESSES:
         for scheme, swap, push in _SCHEMES:
             tasks_each = settings.contention_tasks // processes
-            tasks = tasks_each * processes
             spec = {
                 "kind": "contention",
                 "url": url,
@@ -497,20 +527,9 @@ async def _contention(
                 "swap": swap,
                 "push": push,
             }
-            snapshot = _Snapshot(stats_client)
-            (results,) = await _run_stages(pool, [spec] * processes, before_start=snapshot)
-            stats = await _CommandStats.read(stats_client) - snapshot.stats
-            delta = stats.calls
-            del delta["info"]  # the "before" snapshot itself
-            client_commands = {n: c for n, c in delta.items() if n not in in_script}
-            script_commands = {n: c for n, c in delta.items() if n in in_script}
-            client_per_task = sum(client_commands.values()) / tasks
-            script_per_task = sum(script_commands.values()) / tasks
-            server_us_per_task = sum(stats.usec[n] for n in client_commands) / tasks
-            seconds = max(result["seconds"] for result in results)
-            adapter_calls: Counter[str] = Counter()
-            for result in results:
-                adapter_calls.update(result["calls"])
+            result = await _contention_run(pool, stats_client, spec, processes, in_script)
+            result["scheme"] = scheme
+            client_per_task = result["client_commands_per_task"]
             target = _TARGET_SWAP_ROUND_TRIPS_PER_TASK if swap else _TARGET_COMMANDS_PER_TASK
             passed = client_per_task <= target
             verdicts.append(
@@ -520,49 +539,16 @@ async def _contention(
                     passed,
                 )
             )
-            rows.append(
-                [
-                    str(processes),
-                    scheme,
-                    str(tasks),
-                    f"{tasks / seconds:,.0f}",
-                    f"{client_per_task:.2f}",
-                    _verdict(passed),
-                    ", ".join(f"{n} {c / tasks:.2f}" for n, c in sorted(client_commands.items())),
-                    f"{script_per_task:.1f}",
-                    f"{server_us_per_task:.0f}",
-                ]
-            )
+            rows.append([str(processes), scheme, *_contention_columns(result, passed)])
             split_rows.append(
                 [str(processes), scheme]
-                + [f"{adapter_calls[name] / tasks:.2f}" for name in script_columns]
+                + [
+                    f"{result['adapter_calls'].get(name, 0) / result['tasks']:.2f}"
+                    for name in script_columns
+                ]
             )
-            measured.append(
-                {
-                    "processes": processes,
-                    "scheme": scheme,
-                    "tasks": tasks,
-                    "seconds": seconds,
-                    "client_commands_per_task": client_per_task,
-                    "in_script_commands_per_task": script_per_task,
-                    "server_usec_per_task": server_us_per_task,
-                    "client_commands": client_commands,
-                    "in_script_commands": script_commands,
-                    "adapter_calls": dict(adapter_calls),
-                }
-            )
-    headers = [
-        "processes",
-        "scheme",
-        "tasks",
-        "tasks/s",
-        "round trips/task",
-        "result",
-        "client commands by name",
-        "in-script cmds/task",
-        "server us/task",
-    ]
-    print(_table(headers, rows))
+            measured.append(result)
+    print(_table(_CONTENTION_HEADERS, rows))
     print("\nCalls per task counted in the workers' client adapter:\n")
     print(_table(["processes", "scheme", *script_columns], split_rows))
     separate = [r for r in measured if r["scheme"] == "separate"]
@@ -603,8 +589,119 @@ async def _contention(
         f"The most for separate is {worst:.2f} round trips per task (bound "
         f"{_COMMANDS_BOUND_PER_TASK:g}) {_verdict(passed)}"
     )
+    measured.extend(await _fleet(pool, url, stats_client, settings, in_script))
+    for result in measured:
+        if result["scheme"] == "swap+push" and result["processes"] == max(_CONTENTION_PROCESSES):
+            _script_commands_verdict(verdicts, result)
     measured.extend(await _engine_path(url))
     return measured
+
+
+def _script_commands_verdict(verdicts: list[_Verdict], result: Result) -> None:
+    where = result.get("workload", f"max_at_once={_CONTENTION_MAX_AT_ONCE}")
+    passed = result["in_script_commands_per_task"] <= _TARGET_SCRIPT_COMMANDS_PER_TASK
+    verdicts.append(
+        _Verdict(
+            f"commands per task inside the scripts, swap+push, {result['processes']} "
+            f"processes, {where}: <= {_TARGET_SCRIPT_COMMANDS_PER_TASK:g}",
+            f"{result['in_script_commands_per_task']:.1f}",
+            passed,
+        )
+    )
+
+
+async def _fleet(
+    pool: _Pool,
+    url: str,
+    stats_client: redis.asyncio.Redis,
+    settings: _Settings,
+    in_script: Any,
+) -> list[Result]:
+    """The fleet of issue 16, each scheme of section 2 in turn."""
+    low, high = _FLEET_TASK_SECONDS
+    workload = (
+        f"max_at_once={_FLEET_MAX_AT_ONCE}, max_per_second={_FLEET_MAX_PER_SECOND:g}, "
+        f"{_FLEET_WORKERS} workers per process, {low * 1000:g}-{high * 1000:g} ms tasks"
+    )
+    print(
+        f"\nThe fleet of issue 16: {_FLEET_PROCESSES} processes, {workload}, "
+        f"{settings.fleet_tasks} tasks in all per run (the rate limit paces them)\n"
+    )
+    measured: list[Result] = []
+    rows: list[list[str]] = []
+    for scheme, swap, push in _SCHEMES:
+        spec = {
+            "kind": "contention",
+            "url": url,
+            "name": f"fleet-{scheme}",
+            "max_at_once": _FLEET_MAX_AT_ONCE,
+            "max_per_second": _FLEET_MAX_PER_SECOND,
+            "workers": _FLEET_WORKERS,
+            "tasks": settings.fleet_tasks // _FLEET_PROCESSES,
+            "task_seconds": low,
+            "task_spread": high - low,
+            "swap": swap,
+            "push": push,
+        }
+        result = await _contention_run(pool, stats_client, spec, _FLEET_PROCESSES, in_script)
+        result["scheme"] = scheme
+        result["workload"] = workload
+        target = _TARGET_SWAP_ROUND_TRIPS_PER_TASK if swap else _TARGET_COMMANDS_PER_TASK
+        passed = result["client_commands_per_task"] <= target
+        rows.append([str(_FLEET_PROCESSES), scheme, *_contention_columns(result, passed)])
+        measured.append(result)
+    print(_table(_CONTENTION_HEADERS, rows))
+    pushed = measured[-1]
+    print("\nswap+push, in-script commands per task by name:")
+    print(
+        ", ".join(
+            f"{name} {count / pushed['tasks']:.2f}"
+            for name, count in sorted(pushed["in_script_commands"].items(), key=lambda i: -i[1])
+        )
+    )
+    return measured
+
+
+async def _contention_run(
+    pool: _Pool, stats_client: redis.asyncio.Redis, spec: Spec, processes: int, in_script: Any
+) -> Result:
+    """Run *spec* in *processes* workers at once; what it cost in Redis, per task."""
+    tasks = spec["tasks"] * processes
+    snapshot = _Snapshot(stats_client)
+    (results,) = await _run_stages(pool, [spec] * processes, before_start=snapshot)
+    stats = await _CommandStats.read(stats_client) - snapshot.stats
+    delta = stats.calls
+    del delta["info"]  # the "before" snapshot itself
+    client_commands = {n: c for n, c in delta.items() if n not in in_script}
+    script_commands = {n: c for n, c in delta.items() if n in in_script}
+    adapter_calls: Counter[str] = Counter()
+    for result in results:
+        adapter_calls.update(result["calls"])
+    return {
+        "processes": processes,
+        "tasks": tasks,
+        "seconds": max(result["seconds"] for result in results),
+        "client_commands_per_task": sum(client_commands.values()) / tasks,
+        "in_script_commands_per_task": sum(script_commands.values()) / tasks,
+        "server_usec_per_task": sum(stats.usec[n] for n in client_commands) / tasks,
+        "client_commands": client_commands,
+        "in_script_commands": script_commands,
+        "adapter_calls": dict(adapter_calls),
+    }
+
+
+def _contention_columns(result: Result, passed: bool) -> list[str]:
+    """The columns of a section 2 row after its processes and scheme."""
+    tasks = result["tasks"]
+    return [
+        str(tasks),
+        f"{tasks / result['seconds']:,.0f}",
+        f"{result['client_commands_per_task']:.2f}",
+        _verdict(passed),
+        ", ".join(f"{n} {c / tasks:.2f}" for n, c in sorted(result["client_commands"].items())),
+        f"{result['in_script_commands_per_task']:.1f}",
+        f"{result['server_usec_per_task']:.0f}",
+    ]
 
 
 # The engine path: aiometer.run_on_each(task, items, max_at_once=..., limiter=RedisLimiter)
