@@ -887,9 +887,17 @@ class RedisLimiter:
         return now + self._retry_window
 
     async def _submit_acquire(
-        self, waiter_id: str, start: float, deadline: float | None, units: int = UNIT
+        self,
+        waiter_id: str,
+        start: float,
+        deadline: float | None,
+        units: int = UNIT,
+        *,
+        fresh: bool = False,
     ) -> Any:
-        item = waiter_id
+        # '+': the first ask for this id. A swap that is sure to be its call's first run
+        # (every lease it releases was held) then skips looking the id up among the holders.
+        item = f"+{waiter_id}" if fresh else waiter_id
         if deadline is not None and self._rate_limited:
             # Never reserve a rate start past the caller's deadline.
             item += _max_delay(deadline)
@@ -937,7 +945,7 @@ class RedisLimiter:
         until one comes."""
         ticket = self._leases.push_ticket()
         try:
-            reply = await self._submit_acquire(waiter_id, start, deadline, units)
+            reply = await self._submit_acquire(waiter_id, start, deadline, units, fresh=True)
         except (RedisUnavailableError, PoolExhaustedError):
             # The call may have run on the server after we gave up on its reply, leaving a
             # lease or a rate reservation: withdraw it when Redis answers again.

@@ -15,9 +15,15 @@
 --                    and the waiter items are served as below. So a process
 --                    gives a slot back and asks for the next one in one call.
 --   then             the waiter items
---                    '<process id>:<n>[/<max delay us>][*<cost units>]'; the
+--                    '[+]<process id>:<n>[/<max delay us>][*<cost units>]'; the
 --                    waiter id '<process id>:<n>' becomes the lease id when
---                    granted. '/<max delay us>' (the caller's remaining time):
+--                    granted. A leading '+' marks a fresh item: its caller
+--                    sends this id for the first time (in this call, or in a
+--                    resend of it). In a call whose release items were all
+--                    held (so no earlier run of the same call released them:
+--                    this is its first run), a fresh id holds no lease and is
+--                    not looked up in holders; in any other call the '+' is
+--                    ignored. '/<max delay us>' (the caller's remaining time):
 --                    the waiter is never given a rate start further away than
 --                    that. '*<cost units>': the cost of the acquisition (see
 --                    "Costs and windows" in lua/README.md; absent: one unit,
@@ -121,16 +127,23 @@ while first_waiter <= #ARGV and string.sub(ARGV[first_waiter], 1, 1) == '-' do
   first_waiter = first_waiter + 1
 end
 local count = #ARGV - first_waiter + 1
--- ids[i], max_delays[i] (nil: no bound) and costs[i] (units) of the i-th waiter item.
+-- ids[i], max_delays[i] (nil: no bound), costs[i] (units) and fresh[i] (a leading
+-- '+') of the i-th waiter item.
 local ids = {}
 local max_delays = {}
 local costs = {}
-local ITEM = "'<process id>:<n>[/<max delay us>][*<cost units>]'"
+local fresh = {}
+local ITEM = "'[+]<process id>:<n>[/<max delay us>][*<cost units>]'"
 for i = first_waiter, #ARGV do
   if string.sub(ARGV[i], 1, 1) == '-' then
     return bad_arg('release item', 'before every waiter item', ARGV[i])
   end
-  local id, tail = string.match(ARGV[i], '^([^:/*]+:[^/*]*)(.*)$')
+  local is_fresh = string.sub(ARGV[i], 1, 1) == '+'
+  local text = ARGV[i]
+  if is_fresh then
+    text = string.sub(text, 2)
+  end
+  local id, tail = string.match(text, '^([^:/*]+:[^/*]*)(.*)$')
   local max_delay, cost = nil, nil
   if tail and tail ~= '' then
     max_delay, cost = string.match(tail, '^/(%d+)%*(%d+)$')
@@ -162,6 +175,7 @@ for i = first_waiter, #ARGV do
   ids[k] = id
   max_delays[k] = tonumber(max_delay)
   costs[k] = cost
+  fresh[k] = is_fresh
 end
 
 -- ---------------------------------------------------------------------------
@@ -320,10 +334,13 @@ end
 -- grants and queues.
 local held = handoff_left.held
 local queue_len = handoff_left.queued
+-- Every release item was held: no earlier run of this call released them, so
+-- its fresh waiter items hold no lease (no ZSCORE of holders for them).
+local first_run = #releases > 0 and released == #releases
 
 for i = 1, count do
   local id = ids[i]
-  if redis.call('ZSCORE', holders_key, id) then
+  if not (first_run and fresh[i]) and redis.call('ZSCORE', holders_key, id) then
     local token, start_at = parse_grant(redis.call('HGET', grants_key, id))
     if token then
       replies[i] = {1, token, math.max(0, start_at - now)}

@@ -788,6 +788,31 @@ async def test_swap_of_a_queued_waiter_granted_by_its_own_release(backend: Backe
 
 
 @pytest.mark.anyio
+async def test_a_resent_swap_gives_its_fresh_items_the_same_answer(backend: Backend) -> None:
+    """A fresh item ('+': the first ask for the id) is not looked up among the holders in a
+    swap whose releases were all held; a resent swap (a lost reply: its releases are gone)
+    looks it up and answers as the first run did."""
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=2)
+        assert await lim.acquire(NOW, "a:1", "b:1") == [[1, 1, 0], [1, 2, 0]]
+        assert await lim.swap(NOW + 1, ["a:1"], "+a:2") == (1, [], [[1, 3, 0]])
+        assert await lim.swap(NOW + 2, ["a:1"], "+a:2") == (0, [], [[1, 3, 0]])
+        _, holders, queue, _, seq = await lim.status(NOW + 3)
+        assert sorted(holders[::2]) == ["a:2", "b:1"]
+        assert (queue, seq) == ([], "3")
+        # Queued the first time: the resend finds it queued, in the same place.
+        assert await lim.acquire(NOW + 4, "c:1") == [[0, 0]]
+        assert await lim.swap(NOW + 5, ["b:1"], "+b:2") == (1, [], [[0, 0]])
+        assert await lim.mailbox("c") == ["c:1|5|0"]
+        assert await lim.swap(NOW + 6, ["b:1"], "+b:2") == (0, [], [[0, 0]])
+        _, holders, queue, _, seq = await lim.status(NOW + 7)
+        assert sorted(holders[::2]) == ["a:2", "c:1"]
+        assert (queue, seq) == (["b:2", "6"], "6")
+        # Outside a swap the mark changes nothing.
+        assert await lim.acquire(NOW + 8, "+b:2") == [[0, 0]]
+
+
+@pytest.mark.anyio
 async def test_swap_of_an_unknown_or_expired_lease_frees_nothing(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
@@ -1973,6 +1998,26 @@ async def test_a_contended_swap_takes_its_numbers_with_one_incrby(
         _, _, queue, _, last = await lim.status(None)
         assert queue == ["a:2", "4", "a:3", "5"]
         assert last == "5"
+
+
+@pytest.mark.redis
+@pytest.mark.backends("asyncio")
+@pytest.mark.anyio
+async def test_a_first_run_swap_does_not_look_its_fresh_item_up_among_the_holders(
+    anyio_backend: str, redis_url: str, probe: redis.Redis
+) -> None:
+    async with connected_client(redis_url) as client:
+        lim = Limiter(client, max_at_once=1, lease_ttl_us=30 * SECOND)
+        assert await lim.acquire(None, "a:1", "b:1") == [[1, 1, 0], [0, 0]]
+        holders = lim.keys[0]
+        commands = await in_script_commands(probe, lim.swap(None, ["a:1"], "+a:2"))
+        assert ["ZSCORE", holders, "a:2"] not in commands
+        # The same call again (its reply lost): a:1 is no longer held, so a:2 is looked up.
+        commands = await in_script_commands(probe, lim.swap(None, ["a:1"], "+a:2"))
+        assert ["ZSCORE", holders, "a:2"] in commands
+        # A re-ask (no '+') is always looked up.
+        commands = await in_script_commands(probe, lim.swap(None, ["b:1"], "a:2"))
+        assert ["ZSCORE", holders, "a:2"] in commands
 
 
 # -- the scripts as files ----------------------------------------------------------------

@@ -254,7 +254,12 @@ class ScriptsMatchModel(RuleBasedStateMachine):
         # holds (and maybe unknown ones), then waiter items of its own.
         held = [i for i in self.model.holders if process_of(i) == process]
         releases = [*held, *extra] or [f"{process}:0"]
-        items = [f"{process}:{n}" for n in numbers]
+        # An id that holds nothing may come marked as a first ask ("+"), as a client sends
+        # it; one that holds a lease is a re-ask, never marked.
+        items = [
+            f"{process}:{n}" if f"{process}:{n}" in self.model.holders else f"+{process}:{n}"
+            for n in numbers
+        ]
         expected = self.model.swap(self.now, releases, items, **self.limits())
         reply = self.call("acquire", *(f"-{r}" for r in releases), *items)
         assert reply == expected

@@ -94,7 +94,10 @@ def _split_max_delay(item: str) -> tuple[str, int | None]:
 
 
 def parse_item(item: str) -> tuple[str, int | None, int]:
-    """A waiter item ``"<id>[/<max delay us>][*<cost units>]"`` as (id, max delay, cost)."""
+    """A waiter item ``"[+]<id>[/<max delay us>][*<cost units>]"`` as (id, max delay, cost).
+    The "+" (the first ask for the id) changes nothing the model keeps: it only spares the
+    script a lookup whose answer is known."""
+    item = item.removeprefix("+")
     rest, star, cost = item.rpartition("*")
     if star and cost.isdigit():
         waiter_id, max_delay = _split_max_delay(rest)
