@@ -52,7 +52,8 @@ them readable, and move with whatever else the machine is doing.
    schemes of section 2 (with swaps the holder's release rides with its next acquisition, and
    the freed slot is posted to the other's mailbox). The floor next to it is the same
    ping-pong over raw RPUSH / BLPOP between the same two processes.
-   Targets: p50 <= 2 ms, and the swap scheme's p50 at most 1.1x the separate one's (+0.05 ms).
+   Targets: p50 <= 2 ms, and the p50 of swap and of swap+push (the default) each at most 1.1x
+   the separate one's (+0.05 ms).
 4. Costs and windows next to plain acquisitions. One process loops ``acquire(cost=c)`` +
    ``release()`` next to a PING loop, interleaved in rounds, with 16 coroutines (concurrent
    acquisitions share script calls) and again with 1 (one script call per acquisition, so the
@@ -845,12 +846,13 @@ async def _handoff(pool: _Pool, url: str, settings: _Settings, verdicts: list[_V
     passed = new <= _TARGET_HANDOFF_P50_MS
     not_worse = new <= old * 1.1 + 0.05
     pushed_passed = pushed <= _TARGET_HANDOFF_P50_MS
-    pushed_not_worse = pushed <= new * 1.1 + 0.05
+    # The default scheme against the one without swaps: "unchanged or better".
+    pushed_not_worse = pushed <= old * 1.1 + 0.05
     print(
         f"\nswap p50 vs floor: {new / raw_summary['p50_ms']:.1f}x, vs separate: "
-        f"{new / old:.2f}x {_verdict(not_worse)}; swap+push p50 vs swap: {pushed / new:.2f}x "
-        f"{_verdict(pushed_not_worse)}; overlapping holds (must be 0): "
-        f"{sum(overlaps.values())}; p50 target <= {_TARGET_HANDOFF_P50_MS:g} ms "
+        f"{new / old:.2f}x {_verdict(not_worse)}; swap+push p50 vs separate: {pushed / old:.2f}x "
+        f"{_verdict(pushed_not_worse)} (vs swap: {pushed / new:.2f}x); overlapping holds (must "
+        f"be 0): {sum(overlaps.values())}; p50 target <= {_TARGET_HANDOFF_P50_MS:g} ms "
         f"{_verdict(passed and pushed_passed)}"
     )
     verdicts.append(
@@ -872,8 +874,8 @@ async def _handoff(pool: _Pool, url: str, settings: _Settings, verdicts: list[_V
     )
     verdicts.append(
         _Verdict(
-            "handoff p50, swap+push vs swap: <= 1.1x (+0.05 ms)",
-            f"{pushed:.3f} vs {new:.3f} ms",
+            "handoff p50, swap+push (the default) vs separate: <= 1.1x (+0.05 ms)",
+            f"{pushed:.3f} vs {old:.3f} ms",
             pushed_not_worse,
         )
     )
