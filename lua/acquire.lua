@@ -138,8 +138,8 @@ for i = first_waiter, #ARGV do
   if string.sub(ARGV[i], 1, 1) == '-' then
     return bad_arg('release item', 'before every waiter item', ARGV[i])
   end
-  local is_fresh = string.sub(ARGV[i], 1, 1) == '+'
   local text = ARGV[i]
+  local is_fresh = string.byte(text) == 43  -- '+'
   if is_fresh then
     text = string.sub(text, 2)
   end
