@@ -1,7 +1,7 @@
 """RedisLimiter against raw Redis round trips, measured side by side in one run.
 
-Run ``python bench/redis_limiter.py`` (about 40 s) or ``python bench/redis_limiter.py --quick``
-(about 15 s); ``--json FILE`` also writes the final JSON document to FILE. The script starts its own
+Run ``python bench/redis_limiter.py`` (about 3 minutes) or ``python bench/redis_limiter.py --quick``
+(about 40 s); ``--json FILE`` also writes the final JSON document to FILE. The script starts its own
 ``redis-server`` on a free loopback port and re-invokes itself as a pool of worker processes
 (hidden ``--worker`` argument) that start each measurement together at a shared wall-clock
 time.
