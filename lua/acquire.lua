@@ -22,8 +22,8 @@
 --                    resend of it). In a call whose release items were all
 --                    held (so no earlier run of the same call released them:
 --                    this is its first run), a fresh id holds no lease and is
---                    not looked up in holders; in any other call the '+' is
---                    ignored. '/<max delay us>' (the caller's remaining time):
+--                    not looked up in holders (the first time it comes in the
+--                    call); in any other call the '+' is ignored. '/<max delay us>' (the caller's remaining time):
 --                    the waiter is never given a rate start further away than
 --                    that. '*<cost units>': the cost of the acquisition (see
 --                    "Costs and windows" in lua/README.md; absent: one unit,
@@ -335,12 +335,16 @@ end
 local held = handoff_left.held
 local queue_len = handoff_left.queued
 -- Every release item was held: no earlier run of this call released them, so
--- its fresh waiter items hold no lease (no ZSCORE of holders for them).
+-- its fresh waiter items hold no lease (no ZSCORE of holders for them), unless
+-- an id comes twice: from its second time on it is looked up.
 local first_run = #releases > 0 and released == #releases
+local seen = {}
 
 for i = 1, count do
   local id = ids[i]
-  if not (first_run and fresh[i]) and redis.call('ZSCORE', holders_key, id) then
+  local unheld = first_run and fresh[i] and not seen[id]
+  seen[id] = true
+  if not unheld and redis.call('ZSCORE', holders_key, id) then
     local token, start_at = parse_grant(redis.call('HGET', grants_key, id))
     if token then
       replies[i] = {1, token, math.max(0, start_at - now)}

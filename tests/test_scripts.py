@@ -813,6 +813,18 @@ async def test_a_resent_swap_gives_its_fresh_items_the_same_answer(backend: Back
 
 
 @pytest.mark.anyio
+async def test_a_fresh_id_given_twice_in_a_swap_is_granted_once(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=2)
+        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        # The second time, a:2 is looked up among the holders and gets the same grant.
+        assert await lim.swap(NOW + 1, ["a:1"], "+a:2", "+a:2") == (1, [], [[1, 2, 0], [1, 2, 0]])
+        _, holders, queue, _, seq = await lim.status(NOW + 2)
+        assert holders[::2] == ["a:2"]
+        assert (queue, seq) == ([], "2")
+
+
+@pytest.mark.anyio
 async def test_swap_of_an_unknown_or_expired_lease_frees_nothing(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)

@@ -254,11 +254,11 @@ class ScriptsMatchModel(RuleBasedStateMachine):
         # holds (and maybe unknown ones), then waiter items of its own.
         held = [i for i in self.model.holders if process_of(i) == process]
         releases = [*held, *extra] or [f"{process}:0"]
-        # An id that holds nothing may come marked as a first ask ("+"), as a client sends
-        # it; one that holds a lease is a re-ask, never marked.
+        # An id neither held nor queued comes marked as a first ask ("+"), as a client sends
+        # it; a held or queued one is a re-ask, never marked.
+        known = {*self.model.holders, *self.model.queue}
         items = [
-            f"{process}:{n}" if f"{process}:{n}" in self.model.holders else f"+{process}:{n}"
-            for n in numbers
+            f"{process}:{n}" if f"{process}:{n}" in known else f"+{process}:{n}" for n in numbers
         ]
         expected = self.model.swap(self.now, releases, items, **self.limits())
         reply = self.call("acquire", *(f"-{r}" for r in releases), *items)
