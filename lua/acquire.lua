@@ -23,8 +23,9 @@
 --                    held (so no earlier run of the same call released them:
 --                    this is its first run), a fresh id holds no lease and is
 --                    not looked up in holders (the first time it comes in the
---                    call); in any other call the '+' is ignored. '/<max delay us>' (the caller's remaining time):
---                    the waiter is never given a rate start further away than
+--                    call); in any other call the '+' is ignored.
+--                    '/<max delay us>' (the caller's remaining time): the
+--                    waiter is never given a rate start further away than
 --                    that. '*<cost units>': the cost of the acquisition (see
 --                    "Costs and windows" in lua/README.md; absent: one unit,
 --                    1000000). Neither suffix is part of the id.
