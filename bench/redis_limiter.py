@@ -616,7 +616,7 @@ async def _fleet(
     url: str,
     stats_client: redis.asyncio.Redis,
     settings: _Settings,
-    in_script: Any,
+    in_script: frozenset[str],
 ) -> list[Result]:
     """The fleet of issue 16, each scheme of section 2 in turn."""
     low, high = _FLEET_TASK_SECONDS
@@ -664,7 +664,11 @@ async def _fleet(
 
 
 async def _contention_run(
-    pool: _Pool, stats_client: redis.asyncio.Redis, spec: Spec, processes: int, in_script: Any
+    pool: _Pool,
+    stats_client: redis.asyncio.Redis,
+    spec: Spec,
+    processes: int,
+    in_script: frozenset[str],
 ) -> Result:
     """Run *spec* in *processes* workers at once; what it cost in Redis, per task."""
     tasks = spec["tasks"] * processes
