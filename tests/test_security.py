@@ -346,7 +346,19 @@ async def test_acl_user_without_channels_runs_the_whole_flow(
     # ZPOPMIN is refused too, and the hand-offs read the queue heads with ZRANGE + ZREM.
     with RedisServer() as running:
         _set_user(running, LIST_ONLY_RULES)
-        await exercise(_acl_url(running), _unique("lists"))
+        url, name = _acl_url(running), _unique("lists")
+        await exercise(url, name)
+        # The flow may end before a subscription attempt was answered: a waiter that stays
+        # queued until the refusal is reported makes the warning certain.
+        with anyio.fail_after(15):
+            async with RedisLimiter.from_url(url, name, max_at_once=1) as limiter:
+                held = await limiter.acquire()
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(limiter.acquire)
+                    while "mailbox list of that name instead" not in caplog.text:
+                        await anyio.sleep(0.01)
+                    task_group.cancel_scope.cancel()
+                await held.release()
     assert "mailbox list of that name instead" in caplog.text
 
 
