@@ -30,6 +30,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import anyio
+import anyio.lowlevel
 import sniffio
 
 from ._errors import ClientError, ErrorMap, ErrorReply
@@ -384,7 +385,15 @@ class CoredisClient:
             ) as pubsub:
                 subscribed = True
                 yield _Subscription(pubsub, self._errors)
-        except Exception as exc:
+        except BaseException as exc:
+            if not isinstance(exc, (Exception, BaseExceptionGroup)):
+                raise
+            # coredis runs the subscription in a task group of its own: cancelled while
+            # that group fails (a refused SUBSCRIBE), it raises both in one group, or its
+            # failure alone. The cancellation goes on; the failure is dropped.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            if not isinstance(exc, Exception):
+                raise
             leaf = _leaf(exc)
             if not subscribed and isinstance(leaf, TimeoutError) and await self._answers():
                 # On asyncio, coredis reports a SUBSCRIBE that Redis refused (an ACL without
