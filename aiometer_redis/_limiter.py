@@ -327,13 +327,16 @@ class RedisLimiter:
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
-            task_group = await stack.enter_async_context(anyio.create_task_group())
+            # The client's owner lives in a task group of its own, outside the background
+            # tasks' group: on exit (last registered, first run) the background tasks are
+            # cancelled and their shielded cleanup ends (a subscription closed, the last
+            # releases sent) before the owner is told to close the client.
+            client_group = await stack.enter_async_context(anyio.create_task_group())
             closing = anyio.Event()
             if self._url is not None:
-                self._client = await task_group.start(self._own_client, self._url, closing)
-            # On exit (last registered, first run): cancel the background tasks, then let the
-            # client owner close the client.
+                self._client = await client_group.start(self._own_client, self._url, closing)
             stack.callback(closing.set)
+            task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(task_group.cancel_scope.cancel)
             self._pick_wakeups()
             self._start_background(task_group)

@@ -117,6 +117,40 @@ async def test_cancelled_waiter_leaves_nothing_behind(server: RedisServer, name:
 
 
 @pytest.mark.anyio
+async def test_the_client_closes_after_the_background_tasks_cleaned_up(
+    server: RedisServer, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A background task cancelled on exit may still use the client in shielded cleanup (a
+    # subscription closed, the last releases sent): a client made from a URL is closed only
+    # after every such task ended.
+    outcome: list[str] = []
+    start_background = RedisLimiter._start_background
+
+    async def clean_up_late(limiter: RedisLimiter) -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.05)
+                assert limiter._client is not None
+                try:
+                    await limiter._client.ping()
+                except Exception as exc:
+                    outcome.append(f"failed: {exc!r}")
+                else:
+                    outcome.append("answered")
+
+    def with_late_cleanup(limiter: RedisLimiter, task_group: Any) -> None:
+        start_background(limiter, task_group)
+        task_group.start_soon(clean_up_late, limiter)
+
+    monkeypatch.setattr(RedisLimiter, "_start_background", with_late_cleanup)
+    async with RedisLimiter.from_url(server.url, name, max_at_once=1) as limiter:
+        await (await limiter.acquire()).release()
+    assert outcome == ["answered"]
+
+
+@pytest.mark.anyio
 async def test_acquire_timeout(server: RedisServer, name: str) -> None:
     async with RedisLimiter.from_url(
         server.url, name, max_at_once=1, acquire_timeout=0.1

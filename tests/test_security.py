@@ -66,7 +66,7 @@ PASSWORD = "pw-7f3c9a1e-do-not-leak"
 # "reset" first makes the line idempotent; replace the password after ">".
 ACL_RULES = (
     "limiter reset on >limiter-pw ~aiometer:* resetchannels &aiometer:* -@all"
-    " +evalsha +eval +subscribe +unsubscribe +blpop +del +ping"
+    " +evalsha +eval +subscribe +unsubscribe +punsubscribe +blpop +del +ping"
     " +time +get +set +incrby +pexpire"
     " +zadd +zrem +zcard +zpopmin +zrange +zrangebyscore +zrank +zscore"
     " +hset +hget +hmget +hdel +rpush +publish"
@@ -85,7 +85,10 @@ ACL_PASSWORD = "limiter-pw"
 
 # What the limiter sends from the client side; the other commands of ACL_RULES are the
 # scripts' own.
-CLIENT_COMMANDS = frozenset({"evalsha", "eval", "subscribe", "unsubscribe", "blpop", "del", "ping"})
+CLIENT_COMMANDS = frozenset(
+    # PUNSUBSCRIBE: coredis sends it with UNSUBSCRIBE when a subscription ends.
+    {"evalsha", "eval", "subscribe", "unsubscribe", "punsubscribe", "blpop", "del", "ping"}
+)
 
 
 # -- helpers -----------------------------------------------------------------------------------
