@@ -50,8 +50,10 @@ them readable, and move with whatever else the machine is doing.
    holding it 3 ms so the other is always queued: the holder records ``time.time()`` just
    before ``release()``, the waiter right after ``acquire()`` returns. Measured for both
    schemes of section 2 (with swaps the holder's release rides with its next acquisition, and
-   the freed slot is posted to the other's mailbox). The floor next to it is the same
-   ping-pong over raw RPUSH / BLPOP between the same two processes.
+   the freed slot is posted to the other's mailbox). The schemes take turns, 25 rounds at a
+   time, each on a limiter of its own entered for the whole section, so that a drift of the
+   machine's speed weighs on all of them alike. The floor next to it is the same ping-pong
+   over raw RPUSH / BLPOP between the same two processes.
    Targets: p50 <= 2 ms, and the p50 of swap and of swap+push (the default) each at most 1.1x
    the separate one's (+0.05 ms).
 4. Costs and windows next to plain acquisitions. One process loops ``acquire(cost=c)`` +
@@ -188,6 +190,8 @@ _SCHEMES = (("separate", False, False), ("swap", True, False), ("swap+push", Tru
 # processes are added, never past it.
 _COMMANDS_BOUND_PER_TASK = 3.0
 _TARGET_HANDOFF_P50_MS = 2.0
+# Section 3 runs the schemes in turn, this many handoff rounds at a time.
+_HANDOFF_BLOCK_ROUNDS = 25
 _RESERVE_PROCESSES = 8
 _RESERVE_RATES = (3_000.0, 20_000.0)
 _RESERVE_TARGET_RATE = 20_000.0
@@ -353,26 +357,32 @@ async def _reserve_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
 
 
 async def _handoff_worker(client: redis.asyncio.Redis, spec: Spec) -> None:
-    """One stage per scheme: ping-pong through the limiter. Last stage: the same over raw
-    RPUSH / BLPOP."""
+    """Ping-pong through one limiter per scheme, the schemes taking turns: one stage per
+    block of rounds and scheme (so a drift of the machine's speed during the section weighs
+    on every scheme alike). Last stage: the same over raw RPUSH / BLPOP."""
     role: int = spec["role"]
     rounds: int = spec["rounds"]
     await _open_connections(client, 3)
-    for scheme, swap, push in spec["schemes"]:
-        holds: list[tuple[float, float]] = []
-        limiter = RedisLimiter(client, f"{spec['name']}:{scheme}", max_at_once=1)
-        limiter._swap = swap
-        limiter._push = push
-        async with limiter:
-            await _stage_start()
-            for _ in range(rounds):
-                permit = await limiter.acquire()
-                acquired = time.time()
-                await anyio.sleep(_HANDOFF_HOLD_SECONDS)
-                released = time.time()
-                await permit.release()
-                holds.append((acquired, released))
-        _stage_result({"holds": holds})
+    async with AsyncExitStack() as stack:
+        limiters: dict[str, RedisLimiter] = {}
+        for scheme, swap, push in spec["schemes"]:
+            limiter = RedisLimiter(client, f"{spec['name']}:{scheme}", max_at_once=1)
+            limiter._swap = swap
+            limiter._push = push
+            limiters[scheme] = await stack.enter_async_context(limiter)
+        for block_rounds in spec["blocks"]:
+            for scheme, _, _ in spec["schemes"]:
+                limiter = limiters[scheme]
+                holds: list[tuple[float, float]] = []
+                await _stage_start()
+                for _ in range(block_rounds):
+                    permit = await limiter.acquire()
+                    acquired = time.time()
+                    await anyio.sleep(_HANDOFF_HOLD_SECONDS)
+                    released = time.time()
+                    await permit.release()
+                    holds.append((acquired, released))
+                _stage_result({"holds": holds})
 
     inbox, outbox = f"{spec['name']}:raw:{role}", f"{spec['name']}:raw:{1 - role}"
     latencies: list[float] = []
@@ -794,9 +804,14 @@ def _latency_summary(samples: Sequence[float]) -> Result:
 async def _handoff(pool: _Pool, url: str, settings: _Settings, verdicts: list[_Verdict]) -> Result:
     _section(
         "3. Release-to-start handoff between two processes "
-        f"(max_at_once=1, slot held {_HANDOFF_HOLD_SECONDS * 1000:g} ms), for each scheme"
+        f"(max_at_once=1, slot held {_HANDOFF_HOLD_SECONDS * 1000:g} ms), for each scheme,\n"
+        f"the schemes taking turns {_HANDOFF_BLOCK_ROUNDS} rounds at a time"
     )
     rounds = settings.handoff_rounds
+    # The schemes take turns, a block of rounds each, so that the machine's drift over the
+    # section weighs on all of them alike.
+    full, rest = divmod(rounds, _HANDOFF_BLOCK_ROUNDS)
+    blocks = [_HANDOFF_BLOCK_ROUNDS] * full + ([rest] if rest else [])
     specs = [
         {
             "kind": "handoff",
@@ -804,14 +819,16 @@ async def _handoff(pool: _Pool, url: str, settings: _Settings, verdicts: list[_V
             "name": "handoff",
             "role": role,
             "rounds": rounds,
+            "blocks": blocks,
             "schemes": _SCHEMES,
         }
         for role in (0, 1)
     ]
-    *limiter_stages, raw_results = await _run_stages(pool, specs, stages=len(_SCHEMES) + 1)
-    summaries: dict[str, Result] = {}
-    overlaps: dict[str, int] = {}
-    for (scheme, _, _), limiter_results in zip(_SCHEMES, limiter_stages, strict=True):
+    *limiter_stages, raw_results = await _run_stages(
+        pool, specs, stages=len(blocks) * len(_SCHEMES) + 1
+    )
+    by_scheme: dict[str, list[float]] = {scheme: [] for scheme, _, _ in _SCHEMES}
+    for index, limiter_results in enumerate(limiter_stages):
         holds = sorted(
             (acquired, released, role)
             for role, result in enumerate(limiter_results)
@@ -819,11 +836,14 @@ async def _handoff(pool: _Pool, url: str, settings: _Settings, verdicts: list[_V
         )
         # A handoff is a hold that follows one of the other process; the last holds of the
         # process that finishes second follow its own and are not handoffs.
-        handoffs = [
+        by_scheme[_SCHEMES[index % len(_SCHEMES)][0]].extend(
             later[0] - earlier[1]
             for earlier, later in itertools.pairwise(holds)
             if earlier[2] != later[2]
-        ]
+        )
+    summaries: dict[str, Result] = {}
+    overlaps: dict[str, int] = {}
+    for scheme, handoffs in by_scheme.items():
         overlaps[scheme] = sum(1 for latency in handoffs if latency < 0)
         summaries[scheme] = _latency_summary(handoffs)
     raw = [latency for result in raw_results for latency in result["latencies"]]
