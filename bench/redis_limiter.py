@@ -89,7 +89,9 @@ them readable, and move with whatever else the machine is doing.
    Targets (new): <= 0.3 script calls per start, >= 0.95 of the rate.
 
 The 8-process rows run more processes than a small machine has cores, next to redis-server
-itself: read the ratio, not the absolute rate. The exit status is 0 whatever the verdicts.
+itself: read the ratio, not the absolute rate. Each worker process freezes what it holds
+before a section (``gc.freeze()``, see bench/_common.py), so a full collection of its earlier
+objects does not stall it mid-phase. The exit status is 0 whatever the verdicts.
 """
 
 from __future__ import annotations
