@@ -649,6 +649,23 @@ class RedisLimiter:
     async def _acquire(self, start: float, deadline: float | None, units: int) -> RedisPermit:
         if self._reserving and units == UNIT:
             return await self._acquire_reserved(start, deadline)
+        permit = await self._acquire_granted(start, deadline, units, drop_stale=True)
+        if permit is None:
+            # Its rate start went by while the process was held up: one new acquisition,
+            # whose grant is used even if the process is held up again (no livelock on a
+            # machine that is always late).
+            permit = await self._acquire_granted(start, deadline, units, drop_stale=False)
+            assert permit is not None
+        return permit
+
+    async def _acquire_granted(
+        self, start: float, deadline: float | None, units: int, *, drop_stale: bool
+    ) -> RedisPermit | None:
+        """One grant from Redis, its rate start waited for. With *drop_stale*, a grant whose
+        caller woke up more than ``LATE`` after its rate start (the event loop or the CPU
+        held the process up) is given back and None returned: starting it then would start
+        it next to the fleet's later starts, and a process held up with several such grants
+        would start them all at once."""
         local = await self._local_permit(start)
         waiter_id = f"{self._process_id}:{next(self._counter)}"
         try:
@@ -657,6 +674,7 @@ class RedisLimiter:
             if local is not None:
                 await local.release()
             raise
+        start_at = anyio.current_time() + delay_us / 1e6
         settler = self._settle if self._rate_limited else None
         if self._config.max_at_once is None:
             permit = RedisPermit(
@@ -689,6 +707,15 @@ class RedisLimiter:
             else:
                 await permit.release()
             raise
+        if drop_stale and delay_us > 0 and anyio.current_time() - start_at > LATE:
+            logger.debug(
+                "limiter %r: grant %s woke %.1f ms after its rate start; asking again",
+                self._name,
+                waiter_id,
+                (anyio.current_time() - start_at) * 1000,
+            )
+            await self._give_back(waiter_id, permit.lease_id, local)
+            return None
         return permit
 
     async def _acquire_reserved(self, start: float, deadline: float | None) -> RedisPermit:
@@ -861,9 +888,10 @@ class RedisLimiter:
                 check_at = max(since, start) + self._retry_window
 
     async def _give_back(self, waiter_id: str, lease_id: str, local: Permit | None) -> None:
-        """Withdraw a grant whose rate start has not come: its lease (if any) and its start
-        are given back, so that later acquisitions may use them. Its permit is never handed
-        out; *local* is the permit's local part."""
+        """Withdraw a grant that will not be used: its lease (if any) is released and its rate
+        start given back if it has not come (later acquisitions may use it; one already gone
+        is lost, its cost refunded to the windows). Its permit is never handed out; *local*
+        is the permit's local part."""
         self._leases.forget(lease_id)
         with anyio.CancelScope(shield=True):
             try:
