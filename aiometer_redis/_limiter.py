@@ -707,12 +707,13 @@ class RedisLimiter:
             else:
                 await permit.release()
             raise
-        if drop_stale and delay_us > 0 and anyio.current_time() - start_at > LATE:
+        late = anyio.current_time() - start_at
+        if drop_stale and delay_us > 0 and late > LATE:
             logger.debug(
                 "limiter %r: grant %s woke %.1f ms after its rate start; asking again",
                 self._name,
                 waiter_id,
-                (anyio.current_time() - start_at) * 1000,
+                late * 1000,
             )
             await self._give_back(waiter_id, permit.lease_id, local)
             return None
