@@ -929,7 +929,12 @@ class RedisLimiter:
     ) -> Any:
         # '+': the first ask for this id. A swap that is sure to be its call's first run
         # (every lease it releases was held) then skips looking the id up among the holders.
-        item = f"+{waiter_id}" if fresh else waiter_id
+        # '^' (this process has waiters queued already, so this one will likely queue too):
+        # such a swap queues it before handing off the freed slots, which spares counting
+        # the queue.
+        item = waiter_id
+        if fresh:
+            item = f"^{waiter_id}" if self._leases.waiters and units == UNIT else f"+{waiter_id}"
         if deadline is not None and self._rate_limited:
             # Never reserve a rate start past the caller's deadline.
             item += _max_delay(deadline)

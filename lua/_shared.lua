@@ -763,8 +763,10 @@ end
 
 -- What the handoff of this call leaves, for the acquisitions that follow it in
 -- the same call: held = the number of holders (nil: no handoff ran), queued =
--- 0 when it emptied the queue (nil: unknown).
-local handoff_left = {}
+-- 0 when it emptied the queue (nil: unknown), enqueued = how many waiters its
+-- `enqueue` queued (0: none, or it did not run), popped = how many heads it
+-- granted, granted = waiter id -> {token, delay_us} of each head it granted.
+local handoff_left = {enqueued = 0, popped = 0, granted = {}}
 
 -- Moves queue heads into free concurrency slots, in ticket order, and posts
 -- "<waiter id>|<token>|<delay_us>" to each new holder's process mailbox (one
@@ -774,8 +776,11 @@ local handoff_left = {}
 -- and the messages of process `own` (nil: none is), which are returned to the
 -- caller instead of posted: a list, empty when none. `after` (default 0): how
 -- many numbers of seq the call may need after the handoff (next_number takes
--- them in the same block as the grants' tokens).
-local function handoff(now, own, after)
+-- them in the same block as the grants' tokens). `enqueue` (optional): called
+-- with the number of free slots once it is known to be at least one, before
+-- the heads are read; it queues the caller's waiters at the tail and returns
+-- how many it queued (acquire.lua's queue-first items).
+local function handoff(now, own, after, enqueue)
   if max_at_once <= 0 then
     return 0
   end
@@ -787,6 +792,9 @@ local function handoff(now, own, after)
   handoff_left.held = held
   if free <= 0 then
     return 0
+  end
+  if enqueue then
+    handoff_left.enqueued = enqueue(free)
   end
   -- The heads leave the queue as they are read (ZPOPMIN: lowest ticket first,
   -- as ZRANGE orders them), then waiters. Refused (an ACL without ZPOPMIN: the
@@ -811,6 +819,7 @@ local function handoff(now, own, after)
     return 0
   end
   handoff_left.held = held + #heads
+  handoff_left.popped = #heads
   redis.call('ZREM', waiters_key, unpack(heads))
   -- A queued waiter's cost was recorded when it queued.
   local costs = queued_costs(heads)
@@ -818,6 +827,7 @@ local function handoff(now, own, after)
   local messages = {}
   for i, head in ipairs(heads) do
     local token, delay = grant(head, now, nil, costs[i], #heads - i + (after or 0))
+    handoff_left.granted[head] = {token, delay}
     if #windows == 0 and costs[i] ~= UNIT then
       redis.call('HDEL', costs_key, head)  -- kept in its grants entry from now on
     end

@@ -15,8 +15,8 @@
 --                    and the waiter items are served as below. So a process
 --                    gives a slot back and asks for the next one in one call.
 --   then             the waiter items
---                    '[+]<process id>:<n>[/<max delay us>][*<cost units>]'; the
---                    waiter id '<process id>:<n>' becomes the lease id when
+--                    '[+|^]<process id>:<n>[/<max delay us>][*<cost units>]';
+--                    the waiter id '<process id>:<n>' becomes the lease id when
 --                    granted. A leading '+' marks a fresh item: its caller
 --                    sends this id for the first time (in this call, or in a
 --                    resend of it). In a call whose release items were all
@@ -24,6 +24,23 @@
 --                    this is its first run), a fresh id holds no lease and is
 --                    not looked up in holders (the first time it comes in the
 --                    call); in any other call the '+' is ignored.
+--                    A leading '^' marks a fresh item too, whose caller
+--                    expects it to queue (its process has waiters queued
+--                    already). When every waiter item of such a first run
+--                    starts with '^', costs one unit, has no max delay and no
+--                    id comes twice, the items are queued first ("queue
+--                    first"): once the handoff knows a slot is free, they take
+--                    their tickets and liveness at the tail of the queue, then
+--                    the handoff reads the heads. Those it reaches are granted
+--                    (their entries are '1,token,delay_us'; their grants are
+--                    not among the own grants); the others stay queued. The
+--                    outcome is the one the items would get after the handoff
+--                    (the same grants, the same order); what differs: a
+--                    queued item's ahead is -1 (not counted, which saves the
+--                    ZCARD of the queue) unless the handoff reached an item of
+--                    the call, and a granted item took a ticket too (seq moves
+--                    one more). Otherwise (no slot free, an item without '^',
+--                    ...) '^' is read as '+'.
 --                    '/<max delay us>' (the caller's remaining time): the
 --                    waiter is never given a rate start further away than
 --                    that. '*<cost units>': the cost of the acquisition (see
@@ -47,7 +64,8 @@
 --                     already holds a lease (granted by a handoff, or a retry
 --                     after a lost reply) returns the same grant and changes
 --                     nothing.
---   0,ahead           queued; ahead = 0-based position in the queue. The
+--   0,ahead           queued; ahead = 0-based position in the queue, or -1
+--                     when not counted (items queued first, see above). The
 --                     waiter's liveness is extended to now + lease_ttl_us.
 --   2,0               refused: the waiter's next rate start would be further
 --                     away than its max delay. Nothing is reserved, held or
@@ -134,13 +152,16 @@ local ids = {}
 local max_delays = {}
 local costs = {}
 local fresh = {}
-local ITEM = "'[+]<process id>:<n>[/<max delay us>][*<cost units>]'"
+-- queue_first[i]: the i-th waiter item starts with '^' (see the header).
+local queue_first = {}
+local ITEM = "'[+|^]<process id>:<n>[/<max delay us>][*<cost units>]'"
 for i = first_waiter, #ARGV do
   if string.sub(ARGV[i], 1, 1) == '-' then
     return bad_arg('release item', 'before every waiter item', ARGV[i])
   end
   local text = ARGV[i]
-  local is_fresh = string.byte(text) == 43  -- '+'
+  local mark = string.byte(text)
+  local is_fresh = mark == 43 or mark == 94  -- '+' or '^'
   if is_fresh then
     text = string.sub(text, 2)
   end
@@ -177,6 +198,7 @@ for i = first_waiter, #ARGV do
   max_delays[k] = tonumber(max_delay)
   costs[k] = cost
   fresh[k] = is_fresh
+  queue_first[k] = mark == 94
 end
 
 -- ---------------------------------------------------------------------------
@@ -325,9 +347,49 @@ if max_at_once == 0 then
 end
 
 purge(now)
+-- Queue first (see the header): in a first run of a swap whose waiter items all
+-- start with '^', cost one unit, have no max delay and differ, the items are
+-- queued as soon as the handoff knows a slot is free, before it reads the heads.
+local early = #releases > 0 and released == #releases
+if early then
+  local early_seen = {}
+  for i = 1, count do
+    if not queue_first[i] or costs[i] ~= UNIT or max_delays[i] or early_seen[ids[i]] then
+      early = false
+      break
+    end
+    early_seen[ids[i]] = true
+  end
+end
+
+-- Queues every waiter item at the tail, in ARGV order: a ticket each (taken with
+-- the tokens of the at most `free` heads the handoff grants next) and its
+-- liveness. Returns how many it queued.
+local function enqueue(free)
+  local tickets = {}
+  local lives = {}
+  local liveness = int(now + lease_ttl)
+  for i = 1, count do
+    tickets[2 * i - 1] = int(next_number(count - i + free))
+    tickets[2 * i] = ids[i]
+    lives[2 * i - 1] = liveness
+    lives[2 * i] = ids[i]
+  end
+  call_in_slices('ZADD', queue_key, tickets, 1, 2 * SLICE)
+  call_in_slices('ZADD', waiters_key, lives, 1, 2 * SLICE)
+  wrote_expiry(now + lease_ttl)
+  return count
+end
+
 if #releases > 0 then
-  -- The waiter items may need one number of seq each after the handoff's grants.
-  local _, kept = handoff(now, process_of(releases[1]), count)
+  -- The waiter items may need one number of seq each after the handoff's grants
+  -- (none when they were queued first).
+  local after = count
+  local tail = nil
+  if early then
+    after, tail = 0, enqueue
+  end
+  local _, kept = handoff(now, process_of(releases[1]), after, tail)
   own_grants = kept or {}
 end
 -- ZCARD of holders and of the queue, known from the handoff of the release
@@ -335,86 +397,131 @@ end
 -- grants and queues.
 local held = handoff_left.held
 local queue_len = handoff_left.queued
+
+if handoff_left.enqueued > 0 then
+  -- The items queued first: the handoff granted those within the free slots (it
+  -- read every head before them first); their grants are their entries, not
+  -- own grants. The others wait.
+  local mine = 0
+  local mine_ids = {}
+  for i = 1, count do
+    local grant_info = handoff_left.granted[ids[i]]
+    if grant_info then
+      replies[i] = {1, grant_info[1], grant_info[2]}
+      mine = mine + 1
+      mine_ids[ids[i]] = true
+    end
+  end
+  if mine > 0 then
+    local others = {}
+    for _, message in ipairs(own_grants) do
+      if not mine_ids[string.match(message, '^([^|]*)|')] then
+        others[#others + 1] = message
+      end
+    end
+    own_grants = others
+  end
+  -- When the handoff reached an item of this call, every waiter queued before
+  -- it left the queue: the items left are all of it, and their positions are
+  -- known. Otherwise they are not counted (ahead -1).
+  local waiting = 0
+  for i = 1, count do
+    if replies[i] == nil then
+      replies[i] = {0, mine > 0 and waiting or -1}
+      waiting = waiting + 1
+    end
+  end
+  if mine > 0 then
+    queue_len = waiting
+    if waiting > 0 and handoff_left.popped == mine then
+      -- Nobody was queued before them: this call created the queue (and waiters).
+      created[queue_key], created[waiters_key] = true, true
+    end
+  end
+end
 -- Every release item was held: no earlier run of this call released them, so
 -- its fresh waiter items hold no lease (no ZSCORE of holders for them), unless
 -- an id comes twice: from its second time on it is looked up.
 local first_run = #releases > 0 and released == #releases
 local seen = {}
 
+-- The items not answered yet (all of them, unless they were queued first).
 for i = 1, count do
-  local id = ids[i]
-  local unheld = first_run and fresh[i] and not seen[id]
-  seen[id] = true
-  if not unheld and redis.call('ZSCORE', holders_key, id) then
-    local token, start_at = parse_grant(redis.call('HGET', grants_key, id))
-    if token then
-      replies[i] = {1, token, math.max(0, start_at - now)}
-    else
-      replies[i] = {1, 0, 0}
-    end
-  else
-    queue_len = queue_len or redis.call('ZCARD', queue_key)
-    local rank = nil
-    -- Whether its liveness is written already.
-    local live = false
-    if queue_len > 0 then
-      -- waiters holds the ids of the queue, so adding its liveness only if
-      -- absent tells whether it is queued: no ZRANK for a new waiter (one that
-      -- is not left queued takes its liveness back below). Behind a queue as
-      -- long as max_at_once, a new waiter queues whatever is held: no ZCARD of
-      -- holders either.
-      if redis.call('ZADD', waiters_key, 'NX', int(now + lease_ttl), id) == 1 then
-        live = true
+  if replies[i] == nil then
+    local id = ids[i]
+    local unheld = first_run and fresh[i] and not seen[id]
+    seen[id] = true
+    if not unheld and redis.call('ZSCORE', holders_key, id) then
+      local token, start_at = parse_grant(redis.call('HGET', grants_key, id))
+      if token then
+        replies[i] = {1, token, math.max(0, start_at - now)}
       else
-        rank = redis.call('ZRANK', queue_key, id)
+        replies[i] = {1, 0, 0}
       end
-    end
-    local ahead = rank or queue_len
-    local token, delay = nil, nil
-    if ahead < max_at_once then
-      held = held or redis.call('ZCARD', holders_key)
-    end
-    if ahead < max_at_once and held + ahead < max_at_once then
-      token, delay = grant(id, now, max_delays[i], costs[i], count - i)
-      if live then
-        redis.call('ZREM', waiters_key, id)
-        live = false
-      end
-      if token == nil then
-        replies[i] = {2}
-      elseif rank then
-        unqueue({id})
-        if #windows == 0 and costs[i] ~= UNIT then
-          redis.call('HDEL', costs_key, id)  -- kept in its grants entry from now on
+    else
+      queue_len = queue_len or redis.call('ZCARD', queue_key)
+      local rank = nil
+      -- Whether its liveness is written already.
+      local live = false
+      if queue_len > 0 then
+        -- waiters holds the ids of the queue, so adding its liveness only if
+        -- absent tells whether it is queued: no ZRANK for a new waiter (one that
+        -- is not left queued takes its liveness back below). Behind a queue as
+        -- long as max_at_once, a new waiter queues whatever is held: no ZCARD of
+        -- holders either.
+        if redis.call('ZADD', waiters_key, 'NX', int(now + lease_ttl), id) == 1 then
+          live = true
+        else
+          rank = redis.call('ZRANK', queue_key, id)
         end
-        queue_len = queue_len - 1
       end
-    end
-    if token then
-      if held == 0 then
-        created[holders_key], created[grants_key] = true, true
+      local ahead = rank or queue_len
+      local token, delay = nil, nil
+      if ahead < max_at_once then
+        held = held or redis.call('ZCARD', holders_key)
       end
-      held = held + 1
-      replies[i] = {1, token, delay}
-    elseif replies[i] == nil then
-      if not rank then
-        local ticket = next_number(count - i)
-        if queue_len == 0 then
-          created[queue_key], created[waiters_key] = true, true
+      if ahead < max_at_once and held + ahead < max_at_once then
+        token, delay = grant(id, now, max_delays[i], costs[i], count - i)
+        if live then
+          redis.call('ZREM', waiters_key, id)
+          live = false
         end
-        redis.call('ZADD', queue_key, int(ticket), id)
-        queue_len = queue_len + 1
+        if token == nil then
+          replies[i] = {2}
+        elseif rank then
+          unqueue({id})
+          if #windows == 0 and costs[i] ~= UNIT then
+            redis.call('HDEL', costs_key, id)  -- kept in its grants entry from now on
+          end
+          queue_len = queue_len - 1
+        end
       end
-      if not live then
-        redis.call('ZADD', waiters_key, int(now + lease_ttl), id)
+      if token then
+        if held == 0 then
+          created[holders_key], created[grants_key] = true, true
+        end
+        held = held + 1
+        replies[i] = {1, token, delay}
+      elseif replies[i] == nil then
+        if not rank then
+          local ticket = next_number(count - i)
+          if queue_len == 0 then
+            created[queue_key], created[waiters_key] = true, true
+          end
+          redis.call('ZADD', queue_key, int(ticket), id)
+          queue_len = queue_len + 1
+        end
+        if not live then
+          redis.call('ZADD', waiters_key, int(now + lease_ttl), id)
+        end
+        wrote_expiry(now + lease_ttl)
+        if costs[i] ~= UNIT then
+          redis.call('HSET', costs_key, id, int(costs[i]))
+          wrote_costs = true
+          queued_costly()
+        end
+        replies[i] = {0, ahead}
       end
-      wrote_expiry(now + lease_ttl)
-      if costs[i] ~= UNIT then
-        redis.call('HSET', costs_key, id, int(costs[i]))
-        wrote_costs = true
-        queued_costly()
-      end
-      replies[i] = {0, ahead}
     end
   end
 end

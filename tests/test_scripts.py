@@ -813,6 +813,80 @@ async def test_a_resent_swap_gives_its_fresh_items_the_same_answer(backend: Back
 
 
 @pytest.mark.anyio
+async def test_a_swap_queues_its_items_first_behind_the_waiters_already_queued(
+    backend: Backend,
+) -> None:
+    """'^' items of a first-run swap queue before the handoff reads the heads: the freed slot
+    still goes to the oldest waiter, and an item the handoff does not reach is queued but
+    not counted (ahead -1)."""
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [[1, 1, 0], [0, 0], [0, 1]]
+        # a:2 takes ticket 4, then the handoff grants b:1 token 5 (posted to b).
+        assert await lim.swap(NOW + 1, ["a:1"], "^a:2") == (1, [], [[0, -1]])
+        assert await lim.mailbox("b") == ["b:1|5|0"]
+        _, holders, queue, _, seq = await lim.status(NOW + 2)
+        assert holders[::2] == ["b:1"]
+        assert (queue, seq) == (["c:1", "3", "a:2", "4"], "5")
+        # The next release reaches c:1, then a:2: the queue is in ticket order.
+        assert await lim.swap(NOW + 3, ["b:1"], "^b:2") == (1, [], [[0, -1]])
+        assert await lim.mailbox("c") == ["c:1|7|0"]
+
+
+@pytest.mark.anyio
+async def test_a_swap_item_queued_first_and_reached_is_granted_in_its_entry(
+    backend: Backend,
+) -> None:
+    """When the handoff reaches an item queued first, its grant is its entry (not an own
+    grant), every waiter before it was granted, and the items left have exact positions."""
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=3)
+        assert await lim.acquire(NOW, "a:1", "b:1", "c:1", "a:2") == [
+            [1, 1, 0],
+            [1, 2, 0],
+            [1, 3, 0],
+            [0, 0],
+        ]
+        # b:1 and c:1 free two slots; b:2 and b:3 take tickets 5 and 6, then the handoff
+        # grants a:2 (token 7, posted to a) and b:2 (token 8, its entry); b:3 is left alone
+        # in the queue, at position 0.
+        assert await lim.swap(NOW + 1, ["b:1", "c:1"], "^b:2", "^b:3") == (
+            2,
+            [],
+            [[1, 8, 0], [0, 0]],
+        )
+        assert await lim.mailbox("a") == ["a:2|7|0"]
+        assert await lim.mailbox("b") == []
+        _, holders, queue, _, seq = await lim.status(NOW + 2)
+        assert sorted(holders[::2]) == ["a:1", "a:2", "b:2"]
+        assert (queue, seq) == (["b:3", "6"], "8")
+        # The caller's own queued waiter reached by its release is an own grant, as always.
+        lim2 = Limiter(opened.client, max_at_once=1, tag="own")
+        assert await lim2.acquire(NOW, "a:1", "a:2") == [[1, 1, 0], [0, 0]]
+        assert await lim2.swap(NOW + 1, ["a:1"], "^a:3") == (1, ["a:2|4|0"], [[0, -1]])
+        assert await lim2.mailbox("a") == []
+
+
+@pytest.mark.anyio
+async def test_a_swap_queues_first_only_when_every_item_may(backend: Backend) -> None:
+    """A '^' item is read as '+' unless the call is a first run, every item is '^', costs
+    one unit, has no max delay and no id comes twice, and a slot is free: then each item is
+    served after the handoff, with its position counted."""
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [[1, 1, 0], [0, 0], [0, 1]]
+        assert await lim.swap(NOW + 1, ["a:1"], "^a:2", "+a:3") == (1, [], [[0, 1], [0, 2]])
+        assert await lim.swap(NOW + 2, ["b:1"], "^b:2*2000000") == (1, [], [[0, 2]])
+        assert await lim.swap(NOW + 3, ["c:1"], "^c:2/5000") == (1, [], [[0, 2]])
+        assert await lim.swap(NOW + 4, ["zz:1"], "^c:3") == (0, [], [[0, 3]])
+        assert await lim.swap(NOW + 5, ["a:2"], "^a:4", "^a:4") == (
+            1,
+            ["a:3|12|0"],
+            [[0, 3], [0, 3]],
+        )
+
+
+@pytest.mark.anyio
 async def test_a_fresh_id_given_twice_in_a_swap_is_granted_once(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=2)
@@ -2010,6 +2084,46 @@ async def test_a_contended_swap_takes_its_numbers_with_one_incrby(
         _, _, queue, _, last = await lim.status(None)
         assert queue == ["a:2", "4", "a:3", "5"]
         assert last == "5"
+
+
+@pytest.mark.redis
+@pytest.mark.backends("asyncio")
+@pytest.mark.anyio
+async def test_a_swap_queueing_first_does_not_count_the_queue(
+    anyio_backend: str, redis_url: str, probe: redis.Redis
+) -> None:
+    async with connected_client(redis_url) as client:
+        lim = Limiter(client, max_at_once=1, lease_ttl_us=30 * SECOND)
+        assert await lim.acquire(None, "a:1", "b:1") == [[1, 1, 0], [0, 0]]
+        queue = lim.keys[1]
+        commands = await in_script_commands(probe, lim.swap(None, ["a:1"], "^a:2"))
+        assert ["ZCARD", queue] not in commands
+        # Ticket and token from one block of two; the item is queued before the heads are
+        # read.
+        names = [args[0] for args in commands]
+        assert names.index("ZPOPMIN") > commands.index(["ZADD", queue, "3", "a:2"])
+        assert ["INCRBY", lim.keys[4], "2"] in commands
+        assert (await lim.status(None))[2] == ["a:2", "3"]
+        # The same item marked '+' counts the queue.
+        commands = await in_script_commands(probe, lim.swap(None, ["b:1"], "+b:2"))
+        assert ["ZCARD", queue] in commands
+
+
+@pytest.mark.redis
+@pytest.mark.backends("asyncio")
+@pytest.mark.anyio
+async def test_a_queue_created_by_items_queued_first_gets_the_group_ttl(
+    anyio_backend: str, redis_url: str, probe: redis.Redis
+) -> None:
+    async with connected_client(redis_url) as client:
+        lim = Limiter(client, max_at_once=1, lease_ttl_us=30 * SECOND)
+        assert await lim.acquire(None, "a:1") == [[1, 1, 0]]
+        # Nobody queued: a:2 is reached and granted, a:3 is left alone in a queue this call
+        # created, which gets the TTL of the group.
+        assert await lim.swap(None, ["a:1"], "^a:2", "^a:3") == (1, [], [[1, 4, 0], [0, 0]])
+        queue, waiters = lim.keys[1], lim.keys[2]
+        assert 0 < probe.pttl(queue) <= probe.pttl(lim.keys[0]) + 1000
+        assert probe.pttl(waiters) > 0
 
 
 @pytest.mark.redis

@@ -248,17 +248,20 @@ class ScriptsMatchModel(RuleBasedStateMachine):
         process=st.sampled_from(PROCESSES),
         extra=st.lists(lease_ids, max_size=2),
         numbers=st.lists(st.integers(0, 2), max_size=3),
+        mark=st.sampled_from(["+", "^"]),
     )
-    def swap(self, process: str, extra: list[str], numbers: list[int]) -> None:
+    def swap(self, process: str, extra: list[str], numbers: list[int], mark: str) -> None:
         # What a process sends when it releases and acquires in one call: the leases it
         # holds (and maybe unknown ones), then waiter items of its own.
         held = [i for i in self.model.holders if process_of(i) == process]
         releases = [*held, *extra] or [f"{process}:0"]
-        # An id neither held nor queued comes marked as a first ask ("+"), as a client sends
-        # it; a held or queued one is a re-ask, never marked.
+        # An id neither held nor queued comes marked as a first ask ("+", or "^" when its
+        # process expects it to queue), as a client sends it; a held or queued one is a
+        # re-ask, never marked.
         known = {*self.model.holders, *self.model.queue}
         items = [
-            f"{process}:{n}" if f"{process}:{n}" in known else f"+{process}:{n}" for n in numbers
+            f"{process}:{n}" if f"{process}:{n}" in known else f"{mark}{process}:{n}"
+            for n in numbers
         ]
         expected = self.model.swap(self.now, releases, items, **self.limits())
         reply = self.call("acquire", *(f"-{r}" for r in releases), *items)
@@ -266,6 +269,20 @@ class ScriptsMatchModel(RuleBasedStateMachine):
         # A client retries a batch only until it has its reply, never after releasing it.
         self.last_rate_batch = None
         event("swap: a grant returned to its own process" if expected[1] else "swap")
+        if any(entry == [0, -1] for entry in expected[2]):
+            event("swap: queued first, not counted")
+        elif mark == "^" and any(entry[0] == 1 for entry in expected[2]):
+            event("swap: queued first, granted")
+
+    @rule(process=st.sampled_from(PROCESSES))
+    def swap_queue_first(self, process: str) -> None:
+        # What a client with waiters queued already sends when a task ends: the leases it
+        # holds, then its fresh ids marked "^" (queued before the handoff reads the heads).
+        held = [i for i in self.model.holders if process_of(i) == process]
+        known = {*self.model.holders, *self.model.queue}
+        fresh = [f"{process}:{n}" for n in range(3) if f"{process}:{n}" not in known]
+        if held and fresh:
+            self.swap(process, [], [int(i.rsplit(":", 1)[1]) for i in fresh[:2]], "^")
 
     @rule(leases=st.lists(waiter_ids, max_size=4), waiters=st.lists(waiter_ids, max_size=4))
     def renew(self, leases: list[str], waiters: list[str]) -> None:

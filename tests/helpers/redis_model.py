@@ -94,10 +94,11 @@ def _split_max_delay(item: str) -> tuple[str, int | None]:
 
 
 def parse_item(item: str) -> tuple[str, int | None, int]:
-    """A waiter item ``"[+]<id>[/<max delay us>][*<cost units>]"`` as (id, max delay, cost).
-    The "+" (the first ask for the id) changes nothing the model keeps: it only spares the
-    script a lookup whose answer is known."""
-    item = item.removeprefix("+")
+    """A waiter item ``"[+|^]<id>[/<max delay us>][*<cost units>]"`` as (id, max delay,
+    cost). The "+" (the first ask for the id) changes nothing the model keeps: it only spares
+    the script a lookup whose answer is known. "^" is a "+" that may queue the items first
+    (see :meth:`LimiterModel.swap`)."""
+    item = item.removeprefix("+").removeprefix("^")
     rest, star, cost = item.rpartition("*")
     if star and cost.isdigit():
         waiter_id, max_delay = _split_max_delay(rest)
@@ -517,8 +518,34 @@ class LimiterModel:
             return released, [], entries
         self._purge(now)
         kept: list[str] = []
+        ids = [i for i, _, _ in split]
+        queue_first = (
+            released == len(lease_ids)
+            and all(item.startswith("^") for item in items)
+            and all(m is None and c == UNIT for _, m, c in split)
+            and len(set(ids)) == len(ids)
+            and len(self.holders) < max_at_once
+        )
+        if not queue_first:
+            self._handoff(now, limits, process_of(lease_ids[0]), kept)
+            return released, kept, [self._acquire_one(now, i, limits, m, c) for i, m, c in split]
+        # Queue first: the items take their tickets and liveness at the tail, then the
+        # handoff reaches those within the free slots; their grants are their entries.
+        for waiter_id in ids:
+            self.queue[waiter_id] = self._next_seq()
+            self.waiters[waiter_id] = now + lease_ttl_us
         self._handoff(now, limits, process_of(lease_ids[0]), kept)
-        return released, kept, [self._acquire_one(now, i, limits, m, c) for i, m, c in split]
+        mine = {m.split("|")[0]: m for m in kept if m.split("|")[0] in set(ids)}
+        kept = [m for m in kept if m.split("|")[0] not in mine]
+        order = self._queue_order()
+        answers: list[list[int]] = []
+        for waiter_id in ids:
+            if waiter_id in mine:
+                _, token, delay = mine[waiter_id].split("|")
+                answers.append([1, int(token), int(delay)])
+            else:
+                answers.append([0, order.index(waiter_id) if mine else -1])
+        return released, kept, answers
 
     def release(
         self,
