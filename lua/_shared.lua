@@ -115,15 +115,24 @@ end
 --   spare_ahead 0: a call found no start in spare ahead of it, and no start
 --               was given back since (give_back writes 1): reserve() does not
 --               read spare (earliest_spare).
-local BOOK_FIELDS = {'keys_until', 'next_purge', 'costly', 'spare_ahead'}
+--   tat_until   an expiry (microseconds) the tat key was given by this version
+--               (PEXPIRE; a SET .. PX when control is written anyway): a
+--               reservation that moves the TAT with INCRBYFLOAT (which keeps
+--               the key's TTL) refreshes the TTL only when the TAT comes within
+--               3/4 of key_ttl_ms of it. Later SETs only lengthen the TTL (by
+--               more than the few intervals a give-back takes off), so the key
+--               outlives the TAT by at least key_ttl_ms / 4.
+local BOOK_FIELDS = {'keys_until', 'next_purge', 'costly', 'spare_ahead', 'tat_until'}
 local keys_until = nil
 local next_purge = nil
 local costly = false
 local spare_ahead = nil
+local tat_until = nil
 -- What this call will store (flush_book writes the ones that changed).
 local new_keys_until = nil
 local new_next_purge = nil
 local new_spare_ahead = nil
+local new_tat_until = nil
 -- Whether control holds any of its own fields (apply_control then set its TTL).
 local control_used = false
 
@@ -139,6 +148,8 @@ local function apply_control(now)
   new_keys_until, new_next_purge = keys_until, next_purge
   spare_ahead = c.spare_ahead
   new_spare_ahead = spare_ahead
+  tat_until = c.tat_until
+  new_tat_until = tat_until
   costly = c.costly ~= nil
   control_used = any
   if not any then
@@ -215,6 +226,11 @@ local function set_tat(value)
   tat_value = tonumber(tat_text)
 end
 
+-- The expiry (microseconds) a SET of this call gave the tat key: recorded in
+-- control only if flush_book writes control anyway (a tat_until older than the
+-- key's expiry only makes a later INCRBYFLOAT refresh the TTL sooner).
+local tat_set_until = nil
+
 -- The earliest start given back and not yet passed: {member, start_us}, or nil.
 -- Read at most once per call while it finds none, and not at all while
 -- control's spare_ahead is 0 (the common case: nothing given back since a call
@@ -250,6 +266,37 @@ local function tat_text_now()
   return tat_text or string.format('%.3f', tat_value)
 end
 
+-- Whether the stored TAT is already right (moved by INCRBYFLOAT) and needs no
+-- SET from flush_tat, only a TTL that covers it.
+local tat_incremented = false
+
+-- The first reservation of a call without a max delay, with an interval of
+-- whole microseconds: INCRBYFLOAT adds one interval to the stored TAT and
+-- returns the sum, in one command instead of GET now and SET later. When the
+-- limiter is busy (the TAT was at or after now, no pause beyond it), the sum
+-- is the new TAT and nothing more is written but, now and then, a TTL; else
+-- the TAT it read is corrected as usual (SET .. PX by flush_tat). Refused (an
+-- ACL without INCRBYFLOAT) or failed (the key holds no number), load_tat()
+-- reads it as before. Whole intervals keep the sum exact: every stored TAT is
+-- a multiple of the precision of a double at that size, and so is the sum.
+local function load_tat_adding(now)
+  if tat_loaded or interval <= 0 or interval ~= math.floor(interval) or interval >= 2^31 then
+    return false
+  end
+  local stored = redis.pcall('INCRBYFLOAT', tat_key, int(interval))
+  if type(stored) == 'table' then
+    return false
+  end
+  tat_loaded = true
+  tat_value = tonumber(stored) - interval
+  if tat_value >= now and tat_value >= not_before then
+    tat_value = tonumber(stored)
+    tat_incremented = true
+    return true
+  end
+  return false
+end
+
 local function reserve(now, max_delay)
   local spare = earliest_spare(math.max(now, not_before))
   if spare then
@@ -260,6 +307,10 @@ local function reserve(now, max_delay)
     redis.call('ZREM', spare_key, spare[1])
     spare_empty = false
     return delay
+  end
+  if max_delay == nil and load_tat_adding(now) then
+    -- Busy: the start is the one GCRA gives from the TAT before the addition.
+    return math.ceil(math.max(tat_value - burst * interval, now, not_before) - now)
   end
   load_tat()
   local t = math.max(tat_value, now)
@@ -323,10 +374,22 @@ end
 -- Returns true if it wrote.
 local function flush_tat(now)
   if tat_text == nil then
+    if tat_incremented then
+      tat_incremented = false
+      if tat_until == nil or tat_until < tat_value + key_ttl_ms * 750 then
+        local ttl = ttl_until(tat_value, now)
+        redis.call('PEXPIRE', tat_key, int(ttl))
+        new_tat_until = now + ttl * 1000
+      end
+      return true
+    end
     return false
   end
-  redis.call('SET', tat_key, tat_text, 'PX', int(ttl_until(tat_value, now)))
+  local ttl = ttl_until(tat_value, now)
+  redis.call('SET', tat_key, tat_text, 'PX', int(ttl))
+  tat_set_until = now + ttl * 1000
   tat_text = nil
+  tat_incremented = false
   return true
 end
 
@@ -531,6 +594,7 @@ local function withdraw(id, start_at, cost, now)
           redis.call('DEL', tat_key)
           tat_text = nil
           tat_value = 0
+          tat_incremented = false
         end
         redis.call('HDEL', costs_key, 'last')
       end
@@ -887,7 +951,16 @@ local function flush_book()
     fields[#fields + 1] = 'spare_ahead'
     fields[#fields + 1] = int(new_spare_ahead)
   end
+  if new_tat_until == tat_until and tat_set_until and #fields > 0 then
+    new_tat_until = tat_set_until
+  end
+  tat_set_until = nil
+  if new_tat_until and new_tat_until ~= tat_until then
+    fields[#fields + 1] = 'tat_until'
+    fields[#fields + 1] = int(new_tat_until)
+  end
   keys_until, next_purge, spare_ahead = new_keys_until, new_next_purge, new_spare_ahead
+  tat_until = new_tat_until
   if #fields > 0 then
     redis.call('HSET', control_key, unpack(fields))
     if not control_used then

@@ -15,7 +15,8 @@
 -- Reply: {now_us, holders, queue, tat, seq, spare[, used[, control]]}
 --   holders  flat {lease id, expiry_us, ...} in expiry order
 --   queue    flat {waiter id, ticket, ...} in ticket order
---   tat      the stored string, or '' when there is none
+--   tat      the stored TAT as '%.3f' (the stored string if it is not a
+--            number), or '' when there is none
 --   seq      the stored counter, or '0'
 --   spare    the earliest start given back that is still ahead ('%d'), or ''
 --   used     only with a window spec: per window, the units started or reserved
@@ -52,6 +53,11 @@ end
 local holders = with_integer_scores(redis.call('ZRANGE', holders_key, 0, -1, 'WITHSCORES'))
 local queue = with_integer_scores(redis.call('ZRANGE', queue_key, 0, -1, 'WITHSCORES'))
 local tat = redis.call('GET', tat_key) or ''
+-- The writers store it as '%.3f' (SET) or as INCRBYFLOAT leaves it: always
+-- reported as '%.3f' when it is a number (anything else as it is stored).
+if tonumber(tat) then
+  tat = string.format('%.3f', tonumber(tat))
+end
 local seq = redis.call('GET', seq_key) or '0'
 local spare = ''
 if spare_key then

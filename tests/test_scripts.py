@@ -1124,9 +1124,11 @@ async def test_only_the_keys_a_call_writes_get_their_ttl_refreshed(backend: Back
         assert await refreshed(lim, lim.acquire(NOW + 2, "b:1")) == set()
         assert await refreshed(lim, lim.acquire(NOW + 3, "a:1")) == set()
         assert await refreshed(lim, lim.release(NOW + 4, "zz:9")) == set()
-        # a:1 leaves holders empty: b:1's grant creates it again.
+        # a:1 leaves holders empty: b:1's grant creates it again. Its rate start moves the
+        # TAT with INCRBYFLOAT (the limiter is busy), which keeps the key's TTL: control
+        # records the expiry it gave the key (tat_until), far enough past the new TAT.
         granted = await refreshed(lim, lim.release(NOW + 5, "a:1"))
-        assert granted == {"holders", "grants", "tat", "mb:b"}
+        assert granted == {"holders", "grants", "mb:b"}
         assert await refreshed(lim, lim.acquire(NOW + 14 * SECOND, "d:1")) == set()
         # From NOW + 15 s: the whole group, and control records its new expiry.
         assert await refreshed(lim, lim.acquire(NOW + 16 * SECOND, "e:1")) == {*group, "control"}
@@ -1135,12 +1137,15 @@ async def test_only_the_keys_a_call_writes_get_their_ttl_refreshed(backend: Back
         assert all(89_000 < ttls[key] <= 90_000 for key in lim.keys[:6] if key != lim.keys[3]), ttls
         rate = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, tag="r")
         memory_keys = {"tat", "seq", "grants", "recent"}
-        # The first call also records in control that spare holds no start.
+        # The first call also records in control that spare holds no start (and the
+        # expiry it gave tat).
         assert await refreshed(rate, rate.acquire(NOW, "p:1", "p:2")) == {*memory_keys, "control"}
-        assert await refreshed(rate, rate.acquire(NOW, "p:3")) == memory_keys
+        # Busy (the TAT is ahead of now): one new start moves it with INCRBYFLOAT, which
+        # keeps its TTL (control's tat_until says it lasts well past the new TAT).
+        assert await refreshed(rate, rate.acquire(NOW, "p:3")) == memory_keys - {"tat"}
         # A retry writes nothing; a batch with one new id writes what any grant writes.
         assert await refreshed(rate, rate.acquire(NOW + 1, "p:1", "p:3")) == set()
-        assert await refreshed(rate, rate.acquire(NOW + 2, "p:2", "p:4")) == memory_keys
+        assert await refreshed(rate, rate.acquire(NOW + 2, "p:2", "p:4")) == memory_keys - {"tat"}
 
 
 DEL = Script.from_source("test_del", "return redis.call('DEL', KEYS[1])")
@@ -1154,6 +1159,64 @@ async def book(lim: Limiter) -> list[int | None]:
     """The writers' bookkeeping in control: keys_until, next_purge, costly (None: absent)."""
     values = await lim.client.run_script(BOOK, [lim.keys[9]], [])
     return [None if v is None else int(v) for v in values]
+
+
+TAT_UNTIL = Script.from_source(
+    "test_tat_until",
+    "return {redis.call('HGET', KEYS[1], 'tat_until'), redis.call('GET', KEYS[2])}",
+)
+
+
+async def tat_until(lim: Limiter) -> tuple[int | None, str | None]:
+    """control's tat_until (None: absent) and the tat key as stored."""
+    value, tat = await lim.client.run_script(TAT_UNTIL, [lim.keys[9], lim.keys[3]], [])
+    return (None if value is None else int(value)), tat
+
+
+@pytest.mark.anyio
+async def test_a_busy_tat_moved_by_incrbyfloat_keeps_a_ttl_past_it(backend: Backend) -> None:
+    """While the TAT is ahead of now, a reservation adds one interval with INCRBYFLOAT, which
+    keeps the key's TTL; control's tat_until says when the TTL must be refreshed: once the
+    TAT comes within 3/4 of key_ttl_ms of it, never later."""
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, key_ttl_ms=4_000)
+        ids = [f"p:{n}" for n in range(20)]
+        assert (await lim.acquire(NOW, *ids))[-1] == [1, 20, 1_900_000]
+        # 20 starts (SET .. PX): the TAT is NOW + 2 s, the key lives 2 s + 4 s; the call
+        # wrote control (spare_ahead), so tat_until records that expiry.
+        assert await tat_until(lim) == (NOW + 6 * SECOND, f"{NOW + 2 * SECOND}.000")
+        refreshed_at = None
+        for n in range(20, 40):
+            entries = await lim.acquire(NOW, f"p:{n}")
+            tat = NOW + (n + 1) * 100_000
+            assert entries == [[1, n + 1, tat - 100_000 - NOW]]
+            until, stored = await tat_until(lim)
+            assert stored is not None
+            assert float(stored) == tat
+            assert until is not None
+            assert until >= tat + SECOND, (n, until, tat)
+            if until != NOW + 6 * SECOND and refreshed_at is None:
+                refreshed_at = tat
+                # Refreshed to the new TAT + key_ttl_ms, by PEXPIRE.
+                assert until == tat + 4 * SECOND
+                assert 4_000 < (await lim.pttls())[lim.keys[3]] <= (tat - NOW) // 1000 + 4_000
+        # The first TAT past NOW + 6 s - 3 s.
+        assert refreshed_at == NOW + 3_100_000
+
+
+@pytest.mark.anyio
+async def test_a_fractional_interval_reads_and_writes_the_tat(backend: Backend) -> None:
+    """INCRBYFLOAT is used only with an interval of whole microseconds (its sum is then
+    exact); otherwise the TAT is read and written as before."""
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=0, interval_us=1e6 / 3)
+        assert await lim.acquire(NOW, "p:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "p:2") == [[1, 2, 333_334]]
+        _, stored = await tat_until(lim)
+        # Written by SET as '%.3f' (INCRBYFLOAT would leave at most 17 digits).
+        assert stored is not None
+        assert re.fullmatch(r"\d{16}\.\d{3}", stored)
+        assert abs(float(stored) - (NOW + 2e6 / 3)) < 1
 
 
 SPARE_AHEAD = Script.from_source(
@@ -1940,20 +2003,35 @@ async def test_rate_only_fast_path_runs_few_commands(
     async with connected_client(redis_url) as client:
         lim = Limiter(client, max_at_once=0, interval_us=100_000.0, burst=3)
         _, _, _, tat, seq, grants, recent, spare = lim.keys[:8]
-        first_call = {"time", "zrangebyscore", "hmget", "incrby", "get", "set", "zadd", "hset"}
+        first_call = {
+            "time",
+            "zrangebyscore",
+            "hmget",
+            "incrby",
+            "incrbyfloat",
+            "set",
+            "zadd",
+            "hset",
+        }
         for n, batch in enumerate((["p:1"], ["p:2", "p:3", "p:4", "p:5"], ["p:6"])):
             calls = await in_script_calls(probe, lim.acquire(None, *batch))
-            # TIME, ZRANGEBYSCORE recent, HMGET grants, INCRBY seq, GET tat, SET tat .. PX,
-            # ZADD recent, HSET grants, PEXPIRE seq, recent and grants, HMGET control:
-            # whatever the batch size. The first call also reads spare (ZRANGEBYSCORE),
-            # finds it empty and records that in control (HSET, PEXPIRE): later calls do
-            # not read it. Measured: 12 (5 when rate-only grants were not remembered, 11
-            # before spare, 12 before control, 13 while every call read spare).
+            # TIME, ZRANGEBYSCORE recent, HMGET grants, INCRBY seq, INCRBYFLOAT tat (and
+            # SET tat .. PX when the TAT it read was behind now, or the batch reserves more
+            # than one start), ZADD recent, HSET grants, PEXPIRE seq, recent and grants,
+            # HMGET control: whatever the batch size. The first call also reads spare
+            # (ZRANGEBYSCORE), finds it empty and records that in control (HSET, PEXPIRE):
+            # later calls do not read it. Measured: 11 for one new id while the TAT is
+            # ahead (5 when rate-only grants were not remembered, 11 before spare, 12
+            # before control, 13 while every call read spare, 12 with GET tat and SET tat).
             assert set(calls) <= {*first_call, "pexpire"}, calls
-            assert sum(calls.values()) <= (15 if n == 0 else 12), calls
+            assert "get" not in calls, calls
+            assert sum(calls.values()) <= (15 if n == 0 else 12 if n == 1 else 11), calls
             assert calls["zrangebyscore"] == (2 if n == 0 else 1), calls
+            assert calls["incrbyfloat"] == 1, calls
+            assert calls.get("set", 0) == (0 if n == 2 else 1), calls
         commands = await in_script_commands(probe, lim.acquire(None, "p:7", "p:8"))
-        assert len(commands) == sum(calls.values())
+        # Two new starts: the second is written with SET tat .. PX.
+        assert len(commands) == sum(calls.values()) + 1
         touched = {args[1] for args in commands if len(args) > 1}
         # control: read; spare: not read (control's spare_ahead is 0).
         assert touched == {tat, seq, grants, recent, lim.keys[9]}
@@ -2030,7 +2108,9 @@ async def test_contended_acquire_and_release_refresh_only_what_they_write(
         # grant creates it and grants again: they get the group's TTL, seq keeps its own.
         assert sum(released.values()) <= 17, released
         assert "zrange" not in released, released  # the heads leave by ZPOPMIN
-        assert pexpired(commands) == {holders, grants, tat, mailbox_prefix(lim.tag) + "c"}
+        # tat: moved by INCRBYFLOAT (the limiter is busy), which keeps its TTL.
+        assert pexpired(commands) == {holders, grants, mailbox_prefix(lim.tag) + "c"}
+        assert ["INCRBYFLOAT", tat, "100000"] in commands
         [message] = await lim.mailbox("c")
         assert message.startswith("c:1|")
 

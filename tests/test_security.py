@@ -67,12 +67,13 @@ PASSWORD = "pw-7f3c9a1e-do-not-leak"
 ACL_RULES = (
     "limiter reset on >limiter-pw ~aiometer:* resetchannels &aiometer:* -@all"
     " +evalsha +eval +subscribe +unsubscribe +punsubscribe +blpop +del +ping"
-    " +time +get +set +incrby +pexpire"
+    " +time +get +set +incrby +incrbyfloat +pexpire"
     " +zadd +zrem +zcard +zpopmin +zrange +zrangebyscore +zrank +zscore"
     " +hset +hget +hmget +hdel +rpush +publish"
 )
-# The rules of the version before pub/sub and ZPOPMIN (no channel, no SUBSCRIBE, PUBLISH nor
-# ZPOPMIN): the limiter still works under them, through the mailbox lists and ZRANGE + ZREM.
+# The rules of the version before pub/sub and ZPOPMIN (no channel, no SUBSCRIBE, PUBLISH,
+# ZPOPMIN nor INCRBYFLOAT): the limiter still works under them, through the mailbox lists,
+# ZRANGE + ZREM, and GET + SET of the TAT.
 LIST_ONLY_RULES = (
     "limiter reset on >limiter-pw ~aiometer:* resetchannels -@all"
     " +evalsha +eval +blpop +del +ping"
@@ -349,7 +350,8 @@ async def test_acl_user_without_channels_runs_the_whole_flow(
 ) -> None:
     # The rules of the previous version: SUBSCRIBE and the scripts' PUBLISH are refused, the
     # grants go to the mailbox lists and the limiter reads its own with BLPOP (and says so);
-    # ZPOPMIN is refused too, and the hand-offs read the queue heads with ZRANGE + ZREM.
+    # ZPOPMIN is refused too, and the hand-offs read the queue heads with ZRANGE + ZREM;
+    # INCRBYFLOAT is refused too, and the rate starts read the TAT with GET (SET after).
     with RedisServer() as running:
         _set_user(running, LIST_ONLY_RULES)
         url, name = _acl_url(running), _unique("lists")
