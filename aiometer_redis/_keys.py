@@ -28,7 +28,7 @@ __all__ = [
 KEY_TYPES: dict[str, str] = {
     "holders": "zset",  # lease id -> lease expiry (µs)
     "queue": "zset",  # waiter id -> ticket
-    "waiters": "zset",  # waiter id -> liveness expiry (µs)
+    "waiters": "zset",  # waiter id (or process id: its queued waiters) -> liveness expiry (µs)
     "tat": "string",  # GCRA theoretical arrival time (µs)
     "seq": "string",  # ticket and fencing-token counter
     "grants": "hash",  # lease or rate-only waiter id -> "<token>|<start_at_us>"

@@ -234,7 +234,9 @@ class RedisLimiter:
         layout = KeyLayout.of(name, config.prefix, config.rates)
         self._keys = list(layout.script_keys)
         self._layout = layout
-        self._process_id = uuid.uuid4().hex[:16]
+        # The "." at its end: the scripts keep one liveness entry for all the waiters this
+        # process has queued, not one per waiter (see "Process liveness" in lua/README.md).
+        self._process_id = uuid.uuid4().hex[:16] + "."
         self._mailbox = layout.mailbox(self._process_id)
         # Whether this process's waiters are woken by grants pushed on a channel (pub/sub), not
         # popped from a mailbox list (BLPOP). Cluster clients always use the mailbox. Set to
@@ -388,7 +390,8 @@ class RedisLimiter:
 
         The scripts tell the two apart by the process id in the waiter ids: one ending in "!"
         has its grants published on the channel of that name (see handoff in
-        lua/_shared.lua), any other has them pushed to its mailbox list of that name."""
+        lua/_shared.lua), any other has them pushed to its mailbox list of that name. (The
+        "." before it: the process keeps one liveness entry for all its queued waiters.)"""
         assert self._client is not None
         base = self._process_id.rstrip("!")
         push = self._push and self._client.can_subscribe and self._config.max_at_once is not None

@@ -136,6 +136,37 @@ local new_tat_until = nil
 -- Whether control holds any of its own fields (apply_control then set its TTL).
 local control_used = false
 
+-- Process liveness (see lua/README.md: "Process liveness"). A process id whose
+-- last character (before a final '!') is '.' keeps one liveness entry in
+-- waiters for all its queued waiters (member: the process id, score: expiry),
+-- instead of one per waiter; control's field 'live:<process id>' records the
+-- expiry last written, so that a call knows without reading waiters whether
+-- the entry must be written again.
+local function one_liveness(process)
+  local n = #process
+  if string.byte(process, n) == 33 then  -- '!'
+    n = n - 1
+  end
+  return n > 0 and string.byte(process, n) == 46  -- '.'
+end
+
+local function process_of(id)
+  return string.match(id, '^([^:]*):') or id
+end
+
+-- The caller's process when it keeps one liveness (set_caller), the expiry
+-- control records for it, and the one this call wrote (nil: none).
+local live_process = nil
+local live_until = nil
+local new_live_until = nil
+
+-- Names the process of the call (before apply_control, which reads its record).
+local function set_caller(process)
+  if process and one_liveness(process) then
+    live_process = process
+  end
+end
+
 -- Reads control (one HMGET) and applies it to this call: a limit set at run time
 -- replaces the caller's (only a limit the caller has: max_at_once > 0, interval
 -- > 0, so a rate-only caller stays rate-only); an adaptive caller's interval is
@@ -143,7 +174,15 @@ local control_used = false
 -- in use gets its TTL refreshed (until its pause end or keep_until, and
 -- key_ttl_ms after): it lives while the limiter is used.
 local function apply_control(now)
-  local c, any = read_control(BOOK_FIELDS)
+  local fields = BOOK_FIELDS
+  if live_process then
+    fields = {unpack(BOOK_FIELDS)}
+    fields[#fields + 1] = 'live:' .. live_process
+  end
+  local c, any = read_control(fields)
+  if live_process then
+    live_until = c['live:' .. live_process]
+  end
   keys_until, next_purge = c.keys_until, c.next_purge
   new_keys_until, new_next_purge = keys_until, next_purge
   spare_ahead = c.spare_ahead
@@ -681,6 +720,38 @@ local function earliest_expiry(key, bound)
   return bound
 end
 
+-- The queued waiters of processes whose liveness ended (`processes`, whose
+-- entries already left waiters) leave the queue, with their cost records, and
+-- control forgets the processes' records. The queue is read in pages of
+-- SLICE ids, from the head: a process found dead costs one pass over it.
+local function drop_dead_processes(processes)
+  local dead = {}
+  local fields = {}
+  for i, process in ipairs(processes) do
+    dead[process] = true
+    fields[i] = 'live:' .. process
+  end
+  local from = 0
+  while true do
+    local page = redis.call('ZRANGE', queue_key, from, from + SLICE - 1)
+    local gone = {}
+    for _, id in ipairs(page) do
+      if dead[process_of(id)] then
+        gone[#gone + 1] = id
+      end
+    end
+    if #gone > 0 then
+      redis.call('ZREM', queue_key, unpack(gone))
+      redis.call('HDEL', costs_key, unpack(gone))
+    end
+    if #page < SLICE then
+      break
+    end
+    from = from + SLICE - #gone
+  end
+  redis.call('HDEL', control_key, unpack(fields))
+end
+
 -- Drops expired leases (and their grants) and dead waiters (and their tickets),
 -- once next_purge is reached (before it, nothing has expired): then the
 -- earliest expiry left, at most now + lease_ttl (what any later grant or queued
@@ -693,9 +764,23 @@ local function purge(now)
   local ended = redis.call('ZRANGEBYSCORE', waiters_key, '-inf', int(now), 'LIMIT', 0, 100)
   if #ended > 0 then
     redis.call('ZREM', waiters_key, unpack(ended))
-    redis.call('ZREM', queue_key, unpack(ended))
-    -- A dead waiter's cost record (kept while it waited) goes with it.
-    redis.call('HDEL', costs_key, unpack(ended))
+    -- A waiter's own entry (id '<process>:<n>'), or a process's (no ':').
+    local waiters, processes = {}, {}
+    for _, member in ipairs(ended) do
+      if string.find(member, ':', 1, true) then
+        waiters[#waiters + 1] = member
+      else
+        processes[#processes + 1] = member
+      end
+    end
+    if #waiters > 0 then
+      redis.call('ZREM', queue_key, unpack(waiters))
+      -- A dead waiter's cost record (kept while it waited) goes with it.
+      redis.call('HDEL', costs_key, unpack(waiters))
+    end
+    if #processes > 0 then
+      drop_dead_processes(processes)
+    end
     full = full or #ended == 100
   end
   if full then
@@ -732,10 +817,43 @@ local function queued_costs(ids)
   return out
 end
 
+-- Removes the liveness entries of the waiters `ids` that have one of their own
+-- (their process does not keep one liveness).
+local function drop_liveness(ids)
+  local own = {}
+  for _, id in ipairs(ids) do
+    if not one_liveness(process_of(id)) then
+      own[#own + 1] = id
+    end
+  end
+  if #own > 0 then
+    redis.call('ZREM', waiters_key, unpack(own))
+  end
+end
+
+-- Keeps the liveness entry of `process` (one that keeps one liveness) for a
+-- waiter of it this call queues or renews: written (until now + lease_ttl)
+-- when `always`, or when the process is the caller's and control's record of
+-- it is absent or less than half lease_ttl ahead (the renewal loop writes it
+-- every third of lease_ttl). Another process's (a call with items of several
+-- processes) is always written, and not recorded.
+local function keep_alive(now, process, always)
+  if process == live_process then
+    local known = new_live_until or live_until
+    if not always and known and known >= now + lease_ttl / 2 then
+      return
+    end
+    new_live_until = now + lease_ttl
+  end
+  redis.call('ZADD', waiters_key, int(now + lease_ttl), process)
+  wrote_expiry(now + lease_ttl)
+  created[waiters_key] = true
+end
+
 -- Takes queued waiters out of the queue (and out of waiters) before a grant.
 local function unqueue(ids)
   redis.call('ZREM', queue_key, unpack(ids))
-  redis.call('ZREM', waiters_key, unpack(ids))
+  drop_liveness(ids)
 end
 
 -- Tickets and fencing tokens come from seq, one block per call: the first number
@@ -821,10 +939,6 @@ local function grant(id, now, max_delay, cost, more)
   return token, delay
 end
 
-local function process_of(id)
-  return string.match(id, '^([^:]*):') or id
-end
-
 -- What the handoff of this call leaves, for the acquisitions that follow it in
 -- the same call: held = the number of holders (nil: no handoff ran), queued =
 -- 0 when it emptied the queue (nil: unknown), enqueued = how many waiters its
@@ -884,7 +998,7 @@ local function handoff(now, own, after, enqueue)
   end
   handoff_left.held = held + #heads
   handoff_left.popped = #heads
-  redis.call('ZREM', waiters_key, unpack(heads))
+  drop_liveness(heads)
   -- A queued waiter's cost was recorded when it queued.
   local costs = queued_costs(heads)
   local processes = {}
@@ -950,6 +1064,11 @@ local function flush_book()
   if new_spare_ahead and new_spare_ahead ~= spare_ahead then
     fields[#fields + 1] = 'spare_ahead'
     fields[#fields + 1] = int(new_spare_ahead)
+  end
+  if new_live_until then
+    fields[#fields + 1] = 'live:' .. live_process
+    fields[#fields + 1] = int(new_live_until)
+    live_until, new_live_until = new_live_until, nil
   end
   if new_tat_until == tat_until and tat_set_until and #fields > 0 then
     new_tat_until = tat_set_until

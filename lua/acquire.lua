@@ -258,6 +258,8 @@ local function reply_with(entries)
 end
 
 local now = read_now()
+-- The items are the caller's process's (that of the first item).
+set_caller(process_of(releases[1] or ids[1]))
 apply_control(now)
 local replies = {}
 if #releases > 0 then
@@ -368,12 +370,19 @@ end
 local function enqueue(free)
   local tickets = {}
   local lives = {}
+  local kept = {}
   local liveness = int(now + lease_ttl)
   for i = 1, count do
     tickets[2 * i - 1] = int(next_number(count - i + free))
     tickets[2 * i] = ids[i]
-    lives[2 * i - 1] = liveness
-    lives[2 * i] = ids[i]
+    local process = process_of(ids[i])
+    if not one_liveness(process) then
+      lives[#lives + 1] = liveness
+      lives[#lives + 1] = ids[i]
+    elseif not kept[process] then
+      kept[process] = true
+      keep_alive(now, process)
+    end
   end
   call_in_slices('ZADD', queue_key, tickets, 1, 2 * SLICE)
   call_in_slices('ZADD', waiters_key, lives, 1, 2 * SLICE)
@@ -461,15 +470,19 @@ for i = 1, count do
     else
       queue_len = queue_len or redis.call('ZCARD', queue_key)
       local rank = nil
-      -- Whether its liveness is written already.
+      -- Whether its liveness is written already (its own entry; a process that
+      -- keeps one liveness for its waiters has none per waiter).
       local live = false
+      local own_entry = not one_liveness(process_of(id))
       if queue_len > 0 then
         -- waiters holds the ids of the queue, so adding its liveness only if
         -- absent tells whether it is queued: no ZRANK for a new waiter (one that
         -- is not left queued takes its liveness back below). Behind a queue as
         -- long as max_at_once, a new waiter queues whatever is held: no ZCARD of
         -- holders either.
-        if redis.call('ZADD', waiters_key, 'NX', int(now + lease_ttl), id) == 1 then
+        if not own_entry then
+          rank = redis.call('ZRANK', queue_key, id)
+        elseif redis.call('ZADD', waiters_key, 'NX', int(now + lease_ttl), id) == 1 then
           live = true
         else
           rank = redis.call('ZRANK', queue_key, id)
@@ -511,7 +524,9 @@ for i = 1, count do
           redis.call('ZADD', queue_key, int(ticket), id)
           queue_len = queue_len + 1
         end
-        if not live then
+        if not own_entry then
+          keep_alive(now, process_of(id))
+        elseif not live then
           redis.call('ZADD', waiters_key, int(now + lease_ttl), id)
         end
         wrote_expiry(now + lease_ttl)

@@ -7,6 +7,11 @@
 --   11 .. 10+L       lease ids to extend to now + lease_ttl_us (never shortened)
 --   11+L ..          waiter ids still waiting in this process
 --
+-- A waiter of a process that keeps one liveness for its waiters (lua/README.md:
+-- "Process liveness") is waiting while it is queued; the process's entry in
+-- waiters is written again (now + lease_ttl) once per call that finds one of
+-- them queued. Any other waiter has its own entry extended.
+--
 -- A lease whose expiry is <= now is lost even if it was not purged yet; it is
 -- reported, never silently re-acquired. A waiter is lost when it is neither
 -- waiting nor holding (a waiter found in holders was granted and its wake-up
@@ -31,6 +36,10 @@ if not is_int(lease_count, 0) or 10 + lease_count > #ARGV then
 end
 
 local now = read_now()
+-- The ids are the caller's process's (that of the first id).
+if #ARGV >= 11 then
+  set_caller(process_of(ARGV[11]))
+end
 apply_control(now)
 local lost_leases = {}
 local lost_waiters = {}
@@ -47,9 +56,22 @@ for i = 11, 10 + lease_count do
   end
 end
 
+local kept = {}
 for i = 11 + lease_count, #ARGV do
   local id = ARGV[i]
-  if redis.call('ZSCORE', waiters_key, id) then
+  local process = process_of(id)
+  if one_liveness(process) then
+    -- Its process keeps one liveness for its waiters: a waiter still queued has
+    -- it written once per call.
+    if redis.call('ZSCORE', queue_key, id) then
+      if not kept[process] then
+        kept[process] = true
+        keep_alive(now, process, true)
+      end
+    elseif not redis.call('ZSCORE', holders_key, id) then
+      lost_waiters[#lost_waiters + 1] = id
+    end
+  elseif redis.call('ZSCORE', waiters_key, id) then
     redis.call('ZADD', waiters_key, int(now + lease_ttl), id)
   elseif not redis.call('ZSCORE', holders_key, id) then
     lost_waiters[#lost_waiters + 1] = id

@@ -448,6 +448,89 @@ async def test_renew_keeps_waiters_alive(backend: Backend) -> None:
         assert await lim.renew(NOW + 2 * SECOND, [], ["c:1"]) == [[], ["c:1"], 0]
 
 
+LIVENESS = Script.from_source(
+    "test_liveness",
+    "return {redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'), redis.call('HGETALL', KEYS[2])}",
+)
+
+
+async def liveness(lim: Limiter) -> tuple[dict[str, int], dict[str, int]]:
+    """waiters (member -> expiry) and control's live:<process> records."""
+    waiters, control = await lim.client.run_script(LIVENESS, [lim.keys[2], lim.keys[9]], [])
+    fields = dict(zip(control[::2], control[1::2], strict=True))
+    return (
+        {m: int(float(e)) for m, e in zip(waiters[::2], waiters[1::2], strict=True)},
+        {k.removeprefix("live:"): int(v) for k, v in fields.items() if k.startswith("live:")},
+    )
+
+
+@pytest.mark.anyio
+async def test_a_process_ending_in_a_dot_keeps_one_liveness_for_its_waiters(
+    backend: Backend,
+) -> None:
+    """Queued waiters of a process whose id ends in "." (before any "!") have no entry of
+    their own in waiters: one entry, the process's, written when control's record of it is
+    absent or less than half the lease TTL ahead, and by every renewal."""
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
+        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "p.:1", "p.:2", "b:1") == [[0, 0], [0, 1], [0, 2]]
+        assert await liveness(lim) == (
+            {"p.": NOW + SECOND, "b:1": NOW + SECOND},
+            {"p.": NOW + SECOND},
+        )
+        # Within half a lease TTL: not written again.
+        assert await lim.acquire(NOW + SECOND // 2, "p.:3") == [[0, 3]]
+        assert (await liveness(lim))[0]["p."] == NOW + SECOND
+        # Later: written again, and recorded.
+        assert await lim.acquire(NOW + SECOND // 2 + 1, "p.:4") == [[0, 4]]
+        assert await liveness(lim) == (
+            {"p.": NOW + 3 * SECOND // 2 + 1, "b:1": NOW + SECOND},
+            {"p.": NOW + 3 * SECOND // 2 + 1},
+        )
+        # A renewal that finds one of its waiters queued writes it whatever the record.
+        assert await lim.renew(NOW + SECOND // 2 + 2, [], ["p.:1", "p.:9"]) == [
+            [],
+            ["p.:9"],
+            0,
+        ]
+        waiters, live = await liveness(lim)
+        assert waiters["p."] == live["p."] == NOW + 3 * SECOND // 2 + 2
+        # A handoff to p.:1 and its release leave waiters alone; "!" after the dot too.
+        assert await lim.release(NOW + SECOND // 2 + 3, "a:1") == [1, 1]
+        assert await lim.mailbox("p.") == ["p.:1|7|0"]
+        assert await lim.acquire(NOW + SECOND // 2 + 4, "q.!:1") == [[0, 4]]
+        waiters, _ = await liveness(lim)
+        assert sorted(waiters) == ["b:1", "p.", "q.!"]
+
+
+@pytest.mark.anyio
+async def test_a_dead_process_takes_all_its_queued_waiters_along(backend: Backend) -> None:
+    """When a process's liveness ends, the purge takes every waiter it had queued out of
+    the queue (reading the queue in pages of 1000, from the head), and control forgets its
+    record; the other waiters keep their places."""
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
+        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        others = [f"o:{n}" for n in range(2500)]
+        dead = ["x.:1", "x.:2", "x.:3"]
+        # x.'s waiters at positions 10, 1500 and 2400 of the queue.
+        await lim.acquire(NOW, *others[:10], dead[0], *others[10:1499])
+        await lim.acquire(NOW, dead[1], *others[1499:2398], dead[2], *others[2398:])
+        assert len((await lim.status(NOW))[2]) == 2 * 2503
+        # o:'s waiters and a:1 stay alive; x. makes no call: at NOW + 1 s its liveness ends.
+        later = NOW + SECOND
+        for first in range(0, 2500, 1000):
+            await lim.renew(later - 1, ["a:1"] if first == 0 else [], others[first : first + 1000])
+        assert (await liveness(lim))[1] == {"x.": NOW + SECOND}
+        await lim.release(later, "zz:0")
+        queue = (await lim.status(later))[2][::2]
+        assert queue == others
+        waiters, live = await liveness(lim)
+        assert "x." not in waiters
+        assert live == {}
+
+
 @pytest.mark.anyio
 async def test_cancel_queued_waiter(backend: Backend) -> None:
     async with backend.open() as opened:

@@ -52,7 +52,8 @@ SNAPSHOT = Script.from_source(
 
 
 # "d4!" listens on its channel: its grants are published, never put in its mailbox list.
-PROCESSES = ("a1", "b2", "c3", "d4!")
+# "c3." and "e5.!" keep one liveness entry for all their queued waiters.
+PROCESSES = ("a1", "b2", "c3.", "d4!", "e5.!")
 PUSHED = "d4!"
 WAITER_IDS = [f"{process}:{n}" for process in PROCESSES for n in range(3)]
 waiter_ids = st.sampled_from(WAITER_IDS)
@@ -350,6 +351,13 @@ class ScriptsMatchModel(RuleBasedStateMachine):
         while (message := self.channel.get_message()) is not None:
             published.append(normalize_reply(message["data"]))
         assert published == model.published.pop(PUSHED, [])
+
+    @invariant()
+    def process_liveness_seen(self) -> None:
+        if any(":" not in member for member in self.model.waiters):
+            event("a process keeps one liveness for its waiters")
+        if self.model.dead_processes:
+            event("a process's liveness ended: its waiters left the queue")
 
     @invariant()
     def every_key_has_a_ttl(self) -> None:

@@ -85,6 +85,12 @@ def process_of(waiter_id: str) -> str:
     return process if sep else waiter_id
 
 
+def one_liveness(process: str) -> bool:
+    """Whether *process* keeps one liveness entry for all its queued waiters (its id ends
+    in "." before any final "!"), instead of one per waiter."""
+    return process.removesuffix("!").endswith(".")
+
+
 def _split_max_delay(item: str) -> tuple[str, int | None]:
     """``"<id>/<max delay us>"`` as (id, max delay); a plain id has no max delay."""
     waiter_id, slash, max_delay = item.rpartition("/")
@@ -157,6 +163,15 @@ class LimiterModel:
     reservations: int = 0
     #: ``control`` field ``paused_until`` (µs; 0: never paused): no start before it.
     paused_until: int = 0
+    #: ``control`` fields ``live:<process>``: the liveness expiry last written for a
+    #: process that keeps one liveness entry (written by the calls it makes).
+    live: dict[str, int] = field(default_factory=dict)
+    #: The process of the call being run, when it keeps one liveness entry, and the
+    #: expiry this call wrote for it (recorded in ``live`` when the call ends).
+    _caller: str | None = None
+    _caller_live: int | None = None
+    #: How many processes' liveness ended in purges (their waiters left the queue).
+    dead_processes: int = 0
 
     # -- building blocks -------------------------------------------------------------
 
@@ -169,10 +184,51 @@ class LimiterModel:
         for lease_id in self._due(self.holders, now):
             del self.holders[lease_id]
             self.grants.pop(lease_id, None)
-        for waiter_id in self._due(self.waiters, now):
-            del self.waiters[waiter_id]
-            self.queue.pop(waiter_id, None)
+        dead: set[str] = set()
+        for member in self._due(self.waiters, now):
+            del self.waiters[member]
+            if ":" not in member:
+                dead.add(member)  # a process's liveness: all its queued waiters go
+                continue
+            self.queue.pop(member, None)
+            self.costs.pop(member, None)
+        for waiter_id in [w for w in self.queue if process_of(w) in dead]:
+            del self.queue[waiter_id]
             self.costs.pop(waiter_id, None)
+        for process in dead:
+            self.live.pop(process, None)
+        self.dead_processes += len(dead)
+
+    def _begin(self, first_id: str | None) -> None:
+        """A call of the process of *first_id* begins."""
+        process = None if first_id is None else process_of(first_id)
+        self._caller = process if process is not None and one_liveness(process) else None
+        self._caller_live = None
+
+    def _end(self) -> None:
+        if self._caller is not None and self._caller_live is not None:
+            self.live[self._caller] = self._caller_live
+        self._caller = self._caller_live = None
+
+    def _keep_alive(self, now: int, process: str, limits: Limits, always: bool = False) -> None:
+        """The liveness entry of *process* for a waiter queued or renewed: written when
+        *always*, or when the caller's record of it is absent or less than half the lease
+        TTL ahead; another process's is always written, and not recorded."""
+        ttl = limits.lease_ttl_us
+        if process == self._caller:
+            known = self._caller_live if self._caller_live is not None else self.live.get(process)
+            if not always and known is not None and known >= now + ttl / 2:
+                return
+            self._caller_live = now + ttl
+        self.waiters[process] = now + ttl
+
+    def _mark_alive(self, now: int, waiter_id: str, limits: Limits) -> None:
+        """What queueing *waiter_id* writes for its liveness."""
+        process = process_of(waiter_id)
+        if one_liveness(process):
+            self._keep_alive(now, process, limits)
+        else:
+            self.waiters[waiter_id] = now + limits.lease_ttl_us
 
     def _forget_ended(self, now: int) -> None:
         for waiter_id in self._due(self.recent, now):
@@ -447,7 +503,7 @@ class LimiterModel:
             self.queue[waiter_id] = self._next_seq()
         if cost != UNIT:
             self.costs[waiter_id] = cost
-        self.waiters[waiter_id] = now + limits.lease_ttl_us
+        self._mark_alive(now, waiter_id, limits)
         return [0, ahead]
 
     def acquire(
@@ -482,8 +538,11 @@ class LimiterModel:
         if max_at_once == 0:
             self._forget_ended(now)
             return [self._acquire_rate_only(now, i, limits, m, c) for i, m, c in split]
+        self._begin(split[0][0])
         self._purge(now)
-        return [self._acquire_one(now, i, limits, m, c) for i, m, c in split]
+        entries = [self._acquire_one(now, i, limits, m, c) for i, m, c in split]
+        self._end()
+        return entries
 
     def swap(
         self,
@@ -516,6 +575,7 @@ class LimiterModel:
             self._forget_ended(now)
             entries = [self._acquire_rate_only(now, i, limits, m, c) for i, m, c in split]
             return released, [], entries
+        self._begin(lease_ids[0])
         self._purge(now)
         kept: list[str] = []
         ids = [i for i, _, _ in split]
@@ -528,12 +588,15 @@ class LimiterModel:
         )
         if not queue_first:
             self._handoff(now, limits, process_of(lease_ids[0]), kept)
-            return released, kept, [self._acquire_one(now, i, limits, m, c) for i, m, c in split]
+            entries = [self._acquire_one(now, i, limits, m, c) for i, m, c in split]
+            self._end()
+            return released, kept, entries
         # Queue first: the items take their tickets and liveness at the tail, then the
         # handoff reaches those within the free slots; their grants are their entries.
         for waiter_id in ids:
             self.queue[waiter_id] = self._next_seq()
-            self.waiters[waiter_id] = now + lease_ttl_us
+            self._mark_alive(now, waiter_id, limits)
+        self._end()
         self._handoff(now, limits, process_of(lease_ids[0]), kept)
         mine = {m.split("|")[0]: m for m in kept if m.split("|")[0] in set(ids)}
         kept = [m for m in kept if m.split("|")[0] not in mine]
@@ -588,6 +651,7 @@ class LimiterModel:
     ) -> list[object]:
         """Model of renew.lua: ``[lost_lease_ids, lost_waiter_ids, granted]``."""
         limits = Limits(max_at_once, interval_us, burst, lease_ttl_us, windows)
+        self._begin(next(iter([*lease_ids, *waiter_ids]), None))
         lost_leases: list[str] = []
         for lease_id in lease_ids:
             expiry = self.holders.get(lease_id)
@@ -598,11 +662,23 @@ class LimiterModel:
                 self.holders.pop(lease_id, None)
                 self.grants.pop(lease_id, None)
         lost_waiters: list[str] = []
+        kept: set[str] = set()
         for waiter_id in waiter_ids:
-            if waiter_id in self.waiters:
+            process = process_of(waiter_id)
+            if one_liveness(process):
+                # One liveness for the process: written once per call that finds one of
+                # its waiters queued.
+                if waiter_id in self.queue:
+                    if process not in kept:
+                        kept.add(process)
+                        self._keep_alive(now, process, limits, always=True)
+                elif waiter_id not in self.holders:
+                    lost_waiters.append(waiter_id)
+            elif waiter_id in self.waiters:
                 self.waiters[waiter_id] = now + lease_ttl_us
             elif waiter_id not in self.holders:
                 lost_waiters.append(waiter_id)
+        self._end()
         self._purge(now)
         return [lost_leases, lost_waiters, self._handoff(now, limits)]
 
