@@ -122,17 +122,27 @@ end
 --               3/4 of key_ttl_ms of it. Later SETs only lengthen the TTL (by
 --               more than the few intervals a give-back takes off), so the key
 --               outlives the TAT by at least key_ttl_ms / 4.
-local BOOK_FIELDS = {'keys_until', 'next_purge', 'costly', 'spare_ahead', 'tat_until'}
+--   grants_scan the HSCAN cursor of the sweep of grants (sweep_grants), written
+--               by every sweep that ran; while it is present, a release leaves
+--               the grants entries of the leases it frees to the sweep (one
+--               HDEL less per release). Absent (control lost, or a sweep was
+--               refused: an ACL without HSCAN or ZMSCORE): releases delete them.
+local BOOK_FIELDS = {
+  'keys_until', 'next_purge', 'costly', 'spare_ahead', 'tat_until', 'grants_scan',
+}
 local keys_until = nil
 local next_purge = nil
 local costly = false
 local spare_ahead = nil
 local tat_until = nil
+local grants_scan = nil
 -- What this call will store (flush_book writes the ones that changed).
 local new_keys_until = nil
 local new_next_purge = nil
 local new_spare_ahead = nil
 local new_tat_until = nil
+-- The cursor a sweep of this call ended on, or false: a sweep was refused.
+local new_grants_scan = nil
 -- Whether control holds any of its own fields (apply_control then set its TTL).
 local control_used = false
 
@@ -189,6 +199,7 @@ local function apply_control(now)
   new_spare_ahead = spare_ahead
   tat_until = c.tat_until
   new_tat_until = tat_until
+  grants_scan = c.grants_scan
   costly = c.costly ~= nil
   control_used = any
   if not any then
@@ -865,12 +876,15 @@ end
 -- return_numbers() gives them back (INCRBY -n) before the call ends: seq ends
 -- exactly where one INCR per number would have left it.
 local seq_next, seq_last = 1, 0
+-- seq before the first block of this call (nil: the call took no number).
+local seq_last_before = nil
 
 local function next_number(more)
   if seq_next > seq_last then
     local size = 1 + more
     seq_last = redis.call('INCRBY', seq_key, size)
     seq_next = seq_last - size + 1
+    seq_last_before = seq_last_before or seq_next - 1
     if seq_next == 1 then
       created[seq_key] = true
     end
@@ -886,6 +900,54 @@ local function return_numbers()
     redis.call('INCRBY', seq_key, seq_next - 1 - seq_last)
     seq_last = seq_next - 1
   end
+end
+
+-- Releases leave grants entries behind while control has a grants_scan (see
+-- BOOK_FIELDS): the sweep deletes them. It runs in a call whose numbers of seq
+-- cross a multiple of SWEEP_EVERY (about once per SWEEP_EVERY / 2 tasks under
+-- contention: a ticket and a token each), and reads the next page of grants
+-- (HSCAN from grants_scan, COUNT 2 * SWEEP_EVERY; a small hash comes whole):
+-- an entry whose id is neither held (holders) nor a remembered rate-only grant
+-- (recent) belongs to a lease released (or lost) already and goes.
+local SWEEP_EVERY = 128
+
+-- Whether releases may leave their grants entries to the sweep.
+local function sweeping()
+  return grants_scan ~= nil and new_grants_scan ~= false
+end
+
+local function sweep_grants()
+  local before = seq_last_before
+  if before == nil or math.floor(before / SWEEP_EVERY) == math.floor(seq_last / SWEEP_EVERY) then
+    return
+  end
+  local page = redis.pcall('HSCAN', grants_key, int(grants_scan or 0), 'COUNT', 2 * SWEEP_EVERY)
+  if page.err then
+    new_grants_scan = false
+    return
+  end
+  local fields = {}
+  for i = 1, #page[2], 2 do
+    fields[#fields + 1] = page[2][i]
+  end
+  if #fields > 0 then
+    local held = redis.pcall('ZMSCORE', holders_key, unpack(fields))
+    if held.err then
+      new_grants_scan = false
+      return
+    end
+    local remembered = redis.call('ZMSCORE', recent_key, unpack(fields))
+    local gone = {}
+    for i, id in ipairs(fields) do
+      if not held[i] and not remembered[i] then
+        gone[#gone + 1] = id
+      end
+    end
+    if #gone > 0 then
+      redis.call('HDEL', grants_key, unpack(gone))
+    end
+  end
+  new_grants_scan = tonumber(page[1])
 end
 
 -- Makes `id` a holder (only when max_at_once > 0): a fencing token, when rate
@@ -1047,6 +1109,7 @@ end
 -- key_ttl_ms unless it holds fields of its own (apply_control gave it its
 -- TTL); losing the bookkeeping only makes the next call purge and refresh.
 local function flush_book()
+  sweep_grants()
   local fields = {}
   if new_keys_until and new_keys_until ~= keys_until then
     fields[#fields + 1] = 'keys_until'
@@ -1070,6 +1133,17 @@ local function flush_book()
     fields[#fields + 1] = int(new_live_until)
     live_until, new_live_until = new_live_until, nil
   end
+  if new_grants_scan == false then
+    if grants_scan ~= nil then
+      redis.call('HDEL', control_key, 'grants_scan')
+    end
+    grants_scan = nil
+  elseif new_grants_scan ~= nil then
+    fields[#fields + 1] = 'grants_scan'
+    fields[#fields + 1] = int(new_grants_scan)
+    grants_scan = new_grants_scan
+  end
+  new_grants_scan = nil
   if new_tat_until == tat_until and tat_set_until and #fields > 0 then
     new_tat_until = tat_set_until
   end

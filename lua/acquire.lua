@@ -264,7 +264,9 @@ apply_control(now)
 local replies = {}
 if #releases > 0 then
   released = call_in_slices('ZREM', holders_key, releases, 1, SLICE)
-  call_in_slices('HDEL', grants_key, releases, 1, SLICE)
+  if max_at_once == 0 or not sweeping() then
+    call_in_slices('HDEL', grants_key, releases, 1, SLICE)
+  end
 end
 
 -- Rate only. With the server clock, a first call runs TIME, ZRANGEBYSCORE

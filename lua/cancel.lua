@@ -42,6 +42,12 @@ redis.call('ZREM', queue_key, waiter_id)
 redis.call('ZREM', waiters_key, waiter_id)
 local was_granted = redis.call('ZREM', holders_key, waiter_id)
 local token, start_at, cost = parse_grant(redis.call('HGET', grants_key, waiter_id))
+if token and max_at_once > 0 and was_granted == 0 then
+  -- The entry of a lease released already (left to the sweep, see sweep_grants):
+  -- nothing of it to withdraw.
+  redis.call('HDEL', grants_key, waiter_id)
+  token, start_at = nil, nil
+end
 if token then
   redis.call('HDEL', grants_key, waiter_id)
   redis.call('ZREM', recent_key, waiter_id)

@@ -6,7 +6,8 @@
 -- ARGV after the common header:
 --   10 ..           one or more lease ids
 --
--- Every id is removed from holders and grants (its entries in the window logs
+-- Every id is removed from holders and grants (its grants entry is left to the
+-- sweep while control has a grants_scan, see sweep_grants; its entries in the window logs
 -- stay: a start, once made, counts in its windows whether its slot is held or
 -- not), then expired leases and dead
 -- waiters are purged once and the free slots are handed off once.
@@ -36,7 +37,9 @@ end
 local now = read_now()
 apply_control(now)
 local released = call_in_slices('ZREM', holders_key, ARGV, 10, SLICE)
-call_in_slices('HDEL', grants_key, ARGV, 10, SLICE)
+if max_at_once == 0 or not sweeping() then
+  call_in_slices('HDEL', grants_key, ARGV, 10, SLICE)
+end
 purge(now)
 local granted = handoff(now)
 expire_written(now)

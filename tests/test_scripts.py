@@ -531,6 +531,50 @@ async def test_a_dead_process_takes_all_its_queued_waiters_along(backend: Backen
         assert live == {}
 
 
+SET_SEQ = Script.from_source("test_set_seq", "return redis.call('SET', KEYS[1], ARGV[1])")
+GRANTS = Script.from_source(
+    "test_grants",
+    "return {redis.call('HKEYS', KEYS[1]), redis.call('HGET', KEYS[2], 'grants_scan')}",
+)
+
+
+async def grants_and_scan(lim: Limiter) -> tuple[list[str], str | None]:
+    """The ids with a grants entry (sorted) and control's grants_scan."""
+    ids, scan = await lim.client.run_script(GRANTS, [lim.keys[5], lim.keys[9]], [])
+    return sorted(ids), scan
+
+
+@pytest.mark.anyio
+async def test_releases_leave_their_grants_to_the_sweep_once_one_ran(backend: Backend) -> None:
+    """A call whose numbers cross a multiple of 128 sweeps grants (entries neither held nor
+    remembered go) and records its cursor in control; from then on a release leaves its
+    lease's entry to the next sweep, and a cancel of such a released id withdraws nothing."""
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=2, interval_us=1_000.0)
+        assert await lim.acquire(NOW, "a:1", "b:1") == [[1, 1, 0], [1, 2, 1000]]
+        # No sweep yet: a release deletes the entry.
+        assert await lim.release(NOW + 1, "a:1") == [1, 0]
+        assert await grants_and_scan(lim) == (["b:1"], None)
+        await lim.client.run_script(SET_SEQ, [lim.keys[4]], [127])
+        assert await lim.acquire(NOW + 2, "c:1") == [[1, 128, 1998]]
+        assert await grants_and_scan(lim) == (["b:1", "c:1"], "0")
+        # Now a release leaves it; the lease is gone all the same.
+        assert await lim.release(NOW + 3, "b:1") == [1, 0]
+        assert await grants_and_scan(lim) == (["b:1", "c:1"], "0")
+        assert (await lim.status(NOW + 3))[1][::2] == ["c:1"]
+        # Cancelling the released id finds no grant: its start is not given back.
+        tat = (await lim.status(NOW + 4))[3]
+        assert await lim.cancel(NOW + 4, "b:1") == [0, 0]
+        assert (await lim.status(NOW + 4))[3] == tat
+        assert await grants_and_scan(lim) == (["c:1"], "0")
+        assert await lim.release(NOW + 5, "c:1") == [1, 0]
+        assert await lim.acquire(NOW + 6, "d:1") == [[1, 129, 2994]]
+        # The next crossing sweeps what releases left.
+        await lim.client.run_script(SET_SEQ, [lim.keys[4]], [255])
+        assert await lim.acquire(NOW + 7, "e:1") == [[1, 256, 3993]]
+        assert await grants_and_scan(lim) == (["d:1", "e:1"], "0")
+
+
 @pytest.mark.anyio
 async def test_cancel_queued_waiter(backend: Backend) -> None:
     async with backend.open() as opened:

@@ -175,18 +175,32 @@ class ScriptsMatchModel(RuleBasedStateMachine):
         interval_us=intervals,
         burst=bursts,
         lease_ttl_us=lease_ttls,
+        # seq as earlier calls left it: from 100 on, a run crosses the multiple of 128 at
+        # which a call sweeps grants.
+        seq=st.sampled_from([0, 100, 120]),
     )
     def configure(
-        self, max_at_once: int, interval_us: float, burst: int, lease_ttl_us: int
+        self, max_at_once: int, interval_us: float, burst: int, lease_ttl_us: int, seq: int
     ) -> None:
         self.max_at_once = max_at_once
         self.interval_us = interval_us
         self.burst = burst
         self.lease_ttl_us = lease_ttl_us
+        if seq:
+            self.redis.set(limiter_keys("m")[4], seq, px=600_000)
+            self.model.seq = seq
 
     @rule(dt=st.one_of(st.integers(0, 1_000), st.integers(0, 2 * SECOND)))
     def advance(self, dt: int) -> None:
         self.now += dt
+
+    @rule()
+    def seq_next_to_a_sweep(self) -> None:
+        # As if other calls had taken numbers: the next number taken crosses a multiple of
+        # 128, where the call sweeps grants.
+        seq = (self.model.seq // 128 + 1) * 128 - 1
+        self.redis.set(limiter_keys("m")[4], seq, px=600_000)
+        self.model.seq = seq
 
     @rule(pick=st.integers(0, 7), offset=st.sampled_from([-1, 0, 1]))
     def advance_to_a_deadline(self, pick: int, offset: int) -> None:
@@ -358,6 +372,10 @@ class ScriptsMatchModel(RuleBasedStateMachine):
             event("a process keeps one liveness for its waiters")
         if self.model.dead_processes:
             event("a process's liveness ended: its waiters left the queue")
+        if self.model.grants_scan is not None:
+            event("releases leave their grants entries to the sweep")
+        if self.model.swept:
+            event("a sweep deleted the grants entries of released leases")
 
     @invariant()
     def every_key_has_a_ttl(self) -> None:
@@ -397,7 +415,7 @@ class RateOnlyScriptsMatchModel(ScriptsMatchModel):
     def configure(
         self, max_at_once: int, interval_us: float, burst: int, lease_ttl_us: int
     ) -> None:
-        ScriptsMatchModel.configure(self, max_at_once, interval_us, burst, lease_ttl_us)
+        ScriptsMatchModel.configure(self, max_at_once, interval_us, burst, lease_ttl_us, 0)
 
 
 RateOnlyScriptsMatchModel.TestCase.settings = settings(

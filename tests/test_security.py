@@ -68,12 +68,12 @@ ACL_RULES = (
     "limiter reset on >limiter-pw ~aiometer:* resetchannels &aiometer:* -@all"
     " +evalsha +eval +subscribe +unsubscribe +punsubscribe +blpop +del +ping"
     " +time +get +set +incrby +incrbyfloat +pexpire"
-    " +zadd +zrem +zcard +zpopmin +zrange +zrangebyscore +zrank +zscore"
-    " +hset +hget +hmget +hdel +rpush +publish"
+    " +zadd +zrem +zcard +zpopmin +zrange +zrangebyscore +zrank +zscore +zmscore"
+    " +hset +hget +hmget +hdel +hscan +rpush +publish"
 )
 # The rules of the version before pub/sub and ZPOPMIN (no channel, no SUBSCRIBE, PUBLISH,
-# ZPOPMIN nor INCRBYFLOAT): the limiter still works under them, through the mailbox lists,
-# ZRANGE + ZREM, and GET + SET of the TAT.
+# ZPOPMIN, INCRBYFLOAT, HSCAN nor ZMSCORE): the limiter still works under them, through the
+# mailbox lists, ZRANGE + ZREM, GET + SET of the TAT, and releases that delete their grants.
 LIST_ONLY_RULES = (
     "limiter reset on >limiter-pw ~aiometer:* resetchannels -@all"
     " +evalsha +eval +blpop +del +ping"
@@ -351,7 +351,8 @@ async def test_acl_user_without_channels_runs_the_whole_flow(
     # The rules of the previous version: SUBSCRIBE and the scripts' PUBLISH are refused, the
     # grants go to the mailbox lists and the limiter reads its own with BLPOP (and says so);
     # ZPOPMIN is refused too, and the hand-offs read the queue heads with ZRANGE + ZREM;
-    # INCRBYFLOAT is refused too, and the rate starts read the TAT with GET (SET after).
+    # INCRBYFLOAT is refused too, and the rate starts read the TAT with GET (SET after);
+    # so are HSCAN and ZMSCORE (the sweep of grants), and releases delete their entries.
     with RedisServer() as running:
         _set_user(running, LIST_ONLY_RULES)
         url, name = _acl_url(running), _unique("lists")

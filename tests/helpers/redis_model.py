@@ -79,6 +79,10 @@ class Start:
     overspend: int = 0
 
 
+#: A sweep of grants runs in a call whose numbers of seq cross a multiple of this.
+SWEEP_EVERY = 128
+
+
 def process_of(waiter_id: str) -> str:
     """Return the process part of a waiter id ``"<process>:<n>"`` (the mailbox suffix)."""
     process, sep, _ = waiter_id.partition(":")
@@ -172,6 +176,11 @@ class LimiterModel:
     _caller_live: int | None = None
     #: How many processes' liveness ended in purges (their waiters left the queue).
     dead_processes: int = 0
+    #: ``control`` field ``grants_scan``: the sweep's cursor (None: absent); while it is
+    #: present, releases leave their grants entries to the sweep.
+    grants_scan: int | None = None
+    #: How many grants entries sweeps deleted.
+    swept: int = 0
 
     # -- building blocks -------------------------------------------------------------
 
@@ -198,6 +207,26 @@ class LimiterModel:
         for process in dead:
             self.live.pop(process, None)
         self.dead_processes += len(dead)
+
+    def _release_ids(self, lease_ids: list[str], limits: Limits) -> int:
+        """The ids leave holders (and grants, unless the sweep is on): how many were held."""
+        released = 0
+        for lease_id in lease_ids:
+            released += self.holders.pop(lease_id, None) is not None
+            if limits.max_at_once == 0 or self.grants_scan is None:
+                self.grants.pop(lease_id, None)
+        return released
+
+    def _sweep(self, seq_before: int) -> None:
+        """The sweep of a call whose numbers crossed a multiple of :data:`SWEEP_EVERY`: every
+        grants entry neither held nor remembered (rate only) goes (a small hash is read
+        whole), and the cursor is back at 0."""
+        if self.seq == seq_before or seq_before // SWEEP_EVERY == self.seq // SWEEP_EVERY:
+            return
+        for waiter_id in [w for w in self.grants if w not in self.holders and w not in self.recent]:
+            del self.grants[waiter_id]
+            self.swept += 1
+        self.grants_scan = 0
 
     def _begin(self, first_id: str | None) -> None:
         """A call of the process of *first_id* begins."""
@@ -538,10 +567,12 @@ class LimiterModel:
         if max_at_once == 0:
             self._forget_ended(now)
             return [self._acquire_rate_only(now, i, limits, m, c) for i, m, c in split]
+        seq_before = self.seq
         self._begin(split[0][0])
         self._purge(now)
         entries = [self._acquire_one(now, i, limits, m, c) for i, m, c in split]
         self._end()
+        self._sweep(seq_before)
         return entries
 
     def swap(
@@ -566,10 +597,8 @@ class LimiterModel:
         if not lease_ids:
             raise ValueError("a swap takes at least one lease id")
         limits = Limits(max_at_once, interval_us, burst, lease_ttl_us, windows)
-        released = 0
-        for lease_id in lease_ids:
-            released += self.holders.pop(lease_id, None) is not None
-            self.grants.pop(lease_id, None)
+        seq_before = self.seq
+        released = self._release_ids(lease_ids, limits)
         split = [parse_item(item) for item in items]
         if max_at_once == 0:
             self._forget_ended(now)
@@ -590,6 +619,7 @@ class LimiterModel:
             self._handoff(now, limits, process_of(lease_ids[0]), kept)
             entries = [self._acquire_one(now, i, limits, m, c) for i, m, c in split]
             self._end()
+            self._sweep(seq_before)
             return released, kept, entries
         # Queue first: the items take their tickets and liveness at the tail, then the
         # handoff reaches those within the free slots; their grants are their entries.
@@ -608,6 +638,7 @@ class LimiterModel:
                 answers.append([1, int(token), int(delay)])
             else:
                 answers.append([0, order.index(waiter_id) if mine else -1])
+        self._sweep(seq_before)
         return released, kept, answers
 
     def release(
@@ -630,12 +661,12 @@ class LimiterModel:
         if not lease_ids:
             raise ValueError("release takes at least one lease id")
         limits = Limits(max_at_once, interval_us, burst, lease_ttl_us, windows)
-        released = 0
-        for lease_id in lease_ids:
-            released += self.holders.pop(lease_id, None) is not None
-            self.grants.pop(lease_id, None)
+        seq_before = self.seq
+        released = self._release_ids(lease_ids, limits)
         self._purge(now)
-        return [released, self._handoff(now, limits)]
+        granted = self._handoff(now, limits)
+        self._sweep(seq_before)
+        return [released, granted]
 
     def renew(
         self,
@@ -680,7 +711,10 @@ class LimiterModel:
                 lost_waiters.append(waiter_id)
         self._end()
         self._purge(now)
-        return [lost_leases, lost_waiters, self._handoff(now, limits)]
+        seq_before = self.seq
+        granted = self._handoff(now, limits)
+        self._sweep(seq_before)
+        return [lost_leases, lost_waiters, granted]
 
     def cancel(
         self,
@@ -704,6 +738,8 @@ class LimiterModel:
         self.waiters.pop(waiter_id, None)
         was_granted = int(self.holders.pop(waiter_id, None) is not None)
         stored = self.grants.pop(waiter_id, None)
+        if max_at_once > 0 and not was_granted:
+            stored = None  # the entry of a lease released already, left to the sweep
         if stored is None:
             self._withdraw(waiter_id, None, UNIT, now, limits)
         else:
@@ -712,7 +748,10 @@ class LimiterModel:
         if max_at_once == 0:
             return [0, 0]
         self._purge(now)
-        return [was_granted, self._handoff(now, limits)]
+        seq_before = self.seq
+        granted = self._handoff(now, limits)
+        self._sweep(seq_before)
+        return [was_granted, granted]
 
     def settle(
         self,
