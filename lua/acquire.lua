@@ -27,8 +27,9 @@
 --                    A leading '^' marks a fresh item too, whose caller
 --                    expects it to queue (its process has waiters queued
 --                    already). When every waiter item of such a first run
---                    starts with '^', costs one unit, has no max delay and no
---                    id comes twice, the items are queued first ("queue
+--                    starts with '^', costs one unit, has no max delay, is of
+--                    the process of the first release item, and no id comes
+--                    twice, the items are queued first ("queue
 --                    first"): once the handoff knows a slot is free, they take
 --                    their tickets and liveness at the tail of the queue, then
 --                    the handoff reads the heads. Those it reaches are granted
@@ -352,13 +353,15 @@ end
 
 purge(now)
 -- Queue first (see the header): in a first run of a swap whose waiter items all
--- start with '^', cost one unit, have no max delay and differ, the items are
+-- start with '^', cost one unit, have no max delay, differ and are of the process
+-- of the first release item (whose grants the handoff returns), the items are
 -- queued as soon as the handoff knows a slot is free, before it reads the heads.
 local early = #releases > 0 and released == #releases
 if early then
   local early_seen = {}
   for i = 1, count do
-    if not queue_first[i] or costs[i] ~= UNIT or max_delays[i] or early_seen[ids[i]] then
+    if not queue_first[i] or costs[i] ~= UNIT or max_delays[i] or early_seen[ids[i]]
+        or process_of(ids[i]) ~= process_of(releases[1]) then
       early = false
       break
     end

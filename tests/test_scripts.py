@@ -1011,6 +1011,9 @@ async def test_a_swap_queues_first_only_when_every_item_may(backend: Backend) ->
             ["a:3|12|0"],
             [[0, 3], [0, 3]],
         )
+        # An item of another process than the first release item's.
+        assert await lim.swap(NOW + 6, ["a:3"], "^z:1") == (1, [], [[0, 3]])
+        assert await lim.mailbox("b") == ["b:1|4|0", "b:2|14|0"]
 
 
 @pytest.mark.anyio

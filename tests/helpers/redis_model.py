@@ -613,6 +613,7 @@ class LimiterModel:
             and all(item.startswith("^") for item in items)
             and all(m is None and c == UNIT for _, m, c in split)
             and len(set(ids)) == len(ids)
+            and all(process_of(i) == process_of(lease_ids[0]) for i in ids)
             and len(self.holders) < max_at_once
         )
         if not queue_first:
