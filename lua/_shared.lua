@@ -731,6 +731,12 @@ local function earliest_expiry(key, bound)
   return bound
 end
 
+-- Dead waiters leave the queue, with their cost records (kept while they waited).
+local function forget_queued(ids)
+  redis.call('ZREM', queue_key, unpack(ids))
+  redis.call('HDEL', costs_key, unpack(ids))
+end
+
 -- The queued waiters of processes whose liveness ended (`processes`, whose
 -- entries already left waiters) leave the queue, with their cost records, and
 -- control forgets the processes' records. The queue is read in pages of
@@ -752,8 +758,7 @@ local function drop_dead_processes(processes)
       end
     end
     if #gone > 0 then
-      redis.call('ZREM', queue_key, unpack(gone))
-      redis.call('HDEL', costs_key, unpack(gone))
+      forget_queued(gone)
     end
     if #page < SLICE then
       break
@@ -785,9 +790,7 @@ local function purge(now)
       end
     end
     if #waiters > 0 then
-      redis.call('ZREM', queue_key, unpack(waiters))
-      -- A dead waiter's cost record (kept while it waited) goes with it.
-      redis.call('HDEL', costs_key, unpack(waiters))
+      forget_queued(waiters)
     end
     if #processes > 0 then
       drop_dead_processes(processes)

@@ -272,10 +272,11 @@ end
 
 -- Rate only. With the server clock, a first call runs TIME, ZRANGEBYSCORE
 -- recent (and ZREM recent, HDEL grants when memories ended), HMGET grants,
--- INCRBY and PEXPIRE seq, GET tat and SET tat .. PX (with a rate limit), ZADD
--- recent, HSET grants and PEXPIRE recent and grants: 11 commands, whatever the
--- number of ids (up to SLICE). A retry runs TIME, ZRANGEBYSCORE, HMGET and one
--- ZSCORE recent per remembered id, and writes nothing.
+-- INCRBY and PEXPIRE seq, INCRBYFLOAT tat (with a rate limit; and SET tat ..
+-- PX unless it is one start while the limiter is busy), ZADD recent, HSET
+-- grants and PEXPIRE recent and grants: 10 or 11 commands, whatever the number
+-- of ids (up to SLICE). A retry runs TIME, ZRANGEBYSCORE, HMGET and one ZSCORE
+-- recent per remembered id, and writes nothing.
 if max_at_once == 0 then
   drop_ended(recent_key, grants_key, 'HDEL', now)  -- ended memories
   local known = remembered_grants(now)
