@@ -737,35 +737,61 @@ local function forget_queued(ids)
   redis.call('HDEL', costs_key, unpack(ids))
 end
 
--- The queued waiters of processes whose liveness ended (`processes`, whose
--- entries already left waiters) leave the queue, with their cost records, and
--- control forgets the processes' records. The queue is read in pages of
--- SLICE ids, from the head: a process found dead costs one pass over it.
-local function drop_dead_processes(processes)
-  local dead = {}
-  local fields = {}
-  for i, process in ipairs(processes) do
-    dead[process] = true
-    fields[i] = 'live:' .. process
+-- Pages of SLICE queue ids read per call for dead processes (drop_dead_processes).
+local DEAD_PAGES = 10
+
+-- The queued waiters of processes whose liveness ended (`dead`: process id ->
+-- the ticket its pass over the queue resumes after, or false to start at the
+-- head) leave the queue, with their cost records: the queue is read in ticket
+-- order, in pages of SLICE ids, at most DEAD_PAGES pages per call, from the
+-- lowest resume point. A pass that reached the tail ends: the processes' entries
+-- leave waiters and control forgets their records. Otherwise each entry is
+-- left in waiters with score -<last ticket read> (always ended, and never an
+-- expiry), and the next call goes on from there. Returns whether it ended.
+local function drop_dead_processes(dead)
+  local from = '-inf'
+  local lowest = nil
+  for _, resume in pairs(dead) do
+    if resume == false then
+      lowest = false
+    elseif lowest ~= false and (lowest == nil or resume < lowest) then
+      lowest = resume
+    end
   end
-  local from = 0
-  while true do
-    local page = redis.call('ZRANGE', queue_key, from, from + SLICE - 1)
+  if lowest then
+    from = '(' .. int(lowest)
+  end
+  for _ = 1, DEAD_PAGES do
+    local page = redis.call('ZRANGEBYSCORE', queue_key, from, '+inf', 'WITHSCORES',
+      'LIMIT', 0, SLICE)
     local gone = {}
-    for _, id in ipairs(page) do
-      if dead[process_of(id)] then
-        gone[#gone + 1] = id
+    for i = 1, #page, 2 do
+      if dead[process_of(page[i])] ~= nil then
+        gone[#gone + 1] = page[i]
       end
     end
     if #gone > 0 then
       forget_queued(gone)
     end
-    if #page < SLICE then
-      break
+    if #page < 2 * SLICE then
+      local members, fields = {}, {}
+      for process in pairs(dead) do
+        members[#members + 1] = process
+        fields[#fields + 1] = 'live:' .. process
+      end
+      redis.call('ZREM', waiters_key, unpack(members))
+      redis.call('HDEL', control_key, unpack(fields))
+      return true
     end
-    from = from + SLICE - #gone
+    from = '(' .. page[#page]
   end
-  redis.call('HDEL', control_key, unpack(fields))
+  local resume = {}
+  for process in pairs(dead) do
+    resume[#resume + 1] = from == '-inf' and 0 or -tonumber(string.sub(from, 2))
+    resume[#resume + 1] = process
+  end
+  redis.call('ZADD', waiters_key, unpack(resume))
+  return false
 end
 
 -- Drops expired leases (and their grants) and dead waiters (and their tickets),
@@ -777,25 +803,30 @@ local function purge(now)
     return
   end
   local full = #drop_ended(holders_key, grants_key, 'HDEL', now) == 100
-  local ended = redis.call('ZRANGEBYSCORE', waiters_key, '-inf', int(now), 'LIMIT', 0, 100)
+  local ended = redis.call('ZRANGEBYSCORE', waiters_key, '-inf', int(now), 'WITHSCORES',
+    'LIMIT', 0, 100)
   if #ended > 0 then
-    redis.call('ZREM', waiters_key, unpack(ended))
-    -- A waiter's own entry (id '<process>:<n>'), or a process's (no ':').
-    local waiters, processes = {}, {}
-    for _, member in ipairs(ended) do
+    -- A waiter's own entry (id '<process>:<n>'), or a process's (no ':'): a process
+    -- found dead (its score an expiry), or one whose pass over the queue goes on
+    -- (score -<ticket>, see drop_dead_processes).
+    local waiters, dead, any_dead = {}, {}, false
+    for i = 1, #ended, 2 do
+      local member, score = ended[i], tonumber(ended[i + 1])
       if string.find(member, ':', 1, true) then
         waiters[#waiters + 1] = member
       else
-        processes[#processes + 1] = member
+        dead[member] = score <= 0 and -score or false
+        any_dead = true
       end
     end
     if #waiters > 0 then
+      redis.call('ZREM', waiters_key, unpack(waiters))
       forget_queued(waiters)
     end
-    if #processes > 0 then
-      drop_dead_processes(processes)
+    if any_dead and not drop_dead_processes(dead) then
+      full = true
     end
-    full = full or #ended == 100
+    full = full or #ended == 200
   end
   if full then
     new_next_purge = now  -- more ended than one call drops: the next call goes on

@@ -576,6 +576,41 @@ async def test_releases_leave_their_grants_to_the_sweep_once_one_ran(backend: Ba
 
 
 @pytest.mark.anyio
+async def test_a_dead_process_in_a_long_queue_is_dropped_over_several_calls(
+    backend: Backend,
+) -> None:
+    """A call reads at most 10 pages of 1000 queue ids for dead processes; the pass goes on
+    in the next calls from the last ticket it read (the process's entry waits in waiters
+    with score -<ticket>), so no call does unbounded work."""
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
+        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        others = [f"o:{n}" for n in range(12_000)]
+        dead = ["x.:1", "x.:2"]
+        await lim.acquire(NOW, dead[0], *others[:999])
+        for first in range(999, 11_500, 1000):
+            await lim.acquire(NOW, *others[first : min(first + 1000, 11_500)])
+        await lim.acquire(NOW, dead[1], *others[11_500:])
+        later = NOW + SECOND
+        for first in range(0, 12_000, 1000):
+            await lim.renew(later - 1, ["a:1"] if first == 0 else [], others[first : first + 1000])
+        # The first call reads 10,000 ids: x.:1 goes, x.:2 (at 11,501) waits for the next.
+        await lim.release(later, "zz:0")
+        queue = (await lim.status(later))[2][::2]
+        assert len(queue) == 12_001
+        assert dead[0] not in queue
+        assert dead[1] in queue
+        waiters, live = await liveness(lim)
+        assert waiters["x."] < 0
+        assert live == {"x.": NOW + SECOND}
+        await lim.release(later + 1, "zz:0")
+        assert (await lim.status(later + 1))[2][::2] == others
+        waiters, live = await liveness(lim)
+        assert "x." not in waiters
+        assert live == {}
+
+
+@pytest.mark.anyio
 async def test_cancel_queued_waiter(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1)
