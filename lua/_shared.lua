@@ -321,7 +321,7 @@ end
 local tat_incremented = false
 
 -- The first reservation of a call without a max delay, with an interval of
--- whole microseconds: INCRBYFLOAT adds one interval to the stored TAT and
+-- whole microseconds, on Redis 7.0 or later: INCRBYFLOAT adds one interval to the stored TAT and
 -- returns the sum, in one command instead of GET now and SET later. When the
 -- limiter is busy (the TAT was at or after now, no pause beyond it), the sum
 -- is the new TAT and nothing more is written but, now and then, a TTL; else
@@ -329,8 +329,13 @@ local tat_incremented = false
 -- ACL without INCRBYFLOAT) or failed (the key holds no number), load_tat()
 -- reads it as before. Whole intervals keep the sum exact: every stored TAT is
 -- a multiple of the precision of a double at that size, and so is the sum.
+-- Redis 7.0 or later: Redis 6.2 corrupts its heap when a script runs INCRBYFLOAT
+-- (the command rewrites the script client's arguments for replication).
+local INCRBYFLOAT_SAFE = (tonumber(redis.REDIS_VERSION_NUM) or 0) >= 0x070000
+
 local function load_tat_adding(now)
-  if tat_loaded or interval <= 0 or interval ~= math.floor(interval) or interval >= 2^31 then
+  if tat_loaded or not INCRBYFLOAT_SAFE or interval <= 0 or interval ~= math.floor(interval)
+      or interval >= 2^31 then
     return false
   end
   local stored = redis.pcall('INCRBYFLOAT', tat_key, int(interval))
