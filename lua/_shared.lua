@@ -790,9 +790,10 @@ local function drop_dead_processes(dead)
     end
     from = '(' .. page[#page]
   end
+  -- Every page was full: `from` is '(<last ticket read>'.
   local resume = {}
   for process in pairs(dead) do
-    resume[#resume + 1] = from == '-inf' and 0 or -tonumber(string.sub(from, 2))
+    resume[#resume + 1] = -tonumber(string.sub(from, 2))
     resume[#resume + 1] = process
   end
   redis.call('ZADD', waiters_key, unpack(resume))
@@ -1044,7 +1045,8 @@ end
 -- the same call: held = the number of holders (nil: no handoff ran), queued =
 -- 0 when it emptied the queue (nil: unknown), enqueued = how many waiters its
 -- `enqueue` queued (0: none, or it did not run), popped = how many heads it
--- granted, granted = waiter id -> {token, delay_us} of each head it granted.
+-- granted, granted = waiter id -> {token, delay_us} of each head it granted (when its
+-- `enqueue` ran: only the queued-first items read it).
 local handoff_left = {enqueued = 0, popped = 0, granted = {}}
 
 -- Moves queue heads into free concurrency slots, in ticket order, and posts
@@ -1106,7 +1108,9 @@ local function handoff(now, own, after, enqueue)
   local messages = {}
   for i, head in ipairs(heads) do
     local token, delay = grant(head, now, nil, costs[i], #heads - i + (after or 0))
-    handoff_left.granted[head] = {token, delay}
+    if enqueue then
+      handoff_left.granted[head] = {token, delay}  -- read only after queue first
+    end
     if #windows == 0 and costs[i] ~= UNIT then
       redis.call('HDEL', costs_key, head)  -- kept in its grants entry from now on
     end
