@@ -277,8 +277,10 @@ local function set_tat(value)
 end
 
 -- The expiry (microseconds) a SET of this call gave the tat key: recorded in
--- control only if flush_book writes control anyway (a tat_until older than the
--- key's expiry only makes a later INCRBYFLOAT refresh the TTL sooner).
+-- control when flush_book writes control anyway (a tat_until older than the
+-- key's expiry only makes a later INCRBYFLOAT refresh the TTL sooner), and
+-- always when it is earlier than the one recorded (the TAT went down: a start
+-- given back, a refund): tat_until must never be after the key's expiry.
 local tat_set_until = nil
 
 -- The earliest start given back and not yet passed: {member, start_us}, or nil.
@@ -885,13 +887,16 @@ end
 -- Keeps the liveness entry of `process` (one that keeps one liveness) for a
 -- waiter of it this call queues or renews: written (until now + lease_ttl)
 -- when `always`, or when the process is the caller's and control's record of
--- it is absent or less than half lease_ttl ahead (the renewal loop writes it
--- every third of lease_ttl). Another process's (a call with items of several
--- processes) is always written, and not recorded.
+-- it is absent or less than 3/4 of lease_ttl ahead. The renewal loop writes it
+-- every third of lease_ttl while the process has waiters queued, and not while
+-- it has none: so a waiter queued now is covered for at least 3/4 of lease_ttl,
+-- past the next renewal but one (one renewal may be missed, as with a waiter's
+-- own entry). Another process's (a call with items of several processes) is
+-- always written, and not recorded.
 local function keep_alive(now, process, always)
   if process == live_process then
     local known = new_live_until or live_until
-    if not always and known and known >= now + lease_ttl / 2 then
+    if not always and known and known >= now + lease_ttl * 3 / 4 then
       return
     end
     new_live_until = now + lease_ttl
@@ -1187,8 +1192,12 @@ local function flush_book()
     grants_scan = new_grants_scan
   end
   new_grants_scan = nil
-  if new_tat_until == tat_until and tat_set_until and #fields > 0 then
-    new_tat_until = tat_set_until
+  if tat_set_until then
+    if new_tat_until and tat_set_until < new_tat_until then
+      new_tat_until = tat_set_until
+    elseif new_tat_until == tat_until and #fields > 0 then
+      new_tat_until = tat_set_until
+    end
   end
   tat_set_until = nil
   if new_tat_until and new_tat_until ~= tat_until then

@@ -104,6 +104,9 @@ if d ~= 0 and interval > 0 then
   end
 end
 flush_rates(now)
+-- A refund lowered the TAT, and with it the key's expiry: control's tat_until
+-- follows it down.
+flush_book()
 if found or applied then
   return 1
 end

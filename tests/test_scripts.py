@@ -470,7 +470,7 @@ async def test_a_process_ending_in_a_dot_keeps_one_liveness_for_its_waiters(
 ) -> None:
     """Queued waiters of a process whose id ends in "." (before any "!") have no entry of
     their own in waiters: one entry, the process's, written when control's record of it is
-    absent or less than half the lease TTL ahead, and by every renewal."""
+    absent or less than 3/4 of the lease TTL ahead, and by every renewal."""
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
         assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
@@ -479,14 +479,14 @@ async def test_a_process_ending_in_a_dot_keeps_one_liveness_for_its_waiters(
             {"p.": NOW + SECOND, "b:1": NOW + SECOND},
             {"p.": NOW + SECOND},
         )
-        # Within half a lease TTL: not written again.
-        assert await lim.acquire(NOW + SECOND // 2, "p.:3") == [[0, 3]]
+        # Still 3/4 of a lease TTL ahead: not written again.
+        assert await lim.acquire(NOW + SECOND // 4, "p.:3") == [[0, 3]]
         assert (await liveness(lim))[0]["p."] == NOW + SECOND
         # Later: written again, and recorded.
-        assert await lim.acquire(NOW + SECOND // 2 + 1, "p.:4") == [[0, 4]]
+        assert await lim.acquire(NOW + SECOND // 4 + 1, "p.:4") == [[0, 4]]
         assert await liveness(lim) == (
-            {"p.": NOW + 3 * SECOND // 2 + 1, "b:1": NOW + SECOND},
-            {"p.": NOW + 3 * SECOND // 2 + 1},
+            {"p.": NOW + 5 * SECOND // 4 + 1, "b:1": NOW + SECOND},
+            {"p.": NOW + 5 * SECOND // 4 + 1},
         )
         # A renewal that finds one of its waiters queued writes it whatever the record.
         assert await lim.renew(NOW + SECOND // 2 + 2, [], ["p.:1", "p.:9"]) == [
@@ -502,6 +502,40 @@ async def test_a_process_ending_in_a_dot_keeps_one_liveness_for_its_waiters(
         assert await lim.acquire(NOW + SECOND // 2 + 4, "q.!:1") == [[0, 4]]
         waiters, _ = await liveness(lim)
         assert sorted(waiters) == ["b:1", "p.", "q.!"]
+
+
+@pytest.mark.anyio
+async def test_a_waiter_queued_by_a_live_process_outlasts_one_missed_renewal(
+    backend: Backend,
+) -> None:
+    """A process's entry is not written again while control's record of it is 3/4 of a lease
+    TTL ahead, so a waiter queued at any time is covered for at least that long: past the
+    renewal after next (the renewal loop runs every third of the lease TTL while the
+    process has waiters queued), so one missed or late renewal does not make its process
+    look dead."""
+    async with backend.open() as opened:
+        # Queued when the record is exactly 3/4 of a lease TTL ahead (not written again),
+        # and later (written again).
+        for tag, queued_at, entry in (
+            ("q1", NOW + SECOND // 4, NOW + SECOND),
+            ("q2", NOW + SECOND // 2, NOW + 3 * SECOND // 2),
+        ):
+            lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND, tag=tag)
+            assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+            assert await lim.acquire(NOW, "p.:1") == [[0, 0]]
+            assert await lim.release(NOW + 1, "a:1") == [1, 1]
+            # p. has nothing queued: its renewal does not write the entry (NOW + 1 s).
+            assert await lim.renew(NOW + SECOND // 3, ["p.:1"]) == [[], [], 0]
+            assert await lim.acquire(queued_at, "p.:2") == [[0, 0]]
+            assert (await liveness(lim))[0]["p."] == entry
+            # The renewal due a third of a lease TTL later is missed, and the one after
+            # comes late. A call of another process just before it purges what ended:
+            # p.:2 keeps its place.
+            later = queued_at + 2 * SECOND // 3 + SECOND // 20
+            assert await lim.acquire(later, "b:1") == [[0, 1]]
+            assert (await lim.status(later))[2][0::2] == ["p.:2", "b:1"]
+            assert await lim.renew(later + 1, ["p.:1"], ["p.:2"]) == [[], [], 0]
+            assert (await liveness(lim))[0]["p."] == later + 1 + SECOND
 
 
 @pytest.mark.anyio
@@ -1896,6 +1930,24 @@ async def test_settle_of_the_gcra_refunds_only_the_latest(backend: Backend) -> N
         # p:2 is still the last reservation to move the TAT... but p:1's debt moved it since.
         assert await settle(lim, NOW, "p:2", 1, 2) == 0
         assert (await lim.status(NOW))[3] == f"{NOW + 600_000:.3f}"
+
+
+@pytest.mark.anyio
+async def test_a_refund_that_lowers_the_tat_lowers_tat_until(backend: Backend) -> None:
+    """control's tat_until (when a busy TAT's TTL must be refreshed) is never after the tat
+    key's expiry: a refund that lowers the TAT gives the key an earlier expiry, and the
+    record follows it down."""
+    async with backend.open() as opened:
+        lim = Limiter(
+            opened.client, max_at_once=0, interval_us=100_000.0, burst=5, key_ttl_ms=4_000
+        )
+        assert await lim.acquire(NOW, "p:0", item("p:1", 4)) == [[1, 1, 0], [1, 2, 0]]
+        # TAT NOW + 0.5 s, the key lives 0.5 s + 4 s (recorded with the bookkeeping the
+        # call wrote: spare_ahead).
+        assert await tat_until(lim) == (NOW + 4_500_000, f"{NOW + 500_000}.000")
+        assert await settle(lim, NOW, "p:1", 1, 4) == 1
+        assert await tat_until(lim) == (NOW + 4_200_000, f"{NOW + 200_000}.000")
+        assert 4_000 < (await lim.pttls())[lim.keys[3]] <= 4_200
 
 
 @pytest.mark.anyio

@@ -241,12 +241,12 @@ class LimiterModel:
 
     def _keep_alive(self, now: int, process: str, limits: Limits, always: bool = False) -> None:
         """The liveness entry of *process* for a waiter queued or renewed: written when
-        *always*, or when the caller's record of it is absent or less than half the lease
+        *always*, or when the caller's record of it is absent or less than 3/4 of the lease
         TTL ahead; another process's is always written, and not recorded."""
         ttl = limits.lease_ttl_us
         if process == self._caller:
             known = self._caller_live if self._caller_live is not None else self.live.get(process)
-            if not always and known is not None and known >= now + ttl / 2:
+            if not always and known is not None and known >= now + ttl * 3 / 4:
                 return
             self._caller_live = now + ttl
         self.waiters[process] = now + ttl
