@@ -450,6 +450,22 @@ local function flush_tat(now)
   return true
 end
 
+-- The same values again, as new locals: every closure created below captures
+-- these instead of the originals. A script builds all its helpers on every call,
+-- and Lua 5.1 finds each local a closure captures by walking the list of open
+-- upvalues from the highest stack slot down to it: a capture of a local declared
+-- early (the keys, int) walked past every local captured since, most of what
+-- building the helpers cost. Only names that are never assigned again may be
+-- listed here (a table filled in place is fine); tests/test_scripts.py checks.
+local int, costs_key, UNIT, holders_key, grants_key, queue_key,
+  waiters_key, windows, tat_key, key_ttl_ms, lease_ttl, ttl_until,
+  control_key, recent_key, seq_key, process_of, spare_key, SLICE,
+  wrote_expiry, burst, one_liveness, created, is_int
+  = int, costs_key, UNIT, holders_key, grants_key, queue_key,
+  waiters_key, windows, tat_key, key_ttl_ms, lease_ttl, ttl_until,
+  control_key, recent_key, seq_key, process_of, spare_key, SLICE,
+  wrote_expiry, burst, one_liveness, created, is_int
+
 -- ---------------------------------------------------------------------------
 -- Costs and windows (see lua/README.md: "Costs and windows").
 

@@ -303,6 +303,42 @@ def backend(request: pytest.FixtureRequest, flavour: str) -> Backend:
 # -- script scenarios (fakeredis and real servers) ---------------------------------------
 
 
+def _lua_code(line: str) -> str:
+    """*line* of Lua without its comment and with its string literals emptied."""
+    line = re.sub(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", "''", line)
+    return line.split("--", 1)[0]
+
+
+def test_the_locals_bound_again_in_shared_lua_are_never_assigned() -> None:
+    """_shared.lua binds some locals again as new locals, so that the closures built after
+    it capture cheaper upvalues (see its comment "The same values again"). That is right
+    only for names that no script assigns after declaring them: a new value would reach
+    one of the two bindings only."""
+    shared = (script_dir() / "_shared.lua").read_text()
+    found = re.search(
+        r"^-- The same values again.*?^local ([\w,\s]+?)\n  = ([\w,\s]+?)\n\n", shared, re.M | re.S
+    )
+    assert found is not None
+    names = [n.strip() for n in found.group(1).split(",")]
+    assert names == [n.strip() for n in found.group(2).split(",")]
+    assert len(names) >= 20
+    pattern = re.compile(
+        r"^\s*(?:[\w.\[\]]+\s*,\s*)*(" + "|".join(names) + r")\s*(?:,\s*[\w.\[\]]+\s*)*=(?!=)"
+    )
+    assignments = [
+        (path.name, number, line)
+        for path in sorted(script_dir().glob("*.lua"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.match(_lua_code(line)) and not _lua_code(line).lstrip().startswith("local ")
+    ]
+    assert assignments == []
+    # The check sees an assignment when there is one.
+    assert pattern.match(_lua_code("  holders_key = KEYS[1]  -- no"))
+    assert pattern.match(_lua_code("x, int = 1, 2"))
+    assert not pattern.match(_lua_code("  windows[#windows + 1] = w"))
+    assert not pattern.match(_lua_code("  if int == 1 then"))
+
+
 @pytest.mark.anyio
 async def test_grant_path(backend: Backend) -> None:
     async with backend.open() as opened:
