@@ -91,7 +91,17 @@ class LeaseTable:
         self.loop: object = None
         self.held: dict[str, Lease] = {}
         self.waiters: dict[str, Waiter] = {}
+        #: Waiter ids whose acquire call failed (it may have run): cancelled when Redis
+        #: answers again (cancel.lua frees what it left, and refunds its cost).
         self.orphans: set[str] = set()
+        #: Leases whose release call failed (it may have run): released again when Redis
+        #: answers (release.lua ignores a lease no longer held). Never cancelled: their
+        #: tasks started, and a cancellation would refund their starts to the windows.
+        self.unreleased: set[str] = set()
+        # Waiter ids whose first acquire call is in flight or just answered (see expect),
+        # and grants that came for them before they were queued here.
+        self._expected: set[str] = set()
+        self._early: dict[str, tuple[int, int]] = {}
         #: Leases found expired on renewal since the limiter was made.
         self.lost_count = 0
         #: The limiter's metrics (None: off), told of each permit released.
@@ -130,10 +140,27 @@ class LeaseTable:
         """Withdraw *entry_id* when Redis answers again (its last call failed)."""
         self.orphans.add(entry_id)
 
+    @property
+    def leftovers(self) -> bool:
+        """Whether failed calls left something to withdraw or release in Redis."""
+        return bool(self.orphans or self.unreleased)
+
     def push_ticket(self) -> int:
         """Taken before an acquire call that may queue a waiter (give it to :meth:`wait`):
         which confirmed subscription was live then (-1: none)."""
         return self._push_epoch if self._push_live else -1
+
+    def expect(self, waiter_id: str) -> None:
+        """*waiter_id*'s first acquire call is about to be sent: a grant for it that comes
+        before :meth:`wait` queues it (pushed as soon as the call queued it in Redis, and
+        read first by the push loop) is kept for :meth:`wait` instead of dropped.
+        Call :meth:`unexpect` once the call is answered and the waiter queued."""
+        self._expected.add(waiter_id)
+
+    def unexpect(self, waiter_id: str) -> None:
+        """See :meth:`expect`."""
+        self._expected.discard(waiter_id)
+        self._early.pop(waiter_id, None)
 
     def wait(self, waiter_id: str, ticket: int | None = None) -> Waiter:
         """Queue a waiter of this process: the dispatch loop wakes it on a grant.
@@ -143,7 +170,11 @@ class LeaseTable:
         before anyone listened, and the confirmation's re-check did not know the waiter yet:
         it is woken at once to ask again."""
         waiter = self.waiters[waiter_id] = Waiter()
-        if ticket is not None and self._push_live and ticket != self._push_epoch:
+        early = self._early.pop(waiter_id, None)
+        if early is not None:
+            waiter.grant = early
+            waiter.event.set()
+        elif ticket is not None and self._push_live and ticket != self._push_epoch:
             waiter.event.set()
         self._waiters_added.set()
         return waiter
@@ -157,7 +188,7 @@ class LeaseTable:
         return (
             not self.held
             and not self.waiters
-            and not self.orphans
+            and not self.leftovers
             and not (self.swap_batcher is not None and self.swap_batcher.pending)
         )
 
@@ -172,10 +203,10 @@ class LeaseTable:
         )
 
     def releases_lost(self, items: list[str], error: BaseException) -> None:
-        """A call carrying posted releases (``-<lease id>`` items) failed: withdraw them
-        when Redis answers again."""
+        """A call carrying posted releases (``-<lease id>`` items) failed: release them
+        again when Redis answers."""
         lease_ids = [item[1:] for item in items]
-        self.orphans.update(lease_ids)
+        self.unreleased.update(lease_ids)
         logger.warning(
             "limiter %r: could not release lease%s %s (%s); released when Redis answers "
             "again, or expired within lease_ttl",
@@ -207,17 +238,19 @@ class LeaseTable:
             if waiter is not None:
                 waiter.grant = (int(token), int(delay_us))
                 waiter.event.set()
+            elif waiter_id in self._expected:
+                self._early[waiter_id] = (int(token), int(delay_us))
 
     async def release(self, lease: Lease) -> None:
         """Give *lease* back in Redis (merged with the releases of other coroutines); if
-        Redis does not answer, it is withdrawn later or expires within lease_ttl."""
+        Redis does not answer, it is released again later or expires within lease_ttl."""
         self.held.pop(lease.lease_id, None)
         try:
             await self._releases.submit(
                 lease.lease_id, anyio.current_time() + self._config.retry_window
             )
         except (RedisLimiterError, TimeoutError) as exc:
-            self.orphans.add(lease.lease_id)
+            self.unreleased.add(lease.lease_id)
             logger.warning(
                 "limiter %r: could not release lease %s (%s); it is released when Redis "
                 "answers again, or expires within lease_ttl",
@@ -228,7 +261,7 @@ class LeaseTable:
 
     def withdraw_soon(self, task_group: anyio.abc.TaskGroup | None) -> None:
         """Redis answers again: free in the background what failed calls left behind."""
-        if self.orphans and not self._withdrawing and task_group is not None:
+        if self.leftovers and not self._withdrawing and task_group is not None:
             self._withdrawing = True
             task_group.start_soon(self.withdraw_orphans)
 
@@ -239,9 +272,17 @@ class LeaseTable:
     # -- background tasks ----------------------------------------------------------------------
 
     async def withdraw_orphans(self) -> None:
-        """Cancel every orphan in Redis; stop at the first call that fails."""
+        """Release the unreleased leases (one call) and cancel every orphan in Redis; stop
+        at the first call that fails."""
         self._withdrawing = True
         try:
+            if self.unreleased:
+                lease_ids = sorted(self.unreleased)
+                try:
+                    await self._call("release", *lease_ids)
+                except RedisLimiterError:
+                    return
+                self.unreleased.difference_update(lease_ids)
             for entry_id in list(self.orphans):
                 try:
                     await self._call("cancel", entry_id)
@@ -255,7 +296,7 @@ class LeaseTable:
         """Every ``lease_ttl / 3``: withdraw orphans, renew every lease and queue entry."""
         while True:
             await anyio.sleep(self._config.lease_ttl / 3)
-            if self.orphans:
+            if self.leftovers:
                 await self.withdraw_orphans()
             leases = list(self.held)
             waiters = list(self.waiters)

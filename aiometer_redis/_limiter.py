@@ -253,8 +253,9 @@ class RedisLimiter:
         self._max_per_second = config.max_per_second
         # Whether a grant reserves a rate start (GCRA or windows) that settle can adjust.
         self._rate_limited = config.max_per_second is not None or bool(config.rates)
-        # When the current run of failed Redis calls began (None: the last call succeeded), and
-        # the client library's error of its latest attempt.
+        # When the current run of failed Redis calls began: when its first failed attempt was
+        # sent (Redis has not answered since; None: the last call succeeded), and the client
+        # library's error of its latest attempt.
         self._failing_since: float | None = None
         self._last_failure: BaseException | None = None
         # Attempts of calls that failed on the client side (their call may have run).
@@ -475,12 +476,13 @@ class RedisLimiter:
         backoff = 0.05
         last: BaseException | None = None
         while True:
+            sent = anyio.current_time()
             try:
                 # A plain scope with a deadline: cheaper than fail_after on this hot path.
                 with anyio.CancelScope(deadline=deadline):
                     reply = await client.run_script(self._scripts[script], self._keys, argv)
                     self._failing_since = self._last_failure = None
-                    if self._leases.orphans:
+                    if self._leases.leftovers:
                         self._leases.withdraw_soon(self._task_group)
                     return reply
                 # Cut short by the deadline: keep the failure of an earlier attempt, if any,
@@ -499,7 +501,7 @@ class RedisLimiter:
                 raise translate_reply(self._name, script, exc) from exc.__cause__
             now = anyio.current_time()
             if self._failing_since is None:
-                self._failing_since = now
+                self._failing_since = sent
             if now >= deadline:
                 raise self._unavailable(script, last)
             await anyio.sleep(min(backoff, deadline - now))
@@ -914,11 +916,14 @@ class RedisLimiter:
                     await local.release()
 
     def _redis_deadline(self, start: float) -> float:
-        # While Redis is failing, a caller's retry window runs from its own start: calls
-        # queued behind others must not each get a fresh one.
+        # While Redis is failing, a caller's retry window runs from its own start, or from
+        # the first failure if that came later (the caller may have waited for a local
+        # slot meanwhile): calls queued behind others must not each get a fresh one, and a
+        # caller must not give up on a failure younger than the window.
         now = anyio.current_time()
-        if self._failing_since is not None:
-            return min(now + self._retry_window, max(start + self._retry_window, now))
+        since = self._failing_since
+        if since is not None:
+            return min(now + self._retry_window, max(max(start, since) + self._retry_window, now))
         return now + self._retry_window
 
     async def _submit_acquire(
@@ -984,18 +989,23 @@ class RedisLimiter:
         """Get a grant ``(token, delay_us)`` for *waiter_id* (a cost of *units*), queueing
         until one comes."""
         ticket = self._leases.push_ticket()
+        # A grant pushed for the waiter before it is queued here is kept for it.
+        self._leases.expect(waiter_id)
         try:
-            reply = await self._submit_acquire(waiter_id, start, deadline, units, fresh=True)
-        except (RedisUnavailableError, PoolExhaustedError):
-            # The call may have run on the server after we gave up on its reply, leaving a
-            # lease or a rate reservation: withdraw it when Redis answers again.
-            self._leases.orphan(waiter_id)
-            raise
-        if reply[0] == 1:
-            return int(reply[1]), int(reply[2])
-        if reply[0] == 2:
-            raise self._too_late()
-        waiter = self._leases.wait(waiter_id, ticket)
+            try:
+                reply = await self._submit_acquire(waiter_id, start, deadline, units, fresh=True)
+            except (RedisUnavailableError, PoolExhaustedError):
+                # The call may have run on the server after we gave up on its reply, leaving
+                # a lease or a rate reservation: withdraw it when Redis answers again.
+                self._leases.orphan(waiter_id)
+                raise
+            if reply[0] == 1:
+                return int(reply[1]), int(reply[2])
+            if reply[0] == 2:
+                raise self._too_late()
+            waiter = self._leases.wait(waiter_id, ticket)
+        finally:
+            self._leases.unexpect(waiter_id)
         try:
             while True:
                 with anyio.move_on_after(self._config.recheck_interval):

@@ -29,6 +29,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from helpers.tcp_proxy import Request, TcpProxy, script_rule
 
 import aiometer
+from aiometer import Rate
 from aiometer_redis import RedisLimiter, RedisPermit, RedisUnavailableError
 from aiometer_redis._client import ScriptClient, adapt
 from aiometer_redis._keys import limiter_keys
@@ -646,6 +647,104 @@ async def test_cancel_while_releasing(server: RedisServer, name: str) -> None:
                 assert state.holders == (), (pause, state)
                 assert state.waiters == ()
         await assert_clean(server.url, name)
+
+
+def hold_first_release(seconds: float) -> Callable[[Request], float]:
+    """A proxy delay rule: hold for *seconds* the reply to the first call that releases
+    leases (release.lua, or acquire.lua carrying ``-<lease id>`` items)."""
+    held = False
+
+    def rule(request: Request) -> float:
+        nonlocal held
+        releases = is_script(request, "release") or (
+            is_script(request, "acquire")
+            and any(item.startswith(b"-") for item in request[3 + int(request[2]) + 9 :])
+        )
+        if releases and not held:
+            held = True
+            return seconds
+        return 0.0
+
+    return rule
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("swap", [True, False], ids=["swap", "separate"])
+async def test_a_release_whose_reply_is_lost_keeps_its_start_in_the_windows(
+    server: RedisServer, name: str, swap: bool
+) -> None:
+    """A release whose call fails on the client side (its reply comes after retry_window)
+    may have run. When Redis answers again it is sent again as a release (a no-op for a
+    lease no longer held), never withdrawn like an acquisition that never started: that
+    would refund a start that happened to the rate windows, and let the fleet start more
+    than the window allows."""
+    await preload_scripts(server.url)
+    with anyio.fail_after(20):
+        async with (
+            TcpProxy(server.port, delay=hold_first_release(1.0)) as proxy,
+            RedisLimiter.from_url(
+                proxy.url,
+                name,
+                max_at_once=5,
+                rates=[Rate(2, per=60)],
+                retry_window=0.3,
+                lease_ttl=0.9,
+            ) as limiter,
+        ):
+            limiter._swap = swap
+            permit = await limiter.acquire()
+            # Alone, its call fails after retry_window (the release has run in Redis).
+            await permit.release()
+
+            async def idle() -> bool:
+                return limiter.is_idle()
+
+            # Released again by the renewal loop (every 0.3 s) once Redis answers.
+            await wait_for(idle, what="the lost release to be sent again")
+            statistics = await limiter.statistics()
+            assert statistics.rates_used == (1.0,)
+            assert statistics.holders == ()
+            second = await limiter.acquire()
+            assert (await limiter.statistics()).rates_used == (2.0,)
+            with anyio.move_on_after(0.5) as scope:
+                await limiter.acquire()
+            assert scope.cancelled_caught  # a third start would wait for the window
+            await second.release()
+
+
+@pytest.mark.anyio
+async def test_a_caller_that_waited_for_its_local_slot_survives_a_brief_failure(
+    server: RedisServer, name: str
+) -> None:
+    """A caller waits longer than retry_window for one of its process's own slots while Redis
+    answers; then another call's attempt fails, and the caller gets its slot while that call
+    waits its 50 ms to try again. Redis has not failed for retry_window of the caller's wait:
+    it gets its slot, instead of a RedisUnavailableError raised before anything was sent
+    (its retry window ran from when it began to wait)."""
+    with anyio.fail_after(20):
+        async with RedisLimiter.from_url(
+            server.url, name, max_at_once=1, retry_window=0.5
+        ) as limiter:
+            first = await limiter.acquire()
+            waited: list[float] = []
+
+            async def second() -> None:
+                began = time.monotonic()
+                permit = await limiter.acquire()
+                waited.append(time.monotonic() - began)
+                await permit.release()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(second)
+                await anyio.sleep(0.8)
+                # What an attempt sent now and failed at once leaves while its call waits to
+                # try again (set here: not every client library lets a cut connection
+                # through, coredis retries it).
+                limiter._failing_since = anyio.current_time()
+                await first.release()
+            assert len(waited) == 1
+            assert waited[0] > 0.8
+            assert limiter._failing_since is None  # the second's call succeeded
 
 
 @pytest.mark.anyio

@@ -155,6 +155,58 @@ async def test_grants_to_another_limiter_arrive_by_push(
 
 
 @pytest.mark.anyio
+async def test_a_grant_pushed_before_its_waiter_is_queued_here_is_kept(
+    server: RedisServer, name: str, flavour: str
+) -> None:
+    """The push loop may read a grant for a waiter before the task whose acquire call queued
+    it runs again (on trio both can become ready in one scheduler batch, run in any order):
+    the grant is kept for the waiter, not dropped until it asks again recheck_interval
+    later."""
+    async with (
+        open_client(flavour, server.url) as one,
+        open_client(flavour, server.url) as two,
+        RedisLimiter(one, name, max_at_once=1, recheck_interval=30) as first,
+        RedisLimiter(two, name, max_at_once=1, recheck_interval=30) as second,
+    ):
+        # second waits once, so that its subscription is live (it lingers 5 s).
+        held = await first.acquire()
+
+        async def wait_once() -> None:
+            async with second.slot():
+                pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_once)
+            await anyio.sleep(0.3)
+            await held.release()
+        held = await first.acquire()
+        delivered = anyio.Event()
+        deliver = second._leases.deliver
+
+        def delivering(message: str) -> None:
+            deliver(message)
+            delivered.set()
+
+        second._leases.deliver = delivering  # type: ignore[method-assign]
+        submit = second._submit_acquire
+
+        async def submit_then_grant(*args: Any, **kwargs: Any) -> Any:
+            reply = await submit(*args, **kwargs)
+            if reply[0] == 0:
+                # Queued: the slot comes free now, and the push loop reads its grant before
+                # this task goes on.
+                await held.release()
+                with anyio.fail_after(2):
+                    await delivered.wait()
+            return reply
+
+        second._submit_acquire = submit_then_grant  # type: ignore[method-assign]
+        with anyio.fail_after(3):
+            permit = await second.acquire()
+        await permit.release()
+
+
+@pytest.mark.anyio
 async def test_push_off_keeps_the_mailbox(server: RedisServer, name: str, flavour: str) -> None:
     async with open_client(flavour, server.url) as one, open_client(flavour, server.url) as two:
         first = RedisLimiter(one, name, max_at_once=1, recheck_interval=30)
