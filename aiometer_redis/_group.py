@@ -94,11 +94,20 @@ class RedisLimiterGroup:
         tb: TracebackType | None,
     ) -> bool | None:
         task_group, self._task_group = self._task_group, None
+        limiters = [limiter for limiter, _ in self._limiters.values()]
         self._limiters.clear()
         self._young.clear()
         self._old.clear()
         if task_group is None:
             return None
+        # The starts reserved ahead and not used go back to the fleet (each limiter within
+        # one retry window, all at once), as when a RedisLimiter is left.
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as giving_back:
+                for limiter in limiters:
+                    giving_back.start_soon(limiter._give_back_on_exit)
+        for limiter in limiters:
+            limiter.detach()
         task_group.cancel_scope.cancel()
         return await exit_unwrapped(lambda: task_group.__aexit__(exc_type, exc, tb), exc)
 

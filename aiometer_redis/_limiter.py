@@ -268,6 +268,9 @@ class RedisLimiter:
         self._fallback_rate = _local_rate_limiter(config)
         self._in_fallback = False
         self._task_group: anyio.abc.TaskGroup | None = None
+        # Closed by its RedisLimiterGroup (dropped as idle, or the group left): its permits
+        # may still be settled, through the group's client.
+        self._detached = False
         self._leases = LeaseTable(name, config, self._call)
         self._metrics = self._leases.metrics = limiter_metrics(name, config.metrics, self._leases)
         if client is not None and self._metrics is not None:
@@ -357,8 +360,7 @@ class RedisLimiter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._pool or self._refill is not None:
-            await self._give_back_reserved()
+        await self._give_back_on_exit()
         stack, self._stack = self._stack, None
         self._leases.open = False
         self._task_group = None
@@ -437,8 +439,10 @@ class RedisLimiter:
         return scope
 
     def detach(self) -> None:
-        """Close a limiter opened with :meth:`attach`: using it afterwards fails loudly."""
+        """Close a limiter opened with :meth:`attach`: using it afterwards fails loudly, but
+        for settling the permits it gave (which goes through the group's client)."""
         self._leases.open = False
+        self._detached = True
 
     def is_idle(self) -> bool:
         """True if nothing is held, awaited or left to withdraw through this limiter (nor
@@ -648,7 +652,8 @@ class RedisLimiter:
         )
 
     async def _settle(self, waiter_id: str, actual: int, previous: int) -> Any:
-        self._check_open()
+        if not self._detached:
+            self._check_open()
         return await self._call("settle", waiter_id, actual, previous)
 
     async def _acquire(self, start: float, deadline: float | None, units: int) -> RedisPermit:
@@ -786,6 +791,10 @@ class RedisLimiter:
         """Reserve the next starts before the pool runs dry (in the background)."""
         if self._refill is not None or self._failing_since is not None:
             return
+        if not self._leases.open:
+            # Scheduled just before the limiter was left (or dropped by its group): starts
+            # reserved now would be given back by nobody.
+            return
         try:
             await self._reserve(anyio.current_time(), None, own=False)
         except RedisLimiterError as exc:
@@ -844,6 +853,12 @@ class RedisLimiter:
             if self._refill is refill:
                 self._refill = None
             refill.set()
+
+    async def _give_back_on_exit(self) -> None:
+        """What leaving the limiter does with the starts reserved ahead (for
+        :class:`RedisLimiterGroup`, whose limiters are not left one by one)."""
+        if self._pool or self._refill is not None:
+            await self._give_back_reserved()
 
     async def _give_back_reserved(self) -> None:
         """Give back the starts this process reserved ahead and did not use (on exit), latest

@@ -32,6 +32,7 @@ from aiometer_redis import (
 from aiometer_redis._keys import limiter_keys
 from aiometer_redis._server import RedisServer
 from aiometer_redis.testing import allowed_in_window, max_in_window
+from aiometer_redis.testing._resp import send_command
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
@@ -456,6 +457,72 @@ async def test_group_new_keys_cost_constant_work(
             group[f"{name}-{i}"]
             assert len(group) <= 11
     assert looked_at <= 4 * 3000
+
+
+def _tat(server: RedisServer, limiter: RedisLimiter) -> float:
+    """The limiter's rate state (its TAT, microseconds) as stored."""
+    reply = send_command(server.port, "GET", limiter.keys[3])
+    assert reply is not None and reply.startswith("$"), reply
+    return float(reply.split("\r\n")[1])
+
+
+@pytest.mark.anyio
+async def test_group_exit_gives_back_the_starts_reserved_ahead(
+    server: RedisServer, name: str
+) -> None:
+    """Leaving a RedisLimiterGroup gives back the starts its limiters reserved ahead and did
+    not use, as leaving a RedisLimiter does (before the fix they stayed reserved: lost to
+    the fleet)."""
+    async with redis_client(server) as client:
+        async with RedisLimiterGroup(client, max_per_second=40) as group:
+            limiter = group[name]
+            await limiter.acquire()
+            ahead = len(limiter._pool)
+            assert ahead >= 1
+            reserved = _tat(server, limiter)
+        assert _tat(server, limiter) == pytest.approx(reserved - ahead * 25_000)
+        with pytest.raises(RuntimeError, match="enter the limiter first"):
+            await limiter.acquire()
+
+
+@pytest.mark.anyio
+async def test_no_start_is_reserved_ahead_after_the_limiter_is_left(
+    server: RedisServer, name: str
+) -> None:
+    """An acquisition served from the starts reserved ahead asks for more in the background;
+    leaving the limiter right after it must not let that call run after the exit, whose
+    starts nobody would give back."""
+    async with redis_client(server) as client:
+        for attempt in range(5):
+            async with RedisLimiter(client, f"{name}-{attempt}", max_per_second=40) as limiter:
+                await limiter.acquire()
+                ((at, _, _),) = limiter._pool._entries
+                await anyio.sleep(at - anyio.current_time() + 0.001)
+                await limiter.acquire()  # from the pool if on time: more are asked for
+                before_exit = _tat(server, limiter)
+            await anyio.sleep(0.1)
+            assert _tat(server, limiter) <= before_exit
+            assert not limiter._pool
+
+
+@pytest.mark.anyio
+async def test_a_permit_of_a_limiter_its_group_dropped_can_be_settled(
+    server: RedisServer, name: str
+) -> None:
+    """A group drops an idle limiter, and a rate-only permit holds nothing that keeps it:
+    the permit can still be settled (before the fix: RuntimeError, and the charge lost)."""
+    async with (
+        redis_client(server) as client,
+        RedisLimiterGroup(client, max_per_second=10, burst=5, max_idle=0, idle_after=0.05) as group,
+    ):
+        limiter = group[name]
+        permit = await limiter.acquire(2)
+        await anyio.sleep(0.1)  # the task runs longer than idle_after
+        group[f"{name}-other"]
+        assert len(group) == 1  # the first one was dropped
+        before = _tat(server, limiter)
+        await permit.settle(3)
+        assert _tat(server, limiter) == pytest.approx(before + 100_000)
 
 
 # -- 6. exception groups ------------------------------------------------------------------------
