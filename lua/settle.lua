@@ -8,8 +8,9 @@
 --   11 actual units   integer >= 0: what the work cost
 --   12 previous units integer >= 0: what this reservation was last charged
 --                     (its cost, or its last settled value); used for the TAT
---                     when no window log holds the reservation any more (the
---                     logs record their own value, which then wins)
+--                     when neither a window log nor the grants entry holds the
+--                     reservation any more (they record their own value, which
+--                     then wins, and the grants entry is updated to actual)
 --
 -- With d = actual - previous:
 --   - every window counting cost that still holds the entry changes it by d
@@ -55,11 +56,21 @@ for j, w in ipairs(windows) do
     held[j] = true
   end
 end
+-- The grants entry of the reservation, while it is kept (its lease held, or the
+-- memory of a rate start; see lua/README.md), records its cost as last settled,
+-- as the window logs do: a settle sent again (its reply was lost) or twice finds
+-- itself applied already.
+local token, start_at, recorded = parse_grant(redis.call('HGET', grants_key, id))
 if found then
   -- The logs' own record of what the entry counts for (absent: one unit).
   previous = costs_of({id})[1]
+elseif token then
+  previous = recorded
 end
 local d = actual - previous
+if d ~= 0 and token then
+  redis.call('HSET', grants_key, id, grant_entry(token, start_at, actual))
+end
 local applied = false
 if d ~= 0 and found then
   local fields = {}

@@ -36,6 +36,7 @@ from aiometer_redis._keys import limiter_keys
 from aiometer_redis._scripts import WRITERS, load_script
 from aiometer_redis._state import LimiterState, read_state
 from aiometer_redis.testing import RedisServer, max_overlap, over_limit_seconds, window_violations
+from aiometer_redis.testing._resp import send_command
 
 pytestmark = pytest.mark.redis
 
@@ -710,6 +711,40 @@ async def test_a_release_whose_reply_is_lost_keeps_its_start_in_the_windows(
                 await limiter.acquire()
             assert scope.cancelled_caught  # a third start would wait for the window
             await second.release()
+
+
+@pytest.mark.anyio
+async def test_a_settle_whose_reply_is_lost_is_charged_once(server: RedisServer, name: str) -> None:
+    """settle.lua runs, its reply is lost (the proxy cuts the connection), and the limiter
+    sends the call again: the difference is charged once, not twice (before the fix, a
+    limiter with max_per_second and no rates charged 4 intervals for a settle of 2)."""
+    cut = 0
+
+    def cut_the_first_settle(request: Request) -> bool:
+        nonlocal cut
+        if is_script(request, "settle"):
+            cut += 1
+            return cut == 1
+        return False
+
+    def tat(limiter: RedisLimiter) -> float:
+        reply = send_command(server.port, "GET", limiter.keys[3])
+        assert reply is not None
+        assert reply.startswith("$"), reply
+        return float(reply.split("\r\n")[1])
+
+    await preload_scripts(server.url)
+    with anyio.fail_after(20):
+        async with (
+            TcpProxy(server.port, drop=cut_the_first_settle) as proxy,
+            RedisLimiter.from_url(proxy.url, name, max_per_second=10, burst=5) as limiter,
+        ):
+            permit = await limiter.acquire(2)
+            before = tat(limiter)
+            await permit.settle(4)
+            assert cut == 2  # cut once, then sent again
+            assert len(proxy.dropped) == 1
+            assert tat(limiter) - before == pytest.approx(2 * 100_000, abs=1)
 
 
 @pytest.mark.anyio

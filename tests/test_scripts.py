@@ -1969,6 +1969,28 @@ async def test_settle_of_the_gcra_refunds_only_the_latest(backend: Backend) -> N
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("max_at_once", [0, 2])
+async def test_a_settle_sent_twice_is_applied_once(backend: Backend, max_at_once: int) -> None:
+    """Without window logs, the grants entry records a reservation's cost as last settled:
+    the same settle sent again (its reply was lost, and the client retried) or a second
+    settle from a stale value changes nothing more (before: a charge or a refund applied
+    twice)."""
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=max_at_once, interval_us=100_000.0, burst=5)
+        assert await lim.acquire_one(NOW, item("p:1", 2)) == [1, 1, 0]
+        assert (await lim.status(NOW))[3] == f"{NOW + 200_000:.3f}"
+        # Charged 2 more units: 2 more intervals, once.
+        assert await settle(lim, NOW, "p:1", 4, 2) == 1
+        assert await settle(lim, NOW, "p:1", 4, 2) == 0
+        assert (await lim.status(NOW))[3] == f"{NOW + 400_000:.3f}"
+        # Refunded to 1 unit (p:1 is still the last to move the TAT): 3 intervals, once,
+        # also when the caller's idea of what was charged is stale.
+        assert await settle(lim, NOW, "p:1", 1, 4) == 1
+        assert await settle(lim, NOW, "p:1", 1, 2) == 0
+        assert (await lim.status(NOW))[3] == f"{NOW + 100_000:.3f}"
+
+
+@pytest.mark.anyio
 async def test_a_refund_that_lowers_the_tat_lowers_tat_until(backend: Backend) -> None:
     """control's tat_until (when a busy TAT's TTL must be refreshed) is never after the tat
     key's expiry: a refund that lowers the TAT gives the key an earlier expiry, and the

@@ -771,15 +771,21 @@ class LimiterModel:
         else 0.
 
         d = actual - (the cost as last settled: the logs' record if a log holds the entry,
-        else *previous*, the caller's). Every counts-cost window holding the entry (ended
-        or not: settle does not trim) changes it by d. GCRA: d > 0 is debt (TAT + d
+        else the grants entry's while it is kept, else *previous*, the caller's); the grants
+        entry then records *actual*. Every counts-cost window holding the entry (ended or
+        not: settle does not trim) changes it by d. GCRA: d > 0 is debt (TAT + d
         intervals); d < 0 is refunded only while this reservation (or its settle) is the
         last that moved the TAT.
         """
         held = [w for w in windows if waiter_id in self.log(w)]
+        stored = self.grants.get(waiter_id)
         if held:
             previous = self._cost_of(waiter_id)
+        elif stored is not None:
+            previous = stored[2]
         diff = actual - previous
+        if diff != 0 and stored is not None:
+            self.grants[waiter_id] = (stored[0], stored[1], actual)
         if diff != 0 and held:
             if actual == UNIT:
                 self.costs.pop(waiter_id, None)
