@@ -17,6 +17,7 @@ is spawned), so a generator of any length runs in memory bounded by ``max_at_onc
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 from collections import deque
@@ -147,6 +148,20 @@ def _cost_checks(limiters: Sequence[Limiter]) -> list[Callable[[float], object]]
 
 async def _release_all(permits: Sequence[Permit]) -> None:
     for permit in reversed(permits):
+        await permit.release()
+
+
+async def _abandon_all(permits: Sequence[Permit]) -> None:
+    """Give back the permits taken for a task that will not run (a later limiter failed, or
+    the acquisition was cancelled): each one with a ``settle`` method is settled to 0 first
+    (nothing ran, so nothing is charged to its rate windows), then all are released."""
+    for permit in reversed(permits):
+        settle = getattr(permit, "settle", None)
+        if settle is not None:
+            # Best effort: if the refund fails the charge stays (the error being raised
+            # already says what failed), and the permit is released all the same.
+            with contextlib.suppress(Exception):
+                await settle(0)
         await permit.release()
 
 
@@ -420,7 +435,7 @@ class Engine(Generic[T]):
                     permits.append(await limiter.acquire(cost=cost))  # type: ignore[call-arg]
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await _release_all(permits)
+                await _abandon_all(permits)
             raise
         return permits
 

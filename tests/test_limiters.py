@@ -231,3 +231,26 @@ def test_runtime_changes_are_validated() -> None:
         rate.max_per_second = -1
     assert concurrency.max_at_once == 1
     assert rate.max_per_second == 1
+
+
+async def test_permits_taken_for_an_item_that_never_runs_are_refunded() -> None:
+    """A run whose item got a start from a rate limiter and then waited on a later limiter
+    until it was cancelled: nothing ran, so the start's cost is refunded to the windows
+    (before: 4 of the 10 units of the hour stayed used)."""
+    quota = aiometer.RateLimiter(rates=[aiometer.Rate(10, per=3600)])
+    slots = aiometer.ConcurrencyLimiter(1)
+    held = await slots.acquire()
+    ran: list[int] = []
+
+    async def task(item: int) -> None:
+        ran.append(item)
+
+    with anyio.move_on_after(0.1):
+        await aiometer.run_on_each(task, [1], limiter=[quota, slots], cost=4)
+    assert ran == []
+    assert quota.statistics().used == (0.0,)
+    await held.release()
+    # The quota still works: 10 units in the hour, no more.
+    await aiometer.run_on_each(task, [2, 3], limiter=quota, cost=5)
+    assert ran == [2, 3]
+    assert quota.statistics().used == (10.0,)

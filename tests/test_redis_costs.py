@@ -15,7 +15,7 @@ import pytest
 
 import aiometer
 from aiometer import Rate
-from aiometer_redis import ConfigurationError, RedisLimiter, RedisLimiterGroup
+from aiometer_redis import AcquireTimeoutError, ConfigurationError, RedisLimiter, RedisLimiterGroup
 from aiometer_redis._client import ScriptClient, client_from_url
 from aiometer_redis._scripts import Script, decode_acquire_reply
 from aiometer_redis.testing import RedisServer, max_overlap, window_violations
@@ -386,3 +386,29 @@ async def test_local_fallback_takes_costs_and_settles_its_own_permit() -> None:
         # Impossible costs are refused the same way in the fallback.
         with pytest.raises(ConfigurationError, match="cost 11 can never start"):
             await limiter.acquire(cost=11)
+
+
+@pytest.mark.anyio
+async def test_a_start_taken_for_an_item_that_never_runs_is_refunded(
+    server: RedisServer, name: str
+) -> None:
+    """run_on_each with two Redis limiters: the first grants the item's start (cost 4), the
+    second times out. Nothing ran, so the start is refunded to the first one's window (before
+    the fix the hour's quota kept 4 units used)."""
+    async with (
+        RedisLimiter.from_url(server.url, f"{name}-quota", rates=[Rate(10, per=3600)]) as quota,
+        RedisLimiter.from_url(
+            server.url, f"{name}-slots", max_at_once=1, acquire_timeout=0.05
+        ) as slots,
+    ):
+        held = await slots.acquire()
+        ran: list[int] = []
+
+        async def task(item: int) -> None:
+            ran.append(item)
+
+        with pytest.raises(AcquireTimeoutError):
+            await aiometer.run_on_each(task, [1], limiter=[quota, slots], cost=4)
+        assert ran == []
+        assert (await quota.statistics()).rates_used == (0.0,)
+        await held.release()
