@@ -64,10 +64,13 @@ class Batcher:
         # Posted items not yet sent, with their deadlines; and how many are in a call in flight.
         self._posted: list[tuple[str, float]] = []
         self._posted_in_flight = 0
-        # Set when a posted item waits for the flusher; set when no call is in flight.
+        # How many items were ever posted, and how many of them were in a call that ended
+        # (answered or failed): they go out in the order posted (see flush).
+        self._posted_count = 0
+        self._posted_done = 0
+        # Set when a posted item waits for the flusher; set (and replaced) when a call ends.
         self._flush_needed = anyio.Event()
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._call_ended = anyio.Event()
 
     @property
     def pending(self) -> int:
@@ -77,6 +80,7 @@ class Batcher:
     def post(self, item: str, deadline: float) -> None:
         """Send *item* with the next call, without waiting for it (see the class docstring)."""
         self._posted.append((item, deadline))
+        self._posted_count += 1
         self._flush_needed.set()
 
     async def submit(self, item: str, deadline: float) -> Any:
@@ -116,12 +120,16 @@ class Batcher:
         return entry.reply
 
     async def flush(self) -> None:
-        """Send the posted items now, and wait until no call is in flight. Shielded from
-        cancellation; raises what a call carrying them raised (after telling *lost*)."""
+        """Send the items posted so far now (or with the call a leader sends next), and wait
+        until the calls carrying them have ended; not for items posted later, nor for other
+        calls (under steady load some call is always in flight). Shielded from cancellation;
+        raises what a call it sent itself raised (after telling *lost*)."""
+        target = self._posted_count
         with anyio.CancelScope(shield=True):
-            while self._posted or self._busy:
+            while self._posted_done < target:
                 if self._busy:
-                    await self._idle.wait()
+                    # The leader's next call takes them along (posted items go first).
+                    await self._call_ended.wait()
                 else:
                     await self._lead(None)
 
@@ -144,7 +152,6 @@ class Batcher:
         """Send calls until *entry* is answered (None: one call for the posted items)."""
         if not self._busy:
             self._busy = True
-            self._idle = anyio.Event()
         try:
             while True:
                 # Whole entries, up to _MAX_BATCH items (an entry of more goes alone).
@@ -174,6 +181,9 @@ class Batcher:
                     raise
                 finally:
                     self._posted_in_flight -= len(posted)
+                    self._posted_done += len(posted)
+                    self._call_ended.set()
+                    self._call_ended = anyio.Event()
                 at = 0
                 for e in batch:
                     e.reply = replies[at : at + len(e.items)]
@@ -186,7 +196,6 @@ class Batcher:
                 self._queue[0].wake.set()  # hands over: still busy
             else:
                 self._busy = False
-                self._idle.set()
                 if self._posted:
                     self._flush_needed.set()
 

@@ -293,39 +293,43 @@ class LeaseTable:
             self._withdrawing = False
 
     async def renew_loop(self) -> None:
-        """Every ``lease_ttl / 3``: withdraw orphans, renew every lease and queue entry."""
+        """Every ``lease_ttl / 3``: renew every lease and queue entry, then withdraw orphans
+        (after: a withdrawal waiting out an outage must not hold the renewal back)."""
         while True:
             await anyio.sleep(self._config.lease_ttl / 3)
+            await self._renew()
             if self.leftovers:
                 await self.withdraw_orphans()
-            leases = list(self.held)
-            waiters = list(self.waiters)
-            if not leases and not waiters:
-                continue
-            args: list[ScriptArg] = [len(leases), *leases, *waiters]
-            try:
-                lost_leases, lost_waiters, _ = await self._call("renew", *args)
-            except RedisLimiterError as exc:
-                logger.warning("limiter %r: renewal failed: %s", self.name, exc)
-                continue
-            for lease_id in lost_leases:
-                lease = self.held.get(lease_id)
-                if lease is not None and not lease.lost:
-                    lease.lost = True
-                    self.lost_count += 1
-                    logger.warning(
-                        "limiter %r: lease %s expired before renewal; its slot may have "
-                        "been given to another process",
-                        self.name,
-                        lease_id,
-                    )
-                    if self._config.on_lease_lost is not None:
-                        self._report_lost(lease_id)
-            for waiter_id in lost_waiters:
-                waiter = self.waiters.get(waiter_id)
-                if waiter is not None:
-                    # Its queue entry expired: wake it so it queues again at once.
-                    waiter.event.set()
+
+    async def _renew(self) -> None:
+        leases = list(self.held)
+        waiters = list(self.waiters)
+        if not leases and not waiters:
+            return
+        args: list[ScriptArg] = [len(leases), *leases, *waiters]
+        try:
+            lost_leases, lost_waiters, _ = await self._call("renew", *args)
+        except RedisLimiterError as exc:
+            logger.warning("limiter %r: renewal failed: %s", self.name, exc)
+            return
+        for lease_id in lost_leases:
+            lease = self.held.get(lease_id)
+            if lease is not None and not lease.lost:
+                lease.lost = True
+                self.lost_count += 1
+                logger.warning(
+                    "limiter %r: lease %s expired before renewal; its slot may have "
+                    "been given to another process",
+                    self.name,
+                    lease_id,
+                )
+                if self._config.on_lease_lost is not None:
+                    self._report_lost(lease_id)
+        for waiter_id in lost_waiters:
+            waiter = self.waiters.get(waiter_id)
+            if waiter is not None:
+                # Its queue entry expired: wake it so it queues again at once.
+                waiter.event.set()
 
     def _report_lost(self, lease_id: str) -> None:
         callback = self._config.on_lease_lost

@@ -902,18 +902,20 @@ end
 
 -- Keeps the liveness entry of `process` (one that keeps one liveness) for a
 -- waiter of it this call queues or renews: written (until now + lease_ttl)
--- when `always`, or when the process is the caller's and control's record of
--- it is absent or less than 3/4 of lease_ttl ahead. The renewal loop writes it
--- every third of lease_ttl while the process has waiters queued, and not while
--- it has none: so a waiter queued now is covered for at least 3/4 of lease_ttl,
--- past the next renewal but one (one renewal may be missed, as with a waiter's
--- own entry). Another process's (a call with items of several processes) is
+-- when `always` (a renewal; a waiter whose item is not marked '^': its process
+-- had no waiter waiting when it sent it, so its last renewal may have found
+-- nothing queued and not written the entry), or when the process is the
+-- caller's and control's record of it is absent or less than 3/4 of lease_ttl
+-- ahead. While a process has waiters queued its renewal loop writes the entry
+-- every third of lease_ttl: a waiter is then covered as long as with an entry
+-- of its own. Another process's (a call with items of several processes) is
 -- always written, and not recorded.
 local function keep_alive(now, process, always)
   if process == live_process then
     local known = new_live_until or live_until
-    if not always and known and known >= now + lease_ttl * 3 / 4 then
-      return
+    if new_live_until == now + lease_ttl
+        or (not always and known and known >= now + lease_ttl * 3 / 4) then
+      return  -- written by this call already, or far enough ahead
     end
     new_live_until = now + lease_ttl
   end

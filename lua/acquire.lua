@@ -531,7 +531,9 @@ for i = 1, count do
           queue_len = queue_len + 1
         end
         if not own_entry then
-          keep_alive(now, process_of(id))
+          -- An item not marked '^': its process may have had nothing queued at its
+          -- last renewal, which then did not write the entry (see keep_alive).
+          keep_alive(now, process_of(id), not queue_first[i])
         elseif not live then
           redis.call('ZADD', waiters_key, int(now + lease_ttl), id)
         end

@@ -340,3 +340,44 @@ async def test_a_lost_swap_reply_does_not_strand_a_grant_to_an_own_waiter(
         assert len(proxy.dropped) == 1
         await y_permit.release()
         assert await held_and_queued(x, y) == (0, 0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("workers", [12, 40])
+async def test_statistics_returns_under_steady_load(
+    server: RedisServer, name: str, workers: int
+) -> None:
+    """statistics() first sends the releases posted so far; under steady load some script
+    call is always in flight, and it must not wait for a moment with none (before the fix it
+    did not return while workers kept acquiring: here, not before they stop after 3 s)."""
+    async with RedisLimiter.from_url(server.url, name, max_at_once=10) as limiter:
+        done = 0
+        stop = anyio.Event()
+
+        async def worker() -> None:
+            nonlocal done
+            while not stop.is_set():
+                async with limiter.slot():
+                    await anyio.lowlevel.checkpoint()
+                done += 1
+
+        async def stop_later() -> None:
+            await anyio.sleep(3)
+            stop.set()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(workers):
+                tg.start_soon(worker)
+            await anyio.sleep(0.2)
+            tg.start_soon(stop_later)
+            began = anyio.current_time()
+            statistics = await limiter.statistics()
+            took = anyio.current_time() - began
+            before = done
+            await anyio.sleep(0.1)
+            loaded = done > before
+            stop.set()
+            tg.cancel_scope.cancel()
+        assert took < 2, took
+        assert loaded  # the workers were still going when it returned
+        assert len(statistics.holders) <= 10

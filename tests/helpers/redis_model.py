@@ -246,16 +246,19 @@ class LimiterModel:
         ttl = limits.lease_ttl_us
         if process == self._caller:
             known = self._caller_live if self._caller_live is not None else self.live.get(process)
+            if self._caller_live == now + ttl:
+                return  # written by this call already
             if not always and known is not None and known >= now + ttl * 3 / 4:
                 return
             self._caller_live = now + ttl
         self.waiters[process] = now + ttl
 
-    def _mark_alive(self, now: int, waiter_id: str, limits: Limits) -> None:
-        """What queueing *waiter_id* writes for its liveness."""
+    def _mark_alive(self, now: int, waiter_id: str, limits: Limits, always: bool = False) -> None:
+        """What queueing *waiter_id* writes for its liveness (*always*: its item was not
+        marked '^', so its process may have had nothing queued at its last renewal)."""
         process = process_of(waiter_id)
         if one_liveness(process):
-            self._keep_alive(now, process, limits)
+            self._keep_alive(now, process, limits, always)
         else:
             self.waiters[waiter_id] = now + limits.lease_ttl_us
 
@@ -515,7 +518,13 @@ class LimiterModel:
         return [1, token, delay]
 
     def _acquire_one(
-        self, now: int, waiter_id: str, limits: Limits, max_delay: int | None, cost: int
+        self,
+        now: int,
+        waiter_id: str,
+        limits: Limits,
+        max_delay: int | None,
+        cost: int,
+        marked: bool = False,
     ) -> list[int]:
         if waiter_id in self.holders:
             if waiter_id not in self.grants:
@@ -532,7 +541,7 @@ class LimiterModel:
             self.queue[waiter_id] = self._next_seq()
         if cost != UNIT:
             self.costs[waiter_id] = cost
-        self._mark_alive(now, waiter_id, limits)
+        self._mark_alive(now, waiter_id, limits, always=not marked)
         return [0, ahead]
 
     def acquire(
@@ -570,7 +579,10 @@ class LimiterModel:
         seq_before = self.seq
         self._begin(split[0][0])
         self._purge(now)
-        entries = [self._acquire_one(now, i, limits, m, c) for i, m, c in split]
+        entries = [
+            self._acquire_one(now, i, limits, m, c, item.startswith("^"))
+            for (i, m, c), item in zip(split, items, strict=True)
+        ]
         self._end()
         self._sweep(seq_before)
         return entries
@@ -618,7 +630,10 @@ class LimiterModel:
         )
         if not queue_first:
             self._handoff(now, limits, process_of(lease_ids[0]), kept)
-            entries = [self._acquire_one(now, i, limits, m, c) for i, m, c in split]
+            entries = [
+                self._acquire_one(now, i, limits, m, c, item.startswith("^"))
+                for (i, m, c), item in zip(split, items, strict=True)
+            ]
             self._end()
             self._sweep(seq_before)
             return released, kept, entries
