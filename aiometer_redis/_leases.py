@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -52,14 +53,20 @@ class Lease:
 
     Attributes:
         lease_id: ``"<process id>:<n>"``, the id of the lease in Redis.
-        lost: set when a renewal found the lease expired.
+        lost: set when a renewal found the lease expired, or when it is given back after
+            ``expires``.
+        expires: when the lease has expired in Redis at the latest, on this process's clock
+            (``anyio.current_time()``): ``lease_ttl`` after the reply that granted or last
+            renewed it arrived (plus the grant's delay to its rate start), so a time past
+            it means that Redis has let the lease go.
     """
 
-    __slots__ = ("lease_id", "lost")
+    __slots__ = ("expires", "lease_id", "lost")
 
-    def __init__(self, lease_id: str) -> None:
+    def __init__(self, lease_id: str, expires: float = math.inf) -> None:
         self.lease_id = lease_id
         self.lost = False
+        self.expires = expires
 
 
 class Waiter:
@@ -127,10 +134,19 @@ class LeaseTable:
                 "or another anyio.run / asyncio.run); use one limiter object per event loop"
             )
 
-    def hold(self, lease_id: str) -> Lease:
-        """Record a lease granted to this process: it is renewed until released."""
-        lease = self.held[lease_id] = Lease(lease_id)
+    def hold(self, lease_id: str, delay: float = 0.0) -> Lease:
+        """Record a lease granted to this process (its grant just arrived; its lease runs
+        from its rate start, *delay* seconds away): it is renewed until released."""
+        expires = anyio.current_time() + delay + self._config.lease_ttl
+        lease = self.held[lease_id] = Lease(lease_id, expires)
         return lease
+
+    def check_expired(self, lease: Lease) -> None:
+        """Report *lease* lost if it is given back after it expired in Redis (a block that
+        kept the event loop busy, or a stalled process, beyond its lease while no renewal
+        could run)."""
+        if not lease.lost and anyio.current_time() > lease.expires:
+            self._lose(lease, "expired before it was given back (no renewal in time)")
 
     def forget(self, lease_id: str) -> None:
         """Stop renewing *lease_id* (it is being given back)."""
@@ -312,24 +328,34 @@ class LeaseTable:
         except RedisLimiterError as exc:
             logger.warning("limiter %r: renewal failed: %s", self.name, exc)
             return
-        for lease_id in lost_leases:
+        # Renewed at the latest when the reply came: the leases last until then + lease_ttl.
+        expires = anyio.current_time() + self._config.lease_ttl
+        lost = set(lost_leases)
+        for lease_id in leases:
             lease = self.held.get(lease_id)
-            if lease is not None and not lease.lost:
-                lease.lost = True
-                self.lost_count += 1
-                logger.warning(
-                    "limiter %r: lease %s expired before renewal; its slot may have "
-                    "been given to another process",
-                    self.name,
-                    lease_id,
-                )
-                if self._config.on_lease_lost is not None:
-                    self._report_lost(lease_id)
+            if lease is None or lease.lost:
+                continue
+            if lease_id in lost:
+                self._lose(lease, "expired before renewal")
+            else:
+                lease.expires = expires
         for waiter_id in lost_waiters:
             waiter = self.waiters.get(waiter_id)
             if waiter is not None:
                 # Its queue entry expired: wake it so it queues again at once.
                 waiter.event.set()
+
+    def _lose(self, lease: Lease, how: str) -> None:
+        lease.lost = True
+        self.lost_count += 1
+        logger.warning(
+            "limiter %r: lease %s %s; its slot may have been given to another process",
+            self.name,
+            lease.lease_id,
+            how,
+        )
+        if self._config.on_lease_lost is not None:
+            self._report_lost(lease.lease_id)
 
     def _report_lost(self, lease_id: str) -> None:
         callback = self._config.on_lease_lost

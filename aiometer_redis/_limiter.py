@@ -693,7 +693,7 @@ class RedisLimiter:
         else:
             permit = RedisPermit(
                 self._leases,
-                self._leases.hold(waiter_id),
+                self._leases.hold(waiter_id, delay_us / 1e6),
                 token,
                 local,
                 waiter_id=waiter_id,

@@ -129,6 +129,7 @@ class RedisPermit:
         leases = self._leases
         if self._lease is not None and leases.open:
             leases.check_loop()
+            leases.check_expired(self._lease)
         self._released = True
         if leases.metrics is not None:
             leases.metrics.released(self)

@@ -30,7 +30,7 @@ from helpers.tcp_proxy import Request, TcpProxy, script_rule
 
 import aiometer
 from aiometer import Rate
-from aiometer_redis import RedisLimiter, RedisPermit, RedisUnavailableError
+from aiometer_redis import LeaseLostError, RedisLimiter, RedisPermit, RedisUnavailableError
 from aiometer_redis._client import ScriptClient, adapt
 from aiometer_redis._keys import limiter_keys
 from aiometer_redis._scripts import WRITERS, load_script
@@ -711,6 +711,30 @@ async def test_a_release_whose_reply_is_lost_keeps_its_start_in_the_windows(
                 await limiter.acquire()
             assert scope.cancelled_caught  # a third start would wait for the window
             await second.release()
+
+
+@pytest.mark.anyio
+async def test_a_lease_that_expires_while_its_block_blocks_the_loop_is_reported(
+    server: RedisServer, name: str
+) -> None:
+    """A block that keeps the event loop busy (here time.sleep) for longer than lease_ttl:
+    no renewal could run, Redis let the lease go, and the permit is given back after that.
+    The loss is reported as when a renewal finds it (LeaseLostError from slot(), the
+    callback, leases_lost), not passed over because the lease left the table first."""
+    lost: list[LeaseLostError] = []
+    async with RedisLimiter.from_url(
+        server.url, name, max_at_once=1, lease_ttl=0.5, on_lease_lost=lost.append
+    ) as limiter:
+        with pytest.raises(LeaseLostError):
+            async with limiter.slot():
+                time.sleep(0.8)  # noqa: ASYNC251 - the point: nothing else can run
+        assert len(lost) == 1
+        assert (await limiter.statistics()).leases_lost == 1
+        # A block that lets the renewals run keeps its lease.
+        async with limiter.slot() as permit:
+            await anyio.sleep(0.8)
+        assert not permit.lost
+        assert len(lost) == 1
 
 
 @pytest.mark.anyio
