@@ -105,7 +105,7 @@ class RedisLimiterGroup:
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as giving_back:
                 for limiter in limiters:
-                    giving_back.start_soon(limiter._give_back_on_exit)
+                    giving_back.start_soon(limiter._give_back_reserved)
         for limiter in limiters:
             limiter.detach()
         task_group.cancel_scope.cancel()

@@ -134,11 +134,11 @@ class LeaseTable:
                 "or another anyio.run / asyncio.run); use one limiter object per event loop"
             )
 
-    def hold(self, lease_id: str, delay: float = 0.0) -> Lease:
-        """Record a lease granted to this process (its grant just arrived; its lease runs
-        from its rate start, *delay* seconds away): it is renewed until released."""
-        expires = anyio.current_time() + delay + self._config.lease_ttl
-        lease = self.held[lease_id] = Lease(lease_id, expires)
+    def hold(self, lease_id: str, start_at: float) -> Lease:
+        """Record a lease granted to this process, whose grant just arrived: its lease runs
+        from its rate start, *start_at* (on ``anyio.current_time()``). It is renewed until
+        released."""
+        lease = self.held[lease_id] = Lease(lease_id, start_at + self._config.lease_ttl)
         return lease
 
     def check_expired(self, lease: Lease) -> None:

@@ -360,7 +360,7 @@ class RedisLimiter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._give_back_on_exit()
+        await self._give_back_reserved()
         stack, self._stack = self._stack, None
         self._leases.open = False
         self._task_group = None
@@ -693,7 +693,7 @@ class RedisLimiter:
         else:
             permit = RedisPermit(
                 self._leases,
-                self._leases.hold(waiter_id, delay_us / 1e6),
+                self._leases.hold(waiter_id, start_at),
                 token,
                 local,
                 waiter_id=waiter_id,
@@ -854,15 +854,12 @@ class RedisLimiter:
                 self._refill = None
             refill.set()
 
-    async def _give_back_on_exit(self) -> None:
-        """What leaving the limiter does with the starts reserved ahead (for
-        :class:`RedisLimiterGroup`, whose limiters are not left one by one)."""
-        if self._pool or self._refill is not None:
-            await self._give_back_reserved()
-
     async def _give_back_reserved(self) -> None:
-        """Give back the starts this process reserved ahead and did not use (on exit), latest
-        first (each rolls the rate state back), within one retry window in all."""
+        """Give back the starts this process reserved ahead and did not use (on exit, and
+        when its :class:`RedisLimiterGroup` is left), latest first (each rolls the rate state
+        back), within one retry window in all."""
+        if not self._pool and self._refill is None:
+            return
         if self._refill is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._retry_window):
                 await self._refill.wait()
