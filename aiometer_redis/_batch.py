@@ -138,9 +138,14 @@ class Batcher:
         scheduler ticks. Failures were reported to *lost*; the loop goes on."""
         while True:
             await self._flush_needed.wait()
-            for _ in range(ticks):
-                await anyio.lowlevel.checkpoint()
             self._flush_needed = anyio.Event()
+            # Mostly a call took the items along by now (the poster's next acquisition): then
+            # this is the only wake-up, and it costs no CPU while that call is on the wire. A
+            # leader busy now sets the event again if its calls leave items behind.
+            for _ in range(ticks):
+                if not self._posted or self._busy:
+                    break
+                await anyio.lowlevel.checkpoint()
             if self._posted and not self._busy:
                 try:
                     await self.flush()

@@ -287,6 +287,9 @@ class RedisLimiter:
         self._pool = ReservePool(cap)
         self._refill: anyio.Event | None = None  # set when the reservation in flight is answered
         self._rate_waiters = 0  # callers that found no start in the pool and wait for a call
+        # Whether the last acquire call that carried waiters queued one of them: slots are
+        # scarce, so a release is likely to hand its slot to a waiter of another process.
+        self._queued_lately = False
 
     @property
     def _swap(self) -> bool:
@@ -467,11 +470,18 @@ class RedisLimiter:
     # -- Redis calls ---------------------------------------------------------------------------
 
     async def _call(
-        self, script: str, *args: ScriptArg, deadline: float | None = None, header: bool = True
+        self,
+        script: str,
+        *args: ScriptArg,
+        deadline: float | None = None,
+        header: bool = True,
+        wake_first: bool = False,
     ) -> Any:
         """Run one script, retrying connection errors, time-outs and transient error replies
         (BUSY, LOADING, ...) until *deadline* (default: ``retry_window`` from now). *header*:
-        whether ARGV begins with the common header (control.lua takes its own)."""
+        whether ARGV begins with the common header (control.lua takes its own).
+        *wake_first*: the grants the script publishes reach their subscribers before its
+        reply reaches this process (see :meth:`ScriptClient.run_script`)."""
         client = self._client
         assert client is not None
         argv = [*self._header, *args] if header else list(args)
@@ -484,7 +494,9 @@ class RedisLimiter:
             try:
                 # A plain scope with a deadline: cheaper than fail_after on this hot path.
                 with anyio.CancelScope(deadline=deadline):
-                    reply = await client.run_script(self._scripts[script], self._keys, argv)
+                    reply = await client.run_script(
+                        self._scripts[script], self._keys, argv, wake_first=wake_first
+                    )
                     self._failing_since = self._last_failure = None
                     if self._leases.leftovers:
                         self._leases.withdraw_soon(self._task_group)
@@ -980,12 +992,21 @@ class RedisLimiter:
 
     async def _acquire_many(self, items: list[str], deadline: float) -> list[Any]:
         failed_before = self._failed_attempts
-        reply = await self._call("acquire", *items, deadline=deadline)
+        # Release items (posted, so first) whose freed slots are likely to go to waiters of
+        # other processes, woken on their channels: those grants go out before this reply.
+        wake_first = (
+            self._queued_lately and items[0].startswith("-") and self._process_id[-1] == "!"
+        )
+        reply = await self._call("acquire", *items, deadline=deadline, wake_first=wake_first)
         if isinstance(reply, str):
-            return decode_acquire_reply(reply)
+            entries = decode_acquire_reply(reply)
+            self._queued_lately = _any_queued(entries)
+            return entries
         # A swap: release items went first. The handoff's grants to this process's own
         # queued waiters come back here instead of through the mailbox.
         _, grants, entries = decode_swap_reply(reply)
+        if entries:
+            self._queued_lately = _any_queued(entries)
         for message in grants:
             self._leases.deliver(message)
         if self._failed_attempts != failed_before:
@@ -1213,6 +1234,11 @@ class RedisLimiter:
             await client.delete(*self._keys, self._mailbox)  # the window logs too
         except ClientError as exc:
             raise as_limiter_error(self._name, "reset", exc) from exc.__cause__
+
+
+def _any_queued(entries: list[list[int]]) -> bool:
+    """Whether acquire.lua queued any of the waiters these reply entries are for."""
+    return any(entry[0] == 0 for entry in entries)
 
 
 def _max_delay(deadline: float) -> str:

@@ -350,11 +350,16 @@ class _TimedClient:
         return getattr(self._client, "client", None)
 
     async def run_script(
-        self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[ScriptArg],
+        *,
+        wake_first: bool = False,
     ) -> Any:
         start = time.perf_counter()
         try:
-            reply = await self._client.run_script(script, keys, args)
+            reply = await self._client.run_script(script, keys, args, wake_first=wake_first)
         except ClientError as exc:
             self._metrics.observe_call(script.name, time.perf_counter() - start, exc)
             raise

@@ -108,10 +108,17 @@ class _CountingClient(RedisPyClient):
         self.calls: Counter[str] = Counter()
 
     async def run_script(
-        self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[ScriptArg],
+        *,
+        wake_first: bool = False,
     ) -> Any:
         self.calls[script.name] += 1
-        return await super().run_script(script, keys, args)
+        if wake_first:
+            self.calls["ping (in front of a script call)"] += 1
+        return await super().run_script(script, keys, args, wake_first=wake_first)
 
     async def blpop(self, key: str, timeout: float) -> str | None:
         message = await super().blpop(key, timeout)

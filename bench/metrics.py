@@ -109,7 +109,9 @@ def bookkeeping(cycles: int) -> dict[str, float]:
     script = load_script("acquire")
 
     class Instant:
-        async def run_script(self, script: Script, keys: Any, args: Any) -> None:
+        async def run_script(
+            self, script: Script, keys: Any, args: Any, *, wake_first: bool = False
+        ) -> None:
             return None
 
     plain: Any = Instant()

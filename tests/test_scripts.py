@@ -2878,3 +2878,32 @@ async def test_control_keeps_a_ttl_and_refuses_bad_arguments(backend: Backend) -
             await opened.client.run_script(load_script("control"), lim.keys[:9], [NOW, 1, "read"])
         with pytest.raises(ErrorReply, match="ERR_ARG adaptive spec"):
             await dataclasses.replace(lim, adaptive_spec="1.5,0,0,1").acquire(NOW, "z:1")
+
+
+@pytest.mark.anyio
+async def test_a_call_with_a_ping_in_front_runs_the_script_once_and_returns_its_reply(
+    backend: Backend,
+) -> None:
+    """``wake_first`` (a PING in the same write, so that Redis writes what the script
+    publishes before the reply): the reply is the script's, the script runs once, and a
+    script missing from the cache is run with EVAL as without the PING."""
+    script = Script.from_source("wake_first_probe", "return redis.call('INCR', KEYS[1])")
+    key = f"wake-first-{os.getpid()}-{time.time_ns()}"
+    pings_before = _pings(backend)
+    async with backend.open() as opened:
+        assert await opened.client.run_script(script, [key], [], wake_first=True) == 1
+        assert await opened.client.run_script(script, [key], []) == 2
+        await opened.flush_scripts()
+        assert await opened.client.run_script(script, [key], [], wake_first=True) == 3
+    if pings_before is not None:
+        # One PING for each call sent with wake_first (fakeredis keeps no command stats).
+        assert _pings(backend) == pings_before + 2
+
+
+def _pings(backend: Backend) -> int | None:
+    """How many PINGs the server of *backend* has run (None for fakeredis)."""
+    if backend.url is None:
+        return None
+    with redis.Redis.from_url(backend.url) as client:  # a sync client: also under trio
+        stats: dict[str, Any] = client.info("commandstats")
+    return int(stats.get("cmdstat_ping", {}).get("calls", 0))

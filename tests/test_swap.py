@@ -45,13 +45,23 @@ class Calls:
         header = len(limiter.script_header)
         #: Set when a call carrying release items is sent; cleared by the test.
         self.swap_sent = anyio.Event()
+        #: The calls sent with a PING in front (wake_first), as in ``calls``.
+        self.woken_first: list[list[str]] = []
 
-        async def recorded(script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
+        async def recorded(
+            script: Script,
+            keys: Sequence[str],
+            args: Sequence[ScriptArg],
+            *,
+            wake_first: bool = False,
+        ) -> Any:
             tail = [str(a) for a in args[header:]]
             self.calls.append((script.name, tail))
+            if wake_first:
+                self.woken_first.append(tail)
             if script.name == "acquire" and any(a.startswith("-") for a in tail):
                 self.swap_sent.set()
-            return await run(script, keys, args)
+            return await run(script, keys, args, wake_first=wake_first)
 
         client.run_script = recorded  # type: ignore[method-assign]
 
@@ -213,6 +223,52 @@ async def test_the_freed_slot_goes_to_the_oldest_waiter_of_another_process(conne
         assert calls.swaps()[0][0] == f"-{x_permit.lease_id}"
         await z_permit.release()
         assert await held_and_queued(x, y, z) == (0, 0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("push", [True, False])
+async def test_a_swap_after_a_queued_acquisition_goes_behind_a_ping(
+    connect: Any, push: bool
+) -> None:
+    """Once a process's acquisition had to queue, its releases likely free slots for waiters
+    of other processes: with pushed grants, its swaps go with a PING in front (so that Redis
+    writes those grants before the swap's reply). Uncontended swaps, and any swap of a
+    process woken through its mailbox, go without."""
+    x, y = connect(max_at_once=1), connect(max_at_once=1)
+    for limiter in (x, y):
+        limiter._push = push  # before entering: the wake-ups are chosen on entry
+    async with x, y:
+        calls = Calls(x)
+        for _ in range(3):
+            async with x.slot():
+                pass
+        x_permit = await x.acquire()
+        assert len(calls.swaps()) == 3
+        assert calls.woken_first == []
+
+        async def take_y(hold: float) -> None:
+            async with y.slot():
+                await anyio.sleep(hold)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take_y, 0.05)
+            with anyio.fail_after(5):
+                while not (await x.statistics()).waiters:
+                    await anyio.sleep(0.002)
+            # y waits: x's swap hands the slot to y, and x's own acquisition queues.
+            await x_permit.release()
+            x_permit = await x.acquire()
+        assert len(calls.swaps()) == 4
+        assert calls.woken_first == []
+        # x's last acquisition queued: its next swap goes behind a PING (pushed grants only).
+        await x_permit.release()
+        async with x.slot():
+            pass
+        await x.statistics()  # sends the last release
+        (second,) = (c for c in calls.swaps() if c[0] == f"-{x_permit.lease_id}")
+        assert len(second) == 2  # the release and the next acquisition
+        assert calls.woken_first == ([second] if push else [])
+        assert await held_and_queued(x, y) == (0, 0)
 
 
 @pytest.mark.anyio
