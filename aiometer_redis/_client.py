@@ -21,6 +21,7 @@ know a client library's exception classes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -273,13 +274,35 @@ class RedisPyClient:
     async def _evalsha_after_ping(
         self, script: Script, keys: Sequence[str], argv: list[str]
     ) -> Any:
-        pipe = self._client.pipeline(transaction=False)
-        pipe.ping()
-        pipe.evalsha(script.sha1, len(keys), *keys, *argv)
-        _, reply = await pipe.execute(raise_on_error=False)
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+        from redis.exceptions import ResponseError
+
+        client = self._client
+        if client.connection is not None:
+            # A single-connection client: its pipeline keeps to its lock.
+            pipe = client.pipeline(transaction=False)
+            pipe.ping()
+            pipe.evalsha(script.sha1, len(keys), *keys, *argv)
+            _, reply = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+        # Straight on a connection of the pool: a redis-py pipeline costs tens of us more
+        # before its write, on the path of the grants this call hands to other processes.
+        # (Any error while sending or reading disconnects the connection, as in redis-py.)
+        pool = client.connection_pool
+        try:
+            conn = await pool.get_connection()
+        except TypeError:  # redis-py before 5.3 wants a command name
+            conn = await pool.get_connection("EVALSHA")
+        try:
+            await conn.send_packed_command(
+                conn.pack_commands([("PING",), ("EVALSHA", script.sha1, len(keys), *keys, *argv)])
+            )
+            with contextlib.suppress(ResponseError):  # a user the ACL denies PING
+                await conn.read_response()
+            return await conn.read_response()
+        finally:
+            await pool.release(conn)
 
     async def blpop(self, key: str, timeout: float) -> str | None:
         """Pop the head of list ``key``, waiting up to ``timeout`` seconds; None on timeout.

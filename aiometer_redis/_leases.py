@@ -400,6 +400,8 @@ class LeaseTable:
                             self.recheck_waiters()
                         if message is not None:
                             self.deliver(message)
+                            # Let the waiter just woken run before this loop reads on.
+                            await anyio.lowlevel.checkpoint()
                         now = anyio.current_time()
                         if self.waiters:
                             idle_since = None

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -58,7 +59,9 @@ PASSWORD = "pw-7f3c9a1e-do-not-leak"
 # checked by running every code path as this user with an empty ACL LOG):
 # - EVALSHA runs the scripts, EVAL only after NOSCRIPT; SUBSCRIBE (UNSUBSCRIBE on leaving)
 #   listens on the process's channel, BLPOP waits on its mailbox list (cluster clients); DEL
-#   is reset(); PING probes Redis while it is unavailable (on_unavailable="local");
+#   is reset(); PING probes Redis while it is unavailable (on_unavailable="local") and goes
+#   in front of a release that likely hands its slot to another process (refused, it is
+#   only logged);
 # - every other command is one the scripts call: Redis checks a script's inner commands, and
 #   the keys and channels they touch (the mailboxes too, which are not in KEYS), against the
 #   same user;
@@ -438,6 +441,41 @@ async def test_acl_user_of_the_previous_rules_gets_a_slot_handed_over_at_once() 
                     await held.release()
                     await handed.wait()
                     assert anyio.current_time() - released_at < 0.5
+
+
+@pytest.mark.anyio
+async def test_acl_user_without_ping_still_hands_slots_over() -> None:
+    # The PING sent in front of a release that hands its slot to another process is refused
+    # for a user without +ping: the release and the hand-over go on as if it had not been sent.
+    with RedisServer() as running:
+        _set_user(running, ACL_RULES.replace(" +ping", ""))
+        admin = redis.Redis(port=running.port, decode_responses=True)
+        url, name = _acl_url(running), _unique("noping")
+        order: list[str] = []
+
+        async def take(limiter: RedisLimiter, label: str) -> None:
+            for _ in range(5):
+                async with limiter.slot():
+                    order.append(label)
+                    await anyio.sleep(0.005)
+
+        with anyio.fail_after(20):
+            async with (
+                RedisLimiter.from_url(url, name, max_at_once=1) as first,
+                RedisLimiter.from_url(url, name, max_at_once=1) as second,
+                anyio.create_task_group() as task_group,
+            ):
+                task_group.start_soon(take, first, "first")
+                task_group.start_soon(take, second, "second")
+        try:
+            denials = _command(admin, "ACL", "LOG")
+        finally:
+            admin.close()
+    assert sorted(order) == ["first"] * 5 + ["second"] * 5
+    # The two took turns: PINGs were sent in front of releases, and refused.
+    assert sum(a != b for a, b in itertools.pairwise(order)) >= 4
+    refused = {entry["object"] for entry in denials if not _is_client_handshake(entry)}
+    assert refused == {"ping"}
 
 
 def test_acl_user_cannot_touch_other_keys_or_commands(acl_server: RedisServer) -> None:
