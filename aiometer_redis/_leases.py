@@ -398,6 +398,12 @@ class LeaseTable:
                             self._push_live = True
                             backoff = 0.05
                             self.recheck_waiters()
+                            # The grants published while this process was not subscribed
+                            # went to the list of the channel's name (see handoff in
+                            # lua/_shared.lua): its waiters ask again instead, so the list
+                            # would only grow until it expires.
+                            with contextlib.suppress(ClientError):
+                                await client.delete(channel)
                         if message is not None:
                             self.deliver(message)
                             # Let the waiter just woken run before this loop reads on.

@@ -1153,11 +1153,14 @@ local function handoff(now, own, after, enqueue)
       local mailbox = mailbox_prefix .. process
       -- A process id ending in '!' listens on the channel of that name: one PUBLISH
       -- of the messages joined by ',' (a channel is not a key: nothing to expire).
-      -- Refused (an ACL without the channel), they go to the list of that name.
+      -- Refused (an ACL without the channel), or heard by nobody, they go to the list
+      -- of that name: a process refused SUBSCRIBE reads that list instead, and one
+      -- between two subscriptions asks again for its waiters once subscribed (the
+      -- list then expires unread).
       local published = false
       if string.byte(process, -1) == 33 then
         local reply = redis.pcall('PUBLISH', mailbox, table.concat(messages[process], ','))
-        published = type(reply) ~= 'table'
+        published = type(reply) == 'number' and reply > 0
       end
       if not published then
         redis.call('RPUSH', mailbox, unpack(messages[process]))

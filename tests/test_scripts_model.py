@@ -52,6 +52,7 @@ SNAPSHOT = Script.from_source(
 
 
 # "d4!" listens on its channel: its grants are published, never put in its mailbox list.
+# Nobody listens on the channel of "e5.!": its grants go to its mailbox list.
 # "c3." and "e5.!" keep one liveness entry for all their queued waiters.
 PROCESSES = ("a1", "b2", "c3.", "d4!", "e5.!")
 PUSHED = "d4!"
@@ -125,7 +126,7 @@ class ScriptsMatchModel(RuleBasedStateMachine):
         for script in all_scripts().values():
             self.redis.script_load(script.source)
         self.redis.script_load(SNAPSHOT.source)
-        self.model = LimiterModel()
+        self.model = LimiterModel(subscribed=frozenset({PUSHED}))
         self.now = NOW
         self.max_at_once = 1
         self.interval_us = 0.0
@@ -497,7 +498,8 @@ class CostsAndWindowsMatchModel(RuleBasedStateMachine):
             self.redis.script_load(script.source)
         for script in (SNAPSHOT, WINDOW_SNAPSHOT):
             self.redis.script_load(script.source)
-        self.model = LimiterModel()
+        # Nobody subscribes here: a grant to a process whose id ends in "!" goes to its list.
+        self.model = LimiterModel(subscribed=frozenset())
         self.now = NOW
         self.max_at_once = 1
         self.interval_us = 0.0

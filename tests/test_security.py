@@ -478,6 +478,42 @@ async def test_acl_user_without_ping_still_hands_slots_over() -> None:
     assert refused == {"ping"}
 
 
+@pytest.mark.anyio
+async def test_acl_user_allowed_publish_but_not_subscribe_gets_slots_handed_over_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # SUBSCRIBE refused, PUBLISH allowed: the waiter's limiter blocks on its mailbox list
+    # instead, and a grant published to nobody goes to that list too, so the waiter has it
+    # within a round trip, not at its re-check (recheck_interval, 1 s).
+    with RedisServer() as running:
+        _set_user(running, ACL_RULES.replace(" +subscribe", ""))
+        url, name = _acl_url(running), _unique("nosub")
+        with anyio.fail_after(20):
+            async with (
+                RedisLimiter.from_url(url, name, max_at_once=1) as first,
+                RedisLimiter.from_url(url, name, max_at_once=1) as second,
+            ):
+
+                async def wait_in_queue(handed: anyio.Event) -> None:
+                    async with second.slot():
+                        handed.set()
+
+                for _ in range(3):
+                    held = await first.acquire()
+                    handed = anyio.Event()
+                    async with anyio.create_task_group() as task_group:
+                        task_group.start_soon(wait_in_queue, handed)
+                        # coredis may take its subscription timeout (5 s) to report the refusal.
+                        while "mailbox list of that name instead" not in caplog.text:
+                            await anyio.sleep(0.01)
+                        while not (await first.statistics()).waiters:
+                            await anyio.sleep(0.01)
+                        released_at = anyio.current_time()
+                        await held.release()
+                        await handed.wait()
+                        assert anyio.current_time() - released_at < 0.5
+
+
 def test_acl_user_cannot_touch_other_keys_or_commands(acl_server: RedisServer) -> None:
     user = redis.Redis(port=acl_server.port, username=ACL_USER, password=ACL_PASSWORD)
     try:

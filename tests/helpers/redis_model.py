@@ -153,6 +153,9 @@ class LimiterModel:
     #: Process (an id ending in "!") -> the messages published on its channel, in order: one
     #: per handoff that granted its waiters, their grants joined by ",".
     published: dict[str, list[str]] = field(default_factory=dict)
+    #: The processes (ids ending in "!") whose channel has a subscriber; None: all of them. A
+    #: PUBLISH that reaches nobody goes to the process's mailbox list instead.
+    subscribed: frozenset[str] | None = None
     #: One log per window, by (per_us, calls): id -> start (µs), ended entries included
     #: until a call that loads the windows trims them.
     logs: dict[tuple[int, bool], dict[str, int]] = field(default_factory=dict)
@@ -467,7 +470,8 @@ class LimiterModel:
     ) -> int:
         """Grants queue heads the free slots; a grant to process *own* goes to *kept*
         instead of its mailbox, and those to a process whose id ends in "!" are published
-        on its channel (one message per process)."""
+        on its channel (one message per process) if someone listens there, else put in its
+        mailbox too."""
         if limits.max_at_once <= 0:
             return 0
         granted = 0
@@ -485,7 +489,7 @@ class LimiterModel:
             process = process_of(head)
             if kept is not None and process == own:
                 kept.append(message)
-            elif process.endswith("!"):
+            elif process.endswith("!") and (self.subscribed is None or process in self.subscribed):
                 to_publish.setdefault(process, []).append(message)
             else:
                 self.mailboxes.setdefault(process, []).append(message)
