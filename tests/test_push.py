@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,23 @@ async def open_client(flavour: str, url: str) -> AsyncIterator[Any]:
 
         async with coredis.Redis.from_url(url) as other:
             yield other
+
+
+async def queue_once(
+    holder: RedisLimiter, waiter: RedisLimiter, meanwhile: Callable[[], Awaitable[None]]
+) -> None:
+    """A task of *waiter* queues for the slot *holder* takes, while *meanwhile* runs; then
+    the slot is given back and the task takes it."""
+    held = await holder.acquire()
+
+    async def wait_once() -> None:
+        async with waiter.slot():
+            pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait_once)
+        await meanwhile()
+        await held.release()
 
 
 def command_stats(server: RedisServer) -> dict[str, int]:
@@ -173,18 +190,13 @@ async def test_a_subscribed_process_deletes_the_list_of_its_channel_name(
         assert second._mailbox.endswith("!")
         # What such a grant leaves behind (second has no waiter yet, so no subscription).
         send_command(server.port, "RPUSH", second._mailbox, f"{second._mailbox}:9|1|0")
-        held = await first.acquire()
 
-        async def wait_once() -> None:
-            async with second.slot():
-                pass
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wait_once)
+        async def list_deleted() -> None:
             with anyio.fail_after(5):
                 while send_command(server.port, "EXISTS", second._mailbox) != ":0\r\n":
                     await anyio.sleep(0.01)
-            await held.release()
+
+        await queue_once(first, second, list_deleted)
 
 
 @pytest.mark.anyio
@@ -202,16 +214,7 @@ async def test_a_grant_pushed_before_its_waiter_is_queued_here_is_kept(
         RedisLimiter(two, name, max_at_once=1, recheck_interval=30) as second,
     ):
         # second waits once, so that its subscription is live (it lingers 5 s).
-        held = await first.acquire()
-
-        async def wait_once() -> None:
-            async with second.slot():
-                pass
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wait_once)
-            await anyio.sleep(0.3)
-            await held.release()
+        await queue_once(first, second, lambda: anyio.sleep(0.3))
         held = await first.acquire()
         delivered = anyio.Event()
         deliver = second._leases.deliver
