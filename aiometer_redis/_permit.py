@@ -6,7 +6,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 
 from aiometer import CostPermit, Permit
 
@@ -140,17 +139,14 @@ class RedisPermit:
             if self._local is not None:
                 await self._local.release()
             return
-        if leases.swap_batcher is not None and self._local is not None:
+        if leases.swap_batcher is not None:
             # Posted, not sent; and the local permit gives its place back without suspending:
             # nothing here can be cancelled, so no shield (this runs before the swap is sent).
             leases.post_release(self._lease)
-            await self._local.release()
+            if self._local is not None:
+                await self._local.release()
             return
         with anyio.CancelScope(shield=True):
-            if leases.swap_batcher is not None:
-                leases.post_release(self._lease)
-                await anyio.lowlevel.checkpoint()
-                return
             try:
                 await leases.release(self._lease)
             finally:

@@ -1155,8 +1155,8 @@ local function handoff(now, own, after, enqueue)
       -- of the messages joined by ',' (a channel is not a key: nothing to expire).
       -- Refused (an ACL without the channel), or heard by nobody, they go to the list
       -- of that name: a process refused SUBSCRIBE reads that list instead, and one
-      -- between two subscriptions asks again for its waiters once subscribed (the
-      -- list then expires unread).
+      -- between two subscriptions asks again for its waiters once subscribed, and
+      -- deletes the list unread.
       local published = false
       if string.byte(process, -1) == 33 then
         local reply = redis.pcall('PUBLISH', mailbox, table.concat(messages[process], ','))
