@@ -172,6 +172,15 @@ def _popped_value(reply: Any) -> str | None:
     return value
 
 
+#: PING in RESP, and the most (script, key list) heads a client keeps packed.
+_PACKED_PING = b"*1\r\n$4\r\nPING\r\n"
+_MAX_PACKED_HEADS = 256
+
+
+def _bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
 @functools.cache
 def _redis_py_errors() -> ErrorMap:
     import redis.exceptions as errors
@@ -231,6 +240,8 @@ class RedisPyClient:
         self._needs_init = hasattr(client, "initialize")
         self._is_cluster = _is_instance_from(client, "redis.asyncio", ("RedisCluster",))
         self._errors = _redis_py_errors()
+        # What _ping_evalsha packed once: (sha1, keys, encoding, errors) -> RESP bytes.
+        self._evalsha_heads: dict[tuple[str, tuple[str, ...], str, str], bytes] = {}
 
     async def _ready(self) -> None:
         if self._needs_init:
@@ -286,14 +297,32 @@ class RedisPyClient:
         except TypeError:  # redis-py before 5.3 wants a command name
             conn = await pool.get_connection("EVALSHA")
         try:
-            await conn.send_packed_command(
-                conn.pack_commands([("PING",), ("EVALSHA", script.sha1, len(keys), *keys, *argv)])
-            )
+            await conn.send_packed_command(self._ping_evalsha(conn, script.sha1, keys, argv))
             with contextlib.suppress(ResponseError):  # a user the ACL denies PING
                 await conn.read_response()
             return await conn.read_response()
         finally:
             await pool.release(conn)
+
+    def _ping_evalsha(self, conn: Any, sha1: str, keys: Sequence[str], argv: list[str]) -> bytes:
+        """PING and ``EVALSHA sha1 len(keys) *keys *argv`` in RESP, as redis-py packs them
+        (strings encoded with the connection's encoding), but packed here: the part up to
+        the keys once per script and key list, the rest in one pass (on the path of the
+        grants the call hands over, redis-py's packing costs tens of us more)."""
+        encoder = conn.encoder
+        encoding, errors = encoder.encoding, encoder.encoding_errors
+        cache_key = (sha1, tuple(keys), encoding, errors)
+        head = self._evalsha_heads.get(cache_key)
+        if head is None:
+            if len(self._evalsha_heads) >= _MAX_PACKED_HEADS:
+                self._evalsha_heads.clear()
+            head = b"".join(
+                _bulk(part.encode(encoding, errors))
+                for part in ("EVALSHA", sha1, str(len(keys)), *keys)
+            )
+            self._evalsha_heads[cache_key] = head
+        tail = [_bulk(arg.encode(encoding, errors)) for arg in argv]
+        return b"%s*%d\r\n%s%s" % (_PACKED_PING, 3 + len(keys) + len(argv), head, b"".join(tail))
 
     async def blpop(self, key: str, timeout: float) -> str | None:
         """Pop the head of list ``key``, waiting up to ``timeout`` seconds; None on timeout.

@@ -2887,17 +2887,40 @@ async def test_a_call_with_a_ping_in_front_runs_the_script_once_and_returns_its_
     """``wake_first`` (a PING in the same write, so that Redis writes what the script
     publishes before the reply): the reply is the script's, the script runs once, and a
     script missing from the cache is run with EVAL as without the PING."""
-    script = Script.from_source("wake_first_probe", "return redis.call('INCR', KEYS[1])")
-    key = f"wake-first-{os.getpid()}-{time.time_ns()}"
+    script = Script.from_source(
+        "wake_first_probe", "return redis.call('INCR', KEYS[1]) .. ':' .. table.concat(ARGV, ',')"
+    )
+    key = f"wake-first-é-{os.getpid()}-{time.time_ns()}"
     pings_before = _pings(backend)
     async with backend.open() as opened:
-        assert await opened.client.run_script(script, [key], [], wake_first=True) == 1
-        assert await opened.client.run_script(script, [key], []) == 2
+        client = opened.client
+        assert await client.run_script(script, [key], ["é", 2.5], wake_first=True) == "1:é,2.5"
+        assert await client.run_script(script, [key], []) == "2:"
         await opened.flush_scripts()
-        assert await opened.client.run_script(script, [key], [], wake_first=True) == 3
+        assert await client.run_script(script, [key], ["", "x"], wake_first=True) == "3:,x"
     if pings_before is not None:
         # One PING for each call sent with wake_first (fakeredis keeps no command stats).
         assert _pings(backend) == pings_before + 2
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_the_ping_in_front_is_packed_byte_for_byte_as_redis_py_packs_it(encoding: str) -> None:
+    """The redis-py adapter packs PING + EVALSHA itself (see ``_ping_evalsha``): the
+    bytes are the ones redis-py's own packing gives, in the client's encoding, also once
+    the head is cached."""
+    import redis.asyncio
+
+    from aiometer_redis._client import RedisPyClient
+
+    connection = redis.asyncio.Connection(encoding=encoding)
+    adapter = RedisPyClient(redis.asyncio.Redis(encoding=encoding))
+    keys = ["{lim}:holders", "{limé}:queue"]
+    sha1 = "0123456789abcdef0123456789abcdef01234567"
+    for argv in (["1733030000000000", "", "-p!:1", "^p!:2", "é"], [], ["x" * 70_000]):
+        expected = b"".join(
+            connection.pack_commands([("PING",), ("EVALSHA", sha1, len(keys), *keys, *argv)])
+        )
+        assert adapter._ping_evalsha(connection, sha1, keys, argv) == expected
 
 
 def _pings(backend: Backend) -> int | None:
