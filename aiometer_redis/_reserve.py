@@ -18,7 +18,7 @@ import heapq
 __all__ = ["AHEAD", "HORIZON", "LATE", "MAX_RESERVED", "ReservePool", "reserve_cap"]
 
 #: About this many seconds of the process's recent rate are reserved ahead.
-AHEAD = 0.010
+AHEAD = 0.020
 #: No start reserved ahead lies further away than this (seconds).
 HORIZON = 0.05
 #: A reserved start is handed out at most this late (seconds); later, it is dropped (unused).

@@ -80,7 +80,7 @@ them readable, and move with whatever else the machine is doing.
    limiter of 20,000 starts/s; each takes starts the way a run function called without
    ``max_at_once`` does (one coroutine: ``acquire()``, hand the permit to a task, ``acquire()``
    again). *old*: one script call per start (reservations ahead switched off); *new*: a call
-   also reserves the next starts of the fleet for the same process (about 10 ms of its recent
+   also reserves the next starts of the fleet for the same process (about 20 ms of its recent
    rate), handed out locally at their times; *local*: the same loop with no Redis at all, each
    process alone with an in-process ``RateLimiter`` of its eighth of the rate (the ceiling of
    this machine for the loop, with nothing shared: no lateness to read back). Per start:

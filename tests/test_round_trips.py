@@ -62,14 +62,14 @@ def test_pool_sizes_calls_by_the_recent_rate() -> None:
     assert pool.wanted(0.0) == 1  # no measurement yet: one ahead
     now = 0.0
     sizes = []
-    for _ in range(7):  # 50 starts per 10 ms: 5000 per second
-        for _ in range(50):
+    for _ in range(7):  # 25 starts per 10 ms: 2500 per second
+        for _ in range(25):
             pool.handed()
         now += 0.010
         sizes.append(pool.wanted(now))
     # The size doubles call after call up to what the rate uses in AHEAD (50 starts).
     assert sizes == [2, 4, 8, 16, 32, 50, 50]
-    assert round(5000 * AHEAD) == 50
+    assert round(2500 * AHEAD) == 50
     for i in range(20):
         pool.put(now + i / 1000, f"p:{i}", i)
     assert pool.running_low()  # 20 held: less than half of the 50 aimed at
@@ -79,7 +79,7 @@ def test_pool_sizes_calls_by_the_recent_rate() -> None:
     # A start dropped (not taken within LATE): the next call aims at half as many.
     assert pool.take(now + 0.021 + LATE + 1e-6, None) is not None
     assert pool.dropped > 0
-    for _ in range(50):
+    for _ in range(25):
         pool.handed()
     now += 0.010
     assert pool.wanted(now) == 25 - len(pool)  # half of 50
