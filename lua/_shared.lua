@@ -272,8 +272,15 @@ end
 -- Keeps the TAT exactly as stored ('%.3f'), as if it were written and read
 -- back between two reservations.
 local function set_tat(value)
-  tat_text = string.format('%.3f', value)
-  tat_value = tonumber(tat_text)
+  if value >= 2^50 then
+    -- A double this large is a multiple of 1/4: '%.3f' gives it back unchanged, so the
+    -- text is made only when needed (tat_text_now). false: moved, text not made yet.
+    tat_value = value
+    tat_text = false
+  else
+    tat_text = string.format('%.3f', value)
+    tat_value = tonumber(tat_text)
+  end
 end
 
 -- The expiry (microseconds) a SET of this call gave the tat key: recorded in
@@ -443,7 +450,7 @@ local function flush_tat(now)
     return false
   end
   local ttl = ttl_until(tat_value, now)
-  redis.call('SET', tat_key, tat_text, 'PX', int(ttl))
+  redis.call('SET', tat_key, tat_text_now(), 'PX', int(ttl))
   tat_set_until = now + ttl * 1000
   tat_text = nil
   tat_incremented = false
@@ -611,7 +618,7 @@ local function reserve_for(id, cost, now, max_delay)
   if interval > 0 then
     local before = tat_text_now()
     set_tat(math.max(tat_value, t) + units * interval)
-    pending_last = id .. '|' .. tat_text .. '|' .. before
+    pending_last = id .. '|' .. tat_text_now() .. '|' .. before
   end
   if #windows > 0 then
     for _, w in ipairs(windows) do

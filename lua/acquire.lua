@@ -169,12 +169,15 @@ for i = first_waiter, #ARGV do
   local id, tail = string.match(text, '^([^:/*]+:[^/*]*)(.*)$')
   local max_delay, cost = nil, nil
   if tail and tail ~= '' then
-    max_delay, cost = string.match(tail, '^/(%d+)%*(%d+)$')
+    -- '/<max delay>' (a start reserved ahead) first, the most frequent.
+    max_delay = string.match(tail, '^/(%d+)$')
     if not max_delay then
-      max_delay = string.match(tail, '^/(%d+)$')
-      cost = string.match(tail, '^%*(%d+)$')
-      if not (max_delay or cost) then
-        id = nil
+      max_delay, cost = string.match(tail, '^/(%d+)%*(%d+)$')
+      if not max_delay then
+        cost = string.match(tail, '^%*(%d+)$')
+        if not cost then
+          id = nil
+        end
       end
     end
   end
@@ -216,7 +219,11 @@ local function remembered_grants(now)
     local values = redis.call('HMGET', grants_key, unpack(ids, first, last))
     for i = first, last do
       local id = ids[i]
-      local token, start_at = parse_grant(values[i - first + 1])
+      local value = values[i - first + 1]
+      local token, start_at = nil, nil
+      if value then
+        token, start_at = parse_grant(value)
+      end
       if token and known[id] == nil then
         known[id] = false
         local ends = tonumber(redis.call('ZSCORE', recent_key, id) or '')
@@ -280,16 +287,18 @@ end
 if max_at_once == 0 then
   drop_ended(recent_key, grants_key, 'HDEL', now)  -- ended memories
   local known = remembered_grants(now)
-  -- The new ids in ARGV order, and their rate start delays (false: refused).
+  -- The new ids in ARGV order, and their rate start delays (false: refused);
+  -- taken[id]: granted anew in this call (its second time in the batch is a retry).
   local new_ids = {}
   local delays = {}
   local new_costs = {}
+  local taken = {}
   local granted = 0
   -- refused[i]: the id at ARGV position 9 + i was refused (its max delay).
   local refused = {}
   for i = 1, count do
     local id = ids[i]
-    if not known[id] then
+    if not known[id] and not taken[id] then
       local delay = 0
       if interval > 0 or #windows > 0 then
         delay = reserve_for(id, costs[i], now, max_delays[i]) or false
@@ -301,16 +310,20 @@ if max_at_once == 0 then
         end
       end
       if delay then
-        known[id] = {}
+        taken[id] = true
         granted = granted + 1
       else
         refused[i] = true
       end
-      new_ids[#new_ids + 1] = id
-      delays[#new_ids] = delay
-      new_costs[#new_ids] = costs[i]
+      local n = #new_ids + 1
+      new_ids[n] = id
+      delays[n] = delay
+      new_costs[n] = costs[i]
     end
   end
+  -- The new grants: id -> token, id -> start (microseconds).
+  local tokens = {}
+  local starts = {}
   if granted > 0 then
     local before = redis.call('INCRBY', seq_key, granted) - granted
     redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
@@ -323,11 +336,13 @@ if max_at_once == 0 then
       if delay then
         n = n + 1
         local token = before + n
-        known[id] = {token, now + delay}
-        members[#members + 1] = ends
-        members[#members + 1] = id
-        fields[#fields + 1] = id
-        fields[#fields + 1] = grant_entry(token, now + delay, new_costs[k])
+        local start_at = now + delay
+        tokens[id] = token
+        starts[id] = start_at
+        members[2 * n - 1] = ends
+        members[2 * n] = id
+        fields[2 * n - 1] = id
+        fields[2 * n] = grant_entry(token, start_at, new_costs[k])
       end
     end
     -- Pairs: SLICE ids per command.
@@ -341,15 +356,22 @@ if max_at_once == 0 then
   flush_rates(now)
   -- control's spare_ahead, if the call found spare empty.
   flush_book()
+  -- The reply string (see encode_replies), made here without a table per entry.
+  local entries = {}
   for i = 1, count do
-    local grant_info = known[ids[i]]
     if refused[i] then
-      replies[i] = {2}
+      entries[i] = '2,0'
     else
-      replies[i] = {1, grant_info[1], math.max(0, grant_info[2] - now)}
+      local id = ids[i]
+      local token, start_at = tokens[id], starts[id]
+      if token == nil then
+        local remembered = known[id]
+        token, start_at = remembered[1], remembered[2]
+      end
+      entries[i] = '1,' .. int(token) .. ',' .. int(math.max(0, start_at - now))
     end
   end
-  return reply_with(encode_replies(replies))
+  return reply_with(table.concat(entries, ';'))
 end
 
 purge(now)

@@ -109,7 +109,7 @@ if d ~= 0 and interval > 0 then
       set_tat(tat_value + d / UNIT * interval)
       applied = true
       if is_last then
-        pending_last = id .. '|' .. tat_text .. '|' .. before
+        pending_last = id .. '|' .. tat_text_now() .. '|' .. before
       end
     end
   end
