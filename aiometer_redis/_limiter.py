@@ -961,12 +961,14 @@ class RedisLimiter:
     ) -> Any:
         # '+': the first ask for this id. A swap that is sure to be its call's first run
         # (every lease it releases was held) then skips looking the id up among the holders.
-        # '^' (this process has waiters queued already, so this one will likely queue too):
-        # such a swap queues it before handing off the freed slots, which spares counting
-        # the queue.
+        # '^' (this process has waiters queued already, or its last acquisition queued: this
+        # one will likely queue too): such a swap queues it before handing off the freed
+        # slots, which spares counting the queue, and keeps a queue that the handoff would
+        # empty from being deleted and created again (with its TTLs).
         item = waiter_id
         if fresh:
-            item = f"^{waiter_id}" if self._leases.waiters and units == UNIT else f"+{waiter_id}"
+            likely_queued = self._leases.waiters or self._queued_lately
+            item = f"^{waiter_id}" if likely_queued and units == UNIT else f"+{waiter_id}"
         if deadline is not None and self._rate_limited:
             # Never reserve a rate start past the caller's deadline.
             item += _max_delay(deadline)

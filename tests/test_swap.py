@@ -233,7 +233,8 @@ async def test_a_swap_after_a_queued_acquisition_goes_behind_a_ping(
     """Once a process's acquisition had to queue, its releases likely free slots for waiters
     of other processes: with pushed grants, its swaps go with a PING in front (so that Redis
     writes those grants before the swap's reply). Uncontended swaps, and any swap of a
-    process woken through its mailbox, go without."""
+    process woken through its mailbox, go without. Its next acquisition likely queues too:
+    it is marked '^' (queued before the handoff reads the heads), uncontended ones '+'."""
     x, y = connect(max_at_once=1), connect(max_at_once=1)
     for limiter in (x, y):
         limiter._push = push  # before entering: the wake-ups are chosen on entry
@@ -268,6 +269,9 @@ async def test_a_swap_after_a_queued_acquisition_goes_behind_a_ping(
         (second,) = (c for c in calls.swaps() if c[0] == f"-{x_permit.lease_id}")
         assert len(second) == 2  # the release and the next acquisition
         assert calls.woken_first == ([second] if push else [])
+        # The waiter item of each swap (the last one sent only a release).
+        assert [swap[-1][0] for swap in calls.swaps()] == ["+"] * 4 + ["^", "-"]
+        assert second[1].startswith("^")
         assert await held_and_queued(x, y) == (0, 0)
 
 
