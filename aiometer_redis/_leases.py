@@ -30,7 +30,7 @@ from ._client import ScriptArg, ScriptClient
 from ._config import LimiterConfig
 from ._errors import ClientError, Unavailable
 from ._exceptions import LeaseLostError, RedisLimiterError, WrongEventLoopError
-from ._exits import current_loop
+from ._exits import LoopCheck
 from ._metrics import LimiterMetrics
 
 __all__ = ["Lease", "LeaseTable", "ScriptCall", "Waiter"]
@@ -94,8 +94,8 @@ class LeaseTable:
         self._call = call
         #: True while the limiter is entered (or attached to a group).
         self.open = False
-        #: The event loop the limiter was entered in.
-        self.loop: object = None
+        #: The event loop the limiter was entered in (bound on entry), and its clock.
+        self.loop_check = LoopCheck()
         self.held: dict[str, Lease] = {}
         self.waiters: dict[str, Waiter] = {}
         #: Waiter ids whose acquire call failed (it may have run): cancelled when Redis
@@ -128,7 +128,7 @@ class LeaseTable:
 
     def check_loop(self) -> None:
         """Raise WrongEventLoopError unless the running event loop is the limiter's."""
-        if current_loop() is not self.loop:
+        if not self.loop_check.in_loop():
             raise WrongEventLoopError(
                 f"limiter {self.name!r} was entered in another event loop (another thread, "
                 "or another anyio.run / asyncio.run); use one limiter object per event loop"
