@@ -240,7 +240,7 @@ class RedisPyClient:
         self._needs_init = hasattr(client, "initialize")
         self._is_cluster = _is_instance_from(client, "redis.asyncio", ("RedisCluster",))
         self._errors = _redis_py_errors()
-        # What _ping_evalsha packed once: (sha1, keys, encoding, errors) -> RESP bytes.
+        # What _packed_evalsha packed once: (sha1, keys, encoding, errors) -> RESP bytes.
         self._evalsha_heads: dict[tuple[str, tuple[str, ...], str, str], bytes] = {}
 
     async def _ready(self) -> None:
@@ -270,10 +270,10 @@ class RedisPyClient:
         try:
             await self._ready()
             try:
-                if wake_first and not self._is_cluster:
-                    reply = await self._evalsha_after_ping(script, keys, argv)
-                else:
+                if self._is_cluster:
                     reply = await self._client.evalsha(script.sha1, len(keys), *keys, *argv)
+                else:
+                    reply = await self._evalsha(script, keys, argv, ping=wake_first)
             except NoScriptError:
                 # EVAL goes to the node that owns the keys' slot and leaves the script
                 # cached there, so this also repairs the cache after a flush or failover.
@@ -282,33 +282,39 @@ class RedisPyClient:
             raise _neutral(self._errors, exc)  # noqa: B904 - chained in _neutral
         return normalize_reply(reply)
 
-    async def _evalsha_after_ping(
-        self, script: Script, keys: Sequence[str], argv: list[str]
+    async def _evalsha(
+        self, script: Script, keys: Sequence[str], argv: list[str], *, ping: bool
     ) -> Any:
+        """EVALSHA (after a PING in the same write if *ping*) straight on a connection of
+        the pool, as a redis-py pipeline would go (also for a single-connection client),
+        packed here: redis-py's command path (packing each argument, its wrappers) cost
+        tens of us per call more, on every acquisition and on the path of the grants a call
+        hands to other processes. Any error while sending or reading disconnects the
+        connection, as in redis-py; the limiter retries the call."""
         from redis.exceptions import ResponseError
 
-        # Straight on a connection of the pool, as a redis-py pipeline would go (also for a
-        # single-connection client), without the pipeline's cost before the write: tens of
-        # us on the path of the grants this call hands to other processes. Any error while
-        # sending or reading disconnects the connection, as in redis-py.
         pool = self._client.connection_pool
         try:
             conn = await pool.get_connection()
         except TypeError:  # redis-py before 5.3 wants a command name
             conn = await pool.get_connection("EVALSHA")
         try:
-            await conn.send_packed_command(self._ping_evalsha(conn, script.sha1, keys, argv))
-            with contextlib.suppress(ResponseError):  # a user the ACL denies PING
-                await conn.read_response()
+            await conn.send_packed_command(
+                self._packed_evalsha(conn, script.sha1, keys, argv, ping=ping)
+            )
+            if ping:
+                with contextlib.suppress(ResponseError):  # a user the ACL denies PING
+                    await conn.read_response()
             return await conn.read_response()
         finally:
             await pool.release(conn)
 
-    def _ping_evalsha(self, conn: Any, sha1: str, keys: Sequence[str], argv: list[str]) -> bytes:
-        """PING and ``EVALSHA sha1 len(keys) *keys *argv`` in RESP, as redis-py packs them
-        (strings encoded with the connection's encoding), but packed here: the part up to
-        the keys once per script and key list, the rest in one pass (on the path of the
-        grants the call hands over, redis-py's packing costs tens of us more)."""
+    def _packed_evalsha(
+        self, conn: Any, sha1: str, keys: Sequence[str], argv: list[str], *, ping: bool
+    ) -> bytes:
+        """``EVALSHA sha1 len(keys) *keys *argv`` in RESP, after a PING if *ping*, as
+        redis-py packs them (strings encoded with the connection's encoding), but packed
+        here: the part up to the keys once per script and key list, the rest in one pass."""
         encoder = conn.encoder
         encoding, errors = encoder.encoding, encoder.encoding_errors
         cache_key = (sha1, tuple(keys), encoding, errors)
@@ -322,7 +328,8 @@ class RedisPyClient:
             )
             self._evalsha_heads[cache_key] = head
         tail = [_bulk(arg.encode(encoding, errors)) for arg in argv]
-        return b"%s*%d\r\n%s%s" % (_PACKED_PING, 3 + len(keys) + len(argv), head, b"".join(tail))
+        first = _PACKED_PING if ping else b""
+        return b"%s*%d\r\n%s%s" % (first, 3 + len(keys) + len(argv), head, b"".join(tail))
 
     async def blpop(self, key: str, timeout: float) -> str | None:
         """Pop the head of list ``key``, waiting up to ``timeout`` seconds; None on timeout.

@@ -2904,8 +2904,8 @@ async def test_a_call_with_a_ping_in_front_runs_the_script_once_and_returns_its_
 
 
 @pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
-def test_the_ping_in_front_is_packed_byte_for_byte_as_redis_py_packs_it(encoding: str) -> None:
-    """The redis-py adapter packs PING + EVALSHA itself (see ``_ping_evalsha``): the
+def test_script_calls_are_packed_byte_for_byte_as_redis_py_packs_them(encoding: str) -> None:
+    """The redis-py adapter packs EVALSHA (and the PING in front) itself: the
     bytes are the ones redis-py's own packing gives, in the client's encoding, also once
     the head is cached."""
     import redis.asyncio
@@ -2917,10 +2917,11 @@ def test_the_ping_in_front_is_packed_byte_for_byte_as_redis_py_packs_it(encoding
     keys = ["{lim}:holders", "{limé}:queue"]
     sha1 = "0123456789abcdef0123456789abcdef01234567"
     for argv in (["1733030000000000", "", "-p!:1", "^p!:2", "é"], [], ["x" * 70_000]):
-        expected = b"".join(
-            connection.pack_commands([("PING",), ("EVALSHA", sha1, len(keys), *keys, *argv)])
-        )
-        assert adapter._ping_evalsha(connection, sha1, keys, argv) == expected
+        evalsha: tuple[str | int, ...] = ("EVALSHA", sha1, len(keys), *keys, *argv)
+        expected = b"".join(connection.pack_commands([("PING",), evalsha]))
+        assert adapter._packed_evalsha(connection, sha1, keys, argv, ping=True) == expected
+        expected = b"".join(connection.pack_commands([evalsha]))
+        assert adapter._packed_evalsha(connection, sha1, keys, argv, ping=False) == expected
 
 
 def _pings(backend: Backend) -> int | None:
