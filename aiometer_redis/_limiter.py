@@ -335,8 +335,7 @@ class RedisLimiter:
     async def __aenter__(self) -> RedisLimiter:
         if self._stack is not None:
             raise RuntimeError("this RedisLimiter is already open")
-        self._leases.loop_check.bind()
-        self._clock = self._leases.loop_check.clock
+        self._bind_loop()
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
@@ -441,8 +440,7 @@ class RedisLimiter:
 
         task_group.start_soon(background)
         self._task_group = task_group
-        self._leases.loop_check.bind()
-        self._clock = self._leases.loop_check.clock
+        self._bind_loop()
         self._leases.open = True
         return scope
 
@@ -464,6 +462,11 @@ class RedisLimiter:
         return self._leases.is_idle() and not (
             self._local is not None and self._local.statistics().held
         )
+
+    def _bind_loop(self) -> None:
+        """Bind the limiter to the running event loop, and its clock to that loop's."""
+        self._leases.loop_check.bind()
+        self._clock = self._leases.loop_check.clock
 
     def _check_open(self) -> None:
         if not self._leases.open:

@@ -238,15 +238,21 @@ end
 
 -- ---------------------------------------------------------------------------
 
+-- The entries of the reply string (see the header): granted, and refused.
+local REFUSED_ENTRY = '2,0'
+local function granted_entry(token, delay)
+  return '1,' .. int(token) .. ',' .. int(delay)
+end
+
 -- The reply string (see the header) of a list of {1, token, delay_us} and
 -- {0, ahead} tables.
 local function encode_replies(replies)
   local entries = {}
   for i, reply in ipairs(replies) do
     if reply[1] == 1 then
-      entries[i] = '1,' .. int(reply[2]) .. ',' .. int(reply[3])
+      entries[i] = granted_entry(reply[2], reply[3])
     elseif reply[1] == 2 then
-      entries[i] = '2,0'
+      entries[i] = REFUSED_ENTRY
     else
       entries[i] = '0,' .. int(reply[2])
     end
@@ -360,7 +366,7 @@ if max_at_once == 0 then
   local entries = {}
   for i = 1, count do
     if refused[i] then
-      entries[i] = '2,0'
+      entries[i] = REFUSED_ENTRY
     else
       local id = ids[i]
       local token, start_at = tokens[id], starts[id]
@@ -368,7 +374,7 @@ if max_at_once == 0 then
         local remembered = known[id]
         token, start_at = remembered[1], remembered[2]
       end
-      entries[i] = '1,' .. int(token) .. ',' .. int(math.max(0, start_at - now))
+      entries[i] = granted_entry(token, math.max(0, start_at - now))
     end
   end
   return reply_with(table.concat(entries, ';'))
