@@ -289,6 +289,8 @@ class RedisLimiter:
         # anyio.current_time() of the loop the limiter is entered in (see LoopCheck).
         self._clock: Callable[[], float] = anyio.current_time
         self._refill: anyio.Event | None = None  # set when the reservation in flight is answered
+        # A _prefetch task is scheduled and has not run yet (so one more is not).
+        self._prefetch_scheduled = False
         self._rate_waiters = 0  # callers that found no start in the pool and wait for a call
         # Whether the last acquire call that carried waiters queued one of them: slots are
         # scarce, so a release is likely to hand its slot to a waiter of another process.
@@ -353,6 +355,7 @@ class RedisLimiter:
             self._pick_wakeups()
             self._start_background(task_group)
             self._task_group = task_group
+            self._prefetch_scheduled = False
         except BaseException:
             await stack.aclose()
             raise
@@ -440,6 +443,7 @@ class RedisLimiter:
 
         task_group.start_soon(background)
         self._task_group = task_group
+        self._prefetch_scheduled = False
         self._bind_loop()
         self._leases.open = True
         return scope
@@ -778,7 +782,14 @@ class RedisLimiter:
                     assert entry is not None
                 finally:
                     self._rate_waiters -= 1
-            if pool.running_low() and self._refill is None and self._task_group is not None:
+            if (
+                pool.running_low()
+                and self._refill is None
+                and not self._prefetch_scheduled
+                and self._task_group is not None
+            ):
+                # Starts handed out back to back (all due) would each schedule a task.
+                self._prefetch_scheduled = True
                 self._task_group.start_soon(self._prefetch)
             at, waiter_id, token = entry
             try:
@@ -813,6 +824,7 @@ class RedisLimiter:
 
     async def _prefetch(self) -> None:
         """Reserve the next starts before the pool runs dry (in the background)."""
+        self._prefetch_scheduled = False
         if self._refill is not None or self._failing_since is not None:
             return
         if not self._leases.open:

@@ -152,6 +152,38 @@ async def test_callers_waiting_together_share_one_call(server: RedisServer, name
 
 @pytest.mark.redis
 @pytest.mark.anyio
+async def test_starts_handed_out_back_to_back_schedule_one_top_up(
+    server: RedisServer, name: str
+) -> None:
+    async with RedisLimiter.from_url(server.url, name, max_per_second=1000) as limiter:
+        await limiter.acquire()
+        if limiter._refill is not None:
+            await limiter._refill.wait()
+        pool = limiter._pool
+        pool.ahead(0.0)  # emptied: only the starts below are handed out
+        now = anyio.current_time()
+        for n in range(10):
+            pool.put(now, f"{name}:due:{n}", n)
+        pool._target = 100  # the pool runs low from here on
+        prefetch = limiter._prefetch
+        runs = 0
+
+        async def counted() -> None:
+            nonlocal runs
+            runs += 1
+            await prefetch()
+
+        limiter._prefetch = counted  # type: ignore[method-assign]
+        # All ten are due: each acquisition returns at once, and the top-up scheduled by the
+        # first has not run yet when the next ones find the pool low.
+        for n in range(10):
+            assert (await limiter.acquire()).token == n
+        await anyio.sleep(0.05)
+        assert runs == 1
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
 async def test_reservations_are_given_back_on_exit(server: RedisServer, name: str) -> None:
     interval_us = 1e6 / 40
     async with RedisLimiter.from_url(server.url, name, max_per_second=40) as limiter:
