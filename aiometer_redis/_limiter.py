@@ -292,6 +292,7 @@ class RedisLimiter:
         # A _prefetch task is scheduled and has not run yet (so one more is not).
         self._prefetch_scheduled = False
         self._rate_waiters = 0  # callers that found no start in the pool and wait for a call
+        self._refill_waiters = 0  # those of them that wait for the call of another caller
         # Whether the last acquire call that carried waiters queued one of them: slots are
         # scarce, so a release is likely to hand its slot to a waiter of another process.
         self._queued_lately = False
@@ -774,7 +775,11 @@ class RedisLimiter:
                         # The call in flight reserves for this caller too. (While Redis
                         # fails, every caller makes its own call, bounded by its own retry
                         # window.)
-                        await self._refill.wait()
+                        self._refill_waiters += 1
+                        try:
+                            await self._refill.wait()
+                        finally:
+                            self._refill_waiters -= 1
                         continue
                     # The caller's own start: while Redis fails, its retry window runs from
                     # there.
@@ -801,8 +806,11 @@ class RedisLimiter:
                 else:
                     await anyio.lowlevel.checkpoint_if_cancelled()
             except BaseException:
-                if self._leases.open and self._rate_waiters:
-                    # Another caller of this process waits for a start: it takes this one.
+                if self._leases.open and self._refill_waiters:
+                    # Another caller of this process waits for the call in flight: when it
+                    # is answered, that caller takes this start (the earliest in the pool).
+                    # (One making its own call would not look at the pool: the start would
+                    # pass unused.)
                     pool.put_back(entry)
                 else:
                     # Back to the fleet: the next reservation of any process may use it.

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -229,6 +230,76 @@ async def test_a_cancelled_caller_gives_its_reserved_start_back(
         await other.acquire()
         # (Each process learns the time of a start from its own reply: a few ms apart.)
         assert reserved[0] - 0.01 <= anyio.current_time() < reserved[0] + 0.015
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_cancelled_callers_start_goes_to_a_caller_waiting_for_the_call_in_flight(
+    server: RedisServer, name: str
+) -> None:
+    async with RedisLimiter.from_url(server.url, name, max_per_second=40) as limiter:
+        await limiter.acquire()
+        (reserved,) = limiter._pool.ahead(0.0)
+        limiter._pool.put(*reserved)
+        limiter._refill = in_flight = anyio.Event()  # a call in flight, not answered yet
+        tokens: list[int] = []
+
+        async def waiting() -> None:
+            tokens.append((await limiter.acquire()).token)
+
+        async with anyio.create_task_group() as task_group:
+            # Runs once the caller below sleeps: finds the pool empty, waits for the call.
+            task_group.start_soon(waiting)
+            with anyio.move_on_after(0.005) as scope:
+                await limiter.acquire()  # takes the reserved start (25 ms away) and sleeps
+            assert scope.cancelled_caught
+            assert tokens == []
+            limiter._refill = None
+            in_flight.set()
+        # The waiting caller took the start the cancelled one gave up.
+        assert tokens == [reserved[2]]
+        assert limiter._pool.dropped == 0
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_cancelled_callers_start_goes_back_while_another_makes_its_own_call(
+    server: RedisServer, name: str
+) -> None:
+    async with RedisLimiter.from_url(server.url, name, max_per_second=40) as limiter:
+        await limiter.acquire()
+        (reserved,) = limiter._pool.ahead(0.0)
+        limiter._pool.put(*reserved)
+        limiter._pool._target = 0  # no top-up in the background
+        submit = limiter._submit_items
+        gate = anyio.Event()
+
+        async def held(items: list[str], start: float) -> list[Any]:
+            await gate.wait()
+            return await submit(items, start)
+
+        limiter._submit_items = held  # type: ignore[method-assign]
+        begun: list[float] = []
+
+        async def own_call() -> None:
+            await limiter.acquire()
+            begun.append(anyio.current_time())
+
+        async with anyio.create_task_group() as task_group:
+            # Runs once the caller below sleeps: finds the pool empty and no call in flight,
+            # so it makes its own (held before it is sent), which never looks at the pool.
+            task_group.start_soon(own_call)
+            with anyio.move_on_after(0.005) as scope:
+                await limiter.acquire()  # takes the reserved start (25 ms away) and sleeps
+            assert scope.cancelled_caught
+            gate.set()
+        # The cancelled caller's start went back to the fleet (not into the pool, where it
+        # would have passed unused): the next reservation, the other caller's, took it.
+        assert reserved[1] not in [entry[1] for entry in limiter._pool.ahead(0.0)]
+        assert limiter._pool.dropped == 0
+        # (Each call learns the time of a start from its own reply: a few ms apart; a start
+        # after those reserved would be 25 ms later.)
+        assert reserved[0] - 0.01 <= begun[0] < reserved[0] + 0.015
 
 
 @pytest.mark.redis
