@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,43 @@ CLIENTS = [
     pytest.param(["--backend", "asyncio", "--client", "redis"], id="asyncio-redis"),
     pytest.param(["--backend", "trio", "--client", "coredis"], id="trio-coredis"),
 ]
+
+
+async def _reserve_one(limiter: RedisLimiter) -> tuple[float, str, int]:
+    """Acquire once (a limiter of 40/s reserves one start ahead) and return the start reserved
+    ahead, left in the pool."""
+    await limiter.acquire()
+    (reserved,) = limiter._pool.ahead(0.0)
+    limiter._pool.put(*reserved)
+    return reserved
+
+
+async def _cancel_sleeping_caller(limiter: RedisLimiter) -> None:
+    """A caller that takes the start at the head of the pool (25 ms away), cancelled 5 ms into
+    its sleep towards it: meanwhile the tasks started before run."""
+    with anyio.move_on_after(0.005) as scope:
+        await limiter.acquire()
+    assert scope.cancelled_caught
+
+
+async def _beside_a_cancelled_caller(
+    limiter: RedisLimiter, then: Callable[[], None]
+) -> tuple[int, float]:
+    """Another caller's acquisition, begun while a caller of the same limiter sleeps towards
+    the start at the head of the pool and is cancelled (see _cancel_sleeping_caller); *then*
+    runs after the cancellation. Returns the other caller's token and the time it began."""
+    taken: list[tuple[int, float]] = []
+
+    async def other() -> None:
+        permit = await limiter.acquire()
+        taken.append((permit.token, anyio.current_time()))
+
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(other)  # runs once the caller below sleeps
+        await _cancel_sleeping_caller(limiter)
+        assert taken == []
+        then()
+    return taken[0]
 
 
 # -- the pool's bookkeeping (no Redis) -----------------------------------------------------------
@@ -213,14 +250,10 @@ async def test_a_cancelled_caller_gives_its_reserved_start_back(
         RedisLimiter.from_url(server.url, name, max_per_second=40) as other,
     ):
         other._reserving = False  # another process, one call per start
-        await limiter.acquire()
-        (reserved,) = limiter._pool.ahead(0.0)
-        limiter._pool.put(*reserved)
+        reserved = await _reserve_one(limiter)
         # No top-up in the background meanwhile (it would move the rate state too).
         limiter._refill = in_flight = anyio.Event()
-        with anyio.move_on_after(0.002) as scope:
-            await limiter.acquire()  # sleeps towards the reserved start (25 ms away)
-        assert scope.cancelled_caught
+        await _cancel_sleeping_caller(limiter)
         limiter._refill = None
         in_flight.set()
         # Nobody else of this process waited for a start: it is not kept in the pool but given
@@ -238,26 +271,17 @@ async def test_a_cancelled_callers_start_goes_to_a_caller_waiting_for_the_call_i
     server: RedisServer, name: str
 ) -> None:
     async with RedisLimiter.from_url(server.url, name, max_per_second=40) as limiter:
-        await limiter.acquire()
-        (reserved,) = limiter._pool.ahead(0.0)
-        limiter._pool.put(*reserved)
+        reserved = await _reserve_one(limiter)
         limiter._refill = in_flight = anyio.Event()  # a call in flight, not answered yet
-        tokens: list[int] = []
 
-        async def waiting() -> None:
-            tokens.append((await limiter.acquire()).token)
-
-        async with anyio.create_task_group() as task_group:
-            # Runs once the caller below sleeps: finds the pool empty, waits for the call.
-            task_group.start_soon(waiting)
-            with anyio.move_on_after(0.005) as scope:
-                await limiter.acquire()  # takes the reserved start (25 ms away) and sleeps
-            assert scope.cancelled_caught
-            assert tokens == []
+        def answered() -> None:
             limiter._refill = None
             in_flight.set()
-        # The waiting caller took the start the cancelled one gave up.
-        assert tokens == [reserved[2]]
+
+        # The other caller finds the pool empty and waits for that call.
+        token, _ = await _beside_a_cancelled_caller(limiter, answered)
+        # It took the start the cancelled caller gave up.
+        assert token == reserved[2]
         assert limiter._pool.dropped == 0
 
 
@@ -267,9 +291,7 @@ async def test_a_cancelled_callers_start_goes_back_while_another_makes_its_own_c
     server: RedisServer, name: str
 ) -> None:
     async with RedisLimiter.from_url(server.url, name, max_per_second=40) as limiter:
-        await limiter.acquire()
-        (reserved,) = limiter._pool.ahead(0.0)
-        limiter._pool.put(*reserved)
+        reserved = await _reserve_one(limiter)
         limiter._pool._target = 0  # no top-up in the background
         submit = limiter._submit_items
         gate = anyio.Event()
@@ -279,27 +301,16 @@ async def test_a_cancelled_callers_start_goes_back_while_another_makes_its_own_c
             return await submit(items, start)
 
         limiter._submit_items = held  # type: ignore[method-assign]
-        begun: list[float] = []
-
-        async def own_call() -> None:
-            await limiter.acquire()
-            begun.append(anyio.current_time())
-
-        async with anyio.create_task_group() as task_group:
-            # Runs once the caller below sleeps: finds the pool empty and no call in flight,
-            # so it makes its own (held before it is sent), which never looks at the pool.
-            task_group.start_soon(own_call)
-            with anyio.move_on_after(0.005) as scope:
-                await limiter.acquire()  # takes the reserved start (25 ms away) and sleeps
-            assert scope.cancelled_caught
-            gate.set()
+        # The other caller finds the pool empty and no call in flight: it makes its own (held
+        # before it is sent), which never looks at the pool.
+        _, begun = await _beside_a_cancelled_caller(limiter, gate.set)
         # The cancelled caller's start went back to the fleet (not into the pool, where it
         # would have passed unused): the next reservation, the other caller's, took it.
         assert reserved[1] not in [entry[1] for entry in limiter._pool.ahead(0.0)]
         assert limiter._pool.dropped == 0
         # (Each call learns the time of a start from its own reply: a few ms apart; a start
         # after those reserved would be 25 ms later.)
-        assert reserved[0] - 0.01 <= begun[0] < reserved[0] + 0.015
+        assert reserved[0] - 0.01 <= begun < reserved[0] + 0.015
 
 
 @pytest.mark.redis
@@ -308,9 +319,7 @@ async def test_not_idle_while_it_holds_starts_reserved_ahead(
     server: RedisServer, name: str
 ) -> None:
     async with RedisLimiter.from_url(server.url, name, max_per_second=40) as limiter:
-        await limiter.acquire()
-        (reserved,) = limiter._pool.ahead(0.0)
-        limiter._pool.put(*reserved)
+        reserved = await _reserve_one(limiter)
         # A group would close an idle limiter: not while a start is reserved for it.
         assert not limiter.is_idle()
         await anyio.sleep(reserved[0] + LATE + 0.005 - anyio.current_time())
