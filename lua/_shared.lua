@@ -127,8 +127,9 @@ end
 --               the grants entries of the leases it frees to the sweep (one
 --               HDEL less per release). Absent (control lost, or a sweep was
 --               refused: an ACL without HSCAN or ZMSCORE): releases delete them.
+--   epoch       what a fencing token adds to its number of seq (see token_of).
 local BOOK_FIELDS = {
-  'keys_until', 'next_purge', 'costly', 'spare_ahead', 'tat_until', 'grants_scan',
+  'keys_until', 'next_purge', 'costly', 'spare_ahead', 'tat_until', 'grants_scan', 'epoch',
 }
 local keys_until = nil
 local next_purge = nil
@@ -136,6 +137,9 @@ local costly = false
 local spare_ahead = nil
 local tat_until = nil
 local grants_scan = nil
+local epoch = nil
+-- The call's server time, for token_of (set by apply_control).
+local book_now = 0
 -- What this call will store (flush_book writes the ones that changed).
 local new_keys_until = nil
 local new_next_purge = nil
@@ -145,6 +149,8 @@ local new_tat_until = nil
 local new_grants_scan = nil
 -- Whether control holds any of its own fields (apply_control then set its TTL).
 local control_used = false
+-- The epoch this call chose (token_of), for flush_book to store.
+local new_epoch = nil
 
 -- Process liveness (see lua/README.md: "Process liveness"). A process id whose
 -- last character (before a final '!') is '.' keeps one liveness entry in
@@ -200,6 +206,8 @@ local function apply_control(now)
   tat_until = c.tat_until
   new_tat_until = tat_until
   grants_scan = c.grants_scan
+  epoch = c.epoch
+  book_now = now
   costly = c.costly ~= nil
   control_used = any
   if not any then
@@ -946,6 +954,32 @@ end
 -- return_numbers() gives them back (INCRBY -n) before the call ends: seq ends
 -- exactly where one INCR per number would have left it.
 local seq_next, seq_last = 1, 0
+
+-- The fencing token of the number `n` of seq is epoch + n (epoch: a field of
+-- control, read by apply_control). seq starts again from 1 when its key expires
+-- (the limiter unused for key_ttl_ms) or is deleted (reset), and tokens must
+-- not: a store that remembers the highest token it saw would refuse every
+-- holder after that. So a call that creates seq takes the server clock (in
+-- microseconds) as the epoch, whatever control held, and a call that finds no
+-- epoch (control expired or deleted while seq lived on) takes now - (n - 1) for
+-- the number n of its first token: either way its first token is at least
+-- now + 1. A token is then at most the clock when it was handed out plus the
+-- numbers taken since its epoch was chosen minus the microseconds gone by, so a
+-- new epoch's tokens exceed every earlier one as long as seq grows by less than
+-- one number per microsecond (a million per second, far beyond what one Redis
+-- serves).
+local function new_seq_epoch()
+  epoch = book_now
+  new_epoch = epoch
+end
+
+local function token_of(n)
+  if epoch == nil then
+    epoch = math.max(0, book_now - (n - 1))
+    new_epoch = epoch
+  end
+  return epoch + n
+end
 -- seq before the first block of this call (nil: the call took no number).
 local seq_last_before = nil
 
@@ -957,6 +991,7 @@ local function next_number(more)
     seq_last_before = seq_last_before or seq_next - 1
     if seq_next == 1 then
       created[seq_key] = true
+      new_seq_epoch()
     end
   end
   local number = seq_next
@@ -1063,7 +1098,7 @@ local function grant(id, now, max_delay, cost, more)
       return nil
     end
   end
-  local token = next_number(more or 0)
+  local token = token_of(next_number(more or 0))
   local start_at = now + delay
   redis.call('ZADD', holders_key, int(start_at + lease_ttl), id)
   redis.call('HSET', grants_key, id, grant_entry(token, start_at, cost))
@@ -1231,6 +1266,11 @@ local function flush_book()
   if new_tat_until and new_tat_until ~= tat_until then
     fields[#fields + 1] = 'tat_until'
     fields[#fields + 1] = int(new_tat_until)
+  end
+  if new_epoch then
+    fields[#fields + 1] = 'epoch'
+    fields[#fields + 1] = int(new_epoch)
+    new_epoch = nil
   end
   keys_until, next_purge, spare_ahead = new_keys_until, new_next_purge, new_spare_ahead
   tat_until = new_tat_until

@@ -332,6 +332,9 @@ if max_at_once == 0 then
   local starts = {}
   if granted > 0 then
     local before = redis.call('INCRBY', seq_key, granted) - granted
+    if before == 0 then
+      new_seq_epoch()
+    end
     redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
     local ends = int(now + lease_ttl)
     local members = {}
@@ -341,7 +344,7 @@ if max_at_once == 0 then
       local delay = delays[k]
       if delay then
         n = n + 1
-        local token = before + n
+        local token = token_of(before + n)
         local start_at = now + delay
         tokens[id] = token
         starts[id] = start_at

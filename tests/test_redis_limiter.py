@@ -3,6 +3,7 @@ of OS processes."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -66,6 +67,24 @@ async def test_slot_statistics_and_reset(server: RedisServer, name: str) -> None
         await limiter.acquire()
         await limiter.reset()
         assert (await limiter.statistics()).holders == ()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("options", [{"max_at_once": 2}, {"max_per_second": 1000}])
+async def test_fencing_tokens_keep_increasing_across_a_reset(
+    server: RedisServer, name: str, options: dict[str, int]
+) -> None:
+    tokens: list[int] = []
+    async with RedisLimiter.from_url(server.url, name, **options) as limiter:
+        for round_ in range(2):
+            for _ in range(3):
+                async with limiter.slot() as permit:
+                    tokens.append(permit.token)
+            if round_ == 0:
+                # Every key deleted: the counter behind the tokens starts again.
+                await limiter.reset()
+    assert len(tokens) == 6
+    assert all(a < b for a, b in itertools.pairwise(tokens)), tokens
 
 
 @pytest.mark.anyio

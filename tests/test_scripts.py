@@ -64,6 +64,7 @@ PTTLS = Script.from_source(
     "test_pttls",
     "local out = {} for i, key in ipairs(KEYS) do out[i] = redis.call('PTTL', key) end return out",
 )
+HGET = Script.from_source("test_hget", "return redis.call('HGET', KEYS[1], ARGV[1])")
 RPUSH = Script.from_source("test_rpush", "return redis.call('RPUSH', KEYS[1], ARGV[1])")
 # Every key matching ARGV[1], with its PTTL: {key, pttl, key, pttl, ...}.
 KEY_TTLS = Script.from_source(
@@ -230,6 +231,10 @@ class Limiter:
             dict(zip(grants[::2], grants[1::2], strict=True)),
         )
 
+    async def stored_epoch(self) -> int:
+        """control's epoch: a fencing token is this plus its number of seq."""
+        return int(await self.client.run_script(HGET, [control_key(self.tag)], ["epoch"]))
+
     async def mailbox(self, process: str) -> Any:
         return await self.client.run_script(LRANGE, [mailbox_prefix(self.tag) + process], [])
 
@@ -343,8 +348,8 @@ def test_the_locals_bound_again_in_shared_lua_are_never_assigned() -> None:
 async def test_grant_path(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=2)
-        assert await lim.acquire(NOW, "p1:1") == [[1, 1, 0]]
-        assert await lim.acquire(NOW + 5, "p2:1") == [[1, 2, 0]]
+        assert await lim.acquire(NOW, "p1:1") == [[1, NOW + 1, 0]]
+        assert await lim.acquire(NOW + 5, "p2:1") == [[1, NOW + 2, 0]]
         assert await lim.status(NOW + 10) == [
             NOW + 10,
             ["p1:1", str(NOW + SECOND), "p2:1", str(NOW + 5 + SECOND)],
@@ -358,7 +363,7 @@ async def test_grant_path(backend: Backend) -> None:
 async def test_queue_positions(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1)
-        assert await lim.acquire(NOW, "p1:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "p1:1") == [[1, NOW + 1, 0]]
         assert await lim.acquire(NOW, "p2:1") == [[0, 0]]
         assert await lim.acquire(NOW, "p3:1") == [[0, 1]]
         assert await lim.acquire(NOW, "p2:2") == [[0, 2]]
@@ -373,16 +378,16 @@ async def test_queue_positions(backend: Backend) -> None:
 async def test_handoff_is_fifo_into_process_mailboxes(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1)
-        assert await lim.acquire(NOW, "a1:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "a1:1") == [[1, NOW + 1, 0]]
         for waiter in ("b2:1", "c3:1", "b2:2"):
             assert (await lim.acquire_one(NOW, waiter))[0] == 0
         assert await lim.release(NOW + 1, "a1:1") == [1, 1]
-        assert await lim.mailbox("b2") == ["b2:1|5|0"]
+        assert await lim.mailbox("b2") == [f"b2:1|{NOW + 5}|0"]
         assert await lim.mailbox("c3") == []
         assert await lim.release(NOW + 2, "b2:1") == [1, 1]
-        assert await lim.mailbox("c3") == ["c3:1|6|0"]
+        assert await lim.mailbox("c3") == [f"c3:1|{NOW + 6}|0"]
         assert await lim.release(NOW + 3, "c3:1") == [1, 1]
-        assert await lim.mailbox("b2") == ["b2:1|5|0", "b2:2|7|0"]
+        assert await lim.mailbox("b2") == [f"b2:1|{NOW + 5}|0", f"b2:2|{NOW + 7}|0"]
         assert (await lim.status(NOW + 4))[1:3] == [["b2:2", str(NOW + 3 + SECOND)], []]
 
 
@@ -398,19 +403,23 @@ async def test_handoff_fills_every_free_slot(backend: Backend) -> None:
         assert await lim.renew(NOW + SECOND // 2, [], waiting) == [[], [], 0]
         # The three leases expire unreleased; the waiters, kept alive, take every slot.
         assert await lim.renew(NOW + SECOND, [], waiting) == [[], [], 3]
-        assert await lim.mailbox("b") == ["b:0|7|0", "b:1|8|0", "b:2|9|0"]
+        assert await lim.mailbox("b") == [
+            f"b:0|{NOW + 7}|0",
+            f"b:1|{NOW + 8}|0",
+            f"b:2|{NOW + 9}|0",
+        ]
 
 
 @pytest.mark.anyio
 async def test_acquire_retry_is_idempotent(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=2, interval_us=100_000.0)
-        assert await lim.acquire(NOW, "p:1") == [[1, 1, 0]]
-        assert await lim.acquire(NOW, "p:2") == [[1, 2, 100_000]]
+        assert await lim.acquire(NOW, "p:1") == [[1, NOW + 1, 0]]
+        assert await lim.acquire(NOW, "p:2") == [[1, NOW + 2, 100_000]]
         before = await lim.status(NOW)
-        assert await lim.acquire(NOW + 40_000, "p:2") == [[1, 2, 60_000]]
-        assert await lim.acquire(NOW + 150_000, "p:2") == [[1, 2, 0]]
-        assert await lim.acquire(NOW + 1, "p:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW + 40_000, "p:2") == [[1, NOW + 2, 60_000]]
+        assert await lim.acquire(NOW + 150_000, "p:2") == [[1, NOW + 2, 0]]
+        assert await lim.acquire(NOW + 1, "p:1") == [[1, NOW + 1, 0]]
         assert (await lim.status(NOW))[1:] == before[1:]
 
 
@@ -422,17 +431,17 @@ async def test_waiter_granted_by_handoff_sees_its_grant_on_acquire(backend: Back
         assert await lim.acquire(NOW, "b:1") == [[0, 0]]
         assert await lim.release(NOW + 10, "a:1") == [1, 1]
         # The fallback re-check (or a lost wake-up) finds the grant already made.
-        assert await lim.acquire(NOW + 20, "b:1") == [[1, 3, 0]]
-        assert await lim.mailbox("b") == ["b:1|3|0"]
+        assert await lim.acquire(NOW + 20, "b:1") == [[1, NOW + 3, 0]]
+        assert await lim.mailbox("b") == [f"b:1|{NOW + 3}|0"]
 
 
 @pytest.mark.anyio
 async def test_release_of_expired_or_unknown_lease_is_harmless(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
-        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "a:1") == [[1, NOW + 1, 0]]
         # a:1 expired; b:1 takes the slot.
-        assert await lim.acquire(NOW + 2 * SECOND, "b:1") == [[1, 2, 0]]
+        assert await lim.acquire(NOW + 2 * SECOND, "b:1") == [[1, NOW + 2, 0]]
         assert await lim.release(NOW + 2 * SECOND + 1, "a:1") == [0, 0]
         assert await lim.release(NOW + 2 * SECOND + 2, "nobody:9") == [0, 0]
         status = await lim.status(NOW + 2 * SECOND + 3)
@@ -454,7 +463,7 @@ async def test_renew_extends_and_reports_lost(backend: Backend) -> None:
         # b:1 expired at NOW + SECOND and was not renewed: lost, its slot goes to c:1.
         later = NOW + SECOND + 200_000
         assert await lim.renew(later, ["a:1", "b:1"], ["c:1"]) == [["b:1"], [], 1]
-        assert await lim.mailbox("c") == ["c:1|4|0"]
+        assert await lim.mailbox("c") == [f"c:1|{NOW + 4}|0"]
         # c:1 was granted meanwhile: as a waiter it is not lost.
         assert await lim.renew(later + 1, [], ["c:1"]) == [[], [], 0]
 
@@ -510,7 +519,7 @@ async def test_a_process_ending_in_a_dot_keeps_one_liveness_for_its_waiters(
     absent or less than 3/4 of the lease TTL ahead."""
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
-        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "a:1") == [[1, NOW + 1, 0]]
         assert await lim.acquire(NOW, "p.:1", "p.:2", "b:1") == [[0, 0], [0, 1], [0, 2]]
         assert await liveness(lim) == (
             {"p.": NOW + SECOND, "b:1": NOW + SECOND},
@@ -536,7 +545,7 @@ async def test_a_process_ending_in_a_dot_keeps_one_liveness_for_its_waiters(
         assert waiters["p."] == live["p."] == NOW + 3 * SECOND // 2 + 2
         # A handoff to p.:1 and its release leave waiters alone; "!" after the dot too.
         assert await lim.release(NOW + SECOND // 2 + 3, "a:1") == [1, 1]
-        assert await lim.mailbox("p.") == ["p.:1|7|0"]
+        assert await lim.mailbox("p.") == [f"p.:1|{NOW + 7}|0"]
         assert await lim.acquire(NOW + SECOND // 2 + 4, "q.!:1") == [[0, 4]]
         waiters, _ = await liveness(lim)
         assert sorted(waiters) == ["b:1", "p.", "q.!"]
@@ -555,7 +564,7 @@ async def test_a_waiter_queued_by_a_live_process_outlasts_one_missed_renewal(
     async with backend.open() as opened:
         for tag, queued_at in (("q1", NOW + SECOND // 4), ("q2", NOW + SECOND // 2)):
             lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND, tag=tag)
-            assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+            assert await lim.acquire(NOW, "a:1") == [[1, NOW + 1, 0]]
             assert await lim.acquire(NOW, "p.:1") == [[0, 0]]
             assert await lim.release(NOW + 1, "a:1") == [1, 1]
             # p. has nothing queued: its renewal does not write the entry (NOW + 1 s).
@@ -579,7 +588,7 @@ async def test_a_dead_process_takes_all_its_queued_waiters_along(backend: Backen
     record; the other waiters keep their places."""
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
-        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "a:1") == [[1, NOW + 1, 0]]
         others = [f"o:{n}" for n in range(2500)]
         dead = ["x.:1", "x.:2", "x.:3"]
         # x.'s waiters at positions 10, 1500 and 2400 of the queue.
@@ -619,12 +628,12 @@ async def test_releases_leave_their_grants_to_the_sweep_once_one_ran(backend: Ba
     lease's entry to the next sweep, and a cancel of such a released id withdraws nothing."""
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=2, interval_us=1_000.0)
-        assert await lim.acquire(NOW, "a:1", "b:1") == [[1, 1, 0], [1, 2, 1000]]
+        assert await lim.acquire(NOW, "a:1", "b:1") == [[1, NOW + 1, 0], [1, NOW + 2, 1000]]
         # No sweep yet: a release deletes the entry.
         assert await lim.release(NOW + 1, "a:1") == [1, 0]
         assert await grants_and_scan(lim) == (["b:1"], None)
         await lim.client.run_script(SET_SEQ, [lim.keys[4]], [127])
-        assert await lim.acquire(NOW + 2, "c:1") == [[1, 128, 1998]]
+        assert await lim.acquire(NOW + 2, "c:1") == [[1, NOW + 128, 1998]]
         assert await grants_and_scan(lim) == (["b:1", "c:1"], "0")
         # Now a release leaves it; the lease is gone all the same.
         assert await lim.release(NOW + 3, "b:1") == [1, 0]
@@ -636,10 +645,10 @@ async def test_releases_leave_their_grants_to_the_sweep_once_one_ran(backend: Ba
         assert (await lim.status(NOW + 4))[3] == tat
         assert await grants_and_scan(lim) == (["c:1"], "0")
         assert await lim.release(NOW + 5, "c:1") == [1, 0]
-        assert await lim.acquire(NOW + 6, "d:1") == [[1, 129, 2994]]
+        assert await lim.acquire(NOW + 6, "d:1") == [[1, NOW + 129, 2994]]
         # The next crossing sweeps what releases left.
         await lim.client.run_script(SET_SEQ, [lim.keys[4]], [255])
-        assert await lim.acquire(NOW + 7, "e:1") == [[1, 256, 3993]]
+        assert await lim.acquire(NOW + 7, "e:1") == [[1, NOW + 256, 3993]]
         assert await grants_and_scan(lim) == (["d:1", "e:1"], "0")
 
 
@@ -652,7 +661,7 @@ async def test_a_dead_process_in_a_long_queue_is_dropped_over_several_calls(
     with score -<ticket>), so no call does unbounded work."""
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
-        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "a:1") == [[1, NOW + 1, 0]]
         others = [f"o:{n}" for n in range(12_000)]
         dead = ["x.:1", "x.:2"]
         await lim.acquire(NOW, dead[0], *others[:999])
@@ -689,7 +698,7 @@ async def test_cancel_queued_waiter(backend: Backend) -> None:
         assert (await lim.status(NOW + 1))[2] == ["c:1", "3"]
         assert await lim.acquire(NOW + 2, "d:1") == [[0, 1]]
         assert await lim.release(NOW + 3, "a:1") == [1, 1]
-        assert await lim.mailbox("c") == ["c:1|5|0"]
+        assert await lim.mailbox("c") == [f"c:1|{NOW + 5}|0"]
         assert await lim.mailbox("b") == []
 
 
@@ -701,9 +710,9 @@ async def test_cancel_of_waiter_granted_meanwhile_passes_the_slot_on(backend: Ba
         await lim.acquire(NOW, "b:1")
         await lim.acquire(NOW, "c:1")
         assert await lim.release(NOW + 1, "a:1") == [1, 1]
-        assert await lim.mailbox("b") == ["b:1|4|0"]
+        assert await lim.mailbox("b") == [f"b:1|{NOW + 4}|0"]
         assert await lim.cancel(NOW + 2, "b:1") == [1, 1]
-        assert await lim.mailbox("c") == ["c:1|5|0"]
+        assert await lim.mailbox("c") == [f"c:1|{NOW + 5}|0"]
         assert (await lim.status(NOW + 3))[1] == ["c:1", str(NOW + 2 + SECOND)]
 
 
@@ -712,8 +721,8 @@ async def test_rate_burst_1(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0)
         replies = [await lim.acquire_one(NOW, f"p:{n}") for n in range(3)]
-        assert replies == [[1, 1, 0], [1, 2, 100_000], [1, 3, 200_000]]
-        assert await lim.acquire(NOW + 250_000, "p:9") == [[1, 4, 50_000]]
+        assert replies == [[1, NOW + 1, 0], [1, NOW + 2, 100_000], [1, NOW + 3, 200_000]]
+        assert await lim.acquire(NOW + 250_000, "p:9") == [[1, NOW + 4, 50_000]]
         status = await lim.status(NOW + 250_000)
         assert status[1:] == [[], [], f"{NOW + 400_000}.000", "4"]
 
@@ -746,14 +755,14 @@ async def test_fractional_interval_rounds_delay_up(backend: Backend) -> None:
 async def test_rate_and_concurrency_together(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=2, interval_us=100_000.0)
-        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
-        assert await lim.acquire(NOW, "b:1") == [[1, 2, 100_000]]
+        assert await lim.acquire(NOW, "a:1") == [[1, NOW + 1, 0]]
+        assert await lim.acquire(NOW, "b:1") == [[1, NOW + 2, 100_000]]
         assert await lim.acquire(NOW, "c:1") == [[0, 0]]
         # The lease of a delayed start runs from its start.
         holders = (await lim.status(NOW))[1]
         assert holders == ["a:1", str(NOW + SECOND), "b:1", str(NOW + 100_000 + SECOND)]
         assert await lim.release(NOW + 10, "a:1") == [1, 1]
-        assert await lim.mailbox("c") == ["c:1|4|199990"]
+        assert await lim.mailbox("c") == [f"c:1|{NOW + 4}|199990"]
 
 
 # -- rate only: remembered grants --------------------------------------------------------
@@ -764,49 +773,56 @@ async def test_rate_only_retry_returns_the_same_grants(backend: Backend) -> None
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, burst=2)
         first = await lim.acquire(NOW, "p:1", "p:2", "p:3")
-        assert first == [[1, 1, 0], [1, 2, 0], [1, 3, 100_000]]
+        assert first == [[1, NOW + 1, 0], [1, NOW + 2, 0], [1, NOW + 3, 100_000]]
         before = await lim.status(NOW)
         memories = await lim.memories()
         # The reply was lost: the client sends the same ids again, at once or a bit later.
         assert await lim.acquire(NOW, "p:1", "p:2", "p:3") == first
-        assert await lim.acquire(NOW + 30_000, "p:3", "p:1") == [[1, 3, 70_000], [1, 1, 0]]
-        assert await lim.acquire(NOW + 150_000, "p:3") == [[1, 3, 0]]
+        assert await lim.acquire(NOW + 30_000, "p:3", "p:1") == [
+            [1, NOW + 3, 70_000],
+            [1, NOW + 1, 0],
+        ]
+        assert await lim.acquire(NOW + 150_000, "p:3") == [[1, NOW + 3, 0]]
         # Nothing was reserved again: tat, seq and the memories did not move.
         assert await lim.status(NOW) == before
         assert await lim.memories() == memories
         assert memories == (
             {"p:1": NOW + SECOND, "p:2": NOW + SECOND, "p:3": NOW + SECOND},
-            {"p:1": f"1|{NOW}", "p:2": f"2|{NOW}", "p:3": f"3|{NOW + 100_000}"},
+            {
+                "p:1": f"{NOW + 1}|{NOW}",
+                "p:2": f"{NOW + 2}|{NOW}",
+                "p:3": f"{NOW + 3}|{NOW + 100_000}",
+            },
         )
         # In a batch mixing retried and new ids, only the new ids reserve, in order.
         assert await lim.acquire(NOW + 150_000, "p:4", "p:2", "p:5", "p:4") == [
-            [1, 4, 50_000],
-            [1, 2, 0],
-            [1, 5, 150_000],
-            [1, 4, 50_000],
+            [1, NOW + 4, 50_000],
+            [1, NOW + 2, 0],
+            [1, NOW + 5, 150_000],
+            [1, NOW + 4, 50_000],
         ]
         assert (await lim.status(NOW + 150_000))[1:] == [[], [], f"{NOW + 500_000}.000", "5"]
         recent, grants = await lim.memories()
         assert recent["p:4"] == recent["p:5"] == NOW + 150_000 + SECOND
-        assert grants["p:4"] == f"4|{NOW + 200_000}"
+        assert grants["p:4"] == f"{NOW + 4}|{NOW + 200_000}"
 
 
 @pytest.mark.anyio
 async def test_rate_only_id_is_new_once_its_memory_ended(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, lease_ttl_us=SECOND)
-        assert await lim.acquire(NOW, "p:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "p:1") == [[1, NOW + 1, 0]]
         # Remembered for lease_ttl_us: up to, not including, NOW + SECOND.
-        assert await lim.acquire(NOW + SECOND - 1, "p:1") == [[1, 1, 0]]
-        assert await lim.acquire(NOW + SECOND, "p:1", "p:1") == [[1, 2, 0], [1, 2, 0]]
+        assert await lim.acquire(NOW + SECOND - 1, "p:1") == [[1, NOW + 1, 0]]
+        assert await lim.acquire(NOW + SECOND, "p:1", "p:1") == [[1, NOW + 2, 0], [1, NOW + 2, 0]]
         assert (await lim.status(NOW))[3:] == [f"{NOW + SECOND + 100_000}.000", "2"]
         assert await lim.memories() == (
             {"p:1": NOW + 2 * SECOND},
-            {"p:1": f"2|{NOW + SECOND}"},
+            {"p:1": f"{NOW + 2}|{NOW + SECOND}"},
         )
         # A remembered id whose grant was deleted (release.lua is given it) is new too.
         assert await lim.release(NOW + SECOND + 1, "p:1") == [0, 0]
-        assert await lim.acquire(NOW + SECOND + 2, "p:1") == [[1, 3, 99_998]]
+        assert await lim.acquire(NOW + SECOND + 2, "p:1") == [[1, NOW + 3, 99_998]]
 
 
 @pytest.mark.anyio
@@ -820,19 +836,19 @@ async def test_rate_only_purge_forgets_at_most_100_ended_memories(backend: Backe
         # end first, ties in byte order of the id), recent and grants alike.
         forgotten, left = sorted(ids)[:100], sorted(ids)[100:]
         # left[0] has ended but is not forgotten yet: still, it is new, not a retry.
-        assert await lim.acquire(NOW + SECOND, left[0]) == [[1, 152, 0]]
+        assert await lim.acquire(NOW + SECOND, left[0]) == [[1, NOW + 152, 0]]
         recent, grants = await lim.memories()
         assert set(recent) == set(grants) == {*left, "q:1"}
         assert recent[left[0]] == NOW + 2 * SECOND
-        assert grants[left[0]] == f"152|{NOW + SECOND}"
+        assert grants[left[0]] == f"{NOW + 152}|{NOW + SECOND}"
         assert not set(forgotten) & set(recent)
         # The next call forgets the rest of the ended ones, even as a pure retry.
-        assert await lim.acquire(NOW + SECOND + 1, "q:1") == [[1, 151, 0]]
+        assert await lim.acquire(NOW + SECOND + 1, "q:1") == [[1, NOW + 151, 0]]
         recent, grants = await lim.memories()
         assert recent == {"q:1": NOW + 3 * SECOND // 2, left[0]: NOW + 2 * SECOND}
         assert set(grants) == set(recent)
         # Once every memory ended, a call forgets them all and keeps only its own.
-        assert await lim.acquire(NOW + 3 * SECOND, "r:1") == [[1, 153, 0]]
+        assert await lim.acquire(NOW + 3 * SECOND, "r:1") == [[1, NOW + 153, 0]]
         assert (await lim.memories())[0] == {"r:1": NOW + 4 * SECOND}
 
 
@@ -843,7 +859,11 @@ async def test_rate_only_purge_forgets_at_most_100_ended_memories(backend: Backe
 async def test_batch_acquire_grants_in_order_then_queues(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=2)
-        assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [[1, 1, 0], [1, 2, 0], [0, 0]]
+        assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [
+            [1, NOW + 1, 0],
+            [1, NOW + 2, 0],
+            [0, 0],
+        ]
         # Later ids queue behind earlier ones; a queued id re-checking keeps its ticket.
         assert await lim.acquire(NOW + 1, "d:1", "c:1", "a:2") == [[0, 1], [0, 0], [0, 2]]
         status = await lim.status(NOW + 2)
@@ -857,12 +877,15 @@ async def test_batch_rate_only_burst_1(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0)
         assert await lim.acquire(NOW, "p:0", "p:1", "p:2") == [
-            [1, 1, 0],
-            [1, 2, 100_000],
-            [1, 3, 200_000],
+            [1, NOW + 1, 0],
+            [1, NOW + 2, 100_000],
+            [1, NOW + 3, 200_000],
         ]
         # An id given twice in a batch is granted once: the second time is a retry.
-        assert await lim.acquire(NOW + 250_000, "p:3", "p:3") == [[1, 4, 50_000], [1, 4, 50_000]]
+        assert await lim.acquire(NOW + 250_000, "p:3", "p:3") == [
+            [1, NOW + 4, 50_000],
+            [1, NOW + 4, 50_000],
+        ]
         status = await lim.status(NOW + 250_000)
         assert status[1:] == [[], [], f"{NOW + 400_000}.000", "4"]
 
@@ -872,11 +895,17 @@ async def test_batch_rate_only_burst_3(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, burst=3)
         reply = await lim.acquire(NOW, *(f"p:{n}" for n in range(5)))
-        assert reply == [[1, 1, 0], [1, 2, 0], [1, 3, 0], [1, 4, 100_000], [1, 5, 200_000]]
+        assert reply == [
+            [1, NOW + 1, 0],
+            [1, NOW + 2, 0],
+            [1, NOW + 3, 0],
+            [1, NOW + 4, 100_000],
+            [1, NOW + 5, 200_000],
+        ]
         # After a quiet period the full burst is available again.
         later = NOW + 10 * SECOND
         reply = await lim.acquire(later, *(f"q:{n}" for n in range(4)))
-        assert reply == [[1, 6, 0], [1, 7, 0], [1, 8, 0], [1, 9, 100_000]]
+        assert reply == [[1, NOW + 6, 0], [1, NOW + 7, 0], [1, NOW + 8, 0], [1, NOW + 9, 100_000]]
         assert (await lim.status(later))[3:] == [f"{later + 400_000}.000", "9"]
 
 
@@ -929,7 +958,11 @@ async def test_batch_is_the_same_as_calls_in_turn(
 async def test_batch_release_frees_several_and_hands_off_once_in_fifo(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=3)
-        assert await lim.acquire(NOW, "a:1", "a:2", "a:3") == [[1, 1, 0], [1, 2, 0], [1, 3, 0]]
+        assert await lim.acquire(NOW, "a:1", "a:2", "a:3") == [
+            [1, NOW + 1, 0],
+            [1, NOW + 2, 0],
+            [1, NOW + 3, 0],
+        ]
         assert await lim.acquire(NOW, "b:1", "c:1", "b:2", "b:3") == [
             [0, 0],
             [0, 1],
@@ -939,8 +972,8 @@ async def test_batch_release_frees_several_and_hands_off_once_in_fifo(backend: B
         # Two of the ids are held (a:1 is given twice, zz:9 is unknown): two slots go,
         # in ticket order, to the two oldest waiters.
         assert await lim.release(NOW + 1, "a:1", "zz:9", "a:2", "a:1") == [2, 2]
-        assert await lim.mailbox("b") == ["b:1|8|0"]
-        assert await lim.mailbox("c") == ["c:1|9|0"]
+        assert await lim.mailbox("b") == [f"b:1|{NOW + 8}|0"]
+        assert await lim.mailbox("c") == [f"c:1|{NOW + 9}|0"]
         status = await lim.status(NOW + 1)
         assert status[1] == [
             "a:3",
@@ -953,7 +986,11 @@ async def test_batch_release_frees_several_and_hands_off_once_in_fifo(backend: B
         assert status[2] == ["b:2", "6", "b:3", "7"]
         # Three slots free, two waiters left: both granted, posted to their mailbox in order.
         assert await lim.release(NOW + 2, "a:3", "b:1", "c:1") == [3, 2]
-        assert await lim.mailbox("b") == ["b:1|8|0", "b:2|10|0", "b:3|11|0"]
+        assert await lim.mailbox("b") == [
+            f"b:1|{NOW + 8}|0",
+            f"b:2|{NOW + 10}|0",
+            f"b:3|{NOW + 11}|0",
+        ]
         assert (await lim.status(NOW + 2))[1:3] == [
             ["b:2", str(NOW + 2 + SECOND), "b:3", str(NOW + 2 + SECOND)],
             [],
@@ -967,8 +1004,8 @@ async def test_swap_gives_the_slot_to_the_new_acquisition_when_nobody_waits(
 ) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=2)
-        assert await lim.acquire(NOW, "a:1", "a:2") == [[1, 1, 0], [1, 2, 0]]
-        assert await lim.swap(NOW + 1, ["a:1"], "a:3") == (1, [], [[1, 3, 0]])
+        assert await lim.acquire(NOW, "a:1", "a:2") == [[1, NOW + 1, 0], [1, NOW + 2, 0]]
+        assert await lim.swap(NOW + 1, ["a:1"], "a:3") == (1, [], [[1, NOW + 3, 0]])
         status = await lim.status(NOW + 2)
         assert status[1] == ["a:2", str(NOW + SECOND), "a:3", str(NOW + 1 + SECOND)]
         assert status[2] == []
@@ -983,22 +1020,22 @@ async def test_swap_hands_the_slot_to_the_oldest_waiter_of_another_process(
 ) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1)
-        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "a:1") == [[1, NOW + 1, 0]]
         assert await lim.acquire(NOW, "b:1") == [[0, 0]]
         assert await lim.acquire(NOW, "a:2") == [[0, 1]]
         # a:1's release frees the slot for b:1 (the oldest, posted to b's mailbox); a:3
         # queues behind a:2.
         assert await lim.swap(NOW + 1, ["a:1"], "a:3") == (1, [], [[0, 1]])
-        assert await lim.mailbox("b") == ["b:1|4|0"]
+        assert await lim.mailbox("b") == [f"b:1|{NOW + 4}|0"]
         assert await lim.mailbox("a") == []
         assert (await lim.status(NOW + 2))[2] == ["a:2", "3", "a:3", "5"]
         # b swaps: a:2 (a's own waiter, not b's) is posted to a's mailbox.
         assert await lim.swap(NOW + 3, ["b:1"], "b:2") == (1, [], [[0, 1]])
-        assert await lim.mailbox("a") == ["a:2|6|0"]
+        assert await lim.mailbox("a") == [f"a:2|{NOW + 6}|0"]
         # a swaps with its own waiter at the head: the grant comes back in the reply and
         # is not posted.
-        assert await lim.swap(NOW + 4, ["a:2"], "a:4") == (1, ["a:3|8|0"], [[0, 1]])
-        assert await lim.mailbox("a") == ["a:2|6|0"]
+        assert await lim.swap(NOW + 4, ["a:2"], "a:4") == (1, [f"a:3|{NOW + 8}|0"], [[0, 1]])
+        assert await lim.mailbox("a") == [f"a:2|{NOW + 6}|0"]
         assert (await lim.status(NOW + 5))[1:3] == [
             ["a:3", str(NOW + 4 + SECOND)],
             ["b:2", "7", "a:4", "9"],
@@ -1009,11 +1046,15 @@ async def test_swap_hands_the_slot_to_the_oldest_waiter_of_another_process(
 async def test_swap_of_a_queued_waiter_granted_by_its_own_release(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1)
-        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "a:1") == [[1, NOW + 1, 0]]
         assert await lim.acquire(NOW, "a:2") == [[0, 0]]
         # A re-check of a:2 riding with a:1's release: the handoff grants it (returned as
         # an own grant) and its entry shows the same grant.
-        assert await lim.swap(NOW + 1, ["a:1"], "a:2") == (1, ["a:2|3|0"], [[1, 3, 0]])
+        assert await lim.swap(NOW + 1, ["a:1"], "a:2") == (
+            1,
+            [f"a:2|{NOW + 3}|0"],
+            [[1, NOW + 3, 0]],
+        )
         assert await lim.mailbox("a") == []
 
 
@@ -1024,16 +1065,16 @@ async def test_a_resent_swap_gives_its_fresh_items_the_same_answer(backend: Back
     looks it up and answers as the first run did."""
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=2)
-        assert await lim.acquire(NOW, "a:1", "b:1") == [[1, 1, 0], [1, 2, 0]]
-        assert await lim.swap(NOW + 1, ["a:1"], "+a:2") == (1, [], [[1, 3, 0]])
-        assert await lim.swap(NOW + 2, ["a:1"], "+a:2") == (0, [], [[1, 3, 0]])
+        assert await lim.acquire(NOW, "a:1", "b:1") == [[1, NOW + 1, 0], [1, NOW + 2, 0]]
+        assert await lim.swap(NOW + 1, ["a:1"], "+a:2") == (1, [], [[1, NOW + 3, 0]])
+        assert await lim.swap(NOW + 2, ["a:1"], "+a:2") == (0, [], [[1, NOW + 3, 0]])
         _, holders, queue, _, seq = await lim.status(NOW + 3)
         assert sorted(holders[::2]) == ["a:2", "b:1"]
         assert (queue, seq) == ([], "3")
         # Queued the first time: the resend finds it queued, in the same place.
         assert await lim.acquire(NOW + 4, "c:1") == [[0, 0]]
         assert await lim.swap(NOW + 5, ["b:1"], "+b:2") == (1, [], [[0, 0]])
-        assert await lim.mailbox("c") == ["c:1|5|0"]
+        assert await lim.mailbox("c") == [f"c:1|{NOW + 5}|0"]
         assert await lim.swap(NOW + 6, ["b:1"], "+b:2") == (0, [], [[0, 0]])
         _, holders, queue, _, seq = await lim.status(NOW + 7)
         assert sorted(holders[::2]) == ["a:2", "c:1"]
@@ -1051,16 +1092,16 @@ async def test_a_swap_queues_its_items_first_behind_the_waiters_already_queued(
     not counted (ahead -1)."""
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1)
-        assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [[1, 1, 0], [0, 0], [0, 1]]
+        assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [[1, NOW + 1, 0], [0, 0], [0, 1]]
         # a:2 takes ticket 4, then the handoff grants b:1 token 5 (posted to b).
         assert await lim.swap(NOW + 1, ["a:1"], "^a:2") == (1, [], [[0, -1]])
-        assert await lim.mailbox("b") == ["b:1|5|0"]
+        assert await lim.mailbox("b") == [f"b:1|{NOW + 5}|0"]
         _, holders, queue, _, seq = await lim.status(NOW + 2)
         assert holders[::2] == ["b:1"]
         assert (queue, seq) == (["c:1", "3", "a:2", "4"], "5")
         # The next release reaches c:1, then a:2: the queue is in ticket order.
         assert await lim.swap(NOW + 3, ["b:1"], "^b:2") == (1, [], [[0, -1]])
-        assert await lim.mailbox("c") == ["c:1|7|0"]
+        assert await lim.mailbox("c") == [f"c:1|{NOW + 7}|0"]
 
 
 @pytest.mark.anyio
@@ -1072,9 +1113,9 @@ async def test_a_swap_item_queued_first_and_reached_is_granted_in_its_entry(
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=3)
         assert await lim.acquire(NOW, "a:1", "b:1", "c:1", "a:2") == [
-            [1, 1, 0],
-            [1, 2, 0],
-            [1, 3, 0],
+            [1, NOW + 1, 0],
+            [1, NOW + 2, 0],
+            [1, NOW + 3, 0],
             [0, 0],
         ]
         # b:1 and c:1 free two slots; b:2 and b:3 take tickets 5 and 6, then the handoff
@@ -1083,17 +1124,17 @@ async def test_a_swap_item_queued_first_and_reached_is_granted_in_its_entry(
         assert await lim.swap(NOW + 1, ["b:1", "c:1"], "^b:2", "^b:3") == (
             2,
             [],
-            [[1, 8, 0], [0, 0]],
+            [[1, NOW + 8, 0], [0, 0]],
         )
-        assert await lim.mailbox("a") == ["a:2|7|0"]
+        assert await lim.mailbox("a") == [f"a:2|{NOW + 7}|0"]
         assert await lim.mailbox("b") == []
         _, holders, queue, _, seq = await lim.status(NOW + 2)
         assert sorted(holders[::2]) == ["a:1", "a:2", "b:2"]
         assert (queue, seq) == (["b:3", "6"], "8")
         # The caller's own queued waiter reached by its release is an own grant, as always.
         lim2 = Limiter(opened.client, max_at_once=1, tag="own")
-        assert await lim2.acquire(NOW, "a:1", "a:2") == [[1, 1, 0], [0, 0]]
-        assert await lim2.swap(NOW + 1, ["a:1"], "^a:3") == (1, ["a:2|4|0"], [[0, -1]])
+        assert await lim2.acquire(NOW, "a:1", "a:2") == [[1, NOW + 1, 0], [0, 0]]
+        assert await lim2.swap(NOW + 1, ["a:1"], "^a:3") == (1, [f"a:2|{NOW + 4}|0"], [[0, -1]])
         assert await lim2.mailbox("a") == []
 
 
@@ -1104,28 +1145,32 @@ async def test_a_swap_queues_first_only_when_every_item_may(backend: Backend) ->
     served after the handoff, with its position counted."""
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1)
-        assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [[1, 1, 0], [0, 0], [0, 1]]
+        assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [[1, NOW + 1, 0], [0, 0], [0, 1]]
         assert await lim.swap(NOW + 1, ["a:1"], "^a:2", "+a:3") == (1, [], [[0, 1], [0, 2]])
         assert await lim.swap(NOW + 2, ["b:1"], "^b:2*2000000") == (1, [], [[0, 2]])
         assert await lim.swap(NOW + 3, ["c:1"], "^c:2/5000") == (1, [], [[0, 2]])
         assert await lim.swap(NOW + 4, ["zz:1"], "^c:3") == (0, [], [[0, 3]])
         assert await lim.swap(NOW + 5, ["a:2"], "^a:4", "^a:4") == (
             1,
-            ["a:3|12|0"],
+            [f"a:3|{NOW + 12}|0"],
             [[0, 3], [0, 3]],
         )
         # An item of another process than the first release item's.
         assert await lim.swap(NOW + 6, ["a:3"], "^z:1") == (1, [], [[0, 3]])
-        assert await lim.mailbox("b") == ["b:1|4|0", "b:2|14|0"]
+        assert await lim.mailbox("b") == [f"b:1|{NOW + 4}|0", f"b:2|{NOW + 14}|0"]
 
 
 @pytest.mark.anyio
 async def test_a_fresh_id_given_twice_in_a_swap_is_granted_once(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=2)
-        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "a:1") == [[1, NOW + 1, 0]]
         # The second time, a:2 is looked up among the holders and gets the same grant.
-        assert await lim.swap(NOW + 1, ["a:1"], "+a:2", "+a:2") == (1, [], [[1, 2, 0], [1, 2, 0]])
+        assert await lim.swap(NOW + 1, ["a:1"], "+a:2", "+a:2") == (
+            1,
+            [],
+            [[1, NOW + 2, 0], [1, NOW + 2, 0]],
+        )
         _, holders, queue, _, seq = await lim.status(NOW + 2)
         assert holders[::2] == ["a:2"]
         assert (queue, seq) == ([], "2")
@@ -1135,23 +1180,23 @@ async def test_a_fresh_id_given_twice_in_a_swap_is_granted_once(backend: Backend
 async def test_swap_of_an_unknown_or_expired_lease_frees_nothing(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1, lease_ttl_us=SECOND)
-        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
-        assert await lim.acquire(NOW + 2 * SECOND, "b:1") == [[1, 2, 0]]
+        assert await lim.acquire(NOW, "a:1") == [[1, NOW + 1, 0]]
+        assert await lim.acquire(NOW + 2 * SECOND, "b:1") == [[1, NOW + 2, 0]]
         # a:1 expired (b:1 holds the slot); zz:9 was never held: a:2 queues.
         assert await lim.swap(NOW + 2 * SECOND + 1, ["a:1", "zz:9"], "a:2") == (0, [], [[0, 0]])
         assert (await lim.status(NOW + 2 * SECOND + 2))[1] == ["b:1", str(NOW + 3 * SECOND)]
         # An id given twice counts once; a:2 is not the caller's (b's): posted.
         assert await lim.swap(NOW + 2 * SECOND + 3, ["b:1", "b:1"]) == (1, [], [])
-        assert await lim.mailbox("a") == ["a:2|4|0"]
+        assert await lim.mailbox("a") == [f"a:2|{NOW + 4}|0"]
 
 
 @pytest.mark.anyio
 async def test_swap_on_a_rate_only_limiter(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0)
-        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "a:1") == [[1, NOW + 1, 0]]
         # Nothing is held: nothing is released; the waiter item is served as always.
-        assert await lim.swap(NOW + 1, ["a:1"], "a:2") == (0, [], [[1, 2, 99_999]])
+        assert await lim.swap(NOW + 1, ["a:1"], "a:2") == (0, [], [[1, NOW + 2, 99_999]])
 
 
 @pytest.mark.anyio
@@ -1160,12 +1205,12 @@ async def test_a_call_numbers_from_one_block_and_gives_back_what_it_did_not_use(
 ) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1)
-        assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [[1, 1, 0], [0, 0], [0, 1]]
+        assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [[1, NOW + 1, 0], [0, 0], [0, 1]]
         # The handoff grants b:1 token 4; b:1's item finds it held, d:1 queues with ticket 5,
         # c:1 is queued already: 6 and 7 of the block go back, seq stays at 5.
         swapped = await lim.swap(NOW + 1, ["a:1"], "b:1", "d:1", "c:1")
-        assert swapped == (1, [], [[1, 4, 0], [0, 1], [0, 0]])
-        assert await lim.mailbox("b") == ["b:1|4|0"]
+        assert swapped == (1, [], [[1, NOW + 4, 0], [0, 1], [0, 0]])
+        assert await lim.mailbox("b") == [f"b:1|{NOW + 4}|0"]
         _, holders, queue, _, seq = await lim.status(NOW + 2)
         assert holders[::2] == ["b:1"]
         assert queue == ["c:1", "3", "d:1", "5"]
@@ -1175,13 +1220,13 @@ async def test_a_call_numbers_from_one_block_and_gives_back_what_it_did_not_use(
         assert await lim.swap(NOW + 3, ["a:1"], "b:1", "d:1", "c:1") == (
             0,
             [],
-            [[1, 4, 0], [0, 1], [0, 0]],
+            [[1, NOW + 4, 0], [0, 1], [0, 0]],
         )
         assert (await lim.status(NOW + 4))[2:] == [queue, "", "5"]
         # Tokens in grant order, tickets in arrival order, one number each: b:1's
         # release grants c:1 (6), e:1 queues (7) and f:1 behind it (8).
         assert await lim.swap(NOW + 5, ["b:1"], "e:1", "f:1") == (1, [], [[0, 1], [0, 2]])
-        assert await lim.mailbox("c") == ["c:1|6|0"]
+        assert await lim.mailbox("c") == [f"c:1|{NOW + 6}|0"]
         _, holders, queue, _, seq = await lim.status(NOW + 6)
         assert queue == ["d:1", "5", "e:1", "7", "f:1", "8"]
         assert seq == "8"
@@ -1189,9 +1234,9 @@ async def test_a_call_numbers_from_one_block_and_gives_back_what_it_did_not_use(
         # takes no number.
         rated = Limiter(opened.client, max_at_once=3, interval_us=SECOND, tag="r")
         assert await rated.acquire(NOW, "a:1", "b:1/10", "c:1") == [
-            [1, 1, 0],
+            [1, NOW + 1, 0],
             [2, 0],
-            [1, 2, SECOND],
+            [1, NOW + 2, SECOND],
         ]
         assert (await rated.status(NOW))[4] == "2"
 
@@ -1200,7 +1245,7 @@ async def test_a_call_numbers_from_one_block_and_gives_back_what_it_did_not_use(
 async def test_malformed_release_items_are_refused_without_writes(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1)
-        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "a:1") == [[1, NOW + 1, 0]]
         before = await lim.status(NOW)
         for items in (["-", "a:2"], ["-nocolon"], ["-a:1", "a:2", "-a:3"], ["a:2", "-a:1"]):
             with pytest.raises(ErrorReply, match="ERR_ARG"):
@@ -1214,28 +1259,35 @@ async def test_batch_with_an_already_granted_id_returns_its_stored_grant(
 ) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=2, interval_us=100_000.0)
-        assert await lim.acquire(NOW, "p:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "p:1") == [[1, NOW + 1, 0]]
         assert await lim.acquire(NOW + 40_000, "p:2", "p:1", "p:3", "p:2") == [
-            [1, 2, 60_000],
-            [1, 1, 0],
+            [1, NOW + 2, 60_000],
+            [1, NOW + 1, 0],
             [0, 0],
-            [1, 2, 60_000],
+            [1, NOW + 2, 60_000],
         ]
         before = await lim.status(NOW + 50_000)
         # A retry of the whole batch (a lost reply) changes nothing for the holders.
-        assert await lim.acquire(NOW + 50_000, "p:1", "p:2") == [[1, 1, 0], [1, 2, 50_000]]
+        assert await lim.acquire(NOW + 50_000, "p:1", "p:2") == [
+            [1, NOW + 1, 0],
+            [1, NOW + 2, 50_000],
+        ]
         assert await lim.status(NOW + 50_000) == before
         # A waiter granted by a handoff finds its grant, within a batch too.
         assert await lim.release(NOW + 60_000, "p:1") == [1, 1]
-        assert await lim.acquire(NOW + 70_000, "p:4", "p:3") == [[0, 0], [1, 4, 130_000]]
-        assert await lim.mailbox("p") == ["p:3|4|140000"]
+        assert await lim.acquire(NOW + 70_000, "p:4", "p:3") == [[0, 0], [1, NOW + 4, 130_000]]
+        assert await lim.mailbox("p") == [f"p:3|{NOW + 4}|140000"]
 
 
 @pytest.mark.anyio
 async def test_large_batches(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=3)
-        assert await lim.acquire(NOW, "a:1", "a:2", "b:1") == [[1, 1, 0], [1, 2, 0], [1, 3, 0]]
+        assert await lim.acquire(NOW, "a:1", "a:2", "b:1") == [
+            [1, NOW + 1, 0],
+            [1, NOW + 2, 0],
+            [1, NOW + 3, 0],
+        ]
         # More ids than one Lua unpack() takes: the held ones sit far apart.
         ids = [f"x:{n}" for n in range(2_500)]
         ids[1_500] = "a:1"
@@ -1246,9 +1298,9 @@ async def test_large_batches(backend: Backend) -> None:
         # More rate-only ids than one command takes, and their retry.
         rate_ids = [f"p:{n}" for n in range(2_500)]
         reply = await rate.acquire(NOW, *rate_ids)
-        assert reply == [[1, n + 1, n * 1_000] for n in range(2_500)]
+        assert reply == [[1, NOW + n + 1, n * 1_000] for n in range(2_500)]
         reply = await rate.acquire(NOW + 1_500, *rate_ids)
-        assert reply == [[1, n + 1, max(0, n * 1_000 - 1_500)] for n in range(2_500)]
+        assert reply == [[1, NOW + n + 1, max(0, n * 1_000 - 1_500)] for n in range(2_500)]
         assert (await rate.status(NOW))[3:] == [f"{NOW + 2_500_000}.000", "2500"]
         recent, grants = await rate.memories()
         assert len(recent) == len(grants) == 2_500
@@ -1259,8 +1311,8 @@ async def test_rate_only_fast_path_writes_tat_seq_grants_and_recent(backend: Bac
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, key_ttl_ms=5_000)
         _, _, _, tat, seq, grants, recent, _ = lim.keys[:8]
-        assert (await lim.acquire(NOW, "p:1", "p:2", "p:3"))[2] == [1, 3, 200_000]
-        assert (await lim.acquire_one(None, "p:4"))[:2] == [1, 4]
+        assert (await lim.acquire(NOW, "p:1", "p:2", "p:3"))[2] == [1, NOW + 3, 200_000]
+        assert (await lim.acquire_one(None, "p:4"))[:2] == [1, NOW + 4]
         ttls = await lim.existing_ttls()
         # control: spare_ahead (the first call found no start given back).
         assert sorted(ttls) == sorted([tat, seq, grants, recent, lim.keys[9]])
@@ -1268,8 +1320,12 @@ async def test_rate_only_fast_path_writes_tat_seq_grants_and_recent(backend: Bac
         # A rate-only id is never a holder, nor queued.
         assert (await lim.status(NOW))[1:3] == [[], []]
         unlimited = Limiter(opened.client, max_at_once=0, tag="u")
-        assert await unlimited.acquire(NOW, "p:1", "p:2") == [[1, 1, 0], [1, 2, 0]]
-        assert sorted(await unlimited.existing_ttls()) == sorted(unlimited.keys[4:7])
+        # The first tokens of a new limiter: the server clock (here NOW) plus one, and on.
+        assert await unlimited.acquire(NOW, "p:1", "p:2") == [[1, NOW + 1, 0], [1, NOW + 2, 0]]
+        # seq, grants, recent, and control (the epoch).
+        assert sorted(await unlimited.existing_ttls()) == sorted(
+            [*unlimited.keys[4:7], unlimited.keys[9]]
+        )
 
 
 @pytest.mark.anyio
@@ -1438,7 +1494,7 @@ async def test_a_busy_tat_moved_by_incrbyfloat_keeps_a_ttl_past_it(backend: Back
                 assert stored == f"{NOW + (n + 1) * 100_000}.000"
             return
         ids = [f"p:{n}" for n in range(20)]
-        assert (await lim.acquire(NOW, *ids))[-1] == [1, 20, 1_900_000]
+        assert (await lim.acquire(NOW, *ids))[-1] == [1, NOW + 20, 1_900_000]
         # 20 starts (SET .. PX): the TAT is NOW + 2 s, the key lives 2 s + 4 s; the call
         # wrote control (spare_ahead), so tat_until records that expiry.
         assert await tat_until(lim) == (NOW + 6 * SECOND, f"{NOW + 2 * SECOND}.000")
@@ -1446,7 +1502,7 @@ async def test_a_busy_tat_moved_by_incrbyfloat_keeps_a_ttl_past_it(backend: Back
         for n in range(20, 40):
             entries = await lim.acquire(NOW, f"p:{n}")
             tat = NOW + (n + 1) * 100_000
-            assert entries == [[1, n + 1, tat - 100_000 - NOW]]
+            assert entries == [[1, NOW + n + 1, tat - 100_000 - NOW]]
             until, stored = await tat_until(lim)
             assert stored is not None
             assert float(stored) == tat
@@ -1467,8 +1523,8 @@ async def test_a_fractional_interval_reads_and_writes_the_tat(backend: Backend) 
     exact); otherwise the TAT is read and written as before."""
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, interval_us=1e6 / 3)
-        assert await lim.acquire(NOW, "p:1") == [[1, 1, 0]]
-        assert await lim.acquire(NOW, "p:2") == [[1, 2, 333_334]]
+        assert await lim.acquire(NOW, "p:1") == [[1, NOW + 1, 0]]
+        assert await lim.acquire(NOW, "p:2") == [[1, NOW + 2, 333_334]]
         _, stored = await tat_until(lim)
         # Written by SET as '%.3f' (INCRBYFLOAT would leave at most 17 digits).
         assert stored is not None
@@ -1498,9 +1554,9 @@ async def test_spare_is_read_until_found_empty_and_again_after_a_start_is_given_
             )
             assert await spare_ahead(lim) is None
             assert await lim.acquire(NOW, "a:1", "b:1", "c:1") == [
-                [1, 1, 0],
-                [1, 2, SECOND],
-                [1, 3, 2 * SECOND],
+                [1, NOW + 1, 0],
+                [1, NOW + 2, SECOND],
+                [1, NOW + 3, 2 * SECOND],
             ]
             # The first reservation found spare empty: later calls do not read it.
             assert await spare_ahead(lim) == 0
@@ -1510,11 +1566,11 @@ async def test_spare_is_read_until_found_empty_and_again_after_a_start_is_given_
             assert await lim.spare() == {"b:1": NOW + SECOND}
             assert await spare_ahead(lim) == 1
             # The next reservation takes it (not the next GCRA slot, NOW + 3 s).
-            assert await lim.acquire(NOW + 2, "d:1") == [[1, 4, SECOND - 2]]
+            assert await lim.acquire(NOW + 2, "d:1") == [[1, NOW + 4, SECOND - 2]]
             assert await lim.spare() == {}
             assert await spare_ahead(lim) == 1
             # The one after reads spare again, finds it empty and records it.
-            assert await lim.acquire(NOW + 3, "e:1") == [[1, 5, 3 * SECOND - 3]]
+            assert await lim.acquire(NOW + 3, "e:1") == [[1, NOW + 5, 3 * SECOND - 3]]
             assert await spare_ahead(lim) == 0
             # Without the record (control lost), spare is read again.
             await lim.client.run_script(DEL, [lim.keys[9]], [])
@@ -1523,7 +1579,52 @@ async def test_spare_is_read_until_found_empty_and_again_after_a_start_is_given_
             await lim.cancel(NOW + 5, "c:1")
             assert await lim.spare() == {"c:1": NOW + 2 * SECOND}
             assert await spare_ahead(lim) == 1
-            assert await lim.acquire(NOW + 6, "f:1") == [[1, 6, 2 * SECOND - 6]]
+            # The epoch went with control: this call chose NOW + 6 - 5 for number 6, so its
+            # token (NOW + 7) is above every earlier one.
+            assert await lim.acquire(NOW + 6, "f:1") == [[1, NOW + 7, 2 * SECOND - 6]]
+
+
+@pytest.mark.anyio
+async def test_fencing_tokens_keep_increasing_when_seq_starts_again(backend: Backend) -> None:
+    async with backend.open() as opened:
+        lim = Limiter(opened.client, max_at_once=1)
+        seq, control = lim.keys[4], lim.keys[9]
+
+        async def delete(*keys: str) -> None:
+            for key in keys:
+                await opened.client.run_script(DEL, [key], [])
+
+        # A new limiter: the epoch is the clock of the call that created seq.
+        assert await lim.acquire_one(NOW, "a:1") == [1, NOW + 1, 0]
+        assert await lim.release(NOW + 1, "a:1") == [1, 0]
+        assert await lim.acquire_one(NOW + 10, "b:1") == [1, NOW + 2, 0]
+        assert await lim.release(NOW + 11, "b:1") == [1, 0]
+        # Every key gone (reset(), or all of them expired): seq starts from 1 again, the
+        # tokens do not.
+        await delete(*lim.keys)
+        assert await lim.acquire_one(NOW + 20, "c:1") == [1, NOW + 21, 0]
+        assert (await lim.status(NOW + 20))[4] == "1"
+        # seq expired while control lived on (a pause or limits set at run time keep it):
+        # the stored epoch is not used with the new seq, even when the call that creates
+        # seq takes only a ticket (d:1 queues behind c:1).
+        await delete(seq)
+        assert await lim.acquire_one(NOW + 30, "d:1") == [0, 0]
+        assert await lim.stored_epoch() == NOW + 30
+        assert await lim.release(NOW + 31, "c:1") == [1, 1]
+        assert await lim.mailbox("d") == [f"d:1|{NOW + 32}|0"]
+        assert await lim.release(NOW + 32, "d:1") == [1, 0]
+        # control lost while seq lives on: the first token is the clock plus one.
+        await delete(control)
+        assert (await lim.status(NOW + 40))[4] == "2"
+        assert await lim.acquire_one(NOW + 40, "e:1") == [1, NOW + 41, 0]
+        assert await lim.stored_epoch() == NOW + 40 - 2
+        # The rate-only path numbers its grants from the same epoch.
+        rate = Limiter(opened.client, max_at_once=0, interval_us=1_000.0, tag="r")
+        assert await rate.acquire(NOW, "p:1", "p:2") == [[1, NOW + 1, 0], [1, NOW + 2, 1_000]]
+        await delete(*rate.keys)
+        assert await rate.acquire(NOW + 50, "p:3") == [[1, NOW + 51, 0]]
+        await delete(rate.keys[9])
+        assert await rate.acquire(NOW + 60, "p:4") == [[1, NOW + 61, 990]]
 
 
 @pytest.mark.anyio
@@ -1533,15 +1634,15 @@ async def test_purge_waits_for_the_first_expiry_and_shorter_leases_bring_it_forw
     async with backend.open() as opened:
         long = Limiter(opened.client, max_at_once=2, lease_ttl_us=10 * SECOND)
         short = dataclasses.replace(long, lease_ttl_us=SECOND)
-        assert await long.acquire_one(NOW, "a:1") == [1, 1, 0]
+        assert await long.acquire_one(NOW, "a:1") == [1, NOW + 1, 0]
         # Nothing expires before a:1's lease (NOW + 10 s) ...
         assert (await book(long))[1] == NOW + 10 * SECOND
         # ... but a lease of 1 s, written later, does: next_purge follows it.
-        assert await short.acquire_one(NOW + 1, "b:1") == [1, 2, 0]
+        assert await short.acquire_one(NOW + 1, "b:1") == [1, NOW + 2, 0]
         assert (await book(long))[1] == NOW + 1 + SECOND
         assert await long.acquire_one(NOW + SECOND, "c:1") == [0, 0]
         # At b:1's expiry it is purged (and the queue head takes its slot on acquire).
-        assert await long.acquire_one(NOW + 1 + SECOND, "c:1") == [1, 4, 0]
+        assert await long.acquire_one(NOW + 1 + SECOND, "c:1") == [1, NOW + 4, 0]
         _, holders, _, _, _ = await long.status(NOW + 1 + SECOND)
         assert sorted(holders[::2]) == ["a:1", "c:1"]
         assert (await book(long))[1] == NOW + 10 * SECOND
@@ -1551,14 +1652,16 @@ async def test_purge_waits_for_the_first_expiry_and_shorter_leases_bring_it_forw
 async def test_without_bookkeeping_a_call_purges_and_refreshes(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1)
-        assert await lim.acquire_one(NOW, "a:1") == [1, 1, 0]
+        assert await lim.acquire_one(NOW, "a:1") == [1, NOW + 1, 0]
         assert await lim.acquire_one(NOW, "b:1") == [0, 0]
         # control lost (deleted, or expired before the other keys): the next call neither
         # skips an expired lease nor leaves a key without the group's TTL.
         await opened.client.run_script(DEL, [lim.keys[9]], [])
         await lim.set_ttls(5_000)
         # a:1's lease and b:1's liveness ended at NOW + 1 s: both are purged, b:1 is new.
-        assert await lim.acquire_one(NOW + SECOND, "b:1") == [1, 3, 0]
+        # Its number of seq is 3; the epoch went with control, so its token is the clock
+        # plus one, above every earlier token.
+        assert await lim.acquire_one(NOW + SECOND, "b:1") == [1, NOW + SECOND + 1, 0]
         ttls = await lim.pttls()
         assert ttls[lim.keys[1]] == ttls[lim.keys[2]] == -2  # nobody queued
         for key in (lim.keys[0], lim.keys[4], lim.keys[5]):
@@ -1617,7 +1720,7 @@ async def test_a_handoff_reads_queued_costs_only_once_a_costly_waiter_queued(
 ) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1)
-        assert await lim.acquire_one(NOW, "a:1") == [1, 1, 0]
+        assert await lim.acquire_one(NOW, "a:1") == [1, NOW + 1, 0]
         assert await lim.acquire_one(NOW, "b:1") == [0, 0]
         assert (await book(lim))[2] is None
         assert await lim.release(NOW, "a:1") == [1, 1]
@@ -1625,7 +1728,7 @@ async def test_a_handoff_reads_queued_costs_only_once_a_costly_waiter_queued(
         assert (await book(lim))[2] == 1
         assert await lim.release(NOW, "b:1") == [1, 1]
         # c:1 was granted with its cost, and its cost record moved to its grants entry.
-        assert (await lim.memories())[1]["c:1"] == f"5|{NOW}|2500000"
+        assert (await lim.memories())[1]["c:1"] == f"{NOW + 5}|{NOW}|2500000"
 
 
 @pytest.mark.anyio
@@ -1748,7 +1851,7 @@ async def test_bad_arguments_are_rejected_without_writes(backend: Backend) -> No
 async def test_noscript_fallback_survives_script_flush(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1)
-        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "a:1") == [[1, NOW + 1, 0]]
         await opened.flush_scripts()
         assert await lim.acquire(NOW, "b:1") == [[0, 0]]
         await opened.flush_scripts()
@@ -1827,12 +1930,15 @@ async def settle(lim: Limiter, now: int, waiter_id: str, actual: float, previous
 async def test_window_holds_its_limit_with_costs(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, window_spec=f"{3 * SECOND},{SECOND},0")
-        assert await lim.acquire(NOW, item("p:1"), item("p:2", 2)) == [[1, 1, 0], [1, 2, 0]]
+        assert await lim.acquire(NOW, item("p:1"), item("p:2", 2)) == [
+            [1, NOW + 1, 0],
+            [1, NOW + 2, 0],
+        ]
         # Full: the next unit waits until p:1 (started at NOW) leaves the window.
-        assert await lim.acquire_one(NOW, item("p:3")) == [1, 3, SECOND]
+        assert await lim.acquire_one(NOW, item("p:3")) == [1, NOW + 3, SECOND]
         # Two units fit once p:1 and p:2 are out, at NOW + 1 s (only p:3 is left).
-        assert await lim.acquire_one(NOW, item("p:4", 2)) == [1, 4, SECOND]
-        assert await lim.acquire_one(NOW + 10, item("p:5")) == [1, 5, 2 * SECOND - 10]
+        assert await lim.acquire_one(NOW, item("p:4", 2)) == [1, NOW + 4, SECOND]
+        assert await lim.acquire_one(NOW + 10, item("p:5")) == [1, NOW + 5, 2 * SECOND - 10]
         costs, [log] = await windows_of(lim)
         assert log == {
             "p:1": NOW,
@@ -1851,7 +1957,7 @@ async def test_window_holds_its_limit_with_costs(backend: Backend) -> None:
         assert_windows_hold({i: (log[i], weights[i]) for i in log}, 3, SECOND)
         # Entries that left the window (half-open: p:5, one second before) are trimmed by a
         # later call, with their cost records, and the sum follows.
-        assert await lim.acquire_one(NOW + 3 * SECOND, item("p:6", 3)) == [1, 6, 0]
+        assert await lim.acquire_one(NOW + 3 * SECOND, item("p:6", 3)) == [1, NOW + 6, 0]
         costs, [log] = await windows_of(lim)
         assert log == {"p:6": NOW + 3 * SECOND}
         assert costs == {"p:6": str(3 * SECOND), f"sum:{SECOND}:0": str(3 * SECOND)}
@@ -1861,14 +1967,14 @@ async def test_window_holds_its_limit_with_costs(backend: Backend) -> None:
 async def test_a_large_cost_at_the_head_is_not_starved(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, window_spec=TEN_PER_SECOND)
-        assert await lim.acquire_one(NOW, item("p:1", 8)) == [1, 1, 0]
-        assert await lim.acquire_one(NOW, item("p:2", 8)) == [1, 2, SECOND]
+        assert await lim.acquire_one(NOW, item("p:1", 8)) == [1, NOW + 1, 0]
+        assert await lim.acquire_one(NOW, item("p:2", 8)) == [1, NOW + 2, SECOND]
         # A small cost would fit now (8 + 1 <= 10), but it is served after the large one.
-        assert await lim.acquire_one(NOW, item("p:3", 1)) == [1, 3, SECOND]
+        assert await lim.acquire_one(NOW, item("p:3", 1)) == [1, NOW + 3, SECOND]
         # At NOW + 1 s the window holds p:2 and p:3 (9): two more wait for the next second,
         # and so does everything after them.
-        assert await lim.acquire_one(NOW, item("p:4", 2)) == [1, 4, 2 * SECOND]
-        assert await lim.acquire_one(NOW, item("p:5", 1)) == [1, 5, 2 * SECOND]
+        assert await lim.acquire_one(NOW, item("p:4", 2)) == [1, NOW + 4, 2 * SECOND]
+        assert await lim.acquire_one(NOW, item("p:5", 1)) == [1, NOW + 5, 2 * SECOND]
 
 
 @pytest.mark.anyio
@@ -1877,7 +1983,7 @@ async def test_calls_window_counts_calls_whatever_their_cost(backend: Backend) -
         spec = f"{TWO_CALLS_PER_SECOND};{100 * SECOND},{SECOND},0"
         lim = Limiter(opened.client, max_at_once=0, window_spec=spec)
         replies = await lim.acquire(NOW, item("p:1", 30), item("p:2", 30), item("p:3", 0.5))
-        assert replies == [[1, 1, 0], [1, 2, 0], [1, 3, SECOND]]
+        assert replies == [[1, NOW + 1, 0], [1, NOW + 2, 0], [1, NOW + 3, SECOND]]
         costs, [calls, cost] = await windows_of(lim)
         assert calls == cost == {"p:1": NOW, "p:2": NOW, "p:3": NOW + SECOND}
         assert costs[f"sum:{SECOND}:1"] == str(3 * SECOND)
@@ -1896,27 +2002,27 @@ async def test_every_window_and_the_gcra_or_none(backend: Backend) -> None:
         lim = Limiter(
             opened.client, max_at_once=0, interval_us=100_000.0, burst=10, window_spec=spec
         )
-        assert await lim.acquire_one(NOW, item("p:1", 10)) == [1, 1, 0]
+        assert await lim.acquire_one(NOW, item("p:1", 10)) == [1, NOW + 1, 0]
         # The one-second window admits the next 5 at NOW + 1 s, the GCRA then too (10 units
         # at 10 per second); the ten-second window has room for 5 more.
-        assert await lim.acquire_one(NOW, item("p:2", 5)) == [1, 2, SECOND]
+        assert await lim.acquire_one(NOW, item("p:2", 5)) == [1, NOW + 2, SECOND]
         snapshot = (await windows_of(lim), await lim.status(NOW))
         # Refused by its deadline: charged nowhere (windows, sums, TAT, seq unchanged).
         for refused in (item("p:3", 1, SECOND), item("p:3", 0.5, 0)):
             assert await lim.acquire_one(NOW, refused) == [2, 0]
             assert (await windows_of(lim), await lim.status(NOW)) == snapshot
         # The ten-second window is full until p:1 leaves it.
-        assert await lim.acquire_one(NOW, item("p:3", 1)) == [1, 3, 10 * SECOND]
+        assert await lim.acquire_one(NOW, item("p:3", 1)) == [1, NOW + 3, 10 * SECOND]
 
 
 @pytest.mark.anyio
 async def test_gcra_counts_cost(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, burst=4)
-        assert await lim.acquire_one(NOW, item("p:1", 3)) == [1, 1, 0]
+        assert await lim.acquire_one(NOW, item("p:1", 3)) == [1, NOW + 1, 0]
         # 3 of a burst of 4 used: one more unit now, two more units after one interval.
-        assert await lim.acquire_one(NOW, item("p:2", 1)) == [1, 2, 0]
-        assert await lim.acquire_one(NOW, item("p:3", 2)) == [1, 3, 200_000]
+        assert await lim.acquire_one(NOW, item("p:2", 1)) == [1, NOW + 2, 0]
+        assert await lim.acquire_one(NOW, item("p:3", 2)) == [1, NOW + 3, 200_000]
         assert (await lim.status(NOW))[3] == f"{NOW + 600_000:.3f}"
 
 
@@ -1924,7 +2030,7 @@ async def test_gcra_counts_cost(backend: Backend) -> None:
 async def test_settle_charges_and_refunds_at_the_original_start(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, window_spec=TEN_PER_SECOND)
-        assert await lim.acquire_one(NOW, item("p:1", 5)) == [1, 1, 0]
+        assert await lim.acquire_one(NOW, item("p:1", 5)) == [1, NOW + 1, 0]
         # Up: the window now holds 8 at NOW, so 3 more must wait for the next second.
         assert await settle(lim, NOW + 5, "p:1", 8, 5) == 1
         costs, [log] = await windows_of(lim)
@@ -1932,16 +2038,16 @@ async def test_settle_charges_and_refunds_at_the_original_start(backend: Backend
         assert log == {"p:1": NOW}
         # A second settle replaces the first; down frees room at once.
         assert await settle(lim, NOW + 6, "p:1", 2, 8) == 1
-        assert await lim.acquire_one(NOW + 7, item("p:2", 8)) == [1, 2, 0]
+        assert await lim.acquire_one(NOW + 7, item("p:2", 8)) == [1, NOW + 2, 0]
         assert await settle(lim, NOW + 8, "p:1", 1, 2) == 1
         costs, _ = await windows_of(lim)
         assert costs == {"p:2": str(8 * SECOND), f"sum:{SECOND}:0": str(9 * SECOND)}
         # Above its limit by an overspend: later starts wait until the window is back under.
         assert await settle(lim, NOW + 9, "p:2", 12, 8) == 1
-        assert await lim.acquire_one(NOW + 10, item("p:3")) == [1, 3, SECOND - 3]
+        assert await lim.acquire_one(NOW + 10, item("p:3")) == [1, NOW + 3, SECOND - 3]
         # Unknown ids and a settle after the entry left its windows change nothing.
         assert await settle(lim, NOW, "zz:1", 3, 1) == 0
-        assert await lim.acquire_one(NOW + 5 * SECOND, item("p:4")) == [1, 4, 0]
+        assert await lim.acquire_one(NOW + 5 * SECOND, item("p:4")) == [1, NOW + 4, 0]
         assert await settle(lim, NOW + 5 * SECOND, "p:1", 3, 1) == 0
         assert (await windows_of(lim))[0] == {f"sum:{SECOND}:0": str(SECOND)}
 
@@ -1950,12 +2056,12 @@ async def test_settle_charges_and_refunds_at_the_original_start(backend: Backend
 async def test_settle_of_the_gcra_refunds_only_the_latest(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=0, interval_us=100_000.0, burst=5)
-        assert await lim.acquire_one(NOW, item("p:1", 4)) == [1, 1, 0]
+        assert await lim.acquire_one(NOW, item("p:1", 4)) == [1, NOW + 1, 0]
         assert (await lim.status(NOW))[3] == f"{NOW + 400_000:.3f}"
         # Nothing reserved since: the refund applies.
         assert await settle(lim, NOW, "p:1", 1, 4) == 1
         assert (await lim.status(NOW))[3] == f"{NOW + 100_000:.3f}"
-        assert await lim.acquire_one(NOW, item("p:2", 2)) == [1, 2, 0]
+        assert await lim.acquire_one(NOW, item("p:2", 2)) == [1, NOW + 2, 0]
         # p:2 was reserved since p:1: p:1's refund is dropped, its charge is a debt.
         assert await settle(lim, NOW, "p:1", 0, 1) == 0
         assert (await lim.status(NOW))[3] == f"{NOW + 300_000:.3f}"
@@ -1975,7 +2081,7 @@ async def test_a_settle_sent_twice_is_applied_once(backend: Backend, max_at_once
     twice)."""
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=max_at_once, interval_us=100_000.0, burst=5)
-        assert await lim.acquire_one(NOW, item("p:1", 2)) == [1, 1, 0]
+        assert await lim.acquire_one(NOW, item("p:1", 2)) == [1, NOW + 1, 0]
         assert (await lim.status(NOW))[3] == f"{NOW + 200_000:.3f}"
         # Charged 2 more units: 2 more intervals, once.
         assert await settle(lim, NOW, "p:1", 4, 2) == 1
@@ -1997,7 +2103,7 @@ async def test_a_refund_that_lowers_the_tat_lowers_tat_until(backend: Backend) -
         lim = Limiter(
             opened.client, max_at_once=0, interval_us=100_000.0, burst=5, key_ttl_ms=4_000
         )
-        assert await lim.acquire(NOW, "p:0", item("p:1", 4)) == [[1, 1, 0], [1, 2, 0]]
+        assert await lim.acquire(NOW, "p:0", item("p:1", 4)) == [[1, NOW + 1, 0], [1, NOW + 2, 0]]
         # TAT NOW + 0.5 s, the key lives 0.5 s + 4 s (recorded with the bookkeeping the
         # call wrote: spare_ahead).
         assert await tat_until(lim) == (NOW + 4_500_000, f"{NOW + 500_000}.000")
@@ -2014,16 +2120,16 @@ async def test_cancel_withdraws_from_every_window(backend: Backend) -> None:
             opened.client, max_at_once=0, interval_us=100_000.0, burst=10, window_spec=spec
         )
         assert await lim.acquire(NOW, item("p:1", 6), item("p:2", 6)) == [
-            [1, 1, 0],
-            [1, 2, SECOND],
+            [1, NOW + 1, 0],
+            [1, NOW + 2, SECOND],
         ]
         before_p3 = await lim.status(NOW)
-        assert await lim.acquire_one(NOW, item("p:3", 2)) == [1, 3, SECOND]
+        assert await lim.acquire_one(NOW, item("p:3", 2)) == [1, NOW + 3, SECOND]
         # p:3 was the last to move the TAT: withdrawn, the TAT goes back to what it was.
         assert await lim.cancel(NOW + 1, "p:3") == [0, 0]
         assert (await lim.status(NOW))[3] == before_p3[3]
         # p:2 is not the last any more: its windows entries go, the TAT stays.
-        assert await lim.acquire_one(NOW, item("p:4", 1)) == [1, 4, SECOND]
+        assert await lim.acquire_one(NOW, item("p:4", 1)) == [1, NOW + 4, SECOND]
         tat = (await lim.status(NOW))[3]
         assert await lim.cancel(NOW + 2, "p:2") == [0, 0]
         assert (await lim.status(NOW))[3] == tat
@@ -2042,13 +2148,13 @@ async def test_cancel_withdraws_from_every_window(backend: Backend) -> None:
 async def test_handoff_charges_a_queued_waiters_cost(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=1, window_spec=TEN_PER_SECOND)
-        assert await lim.acquire_one(NOW, item("a:1", 6)) == [1, 1, 0]
+        assert await lim.acquire_one(NOW, item("a:1", 6)) == [1, NOW + 1, 0]
         assert await lim.acquire_one(NOW, item("b:1", 6)) == [0, 0]
         costs, _ = await windows_of(lim)
         assert costs["b:1"] == str(6 * SECOND)
         assert await lim.release(NOW + 5, "a:1") == [1, 1]
         [message] = await lim.mailbox("b")
-        assert message == f"b:1|3|{SECOND - 5}"
+        assert message == f"b:1|{NOW + 3}|{SECOND - 5}"
         _, [log] = await windows_of(lim)
         assert log == {"a:1": NOW, "b:1": NOW + SECOND}
         # A dead waiter's cost record goes with it; so does a cancelled one's.
@@ -2082,7 +2188,7 @@ async def test_window_keys_and_costs_get_a_ttl(backend: Backend) -> None:
     async with backend.open() as opened:
         spec = f"{TEN_PER_SECOND};{10 * SECOND},{100 * SECOND},1"
         lim = Limiter(opened.client, max_at_once=1, window_spec=spec, key_ttl_ms=5_000)
-        assert await lim.acquire_one(NOW, item("a:1", 20 / 3)) == [1, 1, 0]
+        assert await lim.acquire_one(NOW, item("a:1", 20 / 3)) == [1, NOW + 1, 0]
         assert await lim.acquire_one(NOW, item("b:1", 4)) == [0, 0]
         assert await lim.release(NOW, "a:1") == [1, 1]
         ttls = await lim.pttls()
@@ -2108,8 +2214,8 @@ async def test_a_retried_acquire_is_charged_once(backend: Backend) -> None:
             first = await lim.acquire(NOW, item("p:1", 6), item("p:2", 6))
             # The same ids again (a reply lost on the way): the same grants, nothing charged.
             again = await lim.acquire(NOW + 10, item("p:1", 6), item("p:2", 6))
-            assert first == [[1, 1, 0], [1, 2, SECOND]]
-            assert again == [[1, 1, 0], [1, 2, SECOND - 10]]
+            assert first == [[1, NOW + 1, 0], [1, NOW + 2, SECOND]]
+            assert again == [[1, NOW + 1, 0], [1, NOW + 2, SECOND - 10]]
             costs, [log] = await windows_of(lim)
             assert log == {"p:1": NOW, "p:2": NOW + SECOND}
             assert costs[f"sum:{SECOND}:0"] == str(12 * SECOND)
@@ -2298,6 +2404,7 @@ async def test_rate_only_fast_path_runs_few_commands(
     anyio_backend: str, redis_url: str, probe: redis.Redis
 ) -> None:
     async with connected_client(redis_url) as client:
+        # The first call stores the epoch with the rest of its bookkeeping.
         lim = Limiter(client, max_at_once=0, interval_us=100_000.0, burst=3)
         _, _, _, tat, seq, grants, recent, spare = lim.keys[:8]
         incr = await tat_by_incrbyfloat(client)
@@ -2357,6 +2464,9 @@ async def test_rate_only_fast_path_runs_few_commands(
         assert sum(calls.values()) == 13, calls
 
         unlimited = Limiter(client, max_at_once=0, tag="u")
+        # Not measured: the call that creates seq also stores the epoch (HSET, PEXPIRE
+        # control).
+        await unlimited.acquire(None, "p:0")
         calls = await in_script_calls(probe, unlimited.acquire(None, "p:1", "p:2"))
         assert calls == {
             "time": 1,
@@ -2428,7 +2538,10 @@ async def test_a_swap_reads_the_number_of_holders_once(
 ) -> None:
     async with connected_client(redis_url) as client:
         lim = Limiter(client, max_at_once=2, lease_ttl_us=30 * SECOND)
-        assert await lim.acquire(None, "a:1", "b:1", "c:1") == [[1, 1, 0], [1, 2, 0], [0, 0]]
+        reply = await lim.acquire(None, "a:1", "b:1", "c:1")
+        # The first call chose the epoch from the server clock.
+        epoch = await lim.stored_epoch()
+        assert reply == [[1, epoch + 1, 0], [1, epoch + 2, 0], [0, 0]]
         # Two slots freed, one waiter queued: the handoff leaves one holder and an empty
         # queue, and the waiter item of the same call is granted without reading either.
         commands = await in_script_commands(probe, lim.swap(None, ["a:1", "b:1"], "a:2"))
@@ -2447,7 +2560,10 @@ async def test_a_contended_swap_takes_its_numbers_with_one_incrby(
 ) -> None:
     async with connected_client(redis_url) as client:
         lim = Limiter(client, max_at_once=1, lease_ttl_us=30 * SECOND)
-        assert await lim.acquire(None, "a:1", "b:1") == [[1, 1, 0], [0, 0]]
+        reply = await lim.acquire(None, "a:1", "b:1")
+        # The first call chose the epoch from the server clock.
+        epoch = await lim.stored_epoch()
+        assert reply == [[1, epoch + 1, 0], [0, 0]]
         # a:1's release grants b:1, a:2 queues: token and ticket from one block of two; the
         # head leaves the queue by ZPOPMIN (no ZRANGE, one ZREM: waiters).
         commands = await in_script_commands(probe, lim.swap(None, ["a:1"], "a:2"))
@@ -2479,7 +2595,10 @@ async def test_a_swap_queueing_first_does_not_count_the_queue(
 ) -> None:
     async with connected_client(redis_url) as client:
         lim = Limiter(client, max_at_once=1, lease_ttl_us=30 * SECOND)
-        assert await lim.acquire(None, "a:1", "b:1") == [[1, 1, 0], [0, 0]]
+        reply = await lim.acquire(None, "a:1", "b:1")
+        # The first call chose the epoch from the server clock.
+        epoch = await lim.stored_epoch()
+        assert reply == [[1, epoch + 1, 0], [0, 0]]
         queue = lim.keys[1]
         commands = await in_script_commands(probe, lim.swap(None, ["a:1"], "^a:2"))
         assert ["ZCARD", queue] not in commands
@@ -2502,10 +2621,13 @@ async def test_a_queue_created_by_items_queued_first_gets_the_group_ttl(
 ) -> None:
     async with connected_client(redis_url) as client:
         lim = Limiter(client, max_at_once=1, lease_ttl_us=30 * SECOND)
-        assert await lim.acquire(None, "a:1") == [[1, 1, 0]]
+        reply = await lim.acquire(None, "a:1")
+        # The first call chose the epoch from the server clock.
+        epoch = await lim.stored_epoch()
+        assert reply == [[1, epoch + 1, 0]]
         # Nobody queued: a:2 is reached and granted, a:3 is left alone in a queue this call
         # created, which gets the TTL of the group.
-        assert await lim.swap(None, ["a:1"], "^a:2", "^a:3") == (1, [], [[1, 4, 0], [0, 0]])
+        assert await lim.swap(None, ["a:1"], "^a:2", "^a:3") == (1, [], [[1, epoch + 4, 0], [0, 0]])
         queue, waiters = lim.keys[1], lim.keys[2]
         assert 0 < probe.pttl(queue) <= probe.pttl(lim.keys[0]) + 1000
         assert probe.pttl(waiters) > 0
@@ -2519,7 +2641,10 @@ async def test_a_first_run_swap_does_not_look_its_fresh_item_up_among_the_holder
 ) -> None:
     async with connected_client(redis_url) as client:
         lim = Limiter(client, max_at_once=1, lease_ttl_us=30 * SECOND)
-        assert await lim.acquire(None, "a:1", "b:1") == [[1, 1, 0], [0, 0]]
+        reply = await lim.acquire(None, "a:1", "b:1")
+        # The first call chose the epoch from the server clock.
+        epoch = await lim.stored_epoch()
+        assert reply == [[1, epoch + 1, 0], [0, 0]]
         holders = lim.keys[0]
         commands = await in_script_commands(probe, lim.swap(None, ["a:1"], "+a:2"))
         assert ["ZSCORE", holders, "a:2"] not in commands
@@ -2733,19 +2858,19 @@ ADAPTIVE = f"0.5,1,{SECOND},{9 * SECOND}"
 async def test_pause_delays_every_grant_to_its_end_and_keeps_the_queue(backend: Backend) -> None:
     async with backend.open() as opened:
         lim = Limiter(opened.client, max_at_once=2)
-        assert await lim.acquire(NOW, "a:1") == [[1, 1, 0]]
+        assert await lim.acquire(NOW, "a:1") == [[1, NOW + 1, 0]]
         reply = await lim.control(NOW, "pause", 2 * SECOND)
         assert reply[:3] == [NOW, 0, str(NOW + 2 * SECOND)]
         # A shorter pause does not shorten it; a longer one extends it.
         assert (await lim.control(NOW + 1, "pause", SECOND))[2] == str(NOW + 2 * SECOND)
         # Granted during the pause: the delay runs to its end (the lease from there).
-        assert await lim.acquire(NOW + 10, "b:1") == [[1, 2, 2 * SECOND - 10]]
+        assert await lim.acquire(NOW + 10, "b:1") == [[1, NOW + 2, 2 * SECOND - 10]]
         assert await lim.acquire(NOW + 20, "c:1") == [[0, 0]]
         assert await lim.acquire(NOW + 20, "d:1") == [[0, 1]]
         # The queue keeps its order; the handoff in the pause carries the delay too.
         assert await lim.release(NOW + SECOND, "a:1") == [1, 1]
         # (tokens and tickets share one counter: c:1 and d:1 took tickets 3 and 4)
-        assert await lim.mailbox("c") == [f"c:1|5|{SECOND}"]
+        assert await lim.mailbox("c") == [f"c:1|{NOW + 5}|{SECOND}"]
         assert (await lim.status(NOW + SECOND))[2] == ["d:1", "4"]
         holders = (await lim.status(NOW + SECOND))[1]
         assert holders[holders.index("c:1") + 1] == str(NOW + 2 * SECOND + SECOND)
@@ -2830,8 +2955,8 @@ async def test_limits_set_at_run_time_apply_from_the_next_call(backend: Backend)
         assert reply[3:5] == ["3", "50000.000"]
         # The next call grants up to 3, 50 ms apart.
         assert await lim.acquire(NOW + 1, "b:1", "c:1", "d:1") == [
-            [1, 3, 99_999],
-            [1, 4, 149_999],
+            [1, NOW + 3, 99_999],
+            [1, NOW + 4, 149_999],
             [0, 0],
         ]
         # One limit at a time: '' leaves the other as it is.

@@ -796,7 +796,8 @@ def test_trimming_keeps_each_windows_sum_exact() -> None:
         machine.now = NOW + SECOND
         # x:10 and x:11 start at NOW + 1.2 s and fill the short window: y:1 waits until
         # x:10 leaves it, at NOW + 1.5 s.
-        assert machine.call("acquire", "y:1") == [[1, 12, 500_000]]
+        # The first call (at NOW) chose the epoch: a token is NOW + its number of seq.
+        assert machine.call("acquire", "y:1") == [[1, NOW + 12, 500_000]]
         machine.model.acquire(NOW, items, **machine.limits())
         machine.model.acquire(machine.now, ["y:1"], **machine.limits())
         machine.same_state()

@@ -184,6 +184,9 @@ class LimiterModel:
     grants_scan: int | None = None
     #: How many grants entries sweeps deleted.
     swept: int = 0
+    #: ``control`` field ``epoch``: what a fencing token adds to its number of seq (None:
+    #: absent; the first grant chooses it).
+    epoch: int | None = None
 
     # -- building blocks -------------------------------------------------------------
 
@@ -270,9 +273,20 @@ class LimiterModel:
             del self.recent[waiter_id]
             self.grants.pop(waiter_id, None)
 
-    def _next_seq(self) -> int:
+    def _next_seq(self, now: int) -> int:
+        """The next number of seq; the call that creates seq takes *now* as the epoch."""
+        if self.seq == 0:
+            self.epoch = now
         self.seq += 1
         return self.seq
+
+    def _next_token(self, now: int) -> int:
+        """The next number of seq as a fencing token: the epoch plus the number. Without an
+        epoch (control lost while seq lived on) the first token is ``now + 1``."""
+        number = self._next_seq(now)
+        if self.epoch is None:
+            self.epoch = max(0, now - (number - 1))
+        return self.epoch + number
 
     def _tat_text(self) -> str:
         return "" if self.tat is None else f"{self.tat:.3f}"
@@ -450,7 +464,7 @@ class LimiterModel:
                 return None
         self.queue.pop(waiter_id, None)
         self.waiters.pop(waiter_id, None)
-        token = self._next_seq()
+        token = self._next_token(now)
         start_at = now + delay
         self.reservations += 1
         self.started[waiter_id] = Start(start_at, self.reservations, cost)
@@ -542,7 +556,7 @@ class LimiterModel:
             granted = self._grant(waiter_id, now, limits, max_delay, cost)
             return [2, 0] if granted is None else [1, *granted]
         if not queued:
-            self.queue[waiter_id] = self._next_seq()
+            self.queue[waiter_id] = self._next_seq(now)
         if cost != UNIT:
             self.costs[waiter_id] = cost
         self._mark_alive(now, waiter_id, limits, always=not marked)
@@ -644,7 +658,7 @@ class LimiterModel:
         # Queue first: the items take their tickets and liveness at the tail, then the
         # handoff reaches those within the free slots; their grants are their entries.
         for waiter_id in ids:
-            self.queue[waiter_id] = self._next_seq()
+            self.queue[waiter_id] = self._next_seq(now)
             self._mark_alive(now, waiter_id, limits)
         self._end()
         self._handoff(now, limits, process_of(lease_ids[0]), kept)
