@@ -71,20 +71,37 @@ async def test_slot_statistics_and_reset(server: RedisServer, name: str) -> None
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("options", [{"max_at_once": 2}, {"max_per_second": 1000}])
-async def test_fencing_tokens_keep_increasing_across_a_reset(
+async def test_fencing_tokens_keep_increasing_across_reset_and_expiry(
     server: RedisServer, name: str, options: dict[str, int]
 ) -> None:
     tokens: list[int] = []
-    async with RedisLimiter.from_url(server.url, name, **options) as limiter:
-        for round_ in range(2):
-            for _ in range(3):
-                async with limiter.slot() as permit:
-                    tokens.append(permit.token)
-            if round_ == 0:
-                # Every key deleted: the counter behind the tokens starts again.
-                await limiter.reset()
-    assert len(tokens) == 6
+    # A blocking client for the keys (redis.asyncio does not run on trio).
+    with redis.Redis.from_url(server.url) as plain:
+        async with RedisLimiter.from_url(server.url, name, **options) as limiter:
+            await _three_rounds(limiter, plain, name, tokens)
+    assert len(tokens) == 9
     assert all(a < b for a, b in itertools.pairwise(tokens)), tokens
+
+
+async def _three_rounds(
+    limiter: RedisLimiter, plain: redis.Redis, name: str, tokens: list[int]
+) -> None:
+    """Three slots per round; all of the limiter's keys deleted after the first round, and
+    expired after the second."""
+    for round_ in range(3):
+        for _ in range(3):
+            async with limiter.slot() as permit:
+                tokens.append(permit.token)
+        if round_ == 0:
+            # Every key deleted: the counter behind the tokens starts again.
+            await limiter.reset()
+        elif round_ == 1:
+            # Every key expires, as after key_ttl unused.
+            for key in plain.keys(f"*{name}*"):
+                plain.pexpire(key, 1)
+            with anyio.fail_after(5):
+                while plain.keys(f"*{name}*"):
+                    await anyio.sleep(0.01)
 
 
 @pytest.mark.anyio
