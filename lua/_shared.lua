@@ -955,6 +955,9 @@ end
 -- exactly where one INCR per number would have left it.
 local seq_next, seq_last = 1, 0
 
+-- seq before the first block of this call (nil: the call took no number).
+local seq_last_before = nil
+
 -- The fencing token of the number `n` of seq is epoch + n (epoch: a field of
 -- control, read by apply_control). seq starts again from 1 when its key expires
 -- (the limiter unused for key_ttl_ms) or is deleted (reset), and tokens must
@@ -968,9 +971,16 @@ local seq_next, seq_last = 1, 0
 -- new epoch's tokens exceed every earlier one as long as seq grows by less than
 -- one number per microsecond (a million per second, far beyond what one Redis
 -- serves).
-local function new_seq_epoch()
-  epoch = book_now
-  new_epoch = epoch
+--
+-- take_block(size) takes `size` numbers with one INCRBY and returns the last;
+-- a block that starts at 1 created seq, and sets the epoch.
+local function take_block(size)
+  local last = redis.call('INCRBY', seq_key, size)
+  if last == size then
+    epoch = book_now
+    new_epoch = epoch
+  end
+  return last
 end
 
 local function token_of(n)
@@ -980,18 +990,15 @@ local function token_of(n)
   end
   return epoch + n
 end
--- seq before the first block of this call (nil: the call took no number).
-local seq_last_before = nil
 
 local function next_number(more)
   if seq_next > seq_last then
     local size = 1 + more
-    seq_last = redis.call('INCRBY', seq_key, size)
+    seq_last = take_block(size)
     seq_next = seq_last - size + 1
     seq_last_before = seq_last_before or seq_next - 1
     if seq_next == 1 then
       created[seq_key] = true
-      new_seq_epoch()
     end
   end
   local number = seq_next

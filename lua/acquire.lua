@@ -331,10 +331,7 @@ if max_at_once == 0 then
   local tokens = {}
   local starts = {}
   if granted > 0 then
-    local before = redis.call('INCRBY', seq_key, granted) - granted
-    if before == 0 then
-      new_seq_epoch()
-    end
+    local before = take_block(granted) - granted
     redis.call('PEXPIRE', seq_key, int(key_ttl_ms))
     local ends = int(now + lease_ttl)
     local members = {}
