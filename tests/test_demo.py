@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 
 from aiometer_redis import RedisLimiter
 from aiometer_redis._cli import build_parser
-from aiometer_redis.demo import Capacity, judge, judge_pushback
+from aiometer_redis.demo import Capacity, TargetServer, judge, judge_pushback
+from aiometer_redis.demo._verdict import TRANSPORT_SLACK
 from aiometer_redis.demo._workers import retry_after_of
 from aiometer_redis.testing import RedisServer
 
@@ -126,6 +128,46 @@ def test_judge_counts_windows_and_overlap() -> None:
     assert verdict.per_worker == {0: 2, 1: 2}
     ok = judge(requests[:2], max_at_once=2, max_per_second=10, burst=1, task_time=0.1)
     assert ok.ok
+
+
+def test_judge_allows_for_the_measured_time_to_arrive() -> None:
+    # Four arrivals within 100 ms at 10 per second (burst 1): more than 1 + 10 x 0.11 + 1 if
+    # requests arrive within 10 ms of their start, not if one took 150 ms (the four may then
+    # have started 250 ms apart, which the limit allows).
+    requests = [(1.0, 1.2, 0), (1.03, 1.2, 1), (1.06, 1.2, 0), (1.09, 1.2, 1)]
+    tight = judge(requests, max_at_once=None, max_per_second=10, burst=1, task_time=0.1)
+    assert not tight.ok
+    assert tight.slack == TRANSPORT_SLACK
+    quick = judge(
+        requests, max_at_once=None, max_per_second=10, burst=1, task_time=0.1, transit=0.002
+    )
+    assert not quick.ok  # never less than TRANSPORT_SLACK
+    slow = judge(
+        requests, max_at_once=None, max_per_second=10, burst=1, task_time=0.1, transit=0.15
+    )
+    assert slow.ok
+    assert slow.slack == 0.15
+    assert [check.allowed for check in slow.windows if check.width == 0.1] == [4]
+
+
+def test_target_measures_how_long_requests_take_to_arrive() -> None:
+    target = TargetServer("127.0.0.1", 0, task_time=0.01).start()
+    try:
+        with httpx.Client(base_url=target.url) as http:
+            assert http.get("/work", params={"worker": 0}).status_code == 200
+            assert target.recorder.transit is None  # nobody said when they sent
+            sent = time.time() - 0.2
+            assert http.get("/work", params={"worker": 0, "sent": sent}).status_code == 200
+            assert http.get("/work", params={"worker": 1, "sent": repr(time.time())}).is_success
+            assert http.get("/work", params={"worker": 0, "sent": "nan"}).status_code == 400
+            assert http.get("/work", params={"worker": 0, "sent": "soon"}).status_code == 400
+        transit = target.recorder.transit
+        assert transit is not None
+        assert 0.2 <= transit < 5
+        requests, _, _ = target.recorder.snapshot()
+        assert len(requests) == 3
+    finally:
+        target.stop()
 
 
 def test_bad_cli_values_are_refused() -> None:

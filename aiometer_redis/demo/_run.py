@@ -25,7 +25,11 @@ __all__ = ["run_demo", "run_target"]
 
 
 def _report(
-    requests: list[Request], args: argparse.Namespace, console: Any, expected: int | None = None
+    requests: list[Request],
+    args: argparse.Namespace,
+    console: Any,
+    expected: int | None = None,
+    transit: float | None = None,
 ) -> Verdict:
     verdict = judge(
         requests,
@@ -33,6 +37,7 @@ def _report(
         max_per_second=args.max_per_second,
         burst=args.burst,
         task_time=args.task_time,
+        transit=transit,
     )
     render_verdict(verdict, console, expected=expected)
     return verdict
@@ -158,6 +163,8 @@ def run_demo(args: argparse.Namespace) -> int:
         failures = fleet.failures()
         requests, _, _ = target.recorder.snapshot()
         refused, rates = target.recorder.pushback()
+        # The workers run on this machine: their clock is the target's.
+        transit = target.recorder.transit
     finally:
         with _no_second_interrupt():
             if fleet is not None:
@@ -168,7 +175,9 @@ def run_demo(args: argparse.Namespace) -> int:
                 server.stop()
     pushback: PushbackVerdict | None = None
     if requests:
-        verdict: Verdict | None = _report(requests, args, console, expected=args.requests)
+        verdict: Verdict | None = _report(
+            requests, args, console, expected=args.requests, transit=transit
+        )
         if args.target_capacity is not None:
             pushback = judge_pushback(
                 requests, refused, capacity=args.target_capacity, adaptive=not args.no_adaptive

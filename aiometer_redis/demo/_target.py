@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import socket
 import threading
@@ -57,13 +58,20 @@ class Recorder:
         self.in_flight = 0
         self.max_in_flight = 0
         self.last_activity = 0.0
+        #: The longest a served request took from the time its worker said it was sent
+        #: (``&sent=``, the worker's clock) to its arrival here; None before any said it.
+        self.transit: float | None = None
 
-    def begin(self) -> float:
+    def begin(self, sent: float | None = None) -> float:
+        """Count a request arriving now (sent at *sent*, if the worker said); return the
+        arrival time."""
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             now = time.time()
             self.last_activity = now
+            if sent is not None:
+                self.transit = max(self.transit or 0.0, now - sent)
             return now
 
     def end(self, arrival: float, worker: int) -> None:
@@ -98,6 +106,7 @@ class Recorder:
             self.rejected.clear()
             self.rates.clear()
             self.max_in_flight = self.in_flight
+            self.transit = None
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -117,7 +126,8 @@ class TargetServer:
     rate-limited API does: a request beyond it is answered at once with 429 and a
     ``Retry-After`` in seconds (fractional: the time until the target has room again). A
     worker may add ``&rate=R``, the effective rate its limiter applies, which the target
-    records for the plot.
+    records for the plot, and ``&sent=T``, the ``time.time()`` at which the request started:
+    the target keeps the longest time a request took to arrive (:attr:`Recorder.transit`).
 
     ``GET /stats`` returns what it recorded as JSON, for targets running in another process.
 
@@ -148,8 +158,12 @@ class TargetServer:
                     try:
                         worker = int(query.get("worker", ["0"])[0])
                         rate = float(query.get("rate", ["-1"])[0])
+                        sent = float(query["sent"][0]) if "sent" in query else None
                     except ValueError:
-                        self.send_error(400, "worker must be an integer, rate a number")
+                        self.send_error(400, "worker must be an integer, rate and sent numbers")
+                        return
+                    if sent is not None and not math.isfinite(sent):
+                        self.send_error(400, "sent must be a finite number")
                         return
                     if limit is not None:
                         wait = limit.admit(time.time())
@@ -157,7 +171,7 @@ class TargetServer:
                             recorder.reject(worker, rate)
                             self._refuse(wait)
                             return
-                    arrival = recorder.begin()
+                    arrival = recorder.begin(sent)
                     if rate >= 0:
                         recorder.note_rate(arrival, worker, rate)
                     try:

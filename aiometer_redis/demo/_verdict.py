@@ -23,9 +23,10 @@ __all__ = [
 
 
 #: Time a request may take from its start in a worker to its arrival at the target: the HTTP
-#: round of a loopback connection and the target's thread scheduling, on a loaded machine. The
-#: rate limits are judged on arrivals, so each window allows the starts of a window this much
-#: wider (at 100 per second: one more arrival).
+#: round of a loopback connection and the target's thread scheduling. The rate limits are
+#: judged on arrivals, so each window allows the starts of a window this much wider (at 100
+#: per second: one more arrival); more where the requests were measured to take longer (on a
+#: loaded machine, see :func:`judge`).
 TRANSPORT_SLACK = 0.01
 
 
@@ -55,6 +56,8 @@ class Verdict:
     elapsed: float
     ideal: float
     per_worker: dict[int, int] = field(default_factory=dict)
+    #: The time to arrive that the windows allow for (seconds, see :func:`judge`).
+    slack: float = TRANSPORT_SLACK
 
     @property
     def concurrency_ok(self) -> bool:
@@ -72,20 +75,25 @@ def judge(
     max_per_second: float | None,
     burst: int,
     task_time: float,
+    transit: float | None = None,
 ) -> Verdict:
     """Compare what the target recorded with the limits.
 
     Arrivals in any window of width ``w`` (from ``1 / max_per_second`` up to 1 s) may not exceed
-    :func:`aiometer_redis.testing.allowed_in_window` for ``w`` plus :data:`TRANSPORT_SLACK` (a
-    start reaches the target a little later, and not always equally late); requests in flight
-    may not exceed ``max_at_once``.
+    :func:`aiometer_redis.testing.allowed_in_window` for ``w`` plus the time a request takes to
+    arrive (a start reaches the target a little later, and not always equally late): the
+    longest that was measured, *transit* (the workers' clocks must be the target's), or
+    :data:`TRANSPORT_SLACK` if that is longer or not known. The arrivals of a window started
+    within that much before it, so this holds whenever the starts kept to the limit. Requests
+    in flight may not exceed ``max_at_once``.
     """
+    slack = TRANSPORT_SLACK if transit is None else max(TRANSPORT_SLACK, transit)
     arrivals = sorted(a for a, _, _ in requests)
     windows: list[WindowCheck] = []
     if max_per_second is not None and arrivals:
         widths = sorted({1 / max_per_second, 0.1, 0.25, 0.5, 1.0})
         for width in (w for w in widths if w <= 1.0 or w == 1 / max_per_second):
-            allowed = math.floor(allowed_in_window(max_per_second, burst, width + TRANSPORT_SLACK))
+            allowed = math.floor(allowed_in_window(max_per_second, burst, width + slack))
             windows.append(WindowCheck(width, max_in_window(arrivals, width), allowed))
     count = len(requests)
     elapsed = max((b for _, b, _ in requests), default=0.0) - (arrivals[0] if arrivals else 0.0)
@@ -107,6 +115,7 @@ def judge(
         elapsed=elapsed,
         ideal=ideal,
         per_worker=dict(sorted(per_worker.items())),
+        slack=slack,
     )
 
 
@@ -155,9 +164,13 @@ def render_verdict(verdict: Verdict, console: Any, *, expected: int | None = Non
     table.add_row("requests per worker", "", workers, "")
     console.print(table)
     if verdict.windows:
+        how = (
+            ", the longest a request took to arrive"
+            if verdict.slack > TRANSPORT_SLACK
+            else " to arrive"
+        )
         console.print(
-            f"(limits: burst + max_per_second x (window + {TRANSPORT_SLACK * 1000:g} ms to "
-            "arrive) + 1)"
+            f"(limits: burst + max_per_second x (window + {verdict.slack * 1000:.3g} ms{how}) + 1)"
         )
     if not verdict.ok:
         console.print("[bold red]A limit was broken.[/]")

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -44,7 +45,10 @@ async def run_worker(args: argparse.Namespace) -> None:
             return
 
         async def fetch(n: int) -> None:
-            response = await http.get("/work", params={"worker": args.worker_id, "n": n})
+            # "sent": when the limiter let this request start, so that the target can measure
+            # how long requests take to reach it (see TargetServer).
+            params = {"worker": args.worker_id, "n": n, "sent": repr(time.time())}
+            response = await http.get("/work", params=params)
             response.raise_for_status()
 
         if args.local:
@@ -94,9 +98,13 @@ async def _run_against_capacity(args: argparse.Namespace, http: Any) -> None:
     async def fetch(n: int) -> None:
         while True:
             async with slot():
-                response = await http.get(
-                    "/work", params={"worker": args.worker_id, "n": n, "rate": rate_now[0]}
-                )
+                params = {
+                    "worker": args.worker_id,
+                    "n": n,
+                    "rate": rate_now[0],
+                    "sent": repr(time.time()),
+                }
+                response = await http.get("/work", params=params)
             if response.status_code not in (429, 503):
                 response.raise_for_status()
                 return
