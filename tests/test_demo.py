@@ -17,7 +17,7 @@ import pytest
 
 from aiometer_redis import RedisLimiter
 from aiometer_redis._cli import build_parser
-from aiometer_redis.demo import Capacity, TargetServer, judge, judge_pushback
+from aiometer_redis.demo import Capacity, TargetServer, Verdict, judge, judge_pushback
 from aiometer_redis.demo._verdict import TRANSPORT_SLACK
 from aiometer_redis.demo._workers import retry_after_of
 from aiometer_redis.testing import RedisServer
@@ -132,22 +132,39 @@ def test_judge_counts_windows_and_overlap() -> None:
 
 def test_judge_allows_for_the_measured_time_to_arrive() -> None:
     # Four arrivals within 100 ms at 10 per second (burst 1): more than 1 + 10 x 0.11 + 1 if
-    # requests arrive within 10 ms of their start, not if one took 150 ms (the four may then
-    # have started 250 ms apart, which the limit allows).
-    requests = [(1.0, 1.2, 0), (1.03, 1.2, 1), (1.06, 1.2, 0), (1.09, 1.2, 1)]
-    tight = judge(requests, max_at_once=None, max_per_second=10, burst=1, task_time=0.1)
-    assert not tight.ok
-    assert tight.slack == TRANSPORT_SLACK
-    quick = judge(
-        requests, max_at_once=None, max_per_second=10, burst=1, task_time=0.1, transit=0.002
-    )
+    # they arrived within 10 ms of their start, not if the first took 150 ms (the four may
+    # then have started 250 ms apart, which the limit allows).
+    bunch = [(1.0, 1.2, 0), (1.03, 1.2, 1), (1.06, 1.2, 0), (1.09, 1.2, 1)]
+    late = (5.0, 5.1, 0)
+    requests = [*bunch, late]
+
+    def verdict(transits: list[tuple[float, float]] | None) -> Verdict:
+        return judge(
+            requests,
+            max_at_once=None,
+            max_per_second=10,
+            burst=1,
+            task_time=0.1,
+            transits=transits,
+        )
+
+    unknown = verdict(None)
+    assert not unknown.ok
+    assert not unknown.measured
+    assert {check.slack for check in unknown.windows} == {TRANSPORT_SLACK}
+    quick = verdict([(a, 0.002) for a, _, _ in requests])
     assert not quick.ok  # never less than TRANSPORT_SLACK
-    slow = judge(
-        requests, max_at_once=None, max_per_second=10, burst=1, task_time=0.1, transit=0.15
-    )
+    slow = verdict([(1.0, 0.15), (1.03, 0.002), (1.06, 0.002), (1.09, 0.002), (5.0, 0.002)])
     assert slow.ok
-    assert slow.slack == 0.15
-    assert [check.allowed for check in slow.windows if check.width == 0.1] == [4]
+    tenth = [check for check in slow.windows if check.width == 0.1]
+    assert len(tenth) == 1
+    assert tenth[0].seen <= tenth[0].allowed
+    # A request that took long elsewhere does not widen the windows of the bunch.
+    elsewhere = verdict([(a, 0.002) for a, _, _ in bunch] + [(5.0, 0.5)])
+    assert not elsewhere.ok
+    broken = [check for check in elsewhere.windows if not check.ok]
+    assert broken
+    assert all(check.slack == TRANSPORT_SLACK for check in broken)
 
 
 def test_target_measures_how_long_requests_take_to_arrive() -> None:
@@ -166,6 +183,9 @@ def test_target_measures_how_long_requests_take_to_arrive() -> None:
         assert 0.2 <= transit < 5
         requests, _, _ = target.recorder.snapshot()
         assert len(requests) == 3
+        log = target.recorder.transit_log()
+        assert len(log) == 2  # the request without &sent= is not in it
+        assert {round(arrival, 6) for arrival, _ in log} <= {round(a, 6) for a, _, _ in requests}
     finally:
         target.stop()
 

@@ -29,7 +29,7 @@ def _report(
     args: argparse.Namespace,
     console: Any,
     expected: int | None = None,
-    transit: float | None = None,
+    transits: list[tuple[float, float]] | None = None,
 ) -> Verdict:
     verdict = judge(
         requests,
@@ -37,7 +37,7 @@ def _report(
         max_per_second=args.max_per_second,
         burst=args.burst,
         task_time=args.task_time,
-        transit=transit,
+        transits=transits,
     )
     render_verdict(verdict, console, expected=expected)
     return verdict
@@ -164,7 +164,7 @@ def run_demo(args: argparse.Namespace) -> int:
         requests, _, _ = target.recorder.snapshot()
         refused, rates = target.recorder.pushback()
         # The workers run on this machine: their clock is the target's.
-        transit = target.recorder.transit
+        transits = target.recorder.transit_log()
     finally:
         with _no_second_interrupt():
             if fleet is not None:
@@ -176,7 +176,7 @@ def run_demo(args: argparse.Namespace) -> int:
     pushback: PushbackVerdict | None = None
     if requests:
         verdict: Verdict | None = _report(
-            requests, args, console, expected=args.requests, transit=transit
+            requests, args, console, expected=args.requests, transits=transits
         )
         if args.target_capacity is not None:
             pushback = judge_pushback(

@@ -58,21 +58,33 @@ class Recorder:
         self.in_flight = 0
         self.max_in_flight = 0
         self.last_activity = 0.0
-        #: The longest a served request took from the time its worker said it was sent
-        #: (``&sent=``, the worker's clock) to its arrival here; None before any said it.
-        self.transit: float | None = None
+        #: (arrival, seconds it took to arrive) of each served request whose worker said
+        #: when it was sent (``&sent=``, on the worker's clock).
+        self.transits: list[tuple[float, float]] = []
 
-    def begin(self, sent: float | None = None) -> float:
-        """Count a request arriving now (sent at *sent*, if the worker said); return the
-        arrival time."""
+    def begin(self) -> float:
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             now = time.time()
             self.last_activity = now
-            if sent is not None:
-                self.transit = max(self.transit or 0.0, now - sent)
             return now
+
+    def took(self, arrival: float, sent: float) -> None:
+        """Record that the request arriving at *arrival* was sent at *sent*."""
+        with self._lock:
+            self.transits.append((arrival, arrival - sent))
+
+    def transit_log(self) -> list[tuple[float, float]]:
+        """A copy of :attr:`transits`."""
+        with self._lock:
+            return list(self.transits)
+
+    @property
+    def transit(self) -> float | None:
+        """The longest a request took to arrive (None: no worker said when it sent one)."""
+        with self._lock:
+            return max((took for _, took in self.transits), default=None)
 
     def end(self, arrival: float, worker: int) -> None:
         with self._lock:
@@ -106,7 +118,7 @@ class Recorder:
             self.rejected.clear()
             self.rates.clear()
             self.max_in_flight = self.in_flight
-            self.transit = None
+            self.transits.clear()
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -127,7 +139,7 @@ class TargetServer:
     ``Retry-After`` in seconds (fractional: the time until the target has room again). A
     worker may add ``&rate=R``, the effective rate its limiter applies, which the target
     records for the plot, and ``&sent=T``, the ``time.time()`` at which the request started:
-    the target keeps the longest time a request took to arrive (:attr:`Recorder.transit`).
+    the target records how long each such request took to arrive (:attr:`Recorder.transits`).
 
     ``GET /stats`` returns what it recorded as JSON, for targets running in another process.
 
@@ -171,7 +183,9 @@ class TargetServer:
                             recorder.reject(worker, rate)
                             self._refuse(wait)
                             return
-                    arrival = recorder.begin(sent)
+                    arrival = recorder.begin()
+                    if sent is not None:
+                        recorder.took(arrival, sent)
                     if rate >= 0:
                         recorder.note_rate(arrival, worker, rate)
                     try:

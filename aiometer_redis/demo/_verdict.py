@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..testing import allowed_in_window, max_in_window, max_overlap
+from ..testing import allowed_in_window, max_overlap
 from ._target import Request
 
 __all__ = [
@@ -25,18 +25,22 @@ __all__ = [
 #: Time a request may take from its start in a worker to its arrival at the target: the HTTP
 #: round of a loopback connection and the target's thread scheduling. The rate limits are
 #: judged on arrivals, so each window allows the starts of a window this much wider (at 100
-#: per second: one more arrival); more where the requests were measured to take longer (on a
-#: loaded machine, see :func:`judge`).
+#: per second: one more arrival); more where its requests were measured to take longer (a
+#: pause of a worker or of the target, see :func:`judge`).
 TRANSPORT_SLACK = 0.01
 
 
 @dataclass(frozen=True)
 class WindowCheck:
-    """Arrivals in the busiest window of one width, and how many the rate limit allows."""
+    """Arrivals in the window of one width closest to its limit (the busiest one, unless its
+    requests were measured to take longer to arrive), and how many the rate limit allows
+    there."""
 
     width: float
     seen: int
     allowed: float
+    #: The time to arrive that the window allows for (seconds, see :func:`judge`).
+    slack: float = TRANSPORT_SLACK
 
     @property
     def ok(self) -> bool:
@@ -56,8 +60,8 @@ class Verdict:
     elapsed: float
     ideal: float
     per_worker: dict[int, int] = field(default_factory=dict)
-    #: The time to arrive that the windows allow for (seconds, see :func:`judge`).
-    slack: float = TRANSPORT_SLACK
+    #: Whether the windows allow for the measured time to arrive (see :func:`judge`).
+    measured: bool = False
 
     @property
     def concurrency_ok(self) -> bool:
@@ -75,26 +79,29 @@ def judge(
     max_per_second: float | None,
     burst: int,
     task_time: float,
-    transit: float | None = None,
+    transits: Sequence[tuple[float, float]] | None = None,
 ) -> Verdict:
     """Compare what the target recorded with the limits.
 
     Arrivals in any window of width ``w`` (from ``1 / max_per_second`` up to 1 s) may not exceed
-    :func:`aiometer_redis.testing.allowed_in_window` for ``w`` plus the time a request takes to
-    arrive (a start reaches the target a little later, and not always equally late): the
-    longest that was measured, *transit* (the workers' clocks must be the target's), or
-    :data:`TRANSPORT_SLACK` if that is longer or not known. The arrivals of a window started
-    within that much before it, so this holds whenever the starts kept to the limit. Requests
-    in flight may not exceed ``max_at_once``.
+    :func:`aiometer_redis.testing.allowed_in_window` for ``w`` plus the time its requests took
+    to arrive (a start reaches the target a little later, and not always equally late): the
+    longest of them, where *transits* (``(arrival, seconds it took)`` per request, measured
+    with the workers' clocks, which must be the target's) says, and never less than
+    :data:`TRANSPORT_SLACK`. The requests of a window started within that much before it, so
+    this holds whenever the starts kept to the limit. Requests in flight may not exceed
+    ``max_at_once``.
     """
-    slack = TRANSPORT_SLACK if transit is None else max(TRANSPORT_SLACK, transit)
+    took: dict[float, float] = {}
+    for arrival, seconds in transits or ():
+        took[arrival] = max(seconds, took.get(arrival, seconds))
     arrivals = sorted(a for a, _, _ in requests)
     windows: list[WindowCheck] = []
     if max_per_second is not None and arrivals:
+        delays = [max(TRANSPORT_SLACK, took.get(a, 0.0)) for a in arrivals]
         widths = sorted({1 / max_per_second, 0.1, 0.25, 0.5, 1.0})
         for width in (w for w in widths if w <= 1.0 or w == 1 / max_per_second):
-            allowed = math.floor(allowed_in_window(max_per_second, burst, width + slack))
-            windows.append(WindowCheck(width, max_in_window(arrivals, width), allowed))
+            windows.append(_tightest(arrivals, delays, width, max_per_second, burst))
     count = len(requests)
     elapsed = max((b for _, b, _ in requests), default=0.0) - (arrivals[0] if arrivals else 0.0)
     ideal = task_time
@@ -115,8 +122,28 @@ def judge(
         elapsed=elapsed,
         ideal=ideal,
         per_worker=dict(sorted(per_worker.items())),
-        slack=slack,
+        measured=transits is not None,
     )
+
+
+def _tightest(
+    arrivals: Sequence[float], delays: Sequence[float], width: float, rate: float, burst: int
+) -> WindowCheck:
+    """The window of *width* starting at an arrival with the least room under its limit (the
+    limit of each window allowing for the longest delay among its requests)."""
+    best: WindowCheck | None = None
+    end = 0
+    for start, opened in enumerate(arrivals):
+        end = max(end, start)
+        while end + 1 < len(arrivals) and arrivals[end + 1] <= opened + width:
+            end += 1
+        slack = max(delays[start : end + 1])
+        allowed = math.floor(allowed_in_window(rate, burst, width + slack))
+        check = WindowCheck(width, end - start + 1, allowed, slack)
+        if best is None or check.allowed - check.seen < best.allowed - best.seen:
+            best = check
+    assert best is not None
+    return best
 
 
 def render_verdict(verdict: Verdict, console: Any, *, expected: int | None = None) -> None:
@@ -146,7 +173,7 @@ def render_verdict(verdict: Verdict, console: Any, *, expected: int | None = Non
         )
     for check in verdict.windows:
         table.add_row(
-            f"max arrivals in any {check.width * 1000:g} ms",
+            f"arrivals in any {check.width * 1000:g} ms",
             f"{check.allowed:g}",
             str(check.seen),
             mark(check.ok),
@@ -164,14 +191,19 @@ def render_verdict(verdict: Verdict, console: Any, *, expected: int | None = Non
     table.add_row("requests per worker", "", workers, "")
     console.print(table)
     if verdict.windows:
-        how = (
-            ", the longest a request took to arrive"
-            if verdict.slack > TRANSPORT_SLACK
-            else " to arrive"
-        )
-        console.print(
-            f"(limits: burst + max_per_second x (window + {verdict.slack * 1000:.3g} ms{how}) + 1)"
-        )
+        if verdict.measured:
+            longest = max(check.slack for check in verdict.windows)
+            console.print(
+                "(each row: the window of that width nearest its limit, which is burst + "
+                "max_per_second x (window + the longest its requests took to arrive, at least "
+                f"{TRANSPORT_SLACK * 1000:g} ms; {longest * 1000:.3g} ms at most in these rows) "
+                "+ 1)"
+            )
+        else:
+            console.print(
+                "(each row: the busiest window of that width; limits: burst + max_per_second x "
+                f"(window + {TRANSPORT_SLACK * 1000:g} ms to arrive) + 1)"
+            )
     if not verdict.ok:
         console.print("[bold red]A limit was broken.[/]")
     elif expected is not None and verdict.requests < expected:
