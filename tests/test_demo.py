@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -14,13 +15,15 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aiometer_redis import RedisLimiter
 from aiometer_redis._cli import build_parser
 from aiometer_redis.demo import Capacity, TargetServer, Verdict, judge, judge_pushback
 from aiometer_redis.demo._verdict import TRANSPORT_SLACK
 from aiometer_redis.demo._workers import retry_after_of
-from aiometer_redis.testing import RedisServer
+from aiometer_redis.testing import RedisServer, allowed_in_window
 
 pytestmark = pytest.mark.redis
 
@@ -165,6 +168,48 @@ def test_judge_allows_for_the_measured_time_to_arrive() -> None:
     broken = [check for check in elsewhere.windows if not check.ok]
     assert broken
     assert all(check.slack == TRANSPORT_SLACK for check in broken)
+    # A slow request at the end of a window does not cover the quick bunch before it.
+    tail = [(1.0, 1.2, 0), (1.02, 1.2, 1), (1.04, 1.2, 0), (1.06, 1.2, 1), (1.09, 1.2, 0)]
+    covered = judge(
+        tail,
+        max_at_once=None,
+        max_per_second=10,
+        burst=1,
+        task_time=0.1,
+        transits=[(a, 0.002) for a, _, _ in tail[:4]] + [(1.09, 0.3)],
+    )
+    tenth = [check for check in covered.windows if check.width == 0.1]
+    assert [(check.seen, check.allowed) for check in tenth] == [(4, 3)]
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 400), st.sampled_from([0.0, 0.002, 0.01, 0.03, 0.08, 0.3])),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_judge_finds_the_window_nearest_its_limit(points: list[tuple[int, float]]) -> None:
+    # Against every run of consecutive arrivals within the width, judged one by one.
+    requests = [(ms / 1000, ms / 1000 + 0.1, 0) for ms, _ in points]
+    transits = [(ms / 1000, took) for ms, took in points]
+    verdict = judge(
+        requests, max_at_once=None, max_per_second=20, burst=2, task_time=0.1, transits=transits
+    )
+    took: dict[float, float] = {}
+    for arrival, seconds in transits:
+        took[arrival] = max(seconds, took.get(arrival, seconds))
+    arrivals = sorted(a for a, _, _ in requests)
+    for check in verdict.windows:
+        margins = []
+        for first in range(len(arrivals)):
+            for last in range(first, len(arrivals)):
+                if arrivals[last] > arrivals[first] + check.width:
+                    break
+                slack = max(max(TRANSPORT_SLACK, took[a]) for a in arrivals[first : last + 1])
+                allowed = math.floor(allowed_in_window(20, 2, check.width + slack))
+                margins.append(allowed - (last - first + 1))
+        assert check.allowed - check.seen == min(margins)
 
 
 def test_target_measures_how_long_requests_take_to_arrive() -> None:

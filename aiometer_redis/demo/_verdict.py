@@ -129,19 +129,40 @@ def judge(
 def _tightest(
     arrivals: Sequence[float], delays: Sequence[float], width: float, rate: float, burst: int
 ) -> WindowCheck:
-    """The window of *width* starting at an arrival with the least room under its limit (the
-    limit of each window allowing for the longest delay among its requests)."""
+    """Of the windows of *width*, the one with the least room under its limit, each limit
+    allowing for the longest delay among that window's requests. A window is judged by the
+    arrivals it holds: every run of consecutive *arrivals* (sorted) within *width* of its
+    first one, not only the longest from each arrival, which may end with a slower request.
+
+    From each first arrival the longest delay only grows as the run does, and within a stretch
+    where it stays the same the longest run has the least room: so the runs ending just before
+    each larger delay, and the longest, are the ones to judge (found with each arrival's next
+    larger delay), not all of them.
+    """
+    count = len(arrivals)
+    # next_larger[j]: the first arrival after j whose delay is larger than that of j (or count).
+    next_larger = [count] * count
+    pending: list[int] = []
+    for j, delay in enumerate(delays):
+        while pending and delays[pending[-1]] < delay:
+            next_larger[pending.pop()] = j
+        pending.append(j)
     best: WindowCheck | None = None
-    end = 0
-    for start, opened in enumerate(arrivals):
-        end = max(end, start)
-        while end + 1 < len(arrivals) and arrivals[end + 1] <= opened + width:
+    end = 0  # one past the last arrival within width of the first one
+    for first, opened in enumerate(arrivals):
+        end = max(end, first + 1)
+        while end < count and arrivals[end] <= opened + width:
             end += 1
-        slack = max(delays[start : end + 1])
-        allowed = math.floor(allowed_in_window(rate, burst, width + slack))
-        check = WindowCheck(width, end - start + 1, allowed, slack)
-        if best is None or check.allowed - check.seen < best.allowed - best.seen:
-            best = check
+        peak = first  # the run's longest delay so far is delays[peak]
+        while True:
+            stop = min(next_larger[peak], end)
+            seen = stop - first
+            allowed = math.floor(allowed_in_window(rate, burst, width + delays[peak]))
+            if best is None or allowed - seen < best.allowed - best.seen:
+                best = WindowCheck(width, seen, allowed, delays[peak])
+            if stop >= end:
+                break
+            peak = stop
     assert best is not None
     return best
 
