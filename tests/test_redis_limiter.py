@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+import redis as sync_redis
 import redis.asyncio
 from helpers.fleet import run_workers
 
@@ -31,6 +32,7 @@ from aiometer_redis import (
     RedisLimiter,
     RedisUnavailableError,
 )
+from aiometer_redis._keys import KeyLayout
 from aiometer_redis.testing import RedisServer, max_overlap, window_violations
 
 pytestmark = pytest.mark.redis
@@ -379,7 +381,18 @@ def test_fleet_max_per_second(
     per_process, _, _ = _run_fleet(server, name, tmp_path, [options] * 4)
     starts = sorted(a for intervals in per_process for a, _ in intervals)
     widths = [1 / rate, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]
-    assert window_violations(starts, rate, burst, widths) == []
+    # The schedule the server gave the fleet, exactly: each start's memory in grants,
+    # "<token>|<start_at_us>", kept for lease_ttl (starts given back on exit are deleted).
+    (grants_key,) = [key for key in KeyLayout.of(name).keys if key.endswith(":grants")]
+    with sync_redis.Redis.from_url(server.url) as raw:
+        entries = raw.hvals(grants_key)
+    scheduled = sorted(int(entry.split(b"|")[1]) / 1e6 for entry in entries)
+    assert len(scheduled) >= len(starts)
+    assert window_violations(scheduled, rate, burst, widths) == []
+    # What the workers saw: a start begins a reply's latency after the server scheduled it,
+    # so the starts of processes whose replies took different times can bunch by the
+    # difference (more than 10 ms once on a loaded CI machine): one start more per window.
+    assert window_violations(starts, rate, burst + 1, widths[3:]) == []
     achieved = (len(starts) - burst) / (starts[-1] - starts[0])
     assert achieved >= 0.95 * rate
     counts = [len(intervals) for intervals in per_process]
