@@ -32,7 +32,7 @@ from aiometer_redis import (
     RedisLimiter,
     RedisUnavailableError,
 )
-from aiometer_redis._keys import KeyLayout
+from aiometer_redis._keys import KEY_SUFFIXES, limiter_keys
 from aiometer_redis.testing import RedisServer, max_overlap, window_violations
 
 pytestmark = pytest.mark.redis
@@ -383,7 +383,7 @@ def test_fleet_max_per_second(
     widths = [1 / rate, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]
     # The schedule the server gave the fleet, exactly: each start's memory in grants,
     # "<token>|<start_at_us>", kept for lease_ttl (starts given back on exit are deleted).
-    (grants_key,) = [key for key in KeyLayout.of(name).keys if key.endswith(":grants")]
+    grants_key = limiter_keys(name)[KEY_SUFFIXES.index("grants")]
     with sync_redis.Redis.from_url(server.url) as raw:
         entries = raw.hvals(grants_key)
     scheduled = sorted(int(entry.split(b"|")[1]) / 1e6 for entry in entries)

@@ -80,12 +80,6 @@ class Recorder:
         with self._lock:
             return list(self.transits)
 
-    @property
-    def transit(self) -> float | None:
-        """The longest a request took to arrive (None: no worker said when it sent one)."""
-        with self._lock:
-            return max((took for _, took in self.transits), default=None)
-
     def end(self, arrival: float, worker: int) -> None:
         with self._lock:
             self.in_flight -= 1
