@@ -83,7 +83,9 @@ async def test_run_all_of_generator_and_async_generator() -> None:
 
 
 async def test_amap_sleep_sort() -> None:
-    numbers = [0.03, 0.01, 0.06, 0.02, 0.07, 0.05, 0.05, 0.02]
+    # 100 ms apart: the tasks start one after another, and a stall of the machine between
+    # two starts longer than the gap would reorder them (CI once swapped 0.01 and 0.02).
+    numbers = [0.3, 0.1, 0.6, 0.2, 0.7, 0.5, 0.5, 0.2]
 
     async def process(n: float) -> float:
         await anyio.sleep(n)
