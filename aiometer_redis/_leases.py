@@ -48,6 +48,10 @@ _PUSH_POLL = 1.0
 ScriptCall = Callable[..., Awaitable[Any]]
 
 
+def _never() -> bool:
+    return False
+
+
 class Lease:
     """One slot held in Redis by this process.
 
@@ -123,6 +127,9 @@ class LeaseTable:
         #: The limiter's acquire batcher when releases ride with acquisitions (swaps: a
         #: release is posted, not awaited); None: each release awaits its own call.
         self.swap_batcher: Batcher | None = None
+        #: Asked as a release is posted: True sends it at once rather than with this
+        #: process's next acquisition (set by the limiter, see RedisLimiter._release_at_once).
+        self.release_at_once: Callable[[], bool] = _never
 
     # -- what the limiter and its permits ask -----------------------------------------------------
 
@@ -208,15 +215,22 @@ class LeaseTable:
             and not (self.swap_batcher is not None and self.swap_batcher.pending)
         )
 
-    def post_release(self, lease: Lease) -> None:
+    def post_release(self, lease: Lease) -> bool:
         """Give *lease* back with the next acquire call of this process (or alone, a few
         scheduler ticks later, if none comes): see :class:`Batcher`. Not waited for; if the
-        call fails the lease is withdrawn later or expires within lease_ttl."""
+        call fails the lease is withdrawn later or expires within lease_ttl.
+
+        Returns whether the release goes alone as soon as the flusher runs
+        (:attr:`release_at_once`): the caller then lets it run before going on."""
         assert self.swap_batcher is not None
         self.held.pop(lease.lease_id, None)
+        at_once = self.release_at_once()
         self.swap_batcher.post(
-            f"-{lease.lease_id}", anyio.current_time() + self._config.retry_window
+            f"-{lease.lease_id}",
+            anyio.current_time() + self._config.retry_window,
+            at_once=at_once,
         )
+        return at_once
 
     def releases_lost(self, items: list[str], error: BaseException) -> None:
         """A call carrying posted releases (``-<lease id>`` items) failed: release them

@@ -279,6 +279,7 @@ class RedisLimiter:
         # posted and rides with the next acquire call (a swap, see lua/README.md).
         self._acquires = Batcher(self._acquire_many, self._leases.releases_lost)
         self._leases.swap_batcher = self._acquires
+        self._leases.release_at_once = self._release_at_once
         self._stack: AsyncExitStack | None = None
         # Rate reservations (rate only, max_per_second set): a call for a start of one unit
         # also reserves the next few starts of the fleet for this process's next acquisitions.
@@ -307,6 +308,21 @@ class RedisLimiter:
     @_swap.setter
     def _swap(self, value: bool) -> None:
         self._leases.swap_batcher = self._acquires if value else None
+
+    def _release_at_once(self) -> bool:
+        """Whether a release posted now goes alone at once, rather than with this process's
+        next acquisition (a swap).
+
+        At once when slots are scarce (this process's last acquisition queued: the freed
+        slot likely goes to a waiter of another process, which waits for it) and no
+        acquisition of this process is in sight: none of its waiters is queued in Redis
+        or at the local gate, so the call would wait for an acquisition that may not
+        come soon. A process with waiters keeps swapping: their acquisitions keep coming,
+        and each release rides with one of them."""
+        if not self._queued_lately or self._leases.waiters:
+            return False
+        local = self._local
+        return local is None or local.statistics().waiting == 0
 
     def __repr__(self) -> str:
         config = self._config

@@ -118,10 +118,11 @@ class RedisPermit:
         """Give the slot back (idempotent; completes even inside a cancelled scope).
 
         The release is not waited for: it goes to Redis with this process's next acquisition
-        (one call for both), or alone a few scheduler ticks later; leaving the limiter sends
-        the releases still pending. If Redis cannot be reached the lease is given back when
-        it answers again, or expires within ``lease_ttl``. The permit's rate reservation
-        stays counted in its windows (it may still be settled).
+        (one call for both), or alone a few scheduler ticks later (at once when this
+        process's last acquisition had to queue and none of its tasks waits); leaving the
+        limiter sends the releases still pending. If Redis cannot be reached the lease is
+        given back when it answers again, or expires within ``lease_ttl``. The permit's rate
+        reservation stays counted in its windows (it may still be settled).
         """
         if self._released:
             return
@@ -142,9 +143,13 @@ class RedisPermit:
         if leases.swap_batcher is not None:
             # Posted, not sent; and the local permit gives its place back without suspending:
             # nothing here can be cancelled, so no shield (this runs before the swap is sent).
-            leases.post_release(self._lease)
+            at_once = leases.post_release(self._lease)
             if self._local is not None:
                 await self._local.release()
+            if at_once:
+                # Let the flusher send the release before this task goes on (to an
+                # acquisition, which would otherwise take it along).
+                await leases.swap_batcher.yield_to_flusher()
             return
         with anyio.CancelScope(shield=True):
             try:

@@ -75,3 +75,34 @@ async def test_replies_still_go_to_their_callers() -> None:
         for i in range(5):
             tg.start_soon(submit, str(i))
     assert replies == {str(i): f"reply {i}" for i in range(5)}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("at_once", [False, True])
+async def test_a_posted_item_rides_with_the_next_call_unless_sent_at_once(at_once: bool) -> None:
+    """A posted item waits a few scheduler ticks for a call to take it along; posted with
+    at_once, the flusher sends it alone as soon as it runs, before a submission that comes
+    after the poster yields once."""
+    calls: list[list[str]] = []
+
+    async def run(items: list[str], deadline: float) -> list[str]:
+        calls.append(items)
+        await anyio.sleep(0.01)
+        return [f"ok {item}" for item in items if not item.startswith("-")]
+
+    batcher = Batcher(run)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batcher.flush_loop)
+        await anyio.lowlevel.checkpoint()
+        batcher.post("-a", anyio.current_time() + 5, at_once=at_once)
+        if at_once:
+            await batcher.yield_to_flusher()
+        assert await batcher.submit("b", anyio.current_time() + 5) == "ok b"
+        assert calls == ([["-a"], ["b"]] if at_once else [["-a", "b"]])
+        # Posted alone, with no submission after it: the flusher sends it either way.
+        batcher.post("-c", anyio.current_time() + 5, at_once=at_once)
+        with anyio.fail_after(5):
+            await batcher.flush()
+        assert calls[-1] == ["-c"]
+        assert batcher.pending == 0
+        tg.cancel_scope.cancel()

@@ -227,14 +227,14 @@ async def test_the_freed_slot_goes_to_the_oldest_waiter_of_another_process(conne
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("push", [True, False])
-async def test_a_swap_after_a_queued_acquisition_goes_behind_a_ping(
-    connect: Any, push: bool
-) -> None:
+async def test_releases_after_a_queued_acquisition(connect: Any, push: bool) -> None:
     """Once a process's acquisition had to queue, its releases likely free slots for waiters
-    of other processes: with pushed grants, its swaps go with a PING in front (so that Redis
-    writes those grants before the swap's reply). Uncontended swaps, and any swap of a
-    process woken through its mailbox, go without. Its next acquisition likely queues too:
-    it is marked '^' (queued before the handoff reads the heads), uncontended ones '+'."""
+    of other processes. With a waiter of its own queued, a release rides with the next
+    acquisition (which likely queues too, so it is marked '^': queued before the handoff
+    reads the heads), behind a PING with pushed grants (so that Redis writes those grants
+    before the swap's reply). With no waiter of its own, the release goes alone at once,
+    not waiting for an acquisition that may not come. Uncontended swaps, and any swap of a
+    process woken through its mailbox, go without a PING, their acquisitions marked '+'."""
     x, y = connect(max_at_once=1), connect(max_at_once=1)
     for limiter in (x, y):
         limiter._push = push  # before entering: the wake-ups are chosen on entry
@@ -247,31 +247,57 @@ async def test_a_swap_after_a_queued_acquisition_goes_behind_a_ping(
         assert len(calls.swaps()) == 3
         assert calls.woken_first == []
 
-        async def take_y(hold: float) -> None:
-            async with y.slot():
+        async def take(limiter: RedisLimiter, hold: float) -> None:
+            async with limiter.slot():
                 await anyio.sleep(hold)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(take_y, 0.05)
+        async def queue_behind(limiter: RedisLimiter, hold: float, waiting: int) -> None:
+            tg.start_soon(take, limiter, hold)
             with anyio.fail_after(5):
-                while not (await x.statistics()).waiters:
+                while len((await x.statistics()).waiters) < waiting:
                     await anyio.sleep(0.002)
+
+        async with anyio.create_task_group() as tg:
+            await queue_behind(y, 0.05, 1)
             # y waits: x's swap hands the slot to y, and x's own acquisition queues.
             await x_permit.release()
             x_permit = await x.acquire()
-        assert len(calls.swaps()) == 4
+        swaps = calls.swaps()
+        assert len(swaps) == 4
+        assert [swap[-1][0] for swap in swaps] == ["+"] * 4
         assert calls.woken_first == []
-        # x's last acquisition queued: its next swap goes behind a PING (pushed grants only).
+
+        # x's last acquisition queued and x has no waiter: the release goes alone, at once.
         await x_permit.release()
-        async with x.slot():
-            pass
-        await x.statistics()  # sends the last release
-        (second,) = (c for c in calls.swaps() if c[0] == f"-{x_permit.lease_id}")
-        assert len(second) == 2  # the release and the next acquisition
-        assert calls.woken_first == ([second] if push else [])
-        # The waiter item of each swap (the last one sent only a release).
-        assert [swap[-1][0] for swap in calls.swaps()] == ["+"] * 4 + ["^", "-"]
-        assert second[1].startswith("^")
+        with anyio.fail_after(5):
+            while len(calls.swaps()) == 4:
+                await anyio.sleep(0.002)
+        alone = calls.swaps()[4]
+        assert alone == [f"-{x_permit.lease_id}"]
+        assert calls.woken_first == ([alone] if push else [])
+
+        # x's acquisition queues (behind y's hold); then, while x holds, y queues again and
+        # a task of x waits at x's local gate (max_at_once=1): x's release rides with that
+        # task's acquisition, marked '^'.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take, y, 0.05)
+            with anyio.fail_after(5):
+                while not (await x.statistics()).holders:
+                    await anyio.sleep(0.002)
+            x_permit = await x.acquire()
+            await queue_behind(y, 0.01, 1)
+            tg.start_soon(take, x, 0)
+            local = x._local
+            assert local is not None
+            with anyio.fail_after(5):
+                while not local.statistics().waiting:
+                    await anyio.sleep(0.002)
+            await x_permit.release()
+        (swap,) = (c for c in calls.swaps() if c[0] == f"-{x_permit.lease_id}")
+        assert len(swap) == 2  # the release and the next acquisition
+        assert swap[1].startswith("^")
+        # (The release of x's last task, after an acquisition that queued, went alone too.)
+        assert calls.woken_first[:2] == ([alone, swap] if push else [])
         assert await held_and_queued(x, y) == (0, 0)
 
 
