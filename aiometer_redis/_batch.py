@@ -117,20 +117,22 @@ class Batcher:
         """
         entry = _Entry(items, deadline)
         self._queue.append(entry)
-        with anyio.CancelScope(shield=True):
-            if self._busy:
-                with anyio.move_on_at(deadline):
+        if self._busy:
+            # One scope, shielded from the caller's cancellation and ended by the deadline
+            # (the path of every caller but the leader, under load).
+            with anyio.CancelScope(shield=True, deadline=deadline):
+                await entry.wake.wait()
+            if not entry.wake.is_set():
+                if entry in self._queue:
+                    self._queue.remove(entry)
+                    raise TimeoutError("not sent before the deadline (calls queued before)")
+                # Sent in a call with an earlier deadline: its answer is due.
+                with anyio.CancelScope(shield=True):
                     await entry.wake.wait()
-                if not entry.wake.is_set():
-                    if entry in self._queue:
-                        self._queue.remove(entry)
-                        raise TimeoutError("not sent before the deadline (calls queued before)")
-                    # Sent in a call with an earlier deadline: its answer is due.
-                    await entry.wake.wait()
-                if entry.error is not None:
-                    raise _own_copy(entry.error)
-                if entry.reply is not _PENDING:
-                    return entry.reply
+            if entry.error is not None:
+                raise _own_copy(entry.error)
+            if entry.reply is not _PENDING:
+                return entry.reply
         # Leading: either nobody was, or the previous leader handed over to us.
         with anyio.CancelScope(shield=True):
             await self._lead(entry)
