@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -60,6 +61,10 @@ class Batcher:
         self._run = run
         self._lost = lost
         self._queue: list[_Entry] = []
+        # The items of the queued entries, and the deadline of the call in flight (inf: none,
+        # or between two calls).
+        self._queued_items = 0
+        self._in_flight_deadline = math.inf
         self._busy = False
         # Posted items not yet sent, with their deadlines; and how many are in a call in flight.
         self._posted: list[tuple[str, float]] = []
@@ -117,14 +122,21 @@ class Batcher:
         """
         entry = _Entry(items, deadline)
         self._queue.append(entry)
+        self._queued_items += len(items)
         if self._busy:
-            # One scope, shielded from the caller's cancellation and ended by the deadline
-            # (the path of every caller but the leader, under load).
-            with anyio.CancelScope(shield=True, deadline=deadline):
+            # Shielded from the caller's cancellation, and ended by the deadline; but the
+            # deadline needs no timer when the call in flight ends before it and the next
+            # call takes this entry along (every entry queued fits in it), with a deadline
+            # no later than this one's (the path of every caller but the leader, under load).
+            own = deadline
+            if deadline >= self._in_flight_deadline and self._queued_items <= _MAX_BATCH:
+                own = math.inf
+            with anyio.CancelScope(shield=True, deadline=own):
                 await entry.wake.wait()
             if not entry.wake.is_set():
                 if entry in self._queue:
                     self._queue.remove(entry)
+                    self._queued_items -= len(items)
                     raise TimeoutError("not sent before the deadline (calls queued before)")
                 # Sent in a call with an earlier deadline: its answer is due.
                 with anyio.CancelScope(shield=True):
@@ -190,13 +202,15 @@ class Batcher:
                     taken += 1
                 batch = self._queue[:taken]
                 del self._queue[:taken]
+                self._queued_items -= sum(len(e.items) for e in batch)
                 posted = self._posted[:_MAX_BATCH]
                 del self._posted[:_MAX_BATCH]
                 deadlines = [e.deadline for e in batch] + [d for _, d in posted]
                 items = [i for i, _ in posted] + [i for e in batch for i in e.items]
                 self._posted_in_flight += len(posted)
+                self._in_flight_deadline = min(deadlines)
                 try:
-                    replies = await self._run(items, min(deadlines))
+                    replies = await self._run(items, self._in_flight_deadline)
                     if len(replies) != sum(len(e.items) for e in batch):
                         raise ValueError("a reply for each submitted item was expected")
                 except BaseException as exc:
@@ -207,6 +221,7 @@ class Batcher:
                         self._lost([i for i, _ in posted], exc)
                     raise
                 finally:
+                    self._in_flight_deadline = math.inf
                     self._posted_in_flight -= len(posted)
                     self._posted_done += len(posted)
                     self._call_ended.set()

@@ -106,3 +106,43 @@ async def test_a_posted_item_rides_with_the_next_call_unless_sent_at_once(at_onc
         assert calls[-1] == ["-c"]
         assert batcher.pending == 0
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_queued_entry_never_waits_past_its_deadline() -> None:
+    """An entry queued behind a call in flight leaves the queue with TimeoutError at its own
+    deadline when that comes before the call in flight ends; when its deadline is the later
+    one, it goes in the next call once the call in flight ends (here: fails at its deadline)."""
+    calls: list[list[str]] = []
+
+    async def run(items: list[str], deadline: float) -> list[str]:
+        calls.append(items)
+        if "slow" in items:
+            await anyio.sleep_until(deadline)
+            raise RedisReplyError("limiter 'x': no answer", "TIMEOUT")
+        return [f"ok {item}" for item in items]
+
+    batcher = Batcher(run)
+    outcomes: dict[str, object] = {}
+    ended: dict[str, float] = {}
+
+    async def submit(item: str, seconds: float) -> None:
+        try:
+            outcomes[item] = await batcher.submit(item, anyio.current_time() + seconds)
+        except (TimeoutError, RedisReplyError) as exc:
+            outcomes[item] = type(exc).__name__
+        ended[item] = anyio.current_time()
+
+    began = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(submit, "slow", 0.3)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(submit, "early", 0.1)  # due before the call in flight ends
+        tg.start_soon(submit, "late", 5.0)  # due after it
+    assert outcomes["slow"] == "RedisReplyError"
+    assert outcomes["early"] == "TimeoutError"
+    assert outcomes["late"] == "ok late"
+    assert calls == [["slow"], ["late"]]
+    assert ended["early"] - began >= 0.1
+    assert ended["early"] < ended["slow"]  # it did not wait for the call in flight
+    assert ended["slow"] - began >= 0.3
