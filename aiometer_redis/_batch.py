@@ -76,33 +76,17 @@ class Batcher:
         # Set when a posted item waits for the flusher; set (and replaced) when a call ends.
         self._flush_needed = anyio.Event()
         self._call_ended = anyio.Event()
-        # An item was posted with at_once: the flusher sends it without waiting for ticks.
-        self._at_once = False
 
     @property
     def pending(self) -> int:
         """Posted items not yet answered (queued or in a call in flight)."""
         return len(self._posted) + self._posted_in_flight
 
-    def post(self, item: str, deadline: float, *, at_once: bool = False) -> None:
-        """Send *item* with the next call, without waiting for it (see the class docstring).
-
-        With *at_once*, :meth:`flush_loop` sends it as soon as it runs, without waiting a
-        few ticks for a call to take it along (a call sent before then still does)."""
+    def post(self, item: str, deadline: float) -> None:
+        """Send *item* with the next call, without waiting for it (see the class docstring)."""
         self._posted.append((item, deadline))
         self._posted_count += 1
-        if at_once:
-            self._at_once = True
         self._flush_needed.set()
-
-    async def yield_to_flusher(self, ticks: int = 3) -> None:
-        """Yield, uncancellably, until no posted item waits to be taken into a call, at most
-        *ticks* times: the caller that posted with ``at_once`` lets :meth:`flush_loop` send
-        the item before it goes on (the scheduler may run it first once, as trio may)."""
-        for _ in range(ticks):
-            if not self._posted:
-                return
-            await anyio.lowlevel.cancel_shielded_checkpoint()
 
     async def submit(self, item: str, deadline: float) -> Any:
         """Send *item* in the next call, and return its part of the reply.
@@ -166,17 +150,14 @@ class Batcher:
 
     async def flush_loop(self, ticks: int = 3) -> None:
         """Runs in the background: sends posted items that no call took along within *ticks*
-        scheduler ticks (at once for an item posted with ``at_once``). Failures were
-        reported to *lost*; the loop goes on."""
+        scheduler ticks. Failures were reported to *lost*; the loop goes on."""
         while True:
             await self._flush_needed.wait()
             self._flush_needed = anyio.Event()
             # Mostly a call took the items along by now (the poster's next acquisition): then
             # this is the only wake-up, and it costs no CPU while that call is on the wire. A
             # leader busy now sets the event again if its calls leave items behind.
-            wait = 0 if self._at_once else ticks
-            self._at_once = False
-            for _ in range(wait):
+            for _ in range(ticks):
                 if not self._posted or self._busy:
                     break
                 await anyio.lowlevel.checkpoint()

@@ -220,17 +220,14 @@ class LeaseTable:
         scheduler ticks later, if none comes): see :class:`Batcher`. Not waited for; if the
         call fails the lease is withdrawn later or expires within lease_ttl.
 
-        Returns whether the release goes alone as soon as the flusher runs
-        (:attr:`release_at_once`): the caller then lets it run before going on."""
+        Returns whether the release should go at once instead (:attr:`release_at_once`):
+        the caller then sends it with :meth:`flush_releases`."""
         assert self.swap_batcher is not None
         self.held.pop(lease.lease_id, None)
-        at_once = self.release_at_once()
         self.swap_batcher.post(
-            f"-{lease.lease_id}",
-            anyio.current_time() + self._config.retry_window,
-            at_once=at_once,
+            f"-{lease.lease_id}", anyio.current_time() + self._config.retry_window
         )
-        return at_once
+        return self.release_at_once()
 
     def releases_lost(self, items: list[str], error: BaseException) -> None:
         """A call carrying posted releases (``-<lease id>`` items) failed: release them

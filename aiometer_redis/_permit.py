@@ -118,11 +118,13 @@ class RedisPermit:
         """Give the slot back (idempotent; completes even inside a cancelled scope).
 
         The release is not waited for: it goes to Redis with this process's next acquisition
-        (one call for both), or alone a few scheduler ticks later (at once when this
-        process's last acquisition had to queue and none of its tasks waits); leaving the
-        limiter sends the releases still pending. If Redis cannot be reached the lease is
-        given back when it answers again, or expires within ``lease_ttl``. The permit's rate
-        reservation stays counted in its windows (it may still be settled).
+        (one call for both), or alone a few scheduler ticks later; leaving the limiter sends
+        the releases still pending. Except when this process's last acquisition had to queue
+        and none of its tasks waits: the slot likely goes to a task of another process, so
+        the release is sent at once, and its call awaited (shielded). If Redis cannot be
+        reached the lease is given back when it answers again, or expires within
+        ``lease_ttl``. The permit's rate reservation stays counted in its windows (it may
+        still be settled).
         """
         if self._released:
             return
@@ -147,9 +149,9 @@ class RedisPermit:
             if self._local is not None:
                 await self._local.release()
             if at_once:
-                # Let the flusher send the release before this task goes on (to an
-                # acquisition, which would otherwise take it along).
-                await leases.swap_batcher.yield_to_flusher()
+                # Sent now, from this task (no hop through the flusher task); its reply is
+                # awaited, shielded: the next acquisition would wait for this call anyway.
+                await leases.flush_releases()
             return
         with anyio.CancelScope(shield=True):
             try:

@@ -78,11 +78,10 @@ async def test_replies_still_go_to_their_callers() -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("at_once", [False, True])
-async def test_a_posted_item_rides_with_the_next_call_unless_sent_at_once(at_once: bool) -> None:
-    """A posted item waits a few scheduler ticks for a call to take it along; posted with
-    at_once, the flusher sends it alone as soon as it runs, before a submission that comes
-    after the poster yields once."""
+async def test_a_posted_item_rides_with_the_next_call_or_goes_alone() -> None:
+    """A posted item goes in front of the items of the next call, whoever sends it; flush()
+    sends the items posted so far at once (or with the call a leader sends next); and with
+    neither, the flusher sends them alone a few ticks later."""
     calls: list[list[str]] = []
 
     async def run(items: list[str], deadline: float) -> list[str]:
@@ -91,21 +90,20 @@ async def test_a_posted_item_rides_with_the_next_call_unless_sent_at_once(at_onc
         return [f"ok {item}" for item in items if not item.startswith("-")]
 
     batcher = Batcher(run)
+    deadline = anyio.current_time() + 5
+    batcher.post("-a", deadline)
+    assert await batcher.submit("b", deadline) == "ok b"
+    batcher.post("-c", deadline)
+    await batcher.flush()
+    assert calls == [["-a", "b"], ["-c"]]
     async with anyio.create_task_group() as tg:
         tg.start_soon(batcher.flush_loop)
-        await anyio.lowlevel.checkpoint()
-        batcher.post("-a", anyio.current_time() + 5, at_once=at_once)
-        if at_once:
-            await batcher.yield_to_flusher()
-        assert await batcher.submit("b", anyio.current_time() + 5) == "ok b"
-        assert calls == ([["-a"], ["b"]] if at_once else [["-a", "b"]])
-        # Posted alone, with no submission after it: the flusher sends it either way.
-        batcher.post("-c", anyio.current_time() + 5, at_once=at_once)
+        batcher.post("-d", deadline)
         with anyio.fail_after(5):
-            await batcher.flush()
-        assert calls[-1] == ["-c"]
-        assert batcher.pending == 0
+            while batcher.pending:
+                await anyio.sleep(0.001)
         tg.cancel_scope.cancel()
+    assert calls[-1] == ["-d"]
 
 
 @pytest.mark.anyio
