@@ -350,6 +350,38 @@ async def test_a_caller_cancelled_during_its_swap_leaks_nothing(
 
 
 @pytest.mark.anyio
+async def test_a_release_sent_at_once_completes_in_a_cancelled_scope(connect: Any) -> None:
+    """A release that goes alone at once (x's last acquisition queued, no task of x waits)
+    is sent and answered even when its caller's scope is already cancelled: the slot goes to
+    y's waiting task, and nothing stays held or queued."""
+    async with connect(max_at_once=1) as x, connect(max_at_once=1) as y:
+        got_y: list[bool] = []
+
+        async def take_y(hold: float) -> None:
+            async with y.slot():
+                got_y.append(True)
+                await anyio.sleep(hold)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take_y, 0.05)
+            with anyio.fail_after(5):
+                while not (await x.statistics()).holders:
+                    await anyio.sleep(0.002)
+            permit = await x.acquire()  # queues behind y's hold
+            tg.start_soon(take_y, 0)
+            with anyio.fail_after(5):
+                while not (await x.statistics()).waiters:
+                    await anyio.sleep(0.002)
+            assert x._release_at_once()
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await permit.release()
+            assert x._acquires.pending == 0  # sent and answered, though cancelled
+        assert got_y == [True, True]
+        assert await held_and_queued(x, y) == (0, 0)
+
+
+@pytest.mark.anyio
 async def test_releasing_an_expired_lease_frees_nobody_elses_slot(connect: Any) -> None:
     async with (
         connect(max_at_once=1, lease_ttl=0.3) as x,
