@@ -63,6 +63,7 @@ class Recorder:
         self.transits: list[tuple[float, float]] = []
 
     def begin(self) -> float:
+        """Count a request arriving now; return its arrival time (see :meth:`took`)."""
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
